@@ -1,0 +1,389 @@
+//! A non-allocating walk over the protobuf wire format of a request, done
+//! before prost decodes it.
+//!
+//! prost materialises every repeated element as a Rust struct, and a tiny
+//! wire element can become a large struct: an empty `TimeSeries` is 2 bytes
+//! on the wire and about 100 bytes in memory, an empty native histogram 2
+//! bytes and about 200. A 32 MiB body made of such elements would make the
+//! relay allocate gigabytes before any validation rule could refuse it. This
+//! walk counts the elements (series, labels, samples, exemplars, histograms,
+//! spans, bucket counts, symbols, metadata) without allocating, so the
+//! series limit and an estimate of the decoded size can be enforced first.
+//!
+//! The walk is lenient about anything prost would refuse for semantic
+//! reasons (a known field with the wrong wire type is simply skipped here);
+//! it fails only on what is not protobuf at all (truncation, bad varint,
+//! invalid wire type or tag, unbalanced groups), which prost would refuse
+//! too.
+
+use std::mem::size_of;
+
+use crate::content::Protocol;
+use crate::{v1, v2};
+
+/// Counts gathered by [`scan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Shape {
+    /// Number of top-level series.
+    pub series: u64,
+    /// Estimated bytes of the Rust structs prost will allocate for the
+    /// repeated elements (string contents excluded: they are bounded by the
+    /// wire bytes).
+    pub struct_bytes: u64,
+}
+
+const WT_VARINT: u8 = 0;
+const WT_I64: u8 = 1;
+const WT_LEN: u8 = 2;
+const WT_SGROUP: u8 = 3;
+const WT_EGROUP: u8 = 4;
+const WT_I32: u8 = 5;
+
+/// Same nesting limit as prost's default recursion limit.
+const MAX_GROUP_DEPTH: usize = 100;
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut value: u64 = 0;
+        for i in 0..10 {
+            let Some(&b) = self.buf.get(self.pos) else {
+                return Err(format!("truncated varint at byte {}", self.pos));
+            };
+            self.pos += 1;
+            if i == 9 && b > 1 {
+                return Err(format!("invalid varint ending at byte {}", self.pos));
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(format!("invalid varint ending at byte {}", self.pos))
+    }
+
+    fn key(&mut self) -> Result<(u32, u8), String> {
+        let at = self.pos;
+        let key = self.varint()?;
+        if key > u64::from(u32::MAX) {
+            return Err(format!("invalid key {key} at byte {at}"));
+        }
+        let wire_type = (key & 7) as u8;
+        let field = (key >> 3) as u32;
+        if field == 0 {
+            return Err(format!("invalid field number 0 at byte {at}"));
+        }
+        if wire_type > WT_I32 {
+            return Err(format!("invalid wire type {wire_type} at byte {at}"));
+        }
+        Ok((field, wire_type))
+    }
+
+    fn advance(&mut self, n: u64) -> Result<(), String> {
+        let remaining = (self.buf.len() - self.pos) as u64;
+        if n > remaining {
+            return Err(format!(
+                "field at byte {} declares {n} bytes, only {remaining} remain",
+                self.pos
+            ));
+        }
+        self.pos += n as usize;
+        Ok(())
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let len = self.varint()?;
+        let start = self.pos;
+        self.advance(len)?;
+        Ok(&self.buf[start..self.pos])
+    }
+
+    /// Skips the value of a field whose key was just read.
+    fn skip(&mut self, field: u32, wire_type: u8) -> Result<(), String> {
+        match wire_type {
+            WT_VARINT => self.varint().map(|_| ()),
+            WT_I64 => self.advance(8),
+            WT_I32 => self.advance(4),
+            WT_LEN => self.bytes().map(|_| ()),
+            WT_SGROUP => self.skip_group(field),
+            _ => Err(format!("unexpected end-group for field {field}")),
+        }
+    }
+
+    /// Skips a (deprecated) group iteratively, with prost's depth limit.
+    fn skip_group(&mut self, field: u32) -> Result<(), String> {
+        let mut stack = vec![field];
+        while let Some(&open) = stack.last() {
+            if self.is_empty() {
+                return Err(format!("unterminated group for field {open}"));
+            }
+            let (f, wt) = self.key()?;
+            match wt {
+                WT_SGROUP => {
+                    if stack.len() >= MAX_GROUP_DEPTH {
+                        return Err("recursion limit reached".to_string());
+                    }
+                    stack.push(f);
+                }
+                WT_EGROUP => {
+                    if f != open {
+                        return Err(format!("unexpected end group for field {f}"));
+                    }
+                    stack.pop();
+                }
+                _ => self.skip(f, wt)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Number of varints in a packed run (bytes without the continuation bit).
+fn packed_varints(b: &[u8]) -> u64 {
+    b.iter().filter(|&&x| x < 0x80).count() as u64
+}
+
+fn sz<T>() -> u64 {
+    size_of::<T>() as u64
+}
+
+/// Walks `buf` as the message of `protocol` and returns its shape.
+pub(crate) fn scan(protocol: Protocol, buf: &[u8]) -> Result<Shape, String> {
+    let mut shape = Shape::default();
+    let mut r = Reader::new(buf);
+    while !r.is_empty() {
+        let (field, wt) = r.key()?;
+        match (protocol, field, wt) {
+            (Protocol::V1, 1, WT_LEN) => {
+                shape.series += 1;
+                add(&mut shape, sz::<v1::TimeSeries>());
+                scan_v1_series(r.bytes()?, &mut shape)?;
+            }
+            (Protocol::V1, 3, WT_LEN) => {
+                add(&mut shape, sz::<v1::MetricMetadata>());
+                r.bytes()?;
+            }
+            (Protocol::V2, 4, WT_LEN) => {
+                add(&mut shape, sz::<String>());
+                r.bytes()?;
+            }
+            (Protocol::V2, 5, WT_LEN) => {
+                shape.series += 1;
+                add(&mut shape, sz::<v2::TimeSeries>());
+                scan_v2_series(r.bytes()?, &mut shape)?;
+            }
+            _ => r.skip(field, wt)?,
+        }
+    }
+    Ok(shape)
+}
+
+fn add(shape: &mut Shape, n: u64) {
+    shape.struct_bytes = shape.struct_bytes.saturating_add(n);
+}
+
+fn scan_v1_series(buf: &[u8], shape: &mut Shape) -> Result<(), String> {
+    let mut r = Reader::new(buf);
+    while !r.is_empty() {
+        let (field, wt) = r.key()?;
+        match (field, wt) {
+            (1, WT_LEN) => {
+                add(shape, sz::<v1::Label>());
+                r.bytes()?;
+            }
+            (2, WT_LEN) => {
+                add(shape, sz::<v1::Sample>());
+                r.bytes()?;
+            }
+            (3, WT_LEN) => {
+                add(shape, sz::<v1::Exemplar>());
+                let mut e = Reader::new(r.bytes()?);
+                while !e.is_empty() {
+                    let (f, w) = e.key()?;
+                    if (f, w) == (1, WT_LEN) {
+                        add(shape, sz::<v1::Label>());
+                    }
+                    e.skip(f, w)?;
+                }
+            }
+            (4, WT_LEN) => {
+                add(shape, sz::<v1::Histogram>());
+                scan_histogram(r.bytes()?, shape)?;
+            }
+            _ => r.skip(field, wt)?,
+        }
+    }
+    Ok(())
+}
+
+fn scan_v2_series(buf: &[u8], shape: &mut Shape) -> Result<(), String> {
+    let mut r = Reader::new(buf);
+    while !r.is_empty() {
+        let (field, wt) = r.key()?;
+        match (field, wt) {
+            (1, WT_LEN) => add(shape, 4 * packed_varints(r.bytes()?)),
+            (1, WT_VARINT) => {
+                add(shape, 4);
+                r.varint()?;
+            }
+            (2, WT_LEN) => {
+                add(shape, sz::<v2::Sample>());
+                r.bytes()?;
+            }
+            (3, WT_LEN) => {
+                add(shape, sz::<v2::Histogram>());
+                scan_histogram(r.bytes()?, shape)?;
+            }
+            (4, WT_LEN) => {
+                add(shape, sz::<v2::Exemplar>());
+                let mut e = Reader::new(r.bytes()?);
+                while !e.is_empty() {
+                    let (f, w) = e.key()?;
+                    match (f, w) {
+                        (1, WT_LEN) => add(shape, 4 * packed_varints(e.bytes()?)),
+                        (1, WT_VARINT) => {
+                            add(shape, 4);
+                            e.varint()?;
+                        }
+                        _ => e.skip(f, w)?,
+                    }
+                }
+            }
+            _ => r.skip(field, wt)?,
+        }
+    }
+    Ok(())
+}
+
+/// Histogram fields that allocate: spans (8, 11), deltas (9, 12), float
+/// counts (10, 13) and custom values (16). Same numbers in 1.0 and 2.0.
+fn scan_histogram(buf: &[u8], shape: &mut Shape) -> Result<(), String> {
+    let mut r = Reader::new(buf);
+    while !r.is_empty() {
+        let (field, wt) = r.key()?;
+        match (field, wt) {
+            (8 | 11, WT_LEN) => {
+                add(shape, sz::<v1::BucketSpan>());
+                r.bytes()?;
+            }
+            (9 | 12, WT_LEN) => add(shape, 8 * packed_varints(r.bytes()?)),
+            (10 | 13 | 16, WT_LEN) => add(shape, r.bytes()?.len() as u64),
+            (9 | 12, WT_VARINT) | (10 | 13 | 16, WT_I64) => {
+                add(shape, 8);
+                r.skip(field, wt)?;
+            }
+            _ => r.skip(field, wt)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn counts_series_of_both_protocols() {
+        let req = v1::WriteRequest {
+            timeseries: vec![v1::TimeSeries::default(); 3],
+            metadata: vec![],
+        };
+        let shape = scan(Protocol::V1, &req.encode_to_vec()).unwrap();
+        assert_eq!(shape.series, 3);
+        assert!(shape.struct_bytes >= 3 * sz::<v1::TimeSeries>());
+
+        let req = v2::Request {
+            symbols: vec![String::new(), "a".into()],
+            timeseries: vec![v2::TimeSeries::default(); 2],
+        };
+        let shape = scan(Protocol::V2, &req.encode_to_vec()).unwrap();
+        assert_eq!(shape.series, 2);
+        // Fields of the other protocol are skipped, not counted.
+        assert_eq!(scan(Protocol::V1, &req.encode_to_vec()).unwrap().series, 0);
+    }
+
+    #[test]
+    fn estimate_covers_nested_elements() {
+        let h = v1::Histogram {
+            positive_spans: vec![v1::BucketSpan {
+                offset: 0,
+                length: 3,
+            }],
+            positive_deltas: vec![1, 0, 0],
+            ..Default::default()
+        };
+        let ts = v1::TimeSeries {
+            labels: vec![v1::Label::default(); 4],
+            samples: vec![v1::Sample::default(); 5],
+            exemplars: vec![v1::Exemplar {
+                labels: vec![v1::Label::default()],
+                ..Default::default()
+            }],
+            histograms: vec![h],
+        };
+        let req = v1::WriteRequest {
+            timeseries: vec![ts],
+            metadata: vec![v1::MetricMetadata::default()],
+        };
+        let shape = scan(Protocol::V1, &req.encode_to_vec()).unwrap();
+        let expect = sz::<v1::TimeSeries>()
+            + 5 * sz::<v1::Label>()
+            + 5 * sz::<v1::Sample>()
+            + sz::<v1::Exemplar>()
+            + sz::<v1::Histogram>()
+            + sz::<v1::BucketSpan>()
+            + 3 * 8
+            + sz::<v1::MetricMetadata>();
+        assert_eq!(shape.struct_bytes, expect);
+    }
+
+    #[test]
+    fn refuses_what_is_not_protobuf() {
+        // Truncated length-delimited field.
+        assert!(scan(Protocol::V1, &[0x0a, 0x05, 0x00]).is_err());
+        // Varint longer than 10 bytes.
+        assert!(scan(
+            Protocol::V1,
+            &[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]
+        )
+        .is_err());
+        // Wire type 7.
+        assert!(scan(Protocol::V1, &[0x0f]).is_err());
+        // Field number 0.
+        assert!(scan(Protocol::V1, &[0x00, 0x00]).is_err());
+        // Stray end-group.
+        assert!(scan(Protocol::V1, &[0x0c]).is_err());
+        // Unterminated group.
+        assert!(scan(Protocol::V1, &[0x0b]).is_err());
+        // Huge declared length.
+        assert!(scan(Protocol::V1, &[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+
+    #[test]
+    fn groups_are_skipped_with_a_depth_limit() {
+        // field 9 start-group, field 9 end-group: skipped.
+        assert_eq!(scan(Protocol::V1, &[0x4b, 0x4c]).unwrap(), Shape::default());
+        let mut deep = vec![0x4b; MAX_GROUP_DEPTH + 1];
+        deep.extend(vec![0x4c; MAX_GROUP_DEPTH + 1]);
+        assert_eq!(
+            scan(Protocol::V1, &deep).unwrap_err(),
+            "recursion limit reached"
+        );
+        // Mismatched end group.
+        assert!(scan(Protocol::V1, &[0x4b, 0x54]).is_err());
+    }
+}

@@ -1,0 +1,99 @@
+//! Builders shared by the integration tests.
+#![allow(dead_code)]
+
+use prom_remote_write::{v1, v2};
+
+pub fn label(name: &str, value: &str) -> v1::Label {
+    v1::Label {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+pub fn series(labels: &[(&str, &str)]) -> v1::TimeSeries {
+    v1::TimeSeries {
+        labels: labels.iter().map(|(n, v)| label(n, v)).collect(),
+        samples: vec![v1::Sample {
+            value: 1.0,
+            timestamp: 1000,
+        }],
+        ..Default::default()
+    }
+}
+
+pub fn req(timeseries: Vec<v1::TimeSeries>) -> v1::WriteRequest {
+    v1::WriteRequest {
+        timeseries,
+        metadata: vec![],
+    }
+}
+
+/// An integer histogram: `count`, zero bucket `zero`, positive deltas.
+pub fn int_hist(count: u64, zero: u64, deltas: &[i64], sum: f64) -> v1::Histogram {
+    v1::Histogram {
+        count: Some(v1::histogram::Count::CountInt(count)),
+        sum,
+        schema: 3,
+        zero_threshold: 1e-128,
+        zero_count: Some(v1::histogram::ZeroCount::ZeroCountInt(zero)),
+        positive_spans: if deltas.is_empty() {
+            vec![]
+        } else {
+            vec![v1::BucketSpan {
+                offset: 0,
+                length: deltas.len() as u32,
+            }]
+        },
+        positive_deltas: deltas.to_vec(),
+        timestamp: 2000,
+        ..Default::default()
+    }
+}
+
+/// A 2.0 request builder interning its strings.
+#[derive(Default)]
+pub struct V2Builder {
+    pub req: v2::Request,
+}
+
+impl V2Builder {
+    pub fn new() -> Self {
+        V2Builder {
+            req: v2::Request {
+                symbols: vec![String::new()],
+                timeseries: vec![],
+            },
+        }
+    }
+
+    pub fn sym(&mut self, s: &str) -> u32 {
+        if let Some(i) = self.req.symbols.iter().position(|x| x == s) {
+            return i as u32;
+        }
+        self.req.symbols.push(s.to_string());
+        (self.req.symbols.len() - 1) as u32
+    }
+
+    pub fn refs(&mut self, labels: &[(&str, &str)]) -> Vec<u32> {
+        let mut out = vec![];
+        for (n, v) in labels {
+            out.push(self.sym(n));
+            out.push(self.sym(v));
+        }
+        out
+    }
+
+    /// Adds a series with one sample and returns its index.
+    pub fn series(&mut self, labels: &[(&str, &str)]) -> usize {
+        let labels_refs = self.refs(labels);
+        self.req.timeseries.push(v2::TimeSeries {
+            labels_refs,
+            samples: vec![v2::Sample {
+                value: 1.0,
+                timestamp: 1000,
+            }],
+            ..Default::default()
+        });
+        self.req.timeseries.len() - 1
+    }
+}

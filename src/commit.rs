@@ -1,0 +1,267 @@
+//! Group commit: many concurrent requests, one fsync.
+//!
+//! One OS thread owns the [`WalWriter`]. Request handlers send it their record
+//! and wait on a oneshot. The thread takes the first waiting append, then every
+//! other append already queued (up to a batch limit), writes them all, syncs
+//! once, and answers every request in the batch. Appends that arrive during an
+//! fsync form the next batch, so under load each fsync covers many requests and
+//! at low load a request waits for exactly one fsync: there is no timer and no
+//! artificial delay.
+//!
+//! The disk budget is checked here, where the log's size is known exactly:
+//! with [`FullPolicy::Block`] a batch that would pass it is refused (429 for
+//! the senders, who retry); with [`FullPolicy::DropOldest`] the oldest
+//! segments are dropped first (see [`crate::retention`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use wal_format::{RecordMeta, RecordRef};
+
+use crate::config::FullPolicy;
+use crate::retention::Retention;
+use crate::wal::{Wal, WalError, WalWriter};
+
+/// Most bytes written in one group commit before syncing.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// Why an append was not committed. Every case means: not stored, not
+/// acknowledged; the sender may retry.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The disk budget is reached (policy `block`). Retry later: space returns
+    /// as replicas catch up.
+    #[error("disk budget of {budget} bytes reached; retry later")]
+    BudgetFull { budget: u64 },
+    /// The disk itself is full. Retry later.
+    #[error("disk full: {0}")]
+    NoSpace(String),
+    /// The writer stopped after a fatal error (failed fsync). Not recoverable
+    /// without a restart.
+    #[error("log writer failed: {0}")]
+    WriterFailed(String),
+    /// Another I/O error; retry later.
+    #[error("log write failed: {0}")]
+    Io(String),
+    /// The relay is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl CommitError {
+    pub fn as_error_code(&self) -> &'static str {
+        match self {
+            CommitError::BudgetFull { .. } => "budget_full",
+            CommitError::NoSpace(_) => "no_space",
+            CommitError::WriterFailed(_) => "writer_failed",
+            CommitError::Io(_) => "io",
+            CommitError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl From<WalError> for CommitError {
+    fn from(e: WalError) -> Self {
+        match e {
+            WalError::NoSpace { .. } => CommitError::NoSpace(e.to_string()),
+            WalError::SyncFailed { .. } | WalError::WriterFailed { .. } => {
+                CommitError::WriterFailed(e.to_string())
+            }
+            other => CommitError::Io(other.to_string()),
+        }
+    }
+}
+
+enum Msg {
+    Append(Append),
+    /// Commit what is queued, then stop.
+    Stop,
+}
+
+struct Append {
+    meta: RecordMeta,
+    payload: Bytes,
+    reply: oneshot::Sender<Result<u64, CommitError>>,
+}
+
+/// The handle request handlers use.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::UnboundedSender<Msg>,
+    failed: Arc<AtomicBool>,
+}
+
+/// Budget settings of the commit thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// 0 = no budget.
+    pub max_disk_bytes: u64,
+    pub policy: FullPolicy,
+}
+
+impl Committer {
+    /// Starts the commit thread. It runs until every [`Committer`] clone is
+    /// dropped, then returns the writer (synced) through the join handle.
+    pub fn start(
+        writer: WalWriter,
+        wal: Wal,
+        retention: Arc<Retention>,
+        budget: Budget,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<WalWriter>)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let failed = Arc::new(AtomicBool::new(writer.failed().is_some()));
+        let thread_failed = Arc::clone(&failed);
+        let handle = std::thread::Builder::new()
+            .name("wal-commit".into())
+            .spawn(move || commit_loop(writer, wal, retention, budget, rx, thread_failed))?;
+        // Appends racing with a stop are answered by the receiver's drop.
+        Ok((Self { tx, failed }, handle))
+    }
+
+    /// Appends one record and waits until it is durable. Returns its sequence
+    /// number.
+    ///
+    /// # Errors
+    /// See [`CommitError`]; in every case nothing was acknowledged.
+    pub async fn append(&self, meta: RecordMeta, payload: Bytes) -> Result<u64, CommitError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Append(Append {
+                meta,
+                payload,
+                reply,
+            }))
+            .map_err(|_| CommitError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(CommitError::ShuttingDown))
+    }
+
+    /// Asks the commit thread to commit what is queued and stop; appends
+    /// sent after this are answered [`CommitError::ShuttingDown`].
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+
+    /// True once the writer has stopped for good.
+    pub fn writer_failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+fn commit_loop(
+    mut writer: WalWriter,
+    wal: Wal,
+    retention: Arc<Retention>,
+    budget: Budget,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    failed: Arc<AtomicBool>,
+) -> WalWriter {
+    let mut batch: Vec<Append> = Vec::new();
+    let mut stopping = false;
+    while !stopping {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut bytes = 0;
+        match first {
+            Msg::Append(a) => {
+                bytes += a.payload.len();
+                batch.push(a);
+            }
+            Msg::Stop => stopping = true,
+        }
+        while bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(Msg::Append(a)) => {
+                    bytes += a.payload.len();
+                    batch.push(a);
+                }
+                Ok(Msg::Stop) => stopping = true,
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let result = commit_batch(&mut writer, &wal, &retention, budget, &batch, bytes);
+        if writer.failed().is_some() {
+            failed.store(true, Ordering::Relaxed);
+            metrics::gauge!("walrelay_wal_writer_failed").set(1.0);
+        }
+        match result {
+            Ok(first_seq) => {
+                for (i, a) in batch.drain(..).enumerate() {
+                    let _ = a.reply.send(Ok(first_seq + i as u64));
+                }
+            }
+            Err(e) => {
+                metrics::counter!("walrelay_wal_append_errors_total", "reason" => e.as_error_code())
+                    .increment(1);
+                for a in batch.drain(..) {
+                    let _ = a.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+    writer
+}
+
+/// Appends and syncs one batch; returns the first sequence number.
+fn commit_batch(
+    writer: &mut WalWriter,
+    wal: &Wal,
+    retention: &Retention,
+    budget: Budget,
+    batch: &[Append],
+    bytes: usize,
+) -> Result<u64, CommitError> {
+    if budget.max_disk_bytes > 0 {
+        let mut have = wal.extent().bytes;
+        if have + bytes as u64 > budget.max_disk_bytes {
+            // Space may be free once delivered segments are gone.
+            retention.collect_delivered();
+            have = wal.extent().bytes;
+        }
+        if have + bytes as u64 > budget.max_disk_bytes && budget.policy == FullPolicy::DropOldest {
+            while wal.extent().bytes + bytes as u64 > budget.max_disk_bytes {
+                if !retention.drop_oldest("disk_budget") {
+                    break;
+                }
+            }
+            have = wal.extent().bytes;
+        }
+        if have + bytes as u64 > budget.max_disk_bytes {
+            return Err(CommitError::BudgetFull {
+                budget: budget.max_disk_bytes,
+            });
+        }
+    }
+    let refs: Vec<RecordRef<'_>> = batch
+        .iter()
+        .map(|a| RecordRef {
+            meta: a.meta.clone(),
+            payload: &a.payload,
+        })
+        .collect();
+    let t = Instant::now();
+    let range = match writer.append(&refs) {
+        Ok(r) => r,
+        Err(e @ WalError::NoSpace { .. }) => {
+            // Free what replicas no longer need, so the sender's retry can
+            // succeed; the batch itself is refused either way.
+            retention.collect_delivered();
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    metrics::histogram!("walrelay_wal_append_duration_seconds").record(t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    writer.sync()?;
+    metrics::histogram!("walrelay_wal_fsync_duration_seconds").record(t.elapsed().as_secs_f64());
+    metrics::histogram!("walrelay_wal_group_commit_requests").record(batch.len() as f64);
+    metrics::counter!("walrelay_wal_appended_bytes_total").increment(bytes as u64);
+    Ok(range.start)
+}

@@ -1,0 +1,554 @@
+//! `walrelay serve` settings: command-line flags, `WALRELAY_*` environment
+//! variables and an optional TOML file, in that order of precedence, over
+//! defaults that work out of the box.
+//!
+//! Every setting is one field of [`ServeArgs`] (flag and environment variable,
+//! via clap) and the same name in snake_case in the TOML file. Replicas are
+//! `--replica NAME=URL` (repeatable, or `WALRELAY_REPLICA=a=URL,b=URL`) or
+//! `[[replica]]` tables with `name` and `url`; flags replace the file's list.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use wal_format::Compression;
+
+/// Errors in the configuration: each names the setting and the bad value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        message: message.into(),
+    }
+}
+
+/// What to do when the disk budget is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullPolicy {
+    /// Refuse new writes (429 with Retry-After) until replicas catch up:
+    /// lossless end to end while senders retry.
+    Block,
+    /// Delete the oldest segments, move lagging replicas past them, and
+    /// count the samples each replica lost.
+    DropOldest,
+}
+
+/// Where a replica with no stored position starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartAt {
+    /// At the head: only records written from now on.
+    Head,
+    /// At the oldest record still on disk.
+    Oldest,
+}
+
+/// Flags of `walrelay serve`. All optional here; defaults are applied in
+/// [`ServeArgs::resolve`] after the TOML file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings (flags and environment win).
+    #[arg(long, env = "WALRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on for remote-write, metrics, health and status. [default: 0.0.0.0:9201]
+    #[arg(long, env = "WALRELAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the log, checkpoints and lock (a persistent volume). [default: ./data]
+    #[arg(long, env = "WALRELAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A replica to ship to, as NAME=URL (repeatable).
+    #[arg(long = "replica", env = "WALRELAY_REPLICA", value_delimiter = ',')]
+    pub replicas: Vec<String>,
+    /// File holding the bearer token senders must present (none: no auth).
+    #[arg(long, env = "WALRELAY_BEARER_TOKEN_FILE")]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Largest request body accepted, compressed (e.g. 16MiB). [default: 16MiB]
+    #[arg(long, env = "WALRELAY_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<String>,
+    /// Largest decoded (decompressed) request accepted. [default: 64MiB]
+    #[arg(long, env = "WALRELAY_MAX_DECODED_BYTES")]
+    pub max_decoded_bytes: Option<String>,
+    /// Requests handled at once; more are answered 503. [default: 512]
+    #[arg(long, env = "WALRELAY_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+    /// Disk budget for the log (e.g. 20GiB); 0 means no budget. [default: 0]
+    #[arg(long, env = "WALRELAY_MAX_DISK_BYTES")]
+    pub max_disk_bytes: Option<String>,
+    /// Delete segments older than this even if a replica still needs them
+    /// (e.g. 72h; counted as dropped); unset means keep. [default: unset]
+    #[arg(long, env = "WALRELAY_RETENTION")]
+    pub retention: Option<String>,
+    /// What to do when the disk budget is reached. [default: block]
+    #[arg(long, env = "WALRELAY_FULL_POLICY", value_enum)]
+    pub full_policy: Option<FullPolicy>,
+    /// Size at which a segment is sealed and a new one started. [default: 128MiB]
+    #[arg(long, env = "WALRELAY_SEGMENT_BYTES")]
+    pub segment_bytes: Option<String>,
+    /// Compression of log frames: zstd or none. [default: zstd]
+    #[arg(long, env = "WALRELAY_COMPRESSION")]
+    pub compression: Option<String>,
+    /// zstd level for log frames (1 is fast and already pays). [default: 1]
+    #[arg(long, env = "WALRELAY_ZSTD_LEVEL")]
+    pub zstd_level: Option<i32>,
+    /// Most samples coalesced into one request to a replica. [default: 20000]
+    #[arg(long, env = "WALRELAY_MAX_SAMPLES_PER_SEND")]
+    pub max_samples_per_send: Option<u64>,
+    /// Most decoded bytes coalesced into one request to a replica. [default: 8MiB]
+    #[arg(long, env = "WALRELAY_MAX_BYTES_PER_SEND")]
+    pub max_bytes_per_send: Option<String>,
+    /// Timeout of one request to a replica. [default: 30s]
+    #[arg(long, env = "WALRELAY_SEND_TIMEOUT")]
+    pub send_timeout: Option<String>,
+    /// First retry delay after a failed send. [default: 100ms]
+    #[arg(long, env = "WALRELAY_RETRY_MIN_BACKOFF")]
+    pub retry_min_backoff: Option<String>,
+    /// Longest retry delay (Retry-After is honoured up to this). [default: 30s]
+    #[arg(long, env = "WALRELAY_RETRY_MAX_BACKOFF")]
+    pub retry_max_backoff: Option<String>,
+    /// Where a replica with no stored position starts: head or oldest. [default: head]
+    #[arg(long, env = "WALRELAY_NEW_REPLICA_START", value_enum)]
+    pub new_replica_start: Option<StartAt>,
+    /// Longest a graceful shutdown (SIGTERM) waits for in-flight work. [default: 20s]
+    #[arg(long, env = "WALRELAY_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
+    /// Log format: text or json. [default: text]
+    #[arg(long, env = "WALRELAY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// One `[[replica]]` table of the TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplica {
+    name: String,
+    url: String,
+}
+
+/// The TOML file: the same settings, snake_case.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    replica: Vec<FileReplica>,
+    bearer_token_file: Option<PathBuf>,
+    max_body_bytes: Option<toml::Value>,
+    max_decoded_bytes: Option<toml::Value>,
+    max_concurrent_requests: Option<usize>,
+    max_disk_bytes: Option<toml::Value>,
+    retention: Option<String>,
+    full_policy: Option<FullPolicy>,
+    segment_bytes: Option<toml::Value>,
+    compression: Option<String>,
+    zstd_level: Option<i32>,
+    max_samples_per_send: Option<u64>,
+    max_bytes_per_send: Option<toml::Value>,
+    send_timeout: Option<String>,
+    retry_min_backoff: Option<String>,
+    retry_max_backoff: Option<String>,
+    new_replica_start: Option<StartAt>,
+    shutdown_timeout: Option<String>,
+    log_format: Option<String>,
+}
+
+/// A replica to ship to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaConfig {
+    pub name: String,
+    pub url: String,
+}
+
+/// The resolved settings of `walrelay serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub replicas: Vec<ReplicaConfig>,
+    pub bearer_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_decoded_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub max_disk_bytes: u64,
+    pub retention: Option<Duration>,
+    pub full_policy: FullPolicy,
+    pub segment_bytes: u64,
+    pub compression: Compression,
+    pub zstd_level: i32,
+    pub max_samples_per_send: u64,
+    pub max_bytes_per_send: usize,
+    pub send_timeout: Duration,
+    pub retry_min_backoff: Duration,
+    pub retry_max_backoff: Duration,
+    pub new_replica_start: StartAt,
+    pub shutdown_timeout: Duration,
+    pub log_json: bool,
+}
+
+/// Parses a byte size: a plain number of bytes, or a number with a suffix
+/// KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024).
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 1048576, 512MiB, 20GiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("{s:?}: unknown size unit {other:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
+fn parse_duration(setting: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        invalid(
+            setting,
+            format!("{s:?} is not a duration (e.g. 30s, 5m, 72h): {e}"),
+        )
+    })
+}
+
+fn toml_bytes(v: &toml::Value) -> Result<String, String> {
+    match v {
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::String(s) => Ok(s.clone()),
+        other => Err(format!("expected a size, got {other}")),
+    }
+}
+
+/// Parses `NAME=URL`.
+///
+/// # Errors
+/// A message naming the bad value.
+pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("replica {s:?} must be NAME=URL"))?;
+    let name = name.trim();
+    let url = url.trim();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "replica name {name:?} must be non-empty letters, digits, '-', '_' or '.'"
+        ));
+    }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("replica {name}: URL {url:?}: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("replica {name}: URL {url:?} must be http or https"));
+    }
+    Ok(ReplicaConfig {
+        name: name.to_owned(),
+        url: url.to_owned(),
+    })
+}
+
+impl ServeArgs {
+    /// Merges flags/environment with the TOML file and the defaults.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or a setting is invalid.
+    pub fn resolve(&self) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let bytes = |setting: &'static str,
+                     flag: &Option<String>,
+                     f: &Option<toml::Value>,
+                     default: u64|
+         -> Result<u64, ConfigError> {
+            let s = match (flag, f) {
+                (Some(s), _) => s.clone(),
+                (None, Some(v)) => toml_bytes(v).map_err(|m| invalid(setting, m))?,
+                (None, None) => return Ok(default),
+            };
+            parse_bytes(&s).map_err(|m| invalid(setting, m))
+        };
+        let dur = |setting: &'static str,
+                   flag: &Option<String>,
+                   f: &Option<String>,
+                   default: Duration|
+         -> Result<Duration, ConfigError> {
+            match flag.as_ref().or(f.as_ref()) {
+                Some(s) => parse_duration(setting, s),
+                None => Ok(default),
+            }
+        };
+
+        let replicas = if self.replicas.is_empty() {
+            file.replica
+                .iter()
+                .map(|r| parse_replica(&format!("{}={}", r.name, r.url)))
+                .collect::<Result<Vec<_>, _>>()
+        } else {
+            self.replicas.iter().map(|s| parse_replica(s)).collect()
+        }
+        .map_err(|m| invalid("replica", m))?;
+        let mut names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid("replica", format!("name {:?} is used twice", w[0])));
+        }
+
+        let bearer_token = match self
+            .bearer_token_file
+            .as_ref()
+            .or(file.bearer_token_file.as_ref())
+        {
+            Some(path) => Some(read_secret(path)?),
+            None => None,
+        };
+        let compression = match self
+            .compression
+            .as_deref()
+            .or(file.compression.as_deref())
+            .unwrap_or("zstd")
+        {
+            "zstd" => Compression::Zstd,
+            "none" => Compression::None,
+            other => {
+                return Err(invalid(
+                    "compression",
+                    format!("{other:?} (expected zstd or none)"),
+                ))
+            }
+        };
+        let max_decoded_bytes = bytes(
+            "max-decoded-bytes",
+            &self.max_decoded_bytes,
+            &file.max_decoded_bytes,
+            64 << 20,
+        )?;
+        if max_decoded_bytes > wal_format::MAX_RECORD_PAYLOAD as u64 {
+            return Err(invalid(
+                "max-decoded-bytes",
+                format!(
+                    "{max_decoded_bytes} is over the log's record limit of {} bytes",
+                    wal_format::MAX_RECORD_PAYLOAD
+                ),
+            ));
+        }
+        let segment_bytes = bytes(
+            "segment-bytes",
+            &self.segment_bytes,
+            &file.segment_bytes,
+            128 << 20,
+        )?;
+        if segment_bytes < 4096 {
+            return Err(invalid("segment-bytes", "must be at least 4KiB"));
+        }
+        let log_format = self
+            .log_format
+            .as_deref()
+            .or(file.log_format.as_deref())
+            .unwrap_or("text");
+        if !matches!(log_format, "text" | "json") {
+            return Err(invalid(
+                "log-format",
+                format!("{log_format:?} (expected text or json)"),
+            ));
+        }
+        let retention = match self.retention.as_ref().or(file.retention.as_ref()) {
+            Some(s) => Some(parse_duration("retention", s)?),
+            None => None,
+        };
+        Ok(ServeConfig {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9201))),
+            data_dir: self
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./data")),
+            replicas,
+            bearer_token,
+            max_body_bytes: bytes(
+                "max-body-bytes",
+                &self.max_body_bytes,
+                &file.max_body_bytes,
+                16 << 20,
+            )? as usize,
+            max_decoded_bytes: max_decoded_bytes as usize,
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .or(file.max_concurrent_requests)
+                .unwrap_or(512)
+                .max(1),
+            max_disk_bytes: bytes(
+                "max-disk-bytes",
+                &self.max_disk_bytes,
+                &file.max_disk_bytes,
+                0,
+            )?,
+            retention,
+            full_policy: self
+                .full_policy
+                .or(file.full_policy)
+                .unwrap_or(FullPolicy::Block),
+            segment_bytes,
+            compression,
+            zstd_level: self.zstd_level.or(file.zstd_level).unwrap_or(1),
+            max_samples_per_send: self
+                .max_samples_per_send
+                .or(file.max_samples_per_send)
+                .unwrap_or(20_000)
+                .max(1),
+            max_bytes_per_send: bytes(
+                "max-bytes-per-send",
+                &self.max_bytes_per_send,
+                &file.max_bytes_per_send,
+                8 << 20,
+            )?
+            .max(1) as usize,
+            send_timeout: dur(
+                "send-timeout",
+                &self.send_timeout,
+                &file.send_timeout,
+                Duration::from_secs(30),
+            )?,
+            retry_min_backoff: dur(
+                "retry-min-backoff",
+                &self.retry_min_backoff,
+                &file.retry_min_backoff,
+                Duration::from_millis(100),
+            )?,
+            retry_max_backoff: dur(
+                "retry-max-backoff",
+                &self.retry_max_backoff,
+                &file.retry_max_backoff,
+                Duration::from_secs(30),
+            )?,
+            new_replica_start: self
+                .new_replica_start
+                .or(file.new_replica_start)
+                .unwrap_or(StartAt::Head),
+            shutdown_timeout: dur(
+                "shutdown-timeout",
+                &self.shutdown_timeout,
+                &file.shutdown_timeout,
+                Duration::from_secs(20),
+            )?,
+            log_json: log_format == "json",
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads a secret from a file, trimming the trailing newline editors add.
+///
+/// # Errors
+/// The file cannot be read, or is empty.
+pub fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    let s = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let s = s.trim().to_owned();
+    if s.is_empty() {
+        return Err(invalid(
+            "bearer-token-file",
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_bytes("2GB").unwrap(), 2_000_000_000);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("12XB").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:1\"\nsegment_bytes = \"1MiB\"\n[[replica]]\nname = \"a\"\nurl = \"http://x:1/api/v1/write\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.segment_bytes, 1 << 20);
+        assert_eq!(c.replicas[0].name, "a");
+        assert_eq!(c.full_policy, FullPolicy::Block);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let args = ServeArgs {
+            replicas: vec!["a=http://x/".into(), "a=http://y/".into()],
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+        let args = ServeArgs {
+            replicas: vec!["nourl".into()],
+            ..Default::default()
+        };
+        assert!(args.resolve().unwrap_err().to_string().contains("NAME=URL"));
+    }
+}

@@ -1,0 +1,194 @@
+//! The process-wide metrics recorder and the `/metrics` exposition.
+//!
+//! Metric names (all prefixed `walrelay_`) are documented in
+//! `docs/operations.md`; the dashboard and the alert rules use only those, and
+//! a test scrapes a running relay to check that they exist.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets from 100 µs to 30 s: fsync on a good SSD is ~100 µs-1 ms,
+/// on network volumes several ms, and replica requests can take seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Installs the global recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("walrelay_wal_group_commit_requests".into()),
+                        BATCH_BUCKETS,
+                    )
+                });
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed (tests in one
+            // process); the handle still renders this recorder's metrics.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            metrics::gauge!("walrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "walrelay_ingest_requests_total",
+        "Write requests answered, by HTTP status."
+    );
+    describe_counter!(
+        "walrelay_ingest_samples_total",
+        "Samples (and histograms) acknowledged."
+    );
+    describe_counter!(
+        "walrelay_ingest_bytes_total",
+        Unit::Bytes,
+        "Request body bytes received."
+    );
+    describe_counter!(
+        "walrelay_ingest_refused_total",
+        "Requests refused as bad input, by reason."
+    );
+    describe_histogram!(
+        "walrelay_ingest_duration_seconds",
+        Unit::Seconds,
+        "Time from request to answer (acknowledgement latency)."
+    );
+    describe_histogram!(
+        "walrelay_wal_append_duration_seconds",
+        Unit::Seconds,
+        "Time to write one group-commit batch."
+    );
+    describe_histogram!(
+        "walrelay_wal_fsync_duration_seconds",
+        Unit::Seconds,
+        "Time of one group-commit fdatasync."
+    );
+    describe_histogram!(
+        "walrelay_wal_group_commit_requests",
+        "Requests made durable by one fsync."
+    );
+    describe_counter!(
+        "walrelay_wal_appended_bytes_total",
+        Unit::Bytes,
+        "Decoded payload bytes appended to the log."
+    );
+    describe_counter!(
+        "walrelay_wal_append_errors_total",
+        "Group commits that failed, by reason."
+    );
+    describe_gauge!(
+        "walrelay_wal_writer_failed",
+        "1 when the log writer stopped after a failed fsync."
+    );
+    describe_gauge!(
+        "walrelay_wal_bytes",
+        Unit::Bytes,
+        "Bytes of the log on disk."
+    );
+    describe_gauge!("walrelay_wal_segments", "Segments of the log on disk.");
+    describe_gauge!(
+        "walrelay_wal_first_seq",
+        "Sequence number of the oldest record on disk."
+    );
+    describe_gauge!(
+        "walrelay_wal_head_seq",
+        "One past the newest durable record."
+    );
+    describe_gauge!(
+        "walrelay_disk_budget_bytes",
+        Unit::Bytes,
+        "The configured disk budget (0: none)."
+    );
+    describe_counter!(
+        "walrelay_wal_truncations_total",
+        "Torn tails cut off at recovery."
+    );
+    describe_counter!(
+        "walrelay_wal_corruptions_total",
+        "Damaged places found in the log."
+    );
+    describe_counter!(
+        "walrelay_wal_segments_deleted_total",
+        "Segments deleted, by reason."
+    );
+    describe_counter!(
+        "walrelay_replica_requests_total",
+        "Requests sent to a replica, by outcome."
+    );
+    describe_counter!(
+        "walrelay_replica_retries_total",
+        "Requests to a replica that were retried."
+    );
+    describe_counter!(
+        "walrelay_replica_sent_records_total",
+        "Records delivered to a replica."
+    );
+    describe_counter!(
+        "walrelay_replica_sent_samples_total",
+        "Samples delivered to a replica."
+    );
+    describe_counter!(
+        "walrelay_replica_rejected_records_total",
+        "Records a replica refused with a 4xx."
+    );
+    describe_counter!(
+        "walrelay_replica_rejected_samples_total",
+        "Samples in records a replica refused."
+    );
+    describe_counter!(
+        "walrelay_replica_skipped_records_total",
+        "Records a replica's reader skipped (damage or deleted), by reason."
+    );
+    describe_counter!(
+        "walrelay_replica_dropped_records_total",
+        "Records deleted by retention before the replica got them."
+    );
+    describe_counter!(
+        "walrelay_replica_dropped_samples_total",
+        "Samples deleted by retention before the replica got them."
+    );
+    describe_gauge!(
+        "walrelay_replica_lag_records",
+        "Records not yet delivered to the replica."
+    );
+    describe_gauge!(
+        "walrelay_replica_lag_bytes",
+        Unit::Bytes,
+        "Log bytes not yet delivered to the replica (upper bound)."
+    );
+    describe_gauge!(
+        "walrelay_replica_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest record not yet delivered."
+    );
+    describe_gauge!(
+        "walrelay_replica_cursor",
+        "The replica's checkpoint (next sequence number to deliver)."
+    );
+    describe_gauge!(
+        "walrelay_replica_up",
+        "1 when the last request to the replica succeeded."
+    );
+    describe_histogram!(
+        "walrelay_replica_send_duration_seconds",
+        Unit::Seconds,
+        "Duration of one request to a replica."
+    );
+}

@@ -1,0 +1,172 @@
+//! Deleting segments: normally only what every replica has, and under an
+//! explicit limit (disk budget with `drop-oldest`, or `--retention` age) the
+//! oldest segments whatever replicas still need them, with the loss counted
+//! per replica and the exact lost range logged.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use crate::ship::ReplicaState;
+use crate::wal::segment::{Scan, SegmentCursor};
+use crate::wal::{SegmentMeta, Wal};
+
+/// See the module documentation.
+pub struct Retention {
+    wal: Wal,
+    replicas: RwLock<Vec<Arc<ReplicaState>>>,
+    max_age: Option<Duration>,
+}
+
+impl Retention {
+    pub fn new(wal: Wal, max_age: Option<Duration>) -> Self {
+        Self {
+            wal,
+            replicas: RwLock::new(Vec::new()),
+            max_age,
+        }
+    }
+
+    /// Sets the replicas whose positions hold segments back.
+    pub fn set_replicas(&self, replicas: Vec<Arc<ReplicaState>>) {
+        *self.replicas.write().unwrap_or_else(|p| p.into_inner()) = replicas;
+    }
+
+    fn replicas(&self) -> Vec<Arc<ReplicaState>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The lowest position any replica still needs (the durable end when
+    /// there are no replicas: nothing holds the log back).
+    pub fn min_delivered(&self) -> u64 {
+        self.replicas()
+            .iter()
+            .map(|r| r.delivered())
+            .min()
+            .unwrap_or_else(|| self.wal.durable_end())
+    }
+
+    /// Deletes the segments every replica has passed. Returns how many.
+    pub fn collect_delivered(&self) -> usize {
+        match self.wal.delete_before(self.min_delivered()) {
+            Ok(deleted) => {
+                for s in &deleted {
+                    tracing::debug!(segment = %s.path.display(), "deleted delivered segment");
+                }
+                metrics::counter!("walrelay_wal_segments_deleted_total", "reason" => "delivered")
+                    .increment(deleted.len() as u64);
+                deleted.len()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete delivered segments");
+                0
+            }
+        }
+    }
+
+    /// Deletes the oldest sealed segment even if replicas still need it, and
+    /// accounts the loss per replica. Returns false when nothing could go.
+    pub fn drop_oldest(&self, reason: &'static str) -> bool {
+        let Some(victim) = self.wal.segments().into_iter().next() else {
+            return false;
+        };
+        let segs = self.wal.segments();
+        let Some(next_first) = segs.get(1).map(|s| s.first_seq) else {
+            return false;
+        };
+        if !victim.sealed {
+            return false;
+        }
+        self.account_loss(&victim, next_first, reason);
+        match self.wal.delete_oldest() {
+            Ok(Some(_)) => {
+                metrics::counter!("walrelay_wal_segments_deleted_total", "reason" => reason)
+                    .increment(1);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot delete the oldest segment");
+                false
+            }
+        }
+    }
+
+    /// Deletes segments whose last write is older than the retention age.
+    pub fn enforce_age(&self) {
+        let Some(max_age) = self.max_age else {
+            return;
+        };
+        let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
+            return;
+        };
+        loop {
+            let segs = self.wal.segments();
+            let Some(oldest) = segs.first() else { return };
+            let old = std::fs::metadata(&oldest.path)
+                .and_then(|m| m.modified())
+                .map(|t| t < cutoff)
+                .unwrap_or(false);
+            if !(oldest.sealed && old && self.drop_oldest("retention_age")) {
+                return;
+            }
+        }
+    }
+
+    /// Logs and counts, per replica, the records and samples of `victim`
+    /// that replica has not yet been sent.
+    fn account_loss(&self, victim: &SegmentMeta, next_first: u64, reason: &'static str) {
+        let replicas = self.replicas();
+        let lagging: Vec<_> = replicas
+            .iter()
+            .filter(|r| r.delivered() < next_first)
+            .collect();
+        if lagging.is_empty() {
+            return;
+        }
+        for r in lagging {
+            let from = r.delivered().max(victim.first_seq);
+            let samples = self.samples_from(victim, from);
+            tracing::error!(
+                replica = %r.name,
+                from_seq = from,
+                to_seq = next_first,
+                samples,
+                reason,
+                segment = %victim.path.display(),
+                "dropping records the replica has not received"
+            );
+            metrics::counter!("walrelay_replica_dropped_samples_total", "replica" => r.name.clone(), "reason" => reason)
+                .increment(samples);
+            metrics::counter!("walrelay_replica_dropped_records_total", "replica" => r.name.clone(), "reason" => reason)
+                .increment(next_first - from);
+            r.add_dropped(next_first - from, samples);
+        }
+    }
+
+    /// Samples in the records of `victim` from sequence `from` on.
+    fn samples_from(&self, victim: &SegmentMeta, from: u64) -> u64 {
+        let storage = self.wal.storage();
+        let Ok(mut c) =
+            SegmentCursor::open(storage.as_ref(), &victim.path, victim.first_seq, victim.len)
+        else {
+            return 0;
+        };
+        let mut total = 0u64;
+        loop {
+            match c.next() {
+                Ok(Scan::Frame { records, .. }) => {
+                    total += records
+                        .iter()
+                        .filter(|r| r.seq >= from)
+                        .map(|r| u64::from(r.meta.samples))
+                        .sum::<u64>();
+                }
+                Ok(Scan::Damage { .. }) => {}
+                Ok(Scan::End) | Err(_) => return total,
+            }
+        }
+    }
+}

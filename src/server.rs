@@ -1,0 +1,389 @@
+//! `walrelay serve`: wires the log, the group commit, the shippers, retention
+//! and the HTTP endpoints together, and takes them down in order.
+//!
+//! [`run`] takes an already-bound listener (tests bind `127.0.0.1:0`) and a
+//! cancellation token (SIGTERM in `main`). Shutdown order: stop accepting,
+//! let open requests finish (their appends are synced and answered), stop the
+//! commit thread (it syncs what it has), stop the shippers (their checkpoints
+//! are consistent at every await point), exit.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prom_remote_write::Limits;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Checkpoints;
+use crate::commit::{Budget, Committer};
+use crate::config::ServeConfig;
+use crate::ingest::{text, HttpResponse, Ingest};
+use crate::retention::Retention;
+use crate::ship::{BatchLimits, ReplicaState, Sender, SenderOptions, Shipper};
+use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
+
+/// Everything the HTTP handlers need.
+struct App {
+    ingest: Ingest,
+    wal: Wal,
+    replicas: Vec<Arc<ReplicaState>>,
+    recovery: RecoveryReport,
+    max_disk_bytes: u64,
+    ready: AtomicBool,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+/// Runs the relay until `shutdown` is cancelled.
+///
+/// # Errors
+/// Startup failures: the data dir is locked or unusable, recovery failed, a
+/// replica's settings are invalid.
+pub async fn run(
+    listener: TcpListener,
+    config: ServeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = crate::metrics::install();
+    let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
+    let wal_dir = config.data_dir.join("wal");
+    let segment_bytes = effective_segment_bytes(&config);
+    let options = WalOptions {
+        segment_bytes,
+        compression: config.compression,
+        zstd_level: config.zstd_level,
+        ..WalOptions::default()
+    };
+    let (writer, wal, recovery) = {
+        let dir = wal_dir.clone();
+        tokio::task::spawn_blocking(move || wal::open(Arc::new(RealStorage), &dir, options))
+            .await
+            .context("recovery task")?
+            .with_context(|| format!("opening the log in {}", wal_dir.display()))?
+    };
+    report_recovery(&recovery);
+    let checkpoints = Checkpoints::open(&config.data_dir.join("checkpoints"))?;
+
+    let retention = Arc::new(Retention::new(wal.clone(), config.retention));
+    let mut replicas = Vec::new();
+    for r in &config.replicas {
+        replicas.push(Arc::new(ReplicaState::new(
+            &r.name,
+            &r.url,
+            wal.durable_end(),
+        )));
+    }
+    for stale in checkpoints.replicas()? {
+        if !config.replicas.iter().any(|r| r.name == stale) {
+            tracing::info!(replica = %stale, "replica no longer configured; its checkpoint is kept but no longer holds back deletion");
+        }
+    }
+    if replicas.is_empty() {
+        tracing::warn!(
+            "no replicas configured: records are acknowledged and kept only until retention"
+        );
+    }
+
+    let (committer, commit_thread) = Committer::start(
+        writer,
+        wal.clone(),
+        Arc::clone(&retention),
+        Budget {
+            max_disk_bytes: config.max_disk_bytes,
+            policy: config.full_policy,
+        },
+    )?;
+
+    let shippers_stop = CancellationToken::new();
+    let mut shipper_tasks = Vec::new();
+    for (r, state) in config.replicas.iter().zip(&replicas) {
+        let sender = Sender::new(
+            &r.url,
+            SenderOptions {
+                timeout: config.send_timeout,
+                min_backoff: config.retry_min_backoff,
+                max_backoff: config.retry_max_backoff,
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("replica {}: {e}", r.name))?;
+        let shipper = Shipper::new(
+            Arc::clone(state),
+            wal.clone(),
+            checkpoints.clone(),
+            sender,
+            BatchLimits {
+                max_samples: config.max_samples_per_send,
+                max_bytes: config.max_bytes_per_send,
+            },
+            config.new_replica_start,
+        );
+        shipper_tasks.push(tokio::spawn(shipper.run(shippers_stop.clone())));
+    }
+    // Retention reads the shippers' positions, which startup may have moved.
+    retention.set_replicas(replicas.clone());
+    let housekeeping = tokio::spawn(housekeeping(
+        Arc::clone(&retention),
+        wal.clone(),
+        replicas.clone(),
+        shippers_stop.clone(),
+    ));
+
+    let app = Arc::new(App {
+        ingest: Ingest {
+            committer,
+            bearer_token: config.bearer_token.clone(),
+            max_body_bytes: config.max_body_bytes,
+            limits: Limits {
+                max_decoded_bytes: config.max_decoded_bytes,
+                ..Limits::default()
+            },
+            permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+        },
+        wal: wal.clone(),
+        replicas,
+        recovery,
+        max_disk_bytes: config.max_disk_bytes,
+        ready: AtomicBool::new(true),
+        metrics,
+    });
+    metrics::gauge!("walrelay_disk_budget_bytes").set(config.max_disk_bytes as f64);
+    tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(),
+        replicas = config.replicas.len(), "walrelay serving");
+
+    serve_http(
+        listener,
+        Arc::clone(&app),
+        shutdown.clone(),
+        config.shutdown_timeout,
+    )
+    .await;
+
+    // The listener is closed and open requests are answered: stop the commit
+    // thread by dropping the last sender, then the shippers.
+    app.ready.store(false, Ordering::Relaxed);
+    app.ingest.committer.stop();
+    let joined = tokio::task::spawn_blocking(move || commit_thread.join()).await;
+    if !matches!(joined, Ok(Ok(_))) {
+        tracing::error!("the commit thread did not stop cleanly");
+    }
+    shippers_stop.cancel();
+    for t in shipper_tasks {
+        let _ = t.await;
+    }
+    let _ = housekeeping.await;
+    tracing::info!("walrelay stopped");
+    Ok(())
+}
+
+/// Keeps segments small enough under a disk budget that the active segment
+/// (never deleted) cannot hold most of it.
+fn effective_segment_bytes(config: &ServeConfig) -> u64 {
+    if config.max_disk_bytes > 0 {
+        config
+            .segment_bytes
+            .min((config.max_disk_bytes / 8).max(64 << 10))
+    } else {
+        config.segment_bytes
+    }
+}
+
+fn report_recovery(r: &RecoveryReport) {
+    tracing::info!(
+        segments = r.segments,
+        first_seq = r.first_seq,
+        next_seq = r.next_seq,
+        "log recovered"
+    );
+    if let Some(t) = &r.truncated {
+        tracing::warn!(file = %t.file.display(), offset = t.offset, bytes = t.bytes_removed,
+            reason = %t.reason, "torn tail truncated");
+        metrics::counter!("walrelay_wal_truncations_total").increment(1);
+    }
+    for d in &r.damage {
+        tracing::error!(file = %d.file.display(), offset = d.offset, reason = %d.reason,
+            "corruption found in the log; readers will skip it");
+        metrics::counter!("walrelay_wal_corruptions_total").increment(1);
+    }
+    for p in &r.removed {
+        tracing::warn!(file = %p.display(), "removed an empty segment left by a crash");
+    }
+}
+
+/// Periodic work: retention, and gauges of the log and the replicas.
+async fn housekeeping(
+    retention: Arc<Retention>,
+    wal: Wal,
+    replicas: Vec<Arc<ReplicaState>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let r = Arc::clone(&retention);
+        let _ = tokio::task::spawn_blocking(move || {
+            r.collect_delivered();
+            r.enforce_age();
+        })
+        .await;
+        let extent = wal.extent();
+        metrics::gauge!("walrelay_wal_bytes").set(extent.bytes as f64);
+        metrics::gauge!("walrelay_wal_segments").set(extent.segments as f64);
+        metrics::gauge!("walrelay_wal_first_seq").set(extent.first_seq as f64);
+        metrics::gauge!("walrelay_wal_head_seq").set(extent.end_seq as f64);
+        for r in &replicas {
+            let s = r.status(extent.end_seq, lag_bytes(&wal, r.delivered()));
+            let name = r.name.clone();
+            metrics::gauge!("walrelay_replica_lag_records", "replica" => name.clone())
+                .set(s.lag_records as f64);
+            metrics::gauge!("walrelay_replica_lag_bytes", "replica" => name.clone())
+                .set(s.lag_bytes as f64);
+            metrics::gauge!("walrelay_replica_lag_seconds", "replica" => name).set(s.lag_seconds);
+        }
+    }
+}
+
+/// Bytes of the log from the segment holding `cursor` to the end: an upper
+/// bound of what the replica still has to receive.
+fn lag_bytes(wal: &Wal, cursor: u64) -> u64 {
+    let segs = wal.segments();
+    let end = wal.durable_end();
+    segs.iter()
+        .enumerate()
+        .filter(|(i, _)| segs.get(i + 1).map_or(end, |n| n.first_seq) > cursor)
+        .map(|(_, s)| s.len)
+        .sum()
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let app = Arc::clone(&app);
+        let svc = service_fn(move |req| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(route(&app, req).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; finishing open requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open connections did not finish within the shutdown timeout");
+    }
+}
+
+async fn route(app: &App, req: Request<Incoming>) -> HttpResponse {
+    match req.uri().path() {
+        "/api/v1/write" => app.ingest.handle(req).await,
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/-/healthy" => {
+            if app.ingest.committer.writer_failed() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "log writer failed (fsync); restart to recover",
+                )
+            } else {
+                text(StatusCode::OK, "walrelay is healthy")
+            }
+        }
+        "/-/ready" => {
+            if app.ready.load(Ordering::Relaxed) && !app.ingest.committer.writer_failed() {
+                text(StatusCode::OK, "walrelay is ready")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "walrelay is not ready")
+            }
+        }
+        "/api/v1/status" => status(app),
+        "/" => text(
+            StatusCode::OK,
+            "walrelay: POST /api/v1/write; GET /metrics, /-/healthy, /-/ready, /api/v1/status",
+        ),
+        other => text(StatusCode::NOT_FOUND, format!("no such endpoint: {other}")),
+    }
+}
+
+#[derive(serde::Serialize)]
+struct WalStatus {
+    dir: PathBuf,
+    first_seq: u64,
+    head_seq: u64,
+    segments: usize,
+    bytes: u64,
+    max_disk_bytes: u64,
+    writer_failed: bool,
+}
+
+fn status(app: &App) -> HttpResponse {
+    let extent = app.wal.extent();
+    let body = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "wal": WalStatus {
+            dir: app.wal.dir().to_path_buf(),
+            first_seq: extent.first_seq,
+            head_seq: extent.end_seq,
+            segments: extent.segments,
+            bytes: extent.bytes,
+            max_disk_bytes: app.max_disk_bytes,
+            writer_failed: app.ingest.committer.writer_failed(),
+        },
+        "recovery": app.recovery,
+        "replicas": app.replicas.iter()
+            .map(|r| r.status(extent.end_seq, lag_bytes(&app.wal, r.delivered())))
+            .collect::<Vec<_>>(),
+    });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

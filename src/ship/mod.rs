@@ -1,0 +1,319 @@
+//! One shipper per replica, each with its own cursor, retries and pace.
+//!
+//! A shipper reads the log from its checkpoint and sends records to its
+//! replica in log order, one request at a time, consecutive records coalesced
+//! into one remote-write 1.0 request (concatenated 1.0 messages are one valid
+//! message). One request in flight per replica is what keeps Prometheus from
+//! refusing samples as out of order: two requests carrying the same series
+//! could overtake each other.
+//!
+//! The in-flight request's exact range is checkpointed before it is sent
+//! (see [`crate::checkpoint`]); after a restart that range is re-sent on its
+//! own first, and a 4xx for it then means the replica already had it.
+//!
+//! Outcomes ([`send`]): 2xx advances; 5xx, 429, connection errors and timeouts
+//! retry the same request with exponential backoff and jitter, honouring
+//! `Retry-After`; any other 4xx is a rejection. A rejected multi-record request
+//! is re-sent record by record so that only the records the replica refuses are
+//! counted as rejected and skipped.
+
+mod payload;
+mod send;
+mod state;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use wal_format::Record;
+
+use crate::checkpoint::Checkpoints;
+use crate::config::StartAt;
+use crate::wal::{ReadItem, Wal, WalReader};
+
+pub use send::{Outcome, Sender, SenderOptions};
+pub(crate) use state::now_ms;
+pub use state::{ReplicaState, ReplicaStatus};
+
+/// Limits of one coalesced request.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_samples: u64,
+    pub max_bytes: usize,
+}
+
+/// See the module documentation.
+pub struct Shipper {
+    state: Arc<ReplicaState>,
+    wal: Wal,
+    checkpoints: Checkpoints,
+    sender: Sender,
+    limits: BatchLimits,
+    start_at: StartAt,
+    /// An item read past the end of the current batch, kept for the next.
+    held: Option<ReadItem>,
+}
+
+impl Shipper {
+    pub fn new(
+        state: Arc<ReplicaState>,
+        wal: Wal,
+        checkpoints: Checkpoints,
+        sender: Sender,
+        limits: BatchLimits,
+        start_at: StartAt,
+    ) -> Self {
+        Self {
+            state,
+            wal,
+            checkpoints,
+            sender,
+            limits,
+            start_at,
+            held: None,
+        }
+    }
+
+    /// Ships until `shutdown` is cancelled. Checkpoints are consistent at
+    /// every await point, so cancelling at any moment loses nothing.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            () = self.ship() => {}
+            () = shutdown.cancelled() => {}
+        }
+        self.state.set_phase("stopped");
+    }
+
+    async fn ship(&mut self) {
+        let start = loop {
+            match self.startup().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    self.state.set_error(format!("checkpoint store: {e}"));
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        };
+        let mut reader = self.wal.reader(start);
+        loop {
+            self.state.set_phase("idle");
+            let batch = match self.next_batch(&mut reader).await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.state.set_error(format!("reading the log: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    reader.seek(self.state.delivered());
+                    continue;
+                }
+            };
+            match batch {
+                Batch::Gap(g) => {
+                    tracing::warn!(replica = %self.state.name, from = g.from, to = g.to,
+                        reason = %g.reason, file = ?g.file, offset = ?g.offset,
+                        "records skipped: cannot be read from the log");
+                    self.state.add_skipped(g.to - g.from, g.error_code);
+                    self.checkpoint(g.to).await;
+                }
+                Batch::Records(records) => self.deliver(records, false).await,
+            }
+        }
+    }
+
+    /// Loads (or initialises) the checkpoint and re-sends an interrupted
+    /// request on its own. Returns where reading starts.
+    async fn startup(&mut self) -> Result<u64, crate::checkpoint::CheckpointError> {
+        let cp = self.checkpoints.clone();
+        let name = self.state.name.clone();
+        let cursor = blocking(move || cp.cursor(&name)).await?;
+        let extent = self.wal.extent();
+        let delivered = match cursor.delivered {
+            Some(d) => d,
+            None => {
+                let start = match self.start_at {
+                    StartAt::Head => extent.end_seq,
+                    StartAt::Oldest => extent.first_seq,
+                };
+                tracing::info!(replica = %self.state.name, start, "new replica: starting position set");
+                let cp = self.checkpoints.clone();
+                let name = self.state.name.clone();
+                blocking(move || cp.set(&name, start)).await?;
+                start
+            }
+        };
+        self.state.set_delivered(delivered);
+        if let Some(range) = cursor.inflight {
+            if range.start >= delivered && range.end > range.start {
+                tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
+                    "re-sending the request that was in flight when the relay stopped");
+                let records = self.read_range(range.clone()).await;
+                if !records.is_empty() {
+                    self.deliver(records, true).await;
+                }
+                self.checkpoint(range.end.max(self.state.delivered())).await;
+                return Ok(range.end);
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// Reads exactly the records of `range` that are still in the log.
+    async fn read_range(&self, range: Range<u64>) -> Vec<Record> {
+        let mut reader = self.wal.reader(range.start);
+        let mut out = Vec::new();
+        while let Ok(Some(item)) = reader.try_next() {
+            match item {
+                ReadItem::Record(r) if r.seq < range.end => out.push(r),
+                ReadItem::Gap(g) if g.from < range.end => continue,
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Waits for at least one record (or a gap), then takes what is already
+    /// durable up to the batch limits.
+    async fn next_batch(&mut self, reader: &mut WalReader) -> Result<Batch, crate::wal::WalError> {
+        let first = match self.held.take() {
+            Some(item) => item,
+            None => {
+                self.state.set_caught_up();
+                reader.next().await?
+            }
+        };
+        let mut records = match first {
+            ReadItem::Gap(g) => return Ok(Batch::Gap(g)),
+            ReadItem::Record(r) => vec![r],
+        };
+        let mut samples = u64::from(records[0].meta.samples);
+        let mut bytes = records[0].payload.len();
+        while samples < self.limits.max_samples && bytes < self.limits.max_bytes {
+            match reader.try_next()? {
+                Some(ReadItem::Record(r)) => {
+                    if samples + u64::from(r.meta.samples) > self.limits.max_samples
+                        || bytes + r.payload.len() > self.limits.max_bytes
+                    {
+                        self.held = Some(ReadItem::Record(r));
+                        break;
+                    }
+                    samples += u64::from(r.meta.samples);
+                    bytes += r.payload.len();
+                    records.push(r);
+                }
+                Some(gap) => {
+                    self.held = Some(gap);
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(Batch::Records(records))
+    }
+
+    /// Delivers `records` (consecutive) and checkpoints past them. With
+    /// `resend`, they are an interrupted request being re-sent after a
+    /// restart, where a rejection means "already delivered".
+    async fn deliver(&mut self, records: Vec<Record>, resend: bool) {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return;
+        };
+        let range = first.seq..last.seq + 1;
+        self.state.set_pending_since(first.meta.receive_time_ms);
+        match self.send_range(&records, range.clone()).await {
+            Outcome::Delivered => self.checkpoint(range.end).await,
+            Outcome::Rejected { status, body } if resend => {
+                tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
+                    body = %body, "re-sent request refused: the replica already had it");
+                self.checkpoint(range.end).await;
+            }
+            Outcome::Rejected { status, body } if records.len() == 1 => {
+                tracing::warn!(replica = %self.state.name, seq = range.start, status, body = %body,
+                    "replica rejected the record; skipping it");
+                self.state
+                    .add_rejected(1, u64::from(records[0].meta.samples));
+                self.checkpoint(range.end).await;
+            }
+            Outcome::Rejected { status, .. } => {
+                tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
+                    "replica rejected a coalesced request; re-sending its records one by one");
+                for r in records {
+                    Box::pin(self.deliver(vec![r], false)).await;
+                }
+            }
+        }
+    }
+
+    /// Checkpoints the range as in flight, then sends it until it is
+    /// delivered or rejected.
+    async fn send_range(&mut self, records: &[Record], range: Range<u64>) -> Outcome {
+        let body = match payload::build_v1(records) {
+            Ok(b) => b,
+            Err(e) => {
+                return Outcome::Rejected {
+                    status: 0,
+                    body: format!("cannot build the request from the log: {e}"),
+                }
+            }
+        };
+        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+        let cp = self.checkpoints.clone();
+        let name = self.state.name.clone();
+        let r = range.clone();
+        while let Err(e) = blocking({
+            let cp = cp.clone();
+            let name = name.clone();
+            let r = r.clone();
+            move || cp.begin_send(&name, r)
+        })
+        .await
+        {
+            self.state.set_error(format!("checkpoint store: {e}"));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.state.set_phase("sending");
+        let outcome = self
+            .sender
+            .send_with_retries(&self.state, body, samples)
+            .await;
+        if matches!(outcome, Outcome::Delivered) {
+            self.state.add_sent(records.len() as u64, samples);
+        }
+        outcome
+    }
+
+    async fn checkpoint(&mut self, delivered: u64) {
+        loop {
+            let cp = self.checkpoints.clone();
+            let name = self.state.name.clone();
+            match blocking(move || cp.complete(&name, delivered)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.state.set_error(format!("checkpoint store: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.state.set_delivered(delivered);
+    }
+}
+
+enum Batch {
+    Records(Vec<Record>),
+    Gap(crate::wal::Gap),
+}
+
+/// Runs blocking checkpoint I/O off the async workers.
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E>
+where
+    E: From<crate::checkpoint::CheckpointError>,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        // The closure panicked: treat it as a store failure and retry.
+        Err(e) => Err(E::from(crate::checkpoint::CheckpointError::Panicked(
+            e.to_string(),
+        ))),
+    }
+}

@@ -1,0 +1,199 @@
+//! Sending one request to a replica, with remote-write retry semantics.
+
+use std::time::{Duration, Instant};
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoffBuilder;
+use bytes::Bytes;
+
+use super::state::ReplicaState;
+
+/// How one request ended, after retries.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The replica answered 2xx.
+    Delivered,
+    /// The replica answered a 4xx other than 429: it refuses the data, and a
+    /// retry would get the same answer.
+    Rejected { status: u16, body: String },
+}
+
+/// Settings of a replica's HTTP client.
+#[derive(Debug, Clone)]
+pub struct SenderOptions {
+    pub timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// A replica's HTTP client.
+#[derive(Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    options: SenderOptions,
+}
+
+/// One attempt's result.
+enum Attempt {
+    Done(Outcome),
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+        status: &'static str,
+    },
+}
+
+/// Longest response body kept for logs and status.
+const MAX_ERROR_BODY: usize = 512;
+
+impl Sender {
+    /// # Errors
+    /// The URL does not parse or the client cannot be built.
+    pub fn new(url: &str, options: SenderOptions) -> Result<Self, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+        let client = reqwest::Client::builder()
+            .timeout(options.timeout)
+            .connect_timeout(options.timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("walrelay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            url,
+            options,
+        })
+    }
+
+    /// Sends `body` (a snappy-compressed remote-write 1.0 request) until the
+    /// replica answers 2xx or a non-retryable 4xx. Retries wait with
+    /// exponential backoff and jitter, or the replica's `Retry-After` when it
+    /// sends one (capped at the maximum backoff).
+    pub async fn send_with_retries(
+        &self,
+        state: &ReplicaState,
+        body: Bytes,
+        samples: u64,
+    ) -> Outcome {
+        let mut backoff = ExponentialBackoffBuilder::new()
+            .with_initial_interval(self.options.min_backoff)
+            .with_max_interval(self.options.max_backoff)
+            .with_multiplier(2.0)
+            .with_randomization_factor(0.3)
+            .with_max_elapsed_time(None)
+            .build();
+        loop {
+            let started = Instant::now();
+            let attempt = self.attempt(body.clone()).await;
+            metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => state.name.clone())
+                .record(started.elapsed().as_secs_f64());
+            match attempt {
+                Attempt::Done(outcome) => {
+                    let status = match &outcome {
+                        Outcome::Delivered => "2xx",
+                        Outcome::Rejected { .. } => "4xx",
+                    };
+                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
+                        .increment(1);
+                    if matches!(outcome, Outcome::Delivered) {
+                        state.set_ok();
+                    }
+                    return outcome;
+                }
+                Attempt::Retry {
+                    reason,
+                    retry_after,
+                    status,
+                } => {
+                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
+                        .increment(1);
+                    metrics::counter!("walrelay_replica_retries_total", "replica" => state.name.clone())
+                        .increment(1);
+                    let wait = backoff.next_backoff().unwrap_or(self.options.max_backoff);
+                    // The replica's own Retry-After wins over the backoff,
+                    // within the configured maximum.
+                    let wait = retry_after.map_or(wait, |ra| ra.min(self.options.max_backoff));
+                    tracing::debug!(replica = %state.name, %reason, wait_ms = wait.as_millis() as u64, samples,
+                        "send failed; retrying");
+                    state.set_retrying(reason);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, body: Bytes) -> Attempt {
+        let resp = self
+            .client
+            .post(self.url.clone())
+            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Encoding", "snappy")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .body(body)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "connection"
+                };
+                return Attempt::Retry {
+                    reason: format!("{kind} error: {}", error_chain(&e)),
+                    retry_after: None,
+                    status: kind,
+                };
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get("Retry-After")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        if status.is_success() {
+            // Drain the body so the connection is reused.
+            let _ = resp.bytes().await;
+            return Attempt::Done(Outcome::Delivered);
+        }
+        let text = match resp.bytes().await {
+            Ok(b) => String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)])
+                .trim()
+                .to_owned(),
+            Err(e) => format!("(body unreadable: {e})"),
+        };
+        let code = status.as_u16();
+        if code == 429 || status.is_server_error() {
+            Attempt::Retry {
+                reason: format!("HTTP {code}: {text}"),
+                retry_after,
+                status: if code == 429 { "429" } else { "5xx" },
+            }
+        } else {
+            Attempt::Done(Outcome::Rejected {
+                status: code,
+                body: text,
+            })
+        }
+    }
+}
+
+/// Retry-After as seconds (the HTTP-date form is rare from remote-write
+/// receivers and is treated as absent).
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

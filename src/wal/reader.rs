@@ -1,0 +1,257 @@
+//! Readers: iterate the log in order from any sequence number, up to the
+//! durable end, and wait for more.
+//!
+//! A reader never hands out a record that failed its checksum. Where the log
+//! is damaged, or records were deleted under it (retention), it says so with a
+//! [`ReadItem::Gap`] naming the lost sequence range and the place on disk, and
+//! carries on with the next intact record. Each reader sees each gap once, so
+//! every shipper can account its own losses exactly.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use wal_format::Record;
+
+use super::segment::{Scan, SegmentCursor};
+use super::{Shared, WalError};
+
+/// What a reader yields.
+#[derive(Debug, Clone)]
+pub enum ReadItem {
+    /// The next record in log order.
+    Record(Record),
+    /// Records `from..to` cannot be read: damaged, or deleted by retention.
+    Gap(Gap),
+}
+
+/// Records that a reader had to skip, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    pub from: u64,
+    pub to: u64,
+    /// The file and byte offset of the damage, when the cause is damage.
+    pub file: Option<PathBuf>,
+    pub offset: Option<u64>,
+    pub reason: String,
+    /// Stable label: `retention`, or the decoder's error code.
+    pub error_code: &'static str,
+}
+
+/// Damage seen but not yet turned into a gap (its end is the next record).
+struct PendingDamage {
+    file: PathBuf,
+    offset: u64,
+    reason: String,
+    error_code: &'static str,
+}
+
+/// See the module documentation.
+pub struct WalReader {
+    shared: Arc<Shared>,
+    next_seq: u64,
+    cursor: Option<(u64, SegmentCursor)>,
+    pending: VecDeque<Record>,
+    damage: Option<PendingDamage>,
+}
+
+impl WalReader {
+    pub(super) fn new(shared: Arc<Shared>, seq: u64) -> Self {
+        Self {
+            shared,
+            next_seq: seq,
+            cursor: None,
+            pending: VecDeque::new(),
+            damage: None,
+        }
+    }
+
+    /// The sequence number of the next record this reader will yield.
+    pub fn next_seq(&self) -> u64 {
+        self.pending.front().map_or(self.next_seq, |r| r.seq)
+    }
+
+    /// Repositions the reader.
+    pub fn seek(&mut self, seq: u64) {
+        self.next_seq = seq;
+        self.pending.clear();
+        self.cursor = None;
+        self.damage = None;
+    }
+
+    /// The next record or gap, or None when the reader has caught up with
+    /// the durable end.
+    ///
+    /// # Errors
+    /// I/O errors reading a segment (the reader can be retried).
+    pub fn try_next(&mut self) -> Result<Option<ReadItem>, WalError> {
+        loop {
+            if let Some(r) = self.pending.pop_front() {
+                return Ok(Some(ReadItem::Record(r)));
+            }
+            let durable_end = self.shared.durable.borrow().end_seq;
+            if self.next_seq >= durable_end {
+                return Ok(None);
+            }
+            if let Some(item) = self.step(durable_end)? {
+                return Ok(Some(item));
+            }
+        }
+    }
+
+    /// Like [`Self::try_next`], but waits for the writer when caught up.
+    ///
+    /// # Errors
+    /// I/O errors reading a segment.
+    pub async fn next(&mut self) -> Result<ReadItem, WalError> {
+        let mut rx = self.shared.durable.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if let Some(item) = self.try_next()? {
+                return Ok(item);
+            }
+            if rx.changed().await.is_err() {
+                // The writer is gone for good; nothing more will come.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Waits until records past this reader's position are durable.
+    pub async fn wait_for_more(&self) {
+        let mut rx = self.shared.durable.subscribe();
+        let next = self.next_seq();
+        let _ = rx.wait_for(|d| d.end_seq > next).await;
+    }
+
+    /// Advances by one frame, segment or gap. Returns an item to yield, or
+    /// None when records were queued (or nothing was found yet).
+    fn step(&mut self, durable_end: u64) -> Result<Option<ReadItem>, WalError> {
+        // Which segment holds next_seq, and what follows it?
+        let (seg, successor) = {
+            let segs = self.shared.segments();
+            let seg = segs
+                .range(..=self.next_seq)
+                .next_back()
+                .map(|(_, s)| s.clone());
+            let successor = segs.range(self.next_seq + 1..).next().map(|(k, _)| *k);
+            let oldest = segs.keys().next().copied().unwrap_or(durable_end);
+            drop(segs);
+            match seg {
+                Some(s) => (s, successor),
+                None => {
+                    // Before the oldest segment: deleted by retention.
+                    return Ok(Some(self.gap_to(oldest.min(durable_end))));
+                }
+            }
+        };
+        if let Some(reason) = &seg.unreadable {
+            let to = successor.unwrap_or(durable_end);
+            let item = ReadItem::Gap(Gap {
+                from: self.next_seq,
+                to,
+                file: Some(seg.path.clone()),
+                offset: Some(0),
+                reason: reason.clone(),
+                error_code: "bad_segment_header",
+            });
+            self.next_seq = to;
+            self.cursor = None;
+            return Ok(Some(item));
+        }
+        let reuse = matches!(&self.cursor, Some((first, _)) if *first == seg.first_seq);
+        if !reuse {
+            let mut c = SegmentCursor::open(
+                self.shared.storage.as_ref(),
+                &seg.path,
+                seg.first_seq,
+                seg.len,
+            )?;
+            c.skip_to(self.next_seq)?;
+            self.cursor = Some((seg.first_seq, c));
+        }
+        let Some((_, cursor)) = self.cursor.as_mut() else {
+            return Ok(None);
+        };
+        cursor.set_limit(seg.len);
+        match cursor.next()? {
+            Scan::Frame {
+                header, records, ..
+            } => {
+                let mut gap = None;
+                // Damage right before this frame becomes a gap now, even an
+                // empty one (damage between frames that cost no record).
+                if header.first_seq > self.next_seq || self.damage.is_some() {
+                    gap = Some(self.gap_to(header.first_seq));
+                }
+                let end = header.end_seq().min(durable_end);
+                self.pending.extend(
+                    records
+                        .into_iter()
+                        .filter(|r| r.seq >= self.next_seq && r.seq < end),
+                );
+                self.next_seq = self.next_seq.max(end);
+                Ok(gap)
+            }
+            Scan::Damage {
+                offset,
+                reason,
+                error_code,
+                ..
+            } => {
+                // Remember the first damage; its gap ends at the next record.
+                if self.damage.is_none() {
+                    self.damage = Some(PendingDamage {
+                        file: cursor.path().to_path_buf(),
+                        offset,
+                        reason,
+                        error_code,
+                    });
+                }
+                Ok(None)
+            }
+            Scan::End => {
+                // The writer publishes a segment's durable length before the
+                // durable end, so reaching the end of the active segment below
+                // the durable end means damage consumed the rest of it.
+                let to = if seg.sealed {
+                    self.cursor = None;
+                    successor.unwrap_or(durable_end).min(durable_end)
+                } else {
+                    durable_end
+                };
+                if to > self.next_seq || self.damage.is_some() {
+                    return Ok(Some(self.gap_to(to)));
+                }
+                self.next_seq = self.next_seq.max(to);
+                Ok(None)
+            }
+        }
+    }
+
+    /// A gap from the current position to `to`, attributed to pending damage
+    /// if there is some, else to retention.
+    fn gap_to(&mut self, to: u64) -> ReadItem {
+        let from = self.next_seq;
+        self.next_seq = self.next_seq.max(to);
+        match self.damage.take() {
+            Some(d) => ReadItem::Gap(Gap {
+                from,
+                to,
+                file: Some(d.file),
+                offset: Some(d.offset),
+                reason: d.reason,
+                error_code: d.error_code,
+            }),
+            None => ReadItem::Gap(Gap {
+                from,
+                to,
+                file: None,
+                offset: None,
+                reason: "records no longer on disk (deleted by retention or missing segment)"
+                    .into(),
+                error_code: "retention",
+            }),
+        }
+    }
+}

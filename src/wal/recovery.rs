@@ -1,0 +1,412 @@
+//! Opening a log: what recovery does at each crash point.
+//!
+//! The crash points and the answers (the same list is in `wal-format/SPEC.md`):
+//!
+//! 1. *Crash before a new segment's directory entry was synced*: the file is
+//!    gone after power loss; nothing in it was acknowledged (the writer syncs
+//!    the directory before it syncs a record into the new segment).
+//! 2. *Crash between creating a segment and syncing its header*: the last
+//!    file is shorter than a header or its header is unreadable and it holds
+//!    nothing else. It is removed and created anew; reported.
+//! 3. *Crash in the middle of writing a frame* (the usual torn tail): the last
+//!    segment ends in an incomplete or checksum-failing frame with no intact
+//!    frame after it. The file is cut back to the end of the last intact frame
+//!    and the cut is reported. Those records were never acknowledged, since
+//!    acknowledgement waits for the fsync that would have completed them.
+//! 4. *Corruption before the end of the last segment, or anywhere in a sealed
+//!    segment* (bit rot, a bad sector, a stray write): reported with file and
+//!    byte offset. Recovery does not touch it; readers skip it up to the next
+//!    intact frame and account the lost sequence numbers as a gap.
+//! 5. *A sealed segment with an unreadable header*: reported; readers skip the
+//!    whole segment as a gap.
+//!
+//! Only the last segment is scanned in full at open, so recovery time does not
+//! grow with the size of the log; sealed segments are checked as they are read
+//! (and in full by `walrelay wal verify`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+use wal_format::{parse_segment_file_name, segment_file_name, SegmentHeader, FORMAT_VERSION};
+
+use super::env::Storage;
+use super::segment::{read_header, Scan, SegmentCursor};
+use super::writer::WalWriter;
+use super::{Durable, SegmentMeta, Shared, Wal, WalError, WalOptions};
+
+/// Damage found at open.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Damage {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub reason: String,
+}
+
+/// A torn tail that recovery cut off.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Truncation {
+    pub file: PathBuf,
+    /// The new length of the file (where the torn frame began).
+    pub offset: u64,
+    pub bytes_removed: u64,
+    pub reason: String,
+}
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub first_seq: u64,
+    pub next_seq: u64,
+    pub truncated: Option<Truncation>,
+    pub damage: Vec<Damage>,
+    /// Files named like segments that were removed as empty leftovers of a
+    /// crash during segment creation.
+    pub removed: Vec<PathBuf>,
+}
+
+/// Opens (creating if needed) the log in `dir` and recovers it.
+///
+/// # Errors
+/// I/O errors listing or repairing the directory, and fatal inconsistencies
+/// (a segment file whose header names another sequence than its file name).
+pub fn open(
+    storage: Arc<dyn Storage>,
+    dir: &Path,
+    options: WalOptions,
+) -> Result<(WalWriter, Wal, RecoveryReport), WalError> {
+    storage
+        .create_dir_all(dir)
+        .map_err(|e| WalError::io("create directory", dir, e))?;
+    let mut names: Vec<(u64, String)> = storage
+        .list(dir)
+        .map_err(|e| WalError::io("list directory", dir, e))?
+        .into_iter()
+        .filter_map(|n| parse_segment_file_name(&n).map(|s| (s, n)))
+        .collect();
+    names.sort();
+
+    let mut report = RecoveryReport::default();
+    let mut segments = BTreeMap::new();
+    let last = names.pop();
+    for (first_seq, name) in &names {
+        let meta = sealed_segment(storage.as_ref(), dir, *first_seq, name, &mut report)?;
+        segments.insert(*first_seq, meta);
+    }
+    let (active, next_seq) = match last {
+        Some((first_seq, name)) => {
+            recover_last(storage.as_ref(), dir, first_seq, &name, &mut report)?
+        }
+        None => (None, options.initial_seq),
+    };
+    let shared = Arc::new(Shared {
+        dir: dir.to_path_buf(),
+        storage: Arc::clone(&storage),
+        segments: RwLock::new(segments),
+        durable: watch::Sender::new(Durable { end_seq: next_seq }),
+    });
+    let writer = WalWriter::open(Arc::clone(&shared), active, next_seq, options)?;
+    let wal = Wal { shared };
+    let extent = wal.extent();
+    report.segments = extent.segments;
+    report.first_seq = extent.first_seq;
+    report.next_seq = next_seq;
+    Ok((writer, wal, report))
+}
+
+/// Opens the log in `dir` without changing anything on disk (for the
+/// operator commands that inspect a stopped relay's volume or a copy of it).
+/// A torn tail is reported in [`RecoveryReport::truncated`] as what recovery
+/// *would* cut; readers stop before it.
+///
+/// # Errors
+/// The directory does not exist or cannot be listed; I/O errors.
+pub fn open_read_only(
+    storage: Arc<dyn Storage>,
+    dir: &Path,
+) -> Result<(Wal, RecoveryReport), WalError> {
+    let mut names: Vec<(u64, String)> = storage
+        .list(dir)
+        .map_err(|e| WalError::io("list directory", dir, e))?
+        .into_iter()
+        .filter_map(|n| parse_segment_file_name(&n).map(|s| (s, n)))
+        .collect();
+    names.sort();
+    let mut report = RecoveryReport::default();
+    let mut segments = BTreeMap::new();
+    let mut next_seq = 0;
+    let count = names.len();
+    for (i, (first_seq, name)) in names.iter().enumerate() {
+        let mut meta = sealed_segment(storage.as_ref(), dir, *first_seq, name, &mut report)?;
+        next_seq = *first_seq;
+        if i + 1 == count && meta.unreadable.is_none() {
+            let (end, good_end) = scan_tail(storage.as_ref(), &meta, &mut report)?;
+            next_seq = end;
+            meta.len = good_end;
+        }
+        segments.insert(*first_seq, meta);
+    }
+    let shared = Arc::new(Shared {
+        dir: dir.to_path_buf(),
+        storage,
+        segments: RwLock::new(segments),
+        durable: watch::Sender::new(Durable { end_seq: next_seq }),
+    });
+    let wal = Wal { shared };
+    let extent = wal.extent();
+    report.segments = extent.segments;
+    report.first_seq = extent.first_seq;
+    report.next_seq = next_seq;
+    Ok((wal, report))
+}
+
+/// Scans the newest segment without modifying it: returns the sequence
+/// number after its last intact record and the end of its last intact frame,
+/// and reports a torn tail or damage.
+fn scan_tail(
+    storage: &dyn Storage,
+    meta: &SegmentMeta,
+    report: &mut RecoveryReport,
+) -> Result<(u64, u64), WalError> {
+    let mut cursor = SegmentCursor::open(storage, &meta.path, meta.first_seq, meta.len)?;
+    let mut next_seq = meta.first_seq;
+    let mut good_end = cursor.offset();
+    loop {
+        match cursor.next()? {
+            Scan::Frame { header, .. } => {
+                next_seq = next_seq.max(header.end_seq());
+                good_end = cursor.offset();
+            }
+            Scan::Damage {
+                offset,
+                reason,
+                resume,
+                ..
+            } => {
+                if resume >= meta.len {
+                    report.truncated = Some(Truncation {
+                        file: meta.path.clone(),
+                        offset: good_end,
+                        bytes_removed: meta.len - good_end,
+                        reason: format!("torn or corrupt tail at offset {offset}: {reason}"),
+                    });
+                    return Ok((next_seq, good_end));
+                }
+                report.damage.push(Damage {
+                    file: meta.path.clone(),
+                    offset,
+                    reason,
+                });
+            }
+            Scan::End => return Ok((next_seq, good_end)),
+        }
+    }
+}
+
+fn sealed_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+    name: &str,
+    report: &mut RecoveryReport,
+) -> Result<SegmentMeta, WalError> {
+    let path = dir.join(name);
+    let file = storage
+        .open_read(&path)
+        .map_err(|e| WalError::io("open segment", &path, e))?;
+    let len = file
+        .len()
+        .map_err(|e| WalError::io("stat segment", &path, e))?;
+    let unreadable = match read_header(file.as_ref(), &path) {
+        Ok(h) if h.first_seq == first_seq => None,
+        Ok(h) => Some(format!(
+            "header says first sequence {} but the file name says {first_seq}",
+            h.first_seq
+        )),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(reason) = &unreadable {
+        report.damage.push(Damage {
+            file: path.clone(),
+            offset: 0,
+            reason: reason.clone(),
+        });
+    }
+    Ok(SegmentMeta {
+        first_seq,
+        path,
+        len,
+        sealed: true,
+        unreadable,
+    })
+}
+
+/// The active segment as recovery leaves it: its metadata and its length.
+pub(super) struct Active {
+    pub first_seq: u64,
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+/// Scans the last segment in full, cuts a torn tail, and returns it as the
+/// segment to append to, with the next sequence number.
+fn recover_last(
+    storage: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+    name: &str,
+    report: &mut RecoveryReport,
+) -> Result<(Option<Active>, u64), WalError> {
+    let path = dir.join(name);
+    let file = storage
+        .open_read(&path)
+        .map_err(|e| WalError::io("open segment", &path, e))?;
+    let len = file
+        .len()
+        .map_err(|e| WalError::io("stat segment", &path, e))?;
+    match read_header(file.as_ref(), &path) {
+        Ok(h) if h.first_seq == first_seq && h.version == FORMAT_VERSION => {}
+        Ok(h) if h.first_seq != first_seq => {
+            return Err(WalError::BadDirectory {
+                path,
+                reason: format!(
+                    "segment header says first sequence {} but the file name says {first_seq}; \
+                     move the file aside (walrelay wal repair) before starting",
+                    h.first_seq
+                ),
+            })
+        }
+        Ok(_) | Err(_) if len <= wal_format::SEGMENT_HEADER_LEN as u64 => {
+            // Crash point 2: created but the header never became durable.
+            // Nothing after a header can have been acknowledged.
+            storage
+                .remove(&path)
+                .map_err(|e| WalError::io("remove empty segment", &path, e))?;
+            storage
+                .sync_dir(dir)
+                .map_err(|e| WalError::io("sync directory", dir, e))?;
+            report.removed.push(path);
+            return Ok((None, first_seq));
+        }
+        Ok(_) | Err(_) => {
+            let reason = match read_header(file.as_ref(), &path) {
+                Err(e) => e.to_string(),
+                Ok(h) => format!("unsupported format version {}", h.version),
+            };
+            return Err(WalError::BadDirectory {
+                path,
+                reason: format!(
+                    "the newest segment's header is damaged ({reason}); move the file aside \
+                     (walrelay wal repair) before starting"
+                ),
+            });
+        }
+    }
+    drop(file);
+
+    let mut cursor = SegmentCursor::open(storage, &path, first_seq, len)?;
+    let mut next_seq = first_seq;
+    let mut good_end = cursor.offset();
+    loop {
+        match cursor.next()? {
+            Scan::Frame { header, .. } => {
+                next_seq = next_seq.max(header.end_seq());
+                good_end = cursor.offset();
+            }
+            Scan::Damage {
+                offset,
+                reason,
+                incomplete_tail,
+                resume,
+                ..
+            } => {
+                if resume >= len {
+                    // Crash point 3: nothing intact follows; cut it off.
+                    let mut w = storage
+                        .open_append(&path)
+                        .map_err(|e| WalError::io("open segment", &path, e))?;
+                    w.set_len(good_end)
+                        .map_err(|e| WalError::io("truncate torn tail", &path, e))?;
+                    w.sync_data().map_err(|e| WalError::SyncFailed {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                    let kind = if incomplete_tail {
+                        "torn write"
+                    } else {
+                        "corrupt tail"
+                    };
+                    report.truncated = Some(Truncation {
+                        file: path.clone(),
+                        offset: good_end,
+                        bytes_removed: len - good_end,
+                        reason: format!("{kind} at offset {offset}: {reason}"),
+                    });
+                    return Ok((
+                        Some(Active {
+                            first_seq,
+                            path,
+                            len: good_end,
+                        }),
+                        next_seq,
+                    ));
+                }
+                // Crash point 4: corruption with intact frames after it.
+                report.damage.push(Damage {
+                    file: path.clone(),
+                    offset,
+                    reason,
+                });
+            }
+            Scan::End => break,
+        }
+    }
+    Ok((
+        Some(Active {
+            first_seq,
+            path,
+            len: good_end,
+        }),
+        next_seq,
+    ))
+}
+
+/// Creates a new segment file starting at `first_seq` and makes it and its
+/// directory entry durable.
+///
+/// # Errors
+/// [`WalError::NoSpace`] and other I/O errors; [`WalError::SyncFailed`] when
+/// an fsync fails.
+pub(super) fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+) -> Result<(Box<dyn super::env::WritableFile>, PathBuf, u64), WalError> {
+    let path = dir.join(segment_file_name(first_seq));
+    let mut file = storage
+        .create_new(&path)
+        .map_err(|e| WalError::write(&path, e))?;
+    let mut buf = Vec::with_capacity(wal_format::SEGMENT_HEADER_LEN);
+    SegmentHeader {
+        version: FORMAT_VERSION,
+        first_seq,
+    }
+    .encode(&mut buf);
+    if let Err(e) = file.append(&buf) {
+        // Leave no half-made segment behind: the next attempt recreates it.
+        drop(file);
+        let _ = storage.remove(&path);
+        return Err(WalError::write(&path, e));
+    }
+    file.sync_data().map_err(|e| WalError::SyncFailed {
+        path: path.clone(),
+        source: e,
+    })?;
+    storage.sync_dir(dir).map_err(|e| WalError::SyncFailed {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    Ok((file, path, buf.len() as u64))
+}

@@ -1,0 +1,289 @@
+//! One segment file, read frame by frame.
+//!
+//! The on-disk layout is specified in `wal-format/SPEC.md`; this module only
+//! walks it. [`SegmentCursor`] reads frames sequentially up to a byte limit
+//! (the durable length of the segment, so a reader never looks at bytes the
+//! writer has not yet made durable) and answers, for each position, one of:
+//! a frame with its records, damage (with the exact byte offset, after which it
+//! has already re-synchronised on the next intact frame, if any), or the end.
+//! Damage is never fatal and never loops: every answer advances the offset.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use wal_format::{
+    decode_frame, decode_frame_header, decode_records, find_next_frame, CorruptReason, Decoded,
+    FrameHeader, HeaderStatus, Record, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
+
+use super::env::{ReadableFile, Storage};
+use super::WalError;
+
+/// How far a resynchronising scan reads at once.
+const RESYNC_CHUNK: usize = 4 << 20;
+
+/// What a cursor found at its position.
+#[derive(Debug)]
+pub enum Scan {
+    /// An intact frame at `offset`, with its decoded records.
+    Frame {
+        offset: u64,
+        header: FrameHeader,
+        records: Vec<Record>,
+    },
+    /// Bytes `offset..resume` could not be read as frames. `resume` is where
+    /// the next intact frame starts, or the scan limit if there is none.
+    Damage {
+        offset: u64,
+        resume: u64,
+        reason: String,
+        error_code: &'static str,
+        /// True when the damage runs to the limit and is an incomplete frame
+        /// (the signature of a torn write rather than of corruption).
+        incomplete_tail: bool,
+    },
+    /// The limit was reached.
+    End,
+}
+
+/// Sequential reader of one segment's frames.
+pub struct SegmentCursor {
+    file: Arc<dyn ReadableFile>,
+    path: PathBuf,
+    salt: u64,
+    offset: u64,
+    limit: u64,
+    buf: Vec<u8>,
+}
+
+/// Reads and checks a segment header.
+///
+/// # Errors
+/// [`WalError::BadSegmentHeader`] when the header is short, has the wrong
+/// magic, a bad checksum or an unknown version; [`WalError::Io`] on I/O errors.
+pub fn read_header(file: &dyn ReadableFile, path: &Path) -> Result<SegmentHeader, WalError> {
+    let mut buf = [0u8; SEGMENT_HEADER_LEN];
+    let n = file
+        .read_full_at(&mut buf, 0)
+        .map_err(|e| WalError::io("read segment header", path, e))?;
+    SegmentHeader::decode(&buf[..n]).map_err(|e| WalError::BadSegmentHeader {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+impl SegmentCursor {
+    /// Opens a cursor at the first frame of the segment at `path`, whose
+    /// header says it starts at `salt` (its first sequence number).
+    ///
+    /// # Errors
+    /// I/O errors opening the file.
+    pub fn open(
+        storage: &dyn Storage,
+        path: &Path,
+        salt: u64,
+        limit: u64,
+    ) -> Result<Self, WalError> {
+        let file = storage
+            .open_read(path)
+            .map_err(|e| WalError::io("open segment", path, e))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            salt,
+            offset: SEGMENT_HEADER_LEN as u64,
+            limit,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Raises (never lowers) the byte limit, as the writer makes more of the
+    /// active segment durable.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = self.limit.max(limit);
+    }
+
+    /// Skips whole frames that end at or before `seq`, reading only their
+    /// headers. Stops at the first frame that holds `seq` or later, or at
+    /// anything that is not a clean header (the next [`Self::next`] then
+    /// deals with it).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn skip_to(&mut self, seq: u64) -> Result<(), WalError> {
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        while self.offset + FRAME_HEADER_LEN as u64 <= self.limit {
+            let n = self
+                .file
+                .read_full_at(&mut hdr, self.offset)
+                .map_err(|e| WalError::io("read frame header", &self.path, e))?;
+            match decode_frame_header(self.salt, &hdr[..n]) {
+                Ok(h) if h.end_seq() <= seq && self.offset + h.total_len() as u64 <= self.limit => {
+                    self.offset += h.total_len() as u64;
+                }
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame, or reports damage and re-synchronises.
+    ///
+    /// # Errors
+    /// I/O errors only; damage is a [`Scan::Damage`], not an error.
+    pub fn next(&mut self) -> Result<Scan, WalError> {
+        if self.offset >= self.limit {
+            return Ok(Scan::End);
+        }
+        let offset = self.offset;
+        let avail = (self.limit - offset) as usize;
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        let want = avail.min(FRAME_HEADER_LEN);
+        let n = self
+            .file
+            .read_full_at(&mut hdr[..want], offset)
+            .map_err(|e| WalError::io("read frame header", &self.path, e))?;
+        let header = match decode_frame_header(self.salt, &hdr[..n]) {
+            Ok(h) => h,
+            Err(HeaderStatus::Incomplete) => {
+                return self.damage(offset, "incomplete frame header".into(), "incomplete", true)
+            }
+            Err(HeaderStatus::Corrupt(reason)) => return self.corrupt(offset, &reason),
+        };
+        let total = header.total_len();
+        if total > avail {
+            // The header is intact but the frame runs past the limit: a torn
+            // write, unless an intact frame follows somewhere.
+            return self.damage(
+                offset,
+                format!("frame of {total} bytes runs past the end ({avail} bytes left)"),
+                "incomplete",
+                true,
+            );
+        }
+        self.buf.resize(total, 0);
+        let n = self
+            .file
+            .read_full_at(&mut self.buf, offset)
+            .map_err(|e| WalError::io("read frame", &self.path, e))?;
+        if n < total {
+            return self.damage(
+                offset,
+                "file shorter than expected".into(),
+                "incomplete",
+                true,
+            );
+        }
+        match decode_frame(self.salt, &self.buf) {
+            Decoded::Frame { header, body } => match decode_records(&header, body) {
+                Ok(records) => {
+                    self.offset = offset + total as u64;
+                    Ok(Scan::Frame {
+                        offset,
+                        header,
+                        records,
+                    })
+                }
+                // The frame's checksums hold but its content does not parse:
+                // only this frame is lost, and the next one starts right after.
+                Err(reason) => {
+                    self.offset = offset + total as u64;
+                    Ok(Scan::Damage {
+                        offset,
+                        resume: self.offset,
+                        reason: reason.to_string(),
+                        error_code: reason.as_error_code(),
+                        incomplete_tail: false,
+                    })
+                }
+            },
+            Decoded::Incomplete { .. } => {
+                self.damage(offset, "incomplete frame".into(), "incomplete", true)
+            }
+            Decoded::Corrupt { reason } => self.corrupt(offset, &reason),
+        }
+    }
+
+    fn corrupt(&mut self, offset: u64, reason: &CorruptReason) -> Result<Scan, WalError> {
+        self.damage(offset, reason.to_string(), reason.as_error_code(), false)
+    }
+
+    /// Searches for the next intact frame after `offset` and reports the
+    /// bytes in between as damage.
+    fn damage(
+        &mut self,
+        offset: u64,
+        reason: String,
+        error_code: &'static str,
+        incomplete: bool,
+    ) -> Result<Scan, WalError> {
+        let resume = self.resync(offset + 1)?;
+        self.offset = resume;
+        Ok(Scan::Damage {
+            offset,
+            resume,
+            reason,
+            error_code,
+            incomplete_tail: incomplete && resume >= self.limit,
+        })
+    }
+
+    /// The offset of the first fully intact frame (both checksums) at or after
+    /// `from`, or the limit. Reads in chunks that overlap by one frame header,
+    /// so a header straddling two chunks is still found.
+    fn resync(&mut self, from: u64) -> Result<u64, WalError> {
+        let mut start = from;
+        let mut chunk = Vec::new();
+        while start + FRAME_HEADER_LEN as u64 <= self.limit {
+            let len = ((self.limit - start) as usize).min(RESYNC_CHUNK);
+            chunk.resize(len, 0);
+            let n = self
+                .file
+                .read_full_at(&mut chunk, start)
+                .map_err(|e| WalError::io("read segment", &self.path, e))?;
+            chunk.truncate(n);
+            let mut from_in_chunk = 0;
+            while let Some(pos) = find_next_frame(self.salt, &chunk, from_in_chunk) {
+                let candidate = start + pos as u64;
+                if self.frame_is_intact(candidate)? {
+                    return Ok(candidate);
+                }
+                from_in_chunk = pos + 1;
+            }
+            if n < len || start + (n as u64) >= self.limit {
+                break;
+            }
+            start += (n - FRAME_HEADER_LEN) as u64 + 1;
+        }
+        Ok(self.limit)
+    }
+
+    fn frame_is_intact(&mut self, offset: u64) -> Result<bool, WalError> {
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        let n = self
+            .file
+            .read_full_at(&mut hdr, offset)
+            .map_err(|e| WalError::io("read frame header", &self.path, e))?;
+        let Ok(header) = decode_frame_header(self.salt, &hdr[..n]) else {
+            return Ok(false);
+        };
+        let total = header.total_len();
+        if offset + total as u64 > self.limit {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; total];
+        let n = self
+            .file
+            .read_full_at(&mut buf, offset)
+            .map_err(|e| WalError::io("read frame", &self.path, e))?;
+        Ok(n == total && matches!(decode_frame(self.salt, &buf), Decoded::Frame { .. }))
+    }
+}

@@ -1,0 +1,219 @@
+//! A crash-simulating [`Storage`] for tests, after redb's
+//! `tests/crash_consistency.rs`: every file keeps what was *written* and what
+//! is *durable* (the state at its last `sync_data`), and every directory what
+//! entries exist and which of them are durable (as of its last `sync_dir`).
+//! [`SimStorage::crash`] throws away everything that was not made durable,
+//! optionally keeping a prefix of the unsynced bytes (a torn write), exactly as
+//! power loss may.
+//!
+//! It can also be told to fail the next `sync_data`, to prove that the writer
+//! never retries an fsync and trusts it.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::env::{ReadableFile, Storage, WritableFile};
+
+#[derive(Default, Clone)]
+struct SimFile {
+    written: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Files by path, as the live system sees them.
+    files: BTreeMap<PathBuf, Arc<Mutex<SimFile>>>,
+    /// Paths whose directory entry is durable, with the file they name.
+    durable_entries: BTreeMap<PathBuf, Arc<Mutex<SimFile>>>,
+}
+
+/// See the module documentation.
+#[derive(Clone, Default)]
+pub struct SimStorage {
+    state: Arc<Mutex<State>>,
+    fail_next_sync: Arc<AtomicBool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SimStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Simulates power loss. Files whose directory entry was never synced
+    /// vanish; removals that were never synced are undone; each surviving
+    /// file keeps its durable bytes plus `keep_unsynced(unsynced_len)` bytes
+    /// of what was written after its last sync.
+    pub fn crash(&self, mut keep_unsynced: impl FnMut(usize) -> usize) {
+        let mut st = lock(&self.state);
+        let mut files = BTreeMap::new();
+        for (path, file) in &st.durable_entries {
+            let mut f = lock(file);
+            let durable_len = f.durable.len();
+            let mut kept = f.durable.clone();
+            // Unsynced bytes past the durable length may partly survive.
+            if f.written.len() > durable_len && f.written.starts_with(&f.durable) {
+                let extra = f.written.len() - durable_len;
+                let keep = keep_unsynced(extra).min(extra);
+                kept.extend_from_slice(&f.written[durable_len..durable_len + keep]);
+            }
+            f.written = kept.clone();
+            f.durable = kept;
+            drop(f);
+            files.insert(path.clone(), Arc::clone(file));
+        }
+        st.files = files;
+    }
+
+    /// Makes the next `sync_data` on any file fail with EIO.
+    pub fn fail_next_sync(&self) {
+        self.fail_next_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Flips one bit of a file's durable and written content.
+    pub fn flip_bit(&self, path: &Path, offset: usize, bit: u8) {
+        let st = lock(&self.state);
+        if let Some(file) = st.files.get(path) {
+            let mut f = lock(file);
+            if offset < f.written.len() {
+                f.written[offset] ^= 1 << (bit % 8);
+            }
+            if offset < f.durable.len() {
+                f.durable[offset] ^= 1 << (bit % 8);
+            }
+        }
+    }
+
+    /// The length of a file as the live system sees it.
+    pub fn file_len(&self, path: &Path) -> Option<usize> {
+        let st = lock(&self.state);
+        st.files.get(path).map(|f| lock(f).written.len())
+    }
+
+    fn file(&self, path: &Path) -> io::Result<Arc<Mutex<SimFile>>> {
+        lock(&self.state)
+            .files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.display().to_string()))
+    }
+}
+
+struct SimWritable {
+    file: Arc<Mutex<SimFile>>,
+    fail_next_sync: Arc<AtomicBool>,
+}
+
+impl WritableFile for SimWritable {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        lock(&self.file).written.extend_from_slice(buf);
+        Ok(())
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            // As on Linux after a failed writeback: the error is reported
+            // once and the dirty pages are gone, so nothing becomes durable.
+            return Err(io::Error::other("simulated fsync failure (EIO)"));
+        }
+        let mut f = lock(&self.file);
+        f.durable = f.written.clone();
+        Ok(())
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let mut f = lock(&self.file);
+        f.written.resize(len as usize, 0);
+        Ok(())
+    }
+}
+
+struct SimReadable(Arc<Mutex<SimFile>>);
+
+impl ReadableFile for SimReadable {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let f = lock(&self.0);
+        let off = offset as usize;
+        if off >= f.written.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(f.written.len() - off);
+        buf[..n].copy_from_slice(&f.written[off..off + n]);
+        Ok(n)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.0).written.len() as u64)
+    }
+}
+
+impl Storage for SimStorage {
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
+        let mut st = lock(&self.state);
+        if st.files.contains_key(path) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                path.display().to_string(),
+            ));
+        }
+        let file = Arc::new(Mutex::new(SimFile::default()));
+        st.files.insert(path.to_path_buf(), Arc::clone(&file));
+        Ok(Box::new(SimWritable {
+            file,
+            fail_next_sync: Arc::clone(&self.fail_next_sync),
+        }))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
+        Ok(Box::new(SimWritable {
+            file: self.file(path)?,
+            fail_next_sync: Arc::clone(&self.fail_next_sync),
+        }))
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadableFile>> {
+        Ok(Arc::new(SimReadable(self.file(path)?)))
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let st = lock(&self.state);
+        Ok(st
+            .files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect())
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        lock(&self.state)
+            .files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, path.display().to_string()))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        let file = st
+            .files
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, from.display().to_string()))?;
+        st.files.insert(to.to_path_buf(), file);
+        Ok(())
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut st = lock(&self.state);
+        let live: Vec<_> = st
+            .files
+            .iter()
+            .filter(|(p, _)| p.parent() == Some(dir))
+            .map(|(p, f)| (p.clone(), Arc::clone(f)))
+            .collect();
+        st.durable_entries.retain(|p, _| p.parent() != Some(dir));
+        st.durable_entries.extend(live);
+        Ok(())
+    }
+    fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+}

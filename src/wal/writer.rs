@@ -1,0 +1,291 @@
+//! The single writer of the log.
+//!
+//! [`WalWriter::append`] encodes a batch into frames and writes them to the
+//! active segment, rolling to a new segment first when the batch would take
+//! the active one past its size. An append is all or nothing: if a write
+//! fails part-way (typically ENOSPC), the file is cut back to where the
+//! append began, so no partial frame is ever followed by good ones.
+//! [`WalWriter::sync`] makes everything appended durable with one fdatasync
+//! (group commit: the caller appends many requests, then syncs once) and only
+//! then publishes the new durable end to readers.
+//!
+//! A failed fsync stops the writer for good. After a failed fsync Linux may
+//! have dropped the dirty pages and cleared the error, so a retry that
+//! "succeeds" proves nothing (the PostgreSQL fsyncgate lesson). The relay then
+//! refuses writes until it is restarted and recovery re-reads the disk.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use wal_format::{encode_frame, RecordRef};
+
+use super::env::WritableFile;
+use super::recovery::{create_segment, Active};
+use super::{Durable, SegmentMeta, Shared, WalError, WalOptions};
+
+/// Frame and record header bytes per record, an upper bound used to decide
+/// on rolling before a batch is encoded.
+const RECORD_OVERHEAD: u64 = (wal_format::FRAME_HEADER_LEN + 64) as u64;
+
+/// Encodes `records` (sequence numbers from `first`) into `out` as frames of
+/// at most about `max_frame_bytes` raw bytes each, salted for the segment
+/// starting at `salt`.
+fn encode_frames(
+    options: &WalOptions,
+    salt: u64,
+    first: u64,
+    records: &[RecordRef<'_>],
+    out: &mut Vec<u8>,
+) -> Result<(), WalError> {
+    out.clear();
+    let mut start = 0;
+    while start < records.len() {
+        let mut end = start + 1;
+        let mut raw = records[start].payload.len();
+        while end < records.len() && raw + records[end].payload.len() <= options.max_frame_bytes {
+            raw += records[end].payload.len();
+            end += 1;
+        }
+        encode_frame(
+            salt,
+            first + start as u64,
+            &records[start..end],
+            options.compression,
+            options.zstd_level,
+            out,
+        )?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// See the module documentation.
+pub struct WalWriter {
+    shared: Arc<Shared>,
+    options: WalOptions,
+    /// The segment being appended to; None until the first append of a brand
+    /// new log (or after recovery removed an empty leftover).
+    active: Option<ActiveFile>,
+    next_seq: u64,
+    durable_seq: u64,
+    failed: Option<String>,
+    buf: Vec<u8>,
+}
+
+struct ActiveFile {
+    file: Box<dyn WritableFile>,
+    path: PathBuf,
+    first_seq: u64,
+    /// Bytes written (durable or not).
+    len: u64,
+    /// True once something was appended since the last sync.
+    dirty: bool,
+    /// Bytes of the segment header: a segment holding only this is empty.
+    header_len: u64,
+}
+
+impl WalWriter {
+    pub(super) fn open(
+        shared: Arc<Shared>,
+        active: Option<Active>,
+        next_seq: u64,
+        options: WalOptions,
+    ) -> Result<Self, WalError> {
+        let active = match active {
+            Some(a) => {
+                let file = shared
+                    .storage
+                    .open_append(&a.path)
+                    .map_err(|e| WalError::io("open segment", &a.path, e))?;
+                shared.segments_mut().insert(
+                    a.first_seq,
+                    SegmentMeta {
+                        first_seq: a.first_seq,
+                        path: a.path.clone(),
+                        len: a.len,
+                        sealed: false,
+                        unreadable: None,
+                    },
+                );
+                Some(ActiveFile {
+                    file,
+                    path: a.path,
+                    first_seq: a.first_seq,
+                    len: a.len,
+                    dirty: false,
+                    header_len: wal_format::SEGMENT_HEADER_LEN as u64,
+                })
+            }
+            None => None,
+        };
+        Ok(Self {
+            shared,
+            options,
+            active,
+            next_seq,
+            durable_seq: next_seq,
+            failed: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The sequence number the next appended record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// One past the last durable record.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// Why the writer stopped, if it did.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Appends `records` (not yet durable: call [`Self::sync`]) and returns the
+    /// sequence numbers they got.
+    ///
+    /// # Errors
+    /// [`WalError::WriterFailed`] after a fatal error; [`WalError::NoSpace`]
+    /// when the disk is full (nothing of this batch stays in the log);
+    /// [`WalError::Encode`] for a record over the size limit;
+    /// [`WalError::SyncFailed`] if rolling to a new segment failed to fsync.
+    pub fn append(&mut self, records: &[RecordRef<'_>]) -> Result<std::ops::Range<u64>, WalError> {
+        if let Some(cause) = &self.failed {
+            return Err(WalError::WriterFailed {
+                cause: cause.clone(),
+            });
+        }
+        if records.is_empty() {
+            return Ok(self.next_seq..self.next_seq);
+        }
+        let first = self.next_seq;
+        // Decide on a roll before encoding, from an upper bound of the batch's
+        // size, because a frame's checksum is salted with the first sequence
+        // number of the segment it lands in.
+        let estimate: u64 = records
+            .iter()
+            .map(|r| r.payload.len() as u64 + RECORD_OVERHEAD)
+            .sum();
+        let needs_roll = match &self.active {
+            None => true,
+            Some(a) => a.len > a.header_len && a.len + estimate > self.options.segment_bytes,
+        };
+        if needs_roll {
+            self.roll(first).map_err(|e| self.fail_if_fatal(e))?;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return Err(WalError::WriterFailed {
+                cause: "no active segment".into(),
+            });
+        };
+        encode_frames(
+            &self.options,
+            active.first_seq,
+            first,
+            records,
+            &mut self.buf,
+        )?;
+        if let Err(e) = active.file.append(&self.buf) {
+            let err = WalError::write(&active.path, e);
+            // All or nothing: cut back whatever part of the batch landed.
+            if let Err(e) = active.file.set_len(active.len) {
+                let fatal = WalError::io("truncate after failed write", &active.path, e);
+                self.failed = Some(fatal.to_string());
+                return Err(fatal);
+            }
+            return Err(err);
+        }
+        active.len += self.buf.len() as u64;
+        active.dirty = true;
+        self.next_seq = first + records.len() as u64;
+        Ok(first..self.next_seq)
+    }
+
+    /// Seals the active segment (making it durable) and starts a new one
+    /// whose first record will be `first_seq`.
+    fn roll(&mut self, first_seq: u64) -> Result<(), WalError> {
+        if let Some(mut old) = self.active.take() {
+            if old.dirty {
+                old.file.sync_data().map_err(|e| WalError::SyncFailed {
+                    path: old.path.clone(),
+                    source: e,
+                })?;
+            }
+            if let Some(meta) = self.shared.segments_mut().get_mut(&old.first_seq) {
+                meta.sealed = true;
+                meta.len = old.len;
+            }
+            // Nothing appended before this roll can be lost any more, but
+            // readers learn of it only at the next sync, which is when the
+            // appender learns it too.
+        }
+        let (file, path, len) =
+            create_segment(self.shared.storage.as_ref(), &self.shared.dir, first_seq)?;
+        self.shared.segments_mut().insert(
+            first_seq,
+            SegmentMeta {
+                first_seq,
+                path: path.clone(),
+                len,
+                sealed: false,
+                unreadable: None,
+            },
+        );
+        self.active = Some(ActiveFile {
+            file,
+            path,
+            first_seq,
+            len,
+            dirty: false,
+            header_len: len,
+        });
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable, publishes it to readers and
+    /// returns the new durable end.
+    ///
+    /// # Errors
+    /// [`WalError::SyncFailed`] (and from then on the writer refuses every
+    /// append with [`WalError::WriterFailed`]).
+    pub fn sync(&mut self) -> Result<u64, WalError> {
+        if let Some(cause) = &self.failed {
+            return Err(WalError::WriterFailed {
+                cause: cause.clone(),
+            });
+        }
+        if let Some(active) = self.active.as_mut() {
+            if active.dirty {
+                if let Err(e) = active.file.sync_data() {
+                    let err = WalError::SyncFailed {
+                        path: active.path.clone(),
+                        source: e,
+                    };
+                    self.failed = Some(err.to_string());
+                    return Err(err);
+                }
+                active.dirty = false;
+            }
+            if let Some(meta) = self.shared.segments_mut().get_mut(&active.first_seq) {
+                meta.len = active.len;
+            }
+        }
+        self.durable_seq = self.next_seq;
+        // Lengths first, then the durable end: a reader that sees the new end
+        // is sure to see the bytes behind it.
+        self.shared.durable.send_replace(Durable {
+            end_seq: self.durable_seq,
+        });
+        Ok(self.durable_seq)
+    }
+
+    fn fail_if_fatal(&mut self, e: WalError) -> WalError {
+        if matches!(e, WalError::SyncFailed { .. }) {
+            self.failed = Some(e.to_string());
+        }
+        e
+    }
+}
