@@ -145,21 +145,20 @@ impl WalReader {
                 }
             }
         };
-        if let Some(reason) = &seg.unreadable {
-            let to = successor.unwrap_or(durable_end);
-            let item = ReadItem::Gap(Gap {
-                from: self.next_seq,
-                to,
-                file: Some(seg.path.clone()),
-                offset: Some(0),
-                reason: reason.clone(),
-                error_code: "bad_segment_header",
-            });
-            self.next_seq = to;
-            self.cursor = None;
-            return Ok(Some(item));
-        }
         let reuse = matches!(&self.cursor, Some((first, _)) if *first == seg.first_seq);
+        if let (false, Some(reason)) = (reuse, &seg.unreadable) {
+            // The header is damaged, but frames carry their own checksums,
+            // salted with the first sequence number the file name gives:
+            // whatever frames are intact are still read.
+            if self.damage.is_none() {
+                self.damage = Some(PendingDamage {
+                    file: seg.path.clone(),
+                    offset: 0,
+                    reason: reason.clone(),
+                    error_code: "bad_segment_header",
+                });
+            }
+        }
         if !reuse {
             let mut c = SegmentCursor::open(
                 self.shared.storage.as_ref(),

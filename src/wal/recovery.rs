@@ -31,6 +31,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use wal_format::{parse_segment_file_name, segment_file_name, SegmentHeader, FORMAT_VERSION};
 
+
 use super::env::Storage;
 use super::segment::{read_header, Scan, SegmentCursor};
 use super::writer::WalWriter;
@@ -97,7 +98,7 @@ pub fn open(
     }
     let (active, next_seq) = match last {
         Some((first_seq, name)) => {
-            recover_last(storage.as_ref(), dir, first_seq, &name, &mut report)?
+            recover_last(storage.as_ref(), dir, first_seq, &name, &mut report, &mut segments)?
         }
         None => (None, options.initial_seq),
     };
@@ -248,6 +249,9 @@ pub(super) struct Active {
     pub first_seq: u64,
     pub path: PathBuf,
     pub len: u64,
+    /// Damage was found inside it: seal it and append to a new segment, so
+    /// the damaged file is never written again.
+    pub seal: bool,
 }
 
 /// Scans the last segment in full, cuts a torn tail, and returns it as the
@@ -258,6 +262,7 @@ fn recover_last(
     first_seq: u64,
     name: &str,
     report: &mut RecoveryReport,
+    sealed: &mut BTreeMap<u64, SegmentMeta>,
 ) -> Result<(Option<Active>, u64), WalError> {
     let path = dir.join(name);
     let file = storage
@@ -266,19 +271,29 @@ fn recover_last(
     let len = file
         .len()
         .map_err(|e| WalError::io("stat segment", &path, e))?;
-    match read_header(file.as_ref(), &path) {
-        Ok(h) if h.first_seq == first_seq && h.version == FORMAT_VERSION => {}
-        Ok(h) if h.first_seq != first_seq => {
+    let header = read_header(file.as_ref(), &path);
+    drop(file);
+    let reason = match header {
+        Ok(h) if h.first_seq == first_seq => None,
+        Ok(h) => Some(format!(
+            "header says first sequence {} but the file name says {first_seq}",
+            h.first_seq
+        )),
+        Err(WalError::BadSegmentHeader { reason, .. })
+            if reason.contains("version") && len > wal_format::SEGMENT_HEADER_LEN as u64 =>
+        {
+            // Written by a newer walrelay: never append to or repair it.
             return Err(WalError::BadDirectory {
                 path,
                 reason: format!(
-                    "segment header says first sequence {} but the file name says {first_seq}; \
-                     move the file aside (walrelay wal repair) before starting",
-                    h.first_seq
+                    "{reason}; this log was written by a newer walrelay, run that version"
                 ),
-            })
+            });
         }
-        Ok(_) | Err(_) if len <= wal_format::SEGMENT_HEADER_LEN as u64 => {
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(reason) = reason {
+        if len <= wal_format::SEGMENT_HEADER_LEN as u64 {
             // Crash point 2: created but the header never became durable.
             // Nothing after a header can have been acknowledged.
             storage
@@ -290,21 +305,40 @@ fn recover_last(
             report.removed.push(path);
             return Ok((None, first_seq));
         }
-        Ok(_) | Err(_) => {
-            let reason = match read_header(file.as_ref(), &path) {
-                Err(e) => e.to_string(),
-                Ok(h) => format!("unsupported format version {}", h.version),
-            };
-            return Err(WalError::BadDirectory {
-                path,
-                reason: format!(
-                    "the newest segment's header is damaged ({reason}); move the file aside \
-                     (walrelay wal repair) before starting"
-                ),
-            });
+        // Crash point 5 on the newest segment: keep it as a sealed, damaged
+        // segment whose intact frames readers still read (salted with the
+        // file name's sequence), and continue in a new segment after them.
+        report.damage.push(Damage {
+            file: path.clone(),
+            offset: 0,
+            reason: reason.clone(),
+        });
+        let meta = SegmentMeta {
+            first_seq,
+            path,
+            len,
+            sealed: true,
+            unreadable: Some(reason),
+        };
+        let mut scratch = RecoveryReport::default();
+        let (end, _) = scan_tail(storage, &meta, &mut scratch)?;
+        report.damage.extend(scratch.damage);
+        if end == first_seq {
+            // Nothing intact in it, and the next segment would take its
+            // name: move it aside (never delete what might be evidence).
+            let aside = meta.path.with_extension("wal.damaged");
+            storage
+                .rename(&meta.path, &aside)
+                .map_err(|e| WalError::io("move damaged segment aside", &meta.path, e))?;
+            storage
+                .sync_dir(dir)
+                .map_err(|e| WalError::io("sync directory", dir, e))?;
+            report.removed.push(aside);
+            return Ok((None, end));
         }
+        sealed.insert(first_seq, meta);
+        return Ok((None, end));
     }
-    drop(file);
 
     let mut cursor = SegmentCursor::open(storage, &path, first_seq, len)?;
     let mut next_seq = first_seq;
@@ -344,11 +378,13 @@ fn recover_last(
                         bytes_removed: len - good_end,
                         reason: format!("{kind} at offset {offset}: {reason}"),
                     });
+                    let seal = report.damage.iter().any(|d| d.file == path);
                     return Ok((
                         Some(Active {
                             first_seq,
                             path,
                             len: good_end,
+                            seal,
                         }),
                         next_seq,
                     ));
@@ -363,11 +399,13 @@ fn recover_last(
             Scan::End => break,
         }
     }
+    let seal = report.damage.iter().any(|d| d.file == path);
     Ok((
         Some(Active {
             first_seq,
             path,
             len: good_end,
+            seal,
         }),
         next_seq,
     ))

@@ -376,3 +376,50 @@ fn unsynced_records_are_invisible_to_readers() {
     w.sync().unwrap();
     assert_eq!(read_all(&wal, 0).len(), 1);
 }
+
+#[test]
+fn a_damaged_newest_header_is_reported_and_its_frames_still_read() {
+    let storage = SimStorage::new();
+    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
+    for i in 0..3u64 {
+        append(&mut w, &[payload(i, 100)]);
+        w.sync().unwrap();
+    }
+    drop(w);
+    let seg = dir().join(wal_format::segment_file_name(0));
+    storage.flip_bit(&seg, 3, 1);
+    let (mut w, wal, report) = open_sim(&storage, small_options(Compression::None));
+    assert_eq!(report.damage.len(), 1, "{report:?}");
+    assert_eq!(report.next_seq, 3);
+    append(&mut w, &[payload(3, 100)]);
+    w.sync().unwrap();
+    let items = read_all(&wal, 0);
+    let records: Vec<u64> = items
+        .iter()
+        .filter_map(|i| match i {
+            ReadItem::Record(r) => Some(r.seq),
+            ReadItem::Gap(_) => None,
+        })
+        .collect();
+    assert_eq!(records, vec![0, 1, 2, 3]);
+    assert!(items.iter().any(|i| matches!(i, ReadItem::Gap(g) if g.offset == Some(0) && g.from == g.to)));
+}
+
+#[test]
+fn damage_in_the_newest_segment_seals_it_and_appends_go_to_a_new_one() {
+    let storage = SimStorage::new();
+    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
+    for i in 0..3u64 {
+        append(&mut w, &[payload(i, 200)]);
+        w.sync().unwrap();
+    }
+    drop(w);
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let second = wal_format::SEGMENT_HEADER_LEN + (wal_format::FRAME_HEADER_LEN + 36 + 200) + 60;
+    storage.flip_bit(&seg, second, 3);
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    append(&mut w, &[payload(3, 10)]);
+    w.sync().unwrap();
+    assert_eq!(wal.segments().len(), 2, "a new segment after the damaged one");
+    assert_eq!(storage.file_len(&seg).unwrap(), wal.segments()[0].len as usize);
+}

@@ -82,6 +82,8 @@ struct ActiveFile {
     dirty: bool,
     /// Bytes of the segment header: a segment holding only this is empty.
     header_len: u64,
+    /// Roll before the next append (recovery found damage in this segment).
+    seal: bool,
 }
 
 impl WalWriter {
@@ -114,6 +116,7 @@ impl WalWriter {
                     len: a.len,
                     dirty: false,
                     header_len: wal_format::SEGMENT_HEADER_LEN as u64,
+                    seal: a.seal,
                 })
             }
             None => None,
@@ -171,7 +174,9 @@ impl WalWriter {
             .sum();
         let needs_roll = match &self.active {
             None => true,
-            Some(a) => a.len > a.header_len && a.len + estimate > self.options.segment_bytes,
+            Some(a) => {
+                a.seal || (a.len > a.header_len && a.len + estimate > self.options.segment_bytes)
+            }
         };
         if needs_roll {
             self.roll(first).map_err(|e| self.fail_if_fatal(e))?;
@@ -241,6 +246,7 @@ impl WalWriter {
             len,
             dirty: false,
             header_len: len,
+            seal: false,
         });
         Ok(())
     }

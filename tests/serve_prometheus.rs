@@ -1,0 +1,146 @@
+//! `walrelay serve` against real Prometheus 2.42 replicas (Debian package):
+//! the delivery contract, replica and relay crashes, a real Prometheus as the
+//! sender, and bad input. Each test starts its own processes on free ports in
+//! temp dirs and kills them by pid when it ends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use chaos_tests::load::{Load, LoadSpec};
+use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
+use chaos_tests::relay::Relay;
+use chaos_tests::verify::verify;
+
+const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
+
+async fn relay(dir: &std::path::Path, replicas: &[(&str, &str)], extra: &[&str]) -> Relay {
+    Relay::start_with_bin(BIN, dir, replicas, extra)
+        .await
+        .expect("walrelay starts")
+}
+
+/// Waits until every replica's lag is zero.
+async fn drained(relay: &Relay, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let status = relay.status().await.unwrap();
+        let lags: Vec<u64> = status["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["lag_records"].as_u64().unwrap())
+            .collect();
+        if lags.iter().all(|&l| l == 0) {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "replicas did not catch up within {timeout:?}: {status:#}\n{}",
+            relay.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn spec(workers: u32, series: u32, secs: u64) -> LoadSpec {
+    LoadSpec {
+        workers,
+        series_per_worker: series,
+        duration: Some(Duration::from_secs(secs)),
+        interval: Duration::from_millis(20),
+        ..LoadSpec::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_replicas_hold_every_acknowledged_sample() {
+    let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let b = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let r = relay(
+        dir.path(),
+        &[("a", &a.write_url()), ("b", &b.write_url())],
+        &[],
+    )
+    .await;
+    let ack = Load::run(spec(4, 50, 5), &r.write_url()).await.unwrap();
+    assert!(ack.acked_samples() > 1000, "load ran: {:?}", ack.summary());
+    drained(&r, Duration::from_secs(60)).await;
+    for p in [&a, &b] {
+        let v = verify(p, &ack).await.unwrap();
+        eprintln!("{v}");
+        v.assert_lossless();
+        assert_eq!(v.delivered, v.acknowledged);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_gets_everything_after_its_restart() {
+    let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let mut b = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments, so the outage spans several of them.
+    let r = relay(
+        dir.path(),
+        &[("a", &a.write_url()), ("b", &b.write_url())],
+        &["--segment-bytes", "64KiB", "--retry-max-backoff", "1s"],
+    )
+    .await;
+    let load = Load::start(spec(4, 50, 12), &r.write_url()).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    b.kill().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Replica a is unaffected while b is down: its lag stays small.
+    let status = r.status().await.unwrap();
+    let lag = |name: &str| {
+        status["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap()["lag_records"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(lag("b") > 20, "b falls behind while down: {status:#}");
+    assert!(lag("a") < lag("b"), "a keeps up: {status:#}");
+    b.restart().await.unwrap();
+    let ack = load.join().await.unwrap();
+    drained(&r, Duration::from_secs(90)).await;
+    for p in [&a, &b] {
+        let v = verify(p, &ack).await.unwrap();
+        eprintln!("{v}");
+        v.assert_lossless();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_sigkilled_repeatedly_under_load_loses_nothing_acknowledged() {
+    let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let b = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = relay(
+        dir.path(),
+        &[("a", &a.write_url()), ("b", &b.write_url())],
+        &["--segment-bytes", "128KiB", "--retry-max-backoff", "1s"],
+    )
+    .await;
+    let load = Load::start(spec(4, 40, 30), &r.write_url()).unwrap();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..6 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(800 + seed % 1500)).await;
+        r.sigkill().unwrap();
+        r.restart().await.unwrap();
+    }
+    let ack = load.join().await.unwrap();
+    assert!(ack.acked_samples() > 1000, "{:?}", ack.summary());
+    drained(&r, Duration::from_secs(90)).await;
+    for p in [&a, &b] {
+        let v = verify(p, &ack).await.unwrap();
+        eprintln!("{v}");
+        v.assert_lossless();
+    }
+}
