@@ -234,6 +234,7 @@ fn commit_batch(
             have = wal.extent().bytes;
         }
         if have + bytes as u64 > budget.max_disk_bytes {
+            free_fully_delivered(writer, retention);
             return Err(CommitError::BudgetFull {
                 budget: budget.max_disk_bytes,
             });
@@ -253,6 +254,7 @@ fn commit_batch(
             // Free what replicas no longer need, so the sender's retry can
             // succeed; the batch itself is refused either way.
             retention.collect_delivered();
+            free_fully_delivered(writer, retention);
             return Err(e.into());
         }
         Err(e) => return Err(e.into()),
@@ -264,4 +266,19 @@ fn commit_batch(
     metrics::histogram!("walrelay_wal_group_commit_requests").record(batch.len() as f64);
     metrics::counter!("walrelay_wal_appended_bytes_total").increment(bytes as u64);
     Ok(range.start)
+}
+
+/// When every replica has everything, the only thing left on disk may be the
+/// active segment, which retention never deletes: seal it so it can go.
+fn free_fully_delivered(writer: &mut WalWriter, retention: &Retention) {
+    if retention.min_delivered() < writer.durable_seq() {
+        return;
+    }
+    match writer.seal_active() {
+        Ok(true) => {
+            retention.collect_delivered();
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot seal the active segment to free space"),
+    }
 }

@@ -66,6 +66,11 @@ impl Retention {
         }
     }
 
+    /// Forgets the tombstones of records every replica has passed.
+    pub fn prune_tombstones(&self) {
+        self.wal.prune_tombstones(self.min_delivered());
+    }
+
     /// Deletes the oldest sealed segment even if replicas still need it, and
     /// accounts the loss per replica. Returns false when nothing could go.
     pub fn drop_oldest(&self, reason: &'static str) -> bool {
@@ -115,57 +120,51 @@ impl Retention {
         }
     }
 
-    /// Logs and counts, per replica, the records and samples of `victim`
-    /// that replica has not yet been sent.
+    /// Leaves a tombstone with the samples of every record of `victim`, so
+    /// each replica's reader accounts exactly what it loses (a reader already
+    /// inside the segment keeps reading it through its open file and loses
+    /// nothing), and logs which replicas will lose which range.
     fn account_loss(&self, victim: &SegmentMeta, next_first: u64, reason: &'static str) {
-        let replicas = self.replicas();
-        let lagging: Vec<_> = replicas
-            .iter()
-            .filter(|r| r.delivered() < next_first)
-            .collect();
-        if lagging.is_empty() {
-            return;
-        }
-        for r in lagging {
-            let from = r.delivered().max(victim.first_seq);
-            let samples = self.samples_from(victim, from);
-            tracing::error!(
-                replica = %r.name,
-                from_seq = from,
-                to_seq = next_first,
-                samples,
-                reason,
-                segment = %victim.path.display(),
-                "dropping records the replica has not received"
-            );
-            metrics::counter!("walrelay_replica_dropped_samples_total", "replica" => r.name.clone(), "reason" => reason)
-                .increment(samples);
-            metrics::counter!("walrelay_replica_dropped_records_total", "replica" => r.name.clone(), "reason" => reason)
-                .increment(next_first - from);
-            r.add_dropped(next_first - from, samples);
+        let samples = self.samples_of(victim, next_first);
+        self.wal.add_tombstone(victim.first_seq, samples, reason);
+        for r in self.replicas() {
+            if r.delivered() < next_first {
+                tracing::error!(
+                    replica = %r.name,
+                    from_seq = r.delivered().max(victim.first_seq),
+                    to_seq = next_first,
+                    reason,
+                    segment = %victim.path.display(),
+                    "deleting records the replica has not received"
+                );
+            }
         }
     }
 
-    /// Samples in the records of `victim` from sequence `from` on.
-    fn samples_from(&self, victim: &SegmentMeta, from: u64) -> u64 {
+    /// The samples of each record of `victim` (0 for records it cannot read).
+    fn samples_of(&self, victim: &SegmentMeta, end: u64) -> Vec<u32> {
+        let mut out = vec![0u32; end.saturating_sub(victim.first_seq) as usize];
         let storage = self.wal.storage();
         let Ok(mut c) =
             SegmentCursor::open(storage.as_ref(), &victim.path, victim.first_seq, victim.len)
         else {
-            return 0;
+            return out;
         };
-        let mut total = 0u64;
         loop {
             match c.next() {
                 Ok(Scan::Frame { records, .. }) => {
-                    total += records
-                        .iter()
-                        .filter(|r| r.seq >= from)
-                        .map(|r| u64::from(r.meta.samples))
-                        .sum::<u64>();
+                    for r in records {
+                        if let Some(slot) = r
+                            .seq
+                            .checked_sub(victim.first_seq)
+                            .and_then(|i| out.get_mut(i as usize))
+                        {
+                            *slot = r.meta.samples;
+                        }
+                    }
                 }
                 Ok(Scan::Damage { .. }) => {}
-                Ok(Scan::End) | Err(_) => return total,
+                Ok(Scan::End) | Err(_) => return out,
             }
         }
     }

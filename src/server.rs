@@ -78,14 +78,28 @@ pub async fn run(
     let checkpoints = Checkpoints::open(&config.data_dir.join("checkpoints"))?;
 
     let retention = Arc::new(Retention::new(wal.clone(), config.retention));
+    // Each replica's position is loaded (or set, for a new replica) before
+    // retention or the commit thread start: retention must never see a
+    // position the replica does not really have.
     let mut replicas = Vec::new();
+    let extent = wal.extent();
     for r in &config.replicas {
-        replicas.push(Arc::new(ReplicaState::new(
-            &r.name,
-            &r.url,
-            wal.durable_end(),
-        )));
+        let cursor = checkpoints.cursor(&r.name)?;
+        let delivered = match cursor.delivered {
+            Some(d) => d,
+            None => {
+                let start = match config.new_replica_start {
+                    crate::config::StartAt::Head => extent.end_seq,
+                    crate::config::StartAt::Oldest => extent.first_seq,
+                };
+                checkpoints.set(&r.name, start)?;
+                tracing::info!(replica = %r.name, start, "new replica: starting position set");
+                start
+            }
+        };
+        replicas.push(Arc::new(ReplicaState::new(&r.name, &r.url, delivered)));
     }
+    retention.set_replicas(replicas.clone());
     for stale in checkpoints.replicas()? {
         if !config.replicas.iter().any(|r| r.name == stale) {
             tracing::info!(replica = %stale, "replica no longer configured; its checkpoint is kept but no longer holds back deletion");
@@ -132,8 +146,6 @@ pub async fn run(
         );
         shipper_tasks.push(tokio::spawn(shipper.run(shippers_stop.clone())));
     }
-    // Retention reads the shippers' positions, which startup may have moved.
-    retention.set_replicas(replicas.clone());
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&retention),
         wal.clone(),
@@ -239,6 +251,7 @@ async fn housekeeping(
         let _ = tokio::task::spawn_blocking(move || {
             r.collect_delivered();
             r.enforce_age();
+            r.prune_tombstones();
         })
         .await;
         let extent = wal.extent();

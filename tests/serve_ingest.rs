@@ -43,11 +43,7 @@ fn body(req: &WriteRequest) -> Vec<u8> {
     snappy_compress(&req.encode_to_vec())
 }
 
-async fn post(
-    url: &str,
-    body: Vec<u8>,
-    headers: &[(&str, &str)],
-) -> (u16, String, Option<String>) {
+async fn post(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, String, Option<String>) {
     let client = reqwest::Client::new();
     let mut rb = client.post(url).body(body);
     for (k, v) in headers {
@@ -68,7 +64,9 @@ const V1: &[(&str, &str)] = &[
 ];
 
 async fn head_seq(r: &Relay) -> u64 {
-    r.status().await.unwrap()["wal"]["head_seq"].as_u64().unwrap()
+    r.status().await.unwrap()["wal"]["head_seq"]
+        .as_u64()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +121,13 @@ async fn each_bad_input_gets_its_status_and_stores_nothing() {
             401,
             "token",
         ),
-        ("not snappy", b"definitely not snappy".to_vec(), with_auth(V1), 400, "snappy"),
+        (
+            "not snappy",
+            b"definitely not snappy".to_vec(),
+            with_auth(V1),
+            400,
+            "snappy",
+        ),
         (
             "truncated protobuf",
             snappy_compress(&truncated),
@@ -131,7 +135,13 @@ async fn each_bad_input_gets_its_status_and_stores_nothing() {
             400,
             "",
         ),
-        ("missing __name__", body(&no_name), with_auth(V1), 400, "__name__"),
+        (
+            "missing __name__",
+            body(&no_name),
+            with_auth(V1),
+            400,
+            "__name__",
+        ),
         ("decompression bomb", bomb, with_auth(V1), 413, ""),
         (
             "body over the limit",
@@ -177,7 +187,9 @@ async fn each_bad_input_gets_its_status_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_on_the_same_data_dir_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let _first = Relay::start_with_bin(BIN, dir.path(), &[], &[]).await.unwrap();
+    let _first = Relay::start_with_bin(BIN, dir.path(), &[], &[])
+        .await
+        .unwrap();
     let out = std::process::Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
@@ -201,10 +213,21 @@ async fn sigterm_finishes_and_exits_zero_and_a_restart_resumes() {
     }
     let started = Instant::now();
     let status = r.stop(Duration::from_secs(20)).await.unwrap();
-    assert!(status.success(), "exit status {status:?}: {}", r.log_tail(20));
-    assert!(started.elapsed() < Duration::from_secs(10), "stops well within a grace period");
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        r.log_tail(20)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stops well within a grace period"
+    );
     r.restart().await.unwrap();
-    assert_eq!(head_seq(&r).await, 5, "everything acknowledged is still there");
+    assert_eq!(
+        head_seq(&r).await,
+        5,
+        "everything acknowledged is still there"
+    );
     let st = r.status().await.unwrap();
     assert_eq!(st["recovery"]["truncated"], serde_json::Value::Null);
 }
@@ -233,7 +256,12 @@ async fn disk_budget_answers_429_with_retry_after_and_recovers_when_the_replica_
     let mut refused = None;
     let mut accepted = 0;
     for i in 0..400 {
-        let (s, text, ra) = post(&r.write_url(), body(&request(&format!("budget_{i}"), 1000)), V1).await;
+        let (s, text, ra) = post(
+            &r.write_url(),
+            body(&request(&format!("budget_{i}"), 1000)),
+            V1,
+        )
+        .await;
         match s {
             204 => accepted += 1,
             429 => {
@@ -255,7 +283,10 @@ async fn disk_budget_answers_429_with_retry_after_and_recovers_when_the_replica_
         if s == 204 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "ingest did not resume");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "ingest did not resume"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Everything accepted before the refusal reached the replica.
@@ -276,14 +307,11 @@ async fn a_real_prometheus_sender_and_the_replica_hold_the_same_samples() {
         .await
         .unwrap();
     let node_port = chaos_tests::ports::free_port();
-    let node = chaos_tests::process::Proc::spawn(
-        "node-exporter",
-        {
-            let mut c = std::process::Command::new(chaos_tests::tools::NODE_EXPORTER.path().unwrap());
-            c.arg(format!("--web.listen-address=127.0.0.1:{node_port}"));
-            c
-        },
-    )
+    let node = chaos_tests::process::Proc::spawn("node-exporter", {
+        let mut c = std::process::Command::new(chaos_tests::tools::NODE_EXPORTER.path().unwrap());
+        c.arg(format!("--web.listen-address=127.0.0.1:{node_port}"));
+        c
+    })
     .unwrap();
     chaos_tests::ports::wait_for_tcp(format!("127.0.0.1:{node_port}"), Duration::from_secs(10))
         .await
@@ -310,7 +338,10 @@ async fn a_real_prometheus_sender_and_the_replica_hold_the_same_samples() {
         if v.is_some() {
             break;
         }
-        assert!(waited.elapsed() < Duration::from_secs(60), "replica never caught up");
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "replica never caught up"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for selector in ["{job=\"node\"}", "{job=\"walrelay\"}"] {
@@ -319,14 +350,86 @@ async fn a_real_prometheus_sender_and_the_replica_hold_the_same_samples() {
         assert!(want.len() > 10, "{selector}: the sender scraped series");
         let total: usize = want.values().map(Vec::len).sum();
         for (series, samples) in &want {
-            let theirs = got.get(series).unwrap_or_else(|| panic!("replica lacks {series}"));
+            let theirs = got
+                .get(series)
+                .unwrap_or_else(|| panic!("replica lacks {series}"));
             let same = samples.len() == theirs.len()
-                && samples.iter().zip(theirs).all(|(a, b)| {
-                    a.0 == b.0 && (a.1 == b.1 || (a.1.is_nan() && b.1.is_nan()))
-                });
+                && samples
+                    .iter()
+                    .zip(theirs)
+                    .all(|(a, b)| a.0 == b.0 && (a.1 == b.1 || (a.1.is_nan() && b.1.is_nan())));
             assert!(same, "{series}: sender {samples:?} replica {theirs:?}");
         }
-        eprintln!("{selector}: {} series, {total} samples identical", want.len());
+        eprintln!(
+            "{selector}: {} series, {total} samples identical",
+            want.len()
+        );
     }
     drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_accepting_and_accounts_every_dropped_sample() {
+    let mut prom = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start_with_bin(
+        BIN,
+        dir.path(),
+        &[("a", &prom.write_url())],
+        &[
+            "--max-disk-bytes",
+            "1MiB",
+            "--full-policy",
+            "drop-oldest",
+            "--compression",
+            "none",
+            "--retry-max-backoff",
+            "500ms",
+        ],
+    )
+    .await
+    .unwrap();
+    prom.stop().await.unwrap();
+    let total = 300;
+    for i in 0..total {
+        let (s, text, _) = post(
+            &r.write_url(),
+            body(&request(&format!("drop_{i}"), 500)),
+            V1,
+        )
+        .await;
+        assert_eq!(s, 204, "request {i}: {text}");
+    }
+    prom.restart().await.unwrap();
+    let started = Instant::now();
+    let status = loop {
+        let st = r.status().await.unwrap();
+        if st["replicas"][0]["lag_records"].as_u64() == Some(0) {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{st:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let dropped = status["replicas"][0]["dropped_samples"].as_u64().unwrap();
+    assert!(dropped > 0, "the budget forced drops: {status:#}");
+    let mut delivered = 0u64;
+    for i in 0..total {
+        if let Some(v) = prom
+            .query_value(&format!("count_over_time(drop_{i}[1h])"))
+            .await
+            .unwrap()
+        {
+            delivered += v as u64;
+        }
+    }
+    assert_eq!(
+        delivered + dropped,
+        (total * 500) as u64,
+        "every acknowledged sample was delivered or counted as dropped"
+    );
+    let metrics = r.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("walrelay_replica_dropped_samples_total"),
+        "{metrics}"
+    );
 }

@@ -129,14 +129,23 @@ fn every_record_reported_synced_survives_sigkill() {
             "round {round}: synced up to {synced} but recovery ends at {}",
             report.next_seq
         );
-        assert!(report.damage.is_empty(), "round {round}: {:?}", report.damage);
+        assert!(
+            report.damage.is_empty(),
+            "round {round}: {:?}",
+            report.damage
+        );
         let mut r = wal.reader(0);
         let mut expect = 0;
         while let Some(item) = r.try_next().unwrap() {
             match item {
                 ReadItem::Record(rec) => {
                     assert_eq!(rec.seq, expect);
-                    assert_eq!(rec.payload.as_ref(), payload(rec.seq).as_slice(), "record {}", rec.seq);
+                    assert_eq!(
+                        rec.payload.as_ref(),
+                        payload(rec.seq).as_slice(),
+                        "record {}",
+                        rec.seq
+                    );
                     expect += 1;
                 }
                 ReadItem::Gap(g) => panic!("round {round}: gap {g:?}"),

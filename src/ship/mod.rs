@@ -17,7 +17,7 @@
 //! is re-sent record by record so that only the records the replica refuses are
 //! counted as rejected and skipped.
 
-mod payload;
+pub mod payload;
 mod send;
 mod state;
 
@@ -112,7 +112,15 @@ impl Shipper {
                     tracing::warn!(replica = %self.state.name, from = g.from, to = g.to,
                         reason = %g.reason, file = ?g.file, offset = ?g.offset,
                         "records skipped: cannot be read from the log");
-                    self.state.add_skipped(g.to - g.from, g.error_code);
+                    if g.error_code == "retention" {
+                        let (samples, reason) = self.wal.dropped_in(g.from, g.to);
+                        match reason {
+                            Some(reason) => self.state.add_dropped(g.to - g.from, samples, reason),
+                            None => self.state.add_skipped(g.to - g.from, g.error_code),
+                        }
+                    } else {
+                        self.state.add_skipped(g.to - g.from, g.error_code);
+                    }
                     self.checkpoint(g.to).await;
                 }
                 Batch::Records(records) => self.deliver(records, false).await,

@@ -154,10 +154,16 @@ impl ReplicaState {
             .increment(records);
     }
 
-    /// Records and samples dropped by retention before this replica got them.
-    pub(crate) fn add_dropped(&self, records: u64, samples: u64) {
+    /// Records and samples deleted under a limit before this replica got them.
+    pub(crate) fn add_dropped(&self, records: u64, samples: u64, reason: &'static str) {
         self.dropped_records.fetch_add(records, Ordering::Relaxed);
         self.dropped_samples.fetch_add(samples, Ordering::Relaxed);
+        tracing::error!(replica = %self.name, records, samples, reason,
+            "records deleted before the replica received them");
+        metrics::counter!("walrelay_replica_dropped_records_total", "replica" => self.name.clone(), "reason" => reason)
+            .increment(records);
+        metrics::counter!("walrelay_replica_dropped_samples_total", "replica" => self.name.clone(), "reason" => reason)
+            .increment(samples);
     }
 
     /// A snapshot, given the log's durable end and a byte estimate of the lag.

@@ -164,12 +164,22 @@ pub struct Durable {
     pub end_seq: u64,
 }
 
+/// What a segment deleted under a limit held: the samples of each record,
+/// so that every reader that finds the records gone can account exactly the
+/// samples it lost.
+#[derive(Debug, Clone)]
+struct Tombstone {
+    samples: Vec<u32>,
+    reason: &'static str,
+}
+
 /// State shared by the writer, readers and retention.
 struct Shared {
     dir: PathBuf,
     storage: Arc<dyn Storage>,
     segments: RwLock<BTreeMap<u64, SegmentMeta>>,
     durable: watch::Sender<Durable>,
+    tombstones: std::sync::Mutex<BTreeMap<u64, Tombstone>>,
 }
 
 impl Shared {
@@ -178,6 +188,23 @@ impl Shared {
     }
     fn segments_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, SegmentMeta>> {
         self.segments.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn tombstones(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Tombstone>> {
+        self.tombstones.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn new(
+        dir: &Path,
+        storage: Arc<dyn Storage>,
+        segments: BTreeMap<u64, SegmentMeta>,
+        end_seq: u64,
+    ) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            storage,
+            segments: RwLock::new(segments),
+            durable: watch::Sender::new(Durable { end_seq }),
+            tombstones: std::sync::Mutex::new(BTreeMap::new()),
+        }
     }
 }
 
@@ -261,6 +288,43 @@ impl Wal {
         };
         self.remove_segments(&victims)?;
         Ok(victims)
+    }
+
+    /// Records that records `first..first + samples.len()` (with these
+    /// sample counts) are being deleted under a limit, before deleting them.
+    pub fn add_tombstone(&self, first: u64, samples: Vec<u32>, reason: &'static str) {
+        self.shared
+            .tombstones()
+            .insert(first, Tombstone { samples, reason });
+    }
+
+    /// The samples of records `from..to` that were deleted under a limit,
+    /// and the limit's reason (None when no tombstone covers the range).
+    pub fn dropped_in(&self, from: u64, to: u64) -> (u64, Option<&'static str>) {
+        let t = self.shared.tombstones();
+        let mut samples = 0u64;
+        let mut reason = None;
+        for (&first, stone) in t.range(..to) {
+            let end = first + stone.samples.len() as u64;
+            if end <= from {
+                continue;
+            }
+            let lo = from.max(first) - first;
+            let hi = to.min(end) - first;
+            samples += stone.samples[lo as usize..hi as usize]
+                .iter()
+                .map(|&n| u64::from(n))
+                .sum::<u64>();
+            reason = Some(stone.reason);
+        }
+        (samples, reason)
+    }
+
+    /// Forgets tombstones no reader can still need.
+    pub fn prune_tombstones(&self, below: u64) {
+        self.shared
+            .tombstones()
+            .retain(|&first, stone| first + stone.samples.len() as u64 > below);
     }
 
     /// Deletes the oldest sealed segment, whatever readers still need it

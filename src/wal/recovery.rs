@@ -26,16 +26,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use tokio::sync::watch;
 use wal_format::{parse_segment_file_name, segment_file_name, SegmentHeader, FORMAT_VERSION};
-
 
 use super::env::Storage;
 use super::segment::{read_header, Scan, SegmentCursor};
 use super::writer::WalWriter;
-use super::{Durable, SegmentMeta, Shared, Wal, WalError, WalOptions};
+use super::{SegmentMeta, Shared, Wal, WalError, WalOptions};
 
 /// Damage found at open.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -97,17 +95,17 @@ pub fn open(
         segments.insert(*first_seq, meta);
     }
     let (active, next_seq) = match last {
-        Some((first_seq, name)) => {
-            recover_last(storage.as_ref(), dir, first_seq, &name, &mut report, &mut segments)?
-        }
+        Some((first_seq, name)) => recover_last(
+            storage.as_ref(),
+            dir,
+            first_seq,
+            &name,
+            &mut report,
+            &mut segments,
+        )?,
         None => (None, options.initial_seq),
     };
-    let shared = Arc::new(Shared {
-        dir: dir.to_path_buf(),
-        storage: Arc::clone(&storage),
-        segments: RwLock::new(segments),
-        durable: watch::Sender::new(Durable { end_seq: next_seq }),
-    });
+    let shared = Arc::new(Shared::new(dir, Arc::clone(&storage), segments, next_seq));
     let writer = WalWriter::open(Arc::clone(&shared), active, next_seq, options)?;
     let wal = Wal { shared };
     let extent = wal.extent();
@@ -149,12 +147,7 @@ pub fn open_read_only(
         }
         segments.insert(*first_seq, meta);
     }
-    let shared = Arc::new(Shared {
-        dir: dir.to_path_buf(),
-        storage,
-        segments: RwLock::new(segments),
-        durable: watch::Sender::new(Durable { end_seq: next_seq }),
-    });
+    let shared = Arc::new(Shared::new(dir, storage, segments, next_seq));
     let wal = Wal { shared };
     let extent = wal.extent();
     report.segments = extent.segments;

@@ -402,7 +402,9 @@ fn a_damaged_newest_header_is_reported_and_its_frames_still_read() {
         })
         .collect();
     assert_eq!(records, vec![0, 1, 2, 3]);
-    assert!(items.iter().any(|i| matches!(i, ReadItem::Gap(g) if g.offset == Some(0) && g.from == g.to)));
+    assert!(items
+        .iter()
+        .any(|i| matches!(i, ReadItem::Gap(g) if g.offset == Some(0) && g.from == g.to)));
 }
 
 #[test]
@@ -420,6 +422,13 @@ fn damage_in_the_newest_segment_seals_it_and_appends_go_to_a_new_one() {
     let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
     append(&mut w, &[payload(3, 10)]);
     w.sync().unwrap();
-    assert_eq!(wal.segments().len(), 2, "a new segment after the damaged one");
-    assert_eq!(storage.file_len(&seg).unwrap(), wal.segments()[0].len as usize);
+    assert_eq!(
+        wal.segments().len(),
+        2,
+        "a new segment after the damaged one"
+    );
+    assert_eq!(
+        storage.file_len(&seg).unwrap(),
+        wal.segments()[0].len as usize
+    );
 }

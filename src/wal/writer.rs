@@ -251,6 +251,30 @@ impl WalWriter {
         Ok(())
     }
 
+    /// Seals the active segment if it holds any record, so that retention can
+    /// delete it once every replica has passed it (the active segment itself
+    /// is never deleted). Used when the disk or the budget is full and every
+    /// replica already has everything: without it a log that fits in one
+    /// segment could never free space. Returns whether it rolled.
+    ///
+    /// # Errors
+    /// As for a roll: [`WalError::NoSpace`] creating the new segment (the
+    /// next append retries), [`WalError::SyncFailed`] (fatal).
+    pub fn seal_active(&mut self) -> Result<bool, WalError> {
+        if let Some(cause) = &self.failed {
+            return Err(WalError::WriterFailed {
+                cause: cause.clone(),
+            });
+        }
+        match &self.active {
+            Some(a) if a.len > a.header_len => {}
+            _ => return Ok(false),
+        }
+        let next = self.next_seq;
+        self.roll(next).map_err(|e| self.fail_if_fatal(e))?;
+        Ok(true)
+    }
+
     /// Makes everything appended so far durable, publishes it to readers and
     /// returns the new durable end.
     ///
