@@ -151,7 +151,7 @@ impl Retention {
             return out;
         };
         loop {
-            match c.next() {
+            match c.read_next() {
                 Ok(Scan::Frame { records, .. }) => {
                     for r in records {
                         if let Some(slot) = r

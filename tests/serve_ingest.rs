@@ -112,7 +112,9 @@ async fn each_bad_input_gets_its_status_and_stores_nothing() {
     bomb.extend_from_slice(&[0u8; 32]);
     let mut truncated = request("t", 50).encode_to_vec();
     truncated.truncate(truncated.len() / 2);
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, u16, &str)> = vec![
+    // (what, body, headers, expected status, a word the reason must contain)
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("no token", good.clone(), V1.to_vec(), 401, "token"),
         (
             "wrong token",

@@ -593,7 +593,7 @@ pub(crate) fn check_refs(
     field: &'static str,
     refs: &[u32],
 ) -> Result<(), DecodeError> {
-    if refs.len() % 2 != 0 {
+    if !refs.len().is_multiple_of(2) {
         return Err(DecodeError::OddLabelRefs {
             series,
             field,

@@ -1,4 +1,22 @@
 //! The command line: `walrelay serve` and the operator commands.
+//!
+//! The operator commands work on the data dir of a stopped relay, or on a
+//! copy of its volume: `wal inspect|verify|dump|replay` only read the log
+//! (replay writes nothing but its own state file), `wal repair` and
+//! `cursors set|reset` take the data dir's lock and refuse while a relay
+//! holds it. Each prints a table by default and JSON with `--json`; errors
+//! name the file and byte offset. Exit codes: 0 success (or a clean log),
+//! 1 failure or damage found, 2 usage errors.
+
+mod common;
+mod cursors;
+mod dump;
+mod inspect;
+mod matcher;
+mod repair;
+mod replay;
+mod scan;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -19,6 +37,29 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay: accept remote-write, log it durably, ship it to every replica.
     Serve(Box<ServeArgs>),
+    /// Inspect, verify, dump, replay or repair the write-ahead log.
+    #[command(subcommand)]
+    Wal(WalCommand),
+    /// Show or move the replicas' checkpoints (their positions in the log).
+    #[command(subcommand)]
+    Cursors(cursors::CursorsCommand),
+}
+
+/// `walrelay wal ...`
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Segments, records, sizes, time ranges, and each replica's position and lag.
+    Inspect(inspect::InspectArgs),
+    /// Read every record: checksums, payloads, sequence continuity. Exit 1 on damage.
+    Verify(verify::VerifyArgs),
+    /// Print records (metadata) or their decoded samples, selected by range or matcher.
+    Dump(Box<dump::DumpArgs>),
+    /// Send a range of the log to any remote-write URL, resumably. Exit 1 when
+    /// records were rejected or could not be read.
+    Replay(Box<replay::ReplayArgs>),
+    /// Cut a torn tail and move damaged segments or frames aside (never deletes).
+    /// Exit 0 when the log is clean afterwards.
+    Repair(repair::RepairArgs),
 }
 
 /// Parses the command line and runs the command. Exit codes: 0 success,
@@ -27,6 +68,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Wal(WalCommand::Inspect(args)) => common::finish(inspect::run(&args)),
+        Command::Wal(WalCommand::Verify(args)) => common::finish(verify::run(&args)),
+        Command::Wal(WalCommand::Dump(args)) => common::finish(dump::run(&args)),
+        Command::Wal(WalCommand::Replay(args)) => common::finish(replay::run(&args)),
+        Command::Wal(WalCommand::Repair(args)) => common::finish(repair::run(&args)),
+        Command::Cursors(cmd) => common::finish(cursors::run(&cmd)),
     }
 }
 

@@ -311,11 +311,10 @@ enum Batch {
 }
 
 /// Runs blocking checkpoint I/O off the async workers.
-async fn blocking<T: Send + 'static, E: Send + 'static>(
-    f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, E>
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
 where
-    E: From<crate::checkpoint::CheckpointError>,
+    T: Send + 'static,
+    E: Send + 'static + From<crate::checkpoint::CheckpointError>,
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,

@@ -32,6 +32,9 @@ pub struct Sender {
     client: reqwest::Client,
     url: reqwest::Url,
     options: SenderOptions,
+    /// Sent with every request (operator-supplied, e.g. `walrelay wal replay
+    /// --header`, and `Authorization` for a bearer token).
+    extra_headers: reqwest::header::HeaderMap,
 }
 
 /// One attempt's result.
@@ -63,7 +66,46 @@ impl Sender {
             client,
             url,
             options,
+            extra_headers: reqwest::header::HeaderMap::new(),
         })
+    }
+
+    /// Adds headers sent with every request, and `Authorization: Bearer`
+    /// when `bearer_token` is given. They cannot override the remote-write
+    /// headers (content type, encoding, version).
+    ///
+    /// # Errors
+    /// A header name or value is not valid HTTP, or names a header the
+    /// remote-write protocol sets itself.
+    pub fn with_headers(
+        mut self,
+        headers: &[(String, String)],
+        bearer_token: Option<&str>,
+    ) -> Result<Self, String> {
+        use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| format!("header name {k:?}: {e}"))?;
+            if [
+                "content-type",
+                "content-encoding",
+                "x-prometheus-remote-write-version",
+            ]
+            .contains(&name.as_str())
+            {
+                return Err(format!("header {k:?} is set by the remote-write protocol"));
+            }
+            let value =
+                HeaderValue::from_str(v).map_err(|e| format!("value of header {k:?}: {e}"))?;
+            self.extra_headers.append(name, value);
+        }
+        if let Some(token) = bearer_token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|e| format!("bearer token: {e}"))?;
+            value.set_sensitive(true);
+            self.extra_headers.insert(AUTHORIZATION, value);
+        }
+        Ok(self)
     }
 
     /// Sends `body` (a snappy-compressed remote-write 1.0 request) until the
@@ -127,6 +169,7 @@ impl Sender {
         let resp = self
             .client
             .post(self.url.clone())
+            .headers(self.extra_headers.clone())
             .header("Content-Type", "application/x-protobuf")
             .header("Content-Encoding", "snappy")
             .header("X-Prometheus-Remote-Write-Version", "0.1.0")

@@ -33,6 +33,11 @@ pub trait ReadableFile: Send + Sync {
     /// The file's current length.
     fn len(&self) -> io::Result<u64>;
 
+    /// True when the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
     /// Reads exactly `buf.len()` bytes, or fewer only at end of file; returns
     /// how many were read.
     fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -173,7 +173,7 @@ impl WalReader {
             return Ok(None);
         };
         cursor.set_limit(seg.len);
-        match cursor.next()? {
+        match cursor.read_next()? {
             Scan::Frame {
                 header, records, ..
             } => {

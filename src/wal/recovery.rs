@@ -168,7 +168,7 @@ fn scan_tail(
     let mut next_seq = meta.first_seq;
     let mut good_end = cursor.offset();
     loop {
-        match cursor.next()? {
+        match cursor.read_next()? {
             Scan::Frame { header, .. } => {
                 next_seq = next_seq.max(header.end_seq());
                 good_end = cursor.offset();
@@ -337,7 +337,7 @@ fn recover_last(
     let mut next_seq = first_seq;
     let mut good_end = cursor.offset();
     loop {
-        match cursor.next()? {
+        match cursor.read_next()? {
             Scan::Frame { header, .. } => {
                 next_seq = next_seq.max(header.end_seq());
                 good_end = cursor.offset();

@@ -113,7 +113,7 @@ impl SegmentCursor {
 
     /// Skips whole frames that end at or before `seq`, reading only their
     /// headers. Stops at the first frame that holds `seq` or later, or at
-    /// anything that is not a clean header (the next [`Self::next`] then
+    /// anything that is not a clean header (the next [`Self::read_next`] then
     /// deals with it).
     ///
     /// # Errors
@@ -139,7 +139,7 @@ impl SegmentCursor {
     ///
     /// # Errors
     /// I/O errors only; damage is a [`Scan::Damage`], not an error.
-    pub fn next(&mut self) -> Result<Scan, WalError> {
+    pub fn read_next(&mut self) -> Result<Scan, WalError> {
         if self.offset >= self.limit {
             return Ok(Scan::End);
         }

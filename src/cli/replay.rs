@@ -1,0 +1,871 @@
+//! `walrelay wal replay`: sends part of the log to any remote-write URL by
+//! hand, after an incident.
+//!
+//! It sends the way a shipper does: in log order, one request at a time,
+//! consecutive records coalesced up to a sample and byte budget, with the
+//! shippers' retry semantics (5xx, 429 and connection errors retried with
+//! backoff for as long as it takes; a 4xx is a rejection, and a rejected
+//! multi-record request is re-sent record by record so only the records the
+//! receiver refuses are counted and skipped).
+//!
+//! Resume: progress goes to a state file, written (and fsync'd) before each
+//! request with its exact range and after it with the position reached.
+//! Run again with the same arguments, it re-sends the interrupted request on
+//! its own first — a 4xx for it then means the receiver already had it — and
+//! continues from there. `--restart` ignores the state.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use wal_format::{parse_segment_file_name, Record};
+
+use super::common::{self, DataDir};
+use crate::ship::{payload, Outcome, ReplicaState, Sender, SenderOptions};
+use crate::wal::{ReadItem, Wal, WalReader};
+
+/// `walrelay wal replay`
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The relay's data directory.
+    #[arg(long, env = "WALRELAY_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The remote-write URL to send to (e.g. http://prometheus:9090/api/v1/write).
+    #[arg(long)]
+    pub to: String,
+    /// First sequence number to send.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+    /// Last sequence number to send (inclusive).
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Segments to send, as A..B (inclusive; A.. for A to the end), each a
+    /// segment file name or its first sequence number.
+    #[arg(long, conflicts_with_all = ["from_seq", "to_seq"])]
+    pub segments: Option<String>,
+    /// Only records received at or after this time (RFC 3339, unix ms, or a
+    /// duration ago such as 2h).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records received before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Pace the replay to at most this many samples per second.
+    #[arg(long)]
+    pub max_samples_per_second: Option<f64>,
+    /// Most samples coalesced into one request.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_samples_per_send: u64,
+    /// Most decoded bytes coalesced into one request.
+    #[arg(long, default_value = "8MiB")]
+    pub max_bytes_per_send: String,
+    /// Timeout of one request.
+    #[arg(long, default_value = "30s")]
+    pub send_timeout: String,
+    /// Longest wait between retries.
+    #[arg(long, default_value = "30s")]
+    pub retry_max_backoff: String,
+    /// Read and batch everything, send nothing, write no state.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// An extra HTTP header, as NAME=VALUE (repeatable).
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+    /// File holding a bearer token to send as Authorization.
+    #[arg(long)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// Where progress is kept for resuming [default: DATA_DIR/replay-<hash of URL>.state].
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Ignore the progress of an earlier run and start over.
+    #[arg(long)]
+    pub restart: bool,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Counters, per run and cumulated over resumed runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Totals {
+    requests: u64,
+    records: u64,
+    samples: u64,
+    rejected_records: u64,
+    rejected_samples: u64,
+    /// Re-sent after an interruption and refused as already present.
+    already_delivered_records: u64,
+    /// Could not be read from the log (damage, or deleted).
+    skipped_records: u64,
+    /// Outside --since/--until.
+    filtered_records: u64,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.records += o.records;
+        self.samples += o.samples;
+        self.rejected_records += o.rejected_records;
+        self.rejected_samples += o.rejected_samples;
+        self.already_delivered_records += o.already_delivered_records;
+        self.skipped_records += o.skipped_records;
+        self.filtered_records += o.filtered_records;
+    }
+}
+
+/// The request in flight: its records, and where reading resumes after it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct InFlight {
+    from: u64,
+    to: u64,
+    next: u64,
+}
+
+/// The state file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    version: u32,
+    url: String,
+    /// The selection arguments as given: a re-run must match them.
+    args: String,
+    /// The selection as resolved by the first run (a relative --since stays
+    /// what it was).
+    start: u64,
+    end: u64,
+    since: Option<i64>,
+    until: Option<i64>,
+    next_seq: u64,
+    inflight: Option<InFlight>,
+    done: bool,
+    totals: Totals,
+    updated: String,
+}
+
+/// A range the log could not provide.
+#[derive(Debug, Clone, Serialize)]
+struct GapInfo {
+    from: u64,
+    to: u64,
+    file: Option<PathBuf>,
+    offset: Option<u64>,
+    reason: String,
+}
+
+/// A record the receiver refused.
+#[derive(Debug, Clone, Serialize)]
+struct Rejection {
+    seq: u64,
+    status: u16,
+    body: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    url: String,
+    dry_run: bool,
+    state_file: Option<PathBuf>,
+    from_seq: u64,
+    end_seq: u64,
+    resumed_at: Option<u64>,
+    complete: bool,
+    this_run: Totals,
+    total: Totals,
+    gaps: Vec<GapInfo>,
+    rejections: Vec<Rejection>,
+    elapsed_seconds: f64,
+    samples_per_second: f64,
+}
+
+const MAX_REJECTIONS_KEPT: usize = 100;
+
+fn selection_fingerprint(a: &ReplayArgs) -> String {
+    format!(
+        "from_seq={:?} to_seq={:?} segments={:?} since={:?} until={:?}",
+        a.from_seq, a.to_seq, a.segments, a.since, a.until
+    )
+}
+
+fn default_state_file(dir: &DataDir, url: &str) -> PathBuf {
+    dir.root.join(format!(
+        "replay-{:08x}.state",
+        crc32fast::hash(url.as_bytes())
+    ))
+}
+
+/// Resolves the sequence range `start..end` the arguments select.
+fn resolve_range(a: &ReplayArgs, wal: &Wal) -> Result<(u64, u64)> {
+    let extent = wal.extent();
+    if let Some(spec) = &a.segments {
+        let segs = wal.segments();
+        let find = |s: &str| -> Result<usize> {
+            let s = s.trim();
+            let first = parse_segment_file_name(s)
+                .or_else(|| s.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    anyhow!("{s:?} is neither a segment file name nor a sequence number")
+                })?;
+            segs.iter()
+                .position(|g| g.first_seq == first)
+                .ok_or_else(|| anyhow!("no segment starts at {first} (see `walrelay wal inspect`)"))
+        };
+        let (a_s, b_s) = match spec.split_once("..") {
+            Some((a, b)) => (a, b),
+            None => (spec.as_str(), spec.as_str()),
+        };
+        let first = find(a_s)?;
+        let last = if b_s.trim().is_empty() {
+            segs.len().saturating_sub(1)
+        } else {
+            find(b_s)?
+        };
+        if last < first {
+            bail!("--segments {spec}: the second segment comes before the first");
+        }
+        let start = segs[first].first_seq;
+        let end = segs.get(last + 1).map_or(extent.end_seq, |g| g.first_seq);
+        return Ok((start, end));
+    }
+    let start = a.from_seq.unwrap_or(extent.first_seq);
+    let end = match a.to_seq {
+        Some(t) => t.saturating_add(1),
+        None => extent.end_seq,
+    };
+    if end < start {
+        match a.to_seq {
+            Some(t) => bail!("--to-seq {t} is before --from-seq {start}"),
+            None => bail!(
+                "--from-seq {start} is past the end of the log ({})",
+                extent.end_seq
+            ),
+        }
+    }
+    Ok((start, end))
+}
+
+fn save_state(path: &Path, st: &mut State) -> Result<()> {
+    st.updated = common::fmt_time(common::now_ms());
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(st)?)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().with_context(|| {
+        format!(
+            "writing the replay state file {} (--state-file puts it elsewhere)",
+            path.display()
+        )
+    })
+}
+
+fn load_state(path: &Path) -> Result<Option<State>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!(
+                "state file {} is unreadable (--restart ignores it)",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Everything one run works with.
+struct Run {
+    sender: Option<Sender>,
+    replica: Arc<ReplicaState>,
+    state: State,
+    state_path: Option<PathBuf>,
+    run: Totals,
+    gaps: Vec<GapInfo>,
+    rejections: Vec<Rejection>,
+    max_samples: u64,
+    max_bytes: usize,
+    rate: Option<f64>,
+    started: Instant,
+    paced_samples: f64,
+    progress: Progress,
+}
+
+/// Progress on stderr: a bar on a terminal, a line every 10 s otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    base: u64,
+    samples: Arc<AtomicU64>,
+    position: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new(start: u64, end: u64) -> Progress {
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(end.saturating_sub(start));
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} records ({per_sec}, ETA {eta}) {msg}",
+            ) {
+                bar.set_style(style);
+            }
+            Some(bar)
+        } else {
+            None
+        };
+        Progress {
+            bar,
+            base: start,
+            samples: Arc::new(AtomicU64::new(0)),
+            position: Arc::new(AtomicU64::new(start)),
+        }
+    }
+
+    fn set(&self, next_seq: u64, samples: u64) {
+        self.position.store(next_seq, Ordering::Relaxed);
+        self.samples.store(samples, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.set_position(next_seq.saturating_sub(self.base));
+        }
+    }
+
+    /// Reports retries and progress while requests are slow.
+    fn ticker(&self, replica: Arc<ReplicaState>, end: u64) -> tokio::task::JoinHandle<()> {
+        let bar = self.bar.clone();
+        let samples = Arc::clone(&self.samples);
+        let position = Arc::clone(&self.position);
+        let started = Instant::now();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last_line = Instant::now();
+            loop {
+                tick.tick().await;
+                let st = replica.status(u64::MAX, 0);
+                let retrying = match (st.state, &st.last_error) {
+                    ("retrying", Some(e)) => {
+                        let short: String = e.chars().take(120).collect();
+                        format!(" retrying: {short}")
+                    }
+                    _ => String::new(),
+                };
+                let s = samples.load(Ordering::Relaxed);
+                let rate = s as f64 / started.elapsed().as_secs_f64().max(0.001);
+                match &bar {
+                    Some(bar) => bar.set_message(format!("{s} samples, {rate:.0}/s{retrying}")),
+                    None if last_line.elapsed() >= Duration::from_secs(10) => {
+                        last_line = Instant::now();
+                        eprintln!(
+                            "walrelay replay: at sequence {} of {end}, {s} samples sent ({rate:.0}/s){retrying}",
+                            position.load(Ordering::Relaxed)
+                        );
+                    }
+                    None => {}
+                }
+            }
+        })
+    }
+}
+
+impl Run {
+    /// Writes the state file with the counters of earlier runs and this one.
+    fn save(&mut self) -> Result<()> {
+        let Some(path) = self.state_path.clone() else {
+            return Ok(());
+        };
+        let earlier = self.state.totals.clone();
+        self.state.totals.add(&self.run);
+        let r = save_state(&path, &mut self.state);
+        self.state.totals = earlier;
+        r
+    }
+
+    fn in_time(&self, r: &Record) -> bool {
+        let t = r.meta.receive_time_ms;
+        !(self.state.since.is_some_and(|s| t < s) || self.state.until.is_some_and(|u| t >= u))
+    }
+
+    /// The next request's records, and where reading continues after them;
+    /// an empty batch means the selection is done.
+    fn next_batch(
+        &mut self,
+        reader: &mut WalReader,
+        held: &mut Option<Record>,
+    ) -> Result<(Vec<Record>, u64)> {
+        let mut records: Vec<Record> = Vec::new();
+        let (mut samples, mut bytes) = (0u64, 0usize);
+        let mut consumed = self.state.next_seq;
+        let end = self.state.end;
+        loop {
+            let item = match held.take() {
+                Some(r) => ReadItem::Record(r),
+                None => match reader.try_next()? {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            match item {
+                ReadItem::Gap(g) => {
+                    let (from, to) = (g.from.max(self.state.start), g.to.min(end));
+                    if g.from >= end {
+                        break;
+                    }
+                    if to > from {
+                        self.run.skipped_records += to - from;
+                        self.progress_println(&format!(
+                            "walrelay replay: records {from}..{to} cannot be read and are skipped: {}{}",
+                            g.file.as_ref().map_or_else(String::new, |f| format!(
+                                "{} at offset {}: ",
+                                f.display(),
+                                g.offset.unwrap_or(0)
+                            )),
+                            g.reason
+                        ));
+                        self.gaps.push(GapInfo {
+                            from,
+                            to,
+                            file: g.file,
+                            offset: g.offset,
+                            reason: g.reason,
+                        });
+                    }
+                    consumed = consumed.max(to);
+                }
+                ReadItem::Record(r) => {
+                    if r.seq >= end {
+                        break;
+                    }
+                    if r.seq < self.state.next_seq {
+                        continue;
+                    }
+                    if !self.in_time(&r) {
+                        self.run.filtered_records += 1;
+                        consumed = r.seq + 1;
+                        continue;
+                    }
+                    let (s, b) = (u64::from(r.meta.samples), r.payload.len());
+                    if !records.is_empty()
+                        && (samples + s > self.max_samples || bytes + b > self.max_bytes)
+                    {
+                        *held = Some(r);
+                        break;
+                    }
+                    samples += s;
+                    bytes += b;
+                    consumed = r.seq + 1;
+                    records.push(r);
+                    if samples >= self.max_samples || bytes >= self.max_bytes {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok((records, consumed))
+    }
+
+    fn progress_println(&self, msg: &str) {
+        match &self.progress.bar {
+            Some(bar) => bar.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    /// Reads exactly the records of an interrupted request.
+    fn read_inflight(&self, wal: &Wal, f: InFlight) -> Result<Vec<Record>> {
+        let mut reader = wal.reader(f.from);
+        let mut out = Vec::new();
+        while let Some(item) = reader.try_next()? {
+            match item {
+                ReadItem::Record(r) if r.seq >= f.to => break,
+                ReadItem::Record(r) => {
+                    if self.in_time(&r) {
+                        out.push(r);
+                    }
+                }
+                ReadItem::Gap(g) if g.from >= f.to => break,
+                ReadItem::Gap(_) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends `records` (a 4xx meaning "already there" when `resend`).
+    async fn deliver(&mut self, records: Vec<Record>, resend: bool) {
+        let n = records.len() as u64;
+        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+        let Some(sender) = self.sender.clone() else {
+            // Dry run.
+            self.run.requests += 1;
+            self.run.records += n;
+            self.run.samples += samples;
+            return;
+        };
+        let outcome = match payload::build_v1(&records) {
+            Ok(body) => {
+                self.pace(samples).await;
+                sender.send_with_retries(&self.replica, body, samples).await
+            }
+            Err(e) => Outcome::Rejected {
+                status: 0,
+                body: format!("cannot build the request from the log: {e}"),
+            },
+        };
+        match outcome {
+            Outcome::Delivered => {
+                self.run.requests += 1;
+                self.run.records += n;
+                self.run.samples += samples;
+            }
+            Outcome::Rejected { .. } if resend => {
+                self.run.already_delivered_records += n;
+            }
+            Outcome::Rejected { status, body } if records.len() == 1 => {
+                self.run.rejected_records += 1;
+                self.run.rejected_samples += samples;
+                let seq = records.first().map_or(0, |r| r.seq);
+                self.progress_println(&format!(
+                    "walrelay replay: record {seq} rejected (HTTP {status}): {body}"
+                ));
+                if self.rejections.len() < MAX_REJECTIONS_KEPT {
+                    self.rejections.push(Rejection { seq, status, body });
+                }
+            }
+            Outcome::Rejected { .. } => {
+                for r in records {
+                    Box::pin(self.deliver(vec![r], false)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits so that the samples sent so far stay under the rate.
+    async fn pace(&mut self, samples: u64) {
+        let Some(rate) = self.rate else { return };
+        let due = self.started + Duration::from_secs_f64(self.paced_samples / rate);
+        tokio::time::sleep_until(due.into()).await;
+        self.paced_samples += samples as f64;
+    }
+
+    fn update_progress(&self) {
+        let mut t = self.state.totals.clone();
+        t.add(&self.run);
+        self.progress.set(self.state.next_seq, t.samples);
+    }
+
+    async fn replay(&mut self, wal: &Wal) -> Result<()> {
+        if let Some(f) = self.state.inflight {
+            self.progress_println(&format!(
+                "walrelay replay: re-sending the interrupted request {}..{} on its own",
+                f.from, f.to
+            ));
+            let records = self.read_inflight(wal, f)?;
+            if !records.is_empty() {
+                self.deliver(records, true).await;
+            }
+            self.state.next_seq = self.state.next_seq.max(f.next);
+            self.state.inflight = None;
+            self.checkpoint()?;
+        }
+        let mut reader = wal.reader(self.state.next_seq);
+        let mut held = None;
+        loop {
+            let (records, consumed) = self.next_batch(&mut reader, &mut held)?;
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                self.state.next_seq = self.state.next_seq.max(consumed);
+                break;
+            };
+            self.state.inflight = Some(InFlight {
+                from: first.seq,
+                to: last.seq + 1,
+                next: consumed,
+            });
+            self.save()?;
+            self.deliver(records, false).await;
+            self.state.next_seq = consumed;
+            self.state.inflight = None;
+            self.checkpoint()?;
+        }
+        self.state.done = true;
+        self.checkpoint()
+    }
+
+    /// Saves the position reached, with the counters so far.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.update_progress();
+        self.save()
+    }
+}
+
+fn parse_headers(list: &[String]) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|h| {
+            h.split_once('=')
+                .or_else(|| h.split_once(':'))
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| anyhow!("--header {h:?}: expected NAME=VALUE"))
+        })
+        .collect()
+}
+
+/// Runs `walrelay wal replay`.
+///
+/// # Errors
+/// Bad arguments, a missing data dir, an unreadable log or state file.
+pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
+    let dir = DataDir::open(&args.data_dir)?;
+    let url = reqwest::Url::parse(&args.to)
+        .map_err(|e| anyhow!("--to {:?}: {e}", args.to))?
+        .to_string();
+    let headers = parse_headers(&args.headers)?;
+    let token = args
+        .bearer_token_file
+        .as_deref()
+        .map(crate::config::read_secret)
+        .transpose()?;
+    let max_bytes = crate::config::parse_bytes(&args.max_bytes_per_send)
+        .map_err(|e| anyhow!("--max-bytes-per-send: {e}"))?;
+    let timeout = humantime::parse_duration(&args.send_timeout)
+        .map_err(|e| anyhow!("--send-timeout {:?}: {e}", args.send_timeout))?;
+    let max_backoff = humantime::parse_duration(&args.retry_max_backoff)
+        .map_err(|e| anyhow!("--retry-max-backoff {:?}: {e}", args.retry_max_backoff))?;
+    if let Some(r) = args.max_samples_per_second {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!("--max-samples-per-second must be a positive number");
+        }
+    }
+    let sender = if args.dry_run {
+        None
+    } else {
+        Some(
+            Sender::new(
+                &url,
+                SenderOptions {
+                    timeout,
+                    min_backoff: Duration::from_millis(100),
+                    max_backoff,
+                },
+            )
+            .and_then(|s| s.with_headers(&headers, token.as_deref()))
+            .map_err(|e| anyhow!("--to {url}: {e}"))?,
+        )
+    };
+    let (wal, _) = dir.open_wal()?;
+    let fingerprint = selection_fingerprint(args);
+    let state_path = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| default_state_file(&dir, &url));
+    let previous = if args.restart {
+        None
+    } else {
+        load_state(&state_path)?
+    };
+    let (state, resumed_at) = match previous {
+        Some(st) if st.url != url || st.args != fingerprint => bail!(
+            "state file {} belongs to another replay ({} with {}); pass --restart to start \
+             this one over, or --state-file for a separate one",
+            state_path.display(),
+            st.url,
+            st.args
+        ),
+        Some(st) if st.done && !args.dry_run => {
+            let mut out = common::stdout();
+            writeln!(
+                out,
+                "this replay already completed (state file {}, records {}..{}): {} records, \
+                 {} samples delivered; pass --restart to send it again",
+                state_path.display(),
+                st.start,
+                st.end,
+                st.totals.records,
+                st.totals.samples
+            )?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(st) => {
+            let at = st.next_seq;
+            (st, Some(at))
+        }
+        None => {
+            let (start, end) = resolve_range(args, &wal)?;
+            let t = |s: &Option<String>| s.as_deref().map(common::parse_time).transpose();
+            (
+                State {
+                    version: 1,
+                    url: url.clone(),
+                    args: fingerprint,
+                    start,
+                    end,
+                    since: t(&args.since)?,
+                    until: t(&args.until)?,
+                    next_seq: start,
+                    inflight: None,
+                    done: false,
+                    totals: Totals::default(),
+                    updated: String::new(),
+                },
+                None,
+            )
+        }
+    };
+    let max_samples = match args.max_samples_per_second {
+        // A request never holds more than a second's worth (but at least
+        // one record).
+        Some(r) => args.max_samples_per_send.min(r.ceil() as u64).max(1),
+        None => args.max_samples_per_send.max(1),
+    };
+    let progress = Progress::new(state.next_seq, state.end);
+    let mut run = Run {
+        sender,
+        replica: Arc::new(ReplicaState::new("replay", &url, state.next_seq)),
+        state_path: (!args.dry_run).then(|| state_path.clone()),
+        run: Totals::default(),
+        gaps: Vec::new(),
+        rejections: Vec::new(),
+        max_samples,
+        max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+        rate: args.max_samples_per_second,
+        started: Instant::now(),
+        paced_samples: 0.0,
+        progress,
+        state,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        let ticker = run.progress.ticker(Arc::clone(&run.replica), run.state.end);
+        let r = run.replay(&wal).await;
+        ticker.abort();
+        r
+    });
+    if let Some(bar) = &run.progress.bar {
+        bar.finish_and_clear();
+    }
+    result?;
+    report(args, &run, &state_path, resumed_at)
+}
+
+fn report(
+    args: &ReplayArgs,
+    run: &Run,
+    state_path: &Path,
+    resumed_at: Option<u64>,
+) -> Result<ExitCode> {
+    let mut total = run.state.totals.clone();
+    total.add(&run.run);
+    let elapsed = run.started.elapsed().as_secs_f64();
+    let r = Report {
+        url: run.state.url.clone(),
+        dry_run: args.dry_run,
+        state_file: (!args.dry_run).then(|| state_path.to_path_buf()),
+        from_seq: run.state.start,
+        end_seq: run.state.end,
+        resumed_at,
+        complete: run.state.done,
+        this_run: run.run.clone(),
+        total: total.clone(),
+        gaps: run.gaps.clone(),
+        rejections: run.rejections.clone(),
+        elapsed_seconds: elapsed,
+        samples_per_second: run.run.samples as f64 / elapsed.max(0.001),
+    };
+    let ok = total.rejected_records == 0 && total.skipped_records == 0;
+    let mut out = common::stdout();
+    if args.json {
+        common::write_json_pretty(&mut out, &r)?;
+    } else {
+        let t = &r.this_run;
+        writeln!(
+            out,
+            "replay of records {}..{} to {}{}{}",
+            r.from_seq,
+            r.end_seq,
+            r.url,
+            if args.dry_run {
+                " (dry run: nothing sent)"
+            } else {
+                ""
+            },
+            resumed_at.map_or_else(String::new, |s| format!(", resumed at {s}"))
+        )?;
+        let verb = if args.dry_run {
+            "would send"
+        } else {
+            "delivered"
+        };
+        writeln!(
+            out,
+            "  {verb}: {} records, {} samples in {} requests ({:.1}s, {:.0} samples/s)",
+            t.records, t.samples, t.requests, elapsed, r.samples_per_second
+        )?;
+        writeln!(
+            out,
+            "  rejected: {} records ({} samples)",
+            t.rejected_records, t.rejected_samples
+        )?;
+        if t.already_delivered_records > 0 {
+            writeln!(
+                out,
+                "  already delivered before the interruption: {} records",
+                t.already_delivered_records
+            )?;
+        }
+        writeln!(
+            out,
+            "  skipped (unreadable): {} records in {} ranges",
+            t.skipped_records,
+            r.gaps.len()
+        )?;
+        if t.filtered_records > 0 {
+            writeln!(
+                out,
+                "  outside --since/--until: {} records",
+                t.filtered_records
+            )?;
+        }
+        if resumed_at.is_some() {
+            writeln!(
+                out,
+                "  all runs: {} records, {} samples delivered, {} rejected, {} skipped",
+                total.records, total.samples, total.rejected_records, total.skipped_records
+            )?;
+        }
+        for g in &r.gaps {
+            writeln!(
+                out,
+                "  gap {}..{}: {}{}",
+                g.from,
+                g.to,
+                g.file.as_ref().map_or_else(String::new, |f| format!(
+                    "{} at offset {}: ",
+                    f.display(),
+                    g.offset.unwrap_or(0)
+                )),
+                g.reason
+            )?;
+        }
+        for rej in &r.rejections {
+            writeln!(
+                out,
+                "  rejected record {} (HTTP {}): {}",
+                rej.seq, rej.status, rej.body
+            )?;
+        }
+        if let Some(p) = &r.state_file {
+            writeln!(out, "  state: {}", p.display())?;
+        }
+    }
+    out.flush()?;
+    Ok(common::exit_code(ok))
+}

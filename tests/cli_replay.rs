@@ -1,0 +1,314 @@
+//! `walrelay wal replay` from real logs into a real Prometheus (queried for
+//! every sample afterwards), interrupted by SIGKILL and resumed, and into a
+//! second relay that demands a bearer token.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli_common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chaos_tests::prometheus::Prometheus;
+use chaos_tests::relay::Relay;
+use cli_common::*;
+use serde_json::Value;
+
+/// Every sample of `metric` in Prometheus equals what was written.
+async fn assert_all_in_prometheus(prom: &Prometheus, w: &Written, metric: &str) {
+    let got = prom
+        .api()
+        .raw_series(metric, w.min_ts - 1, w.max_ts + 1, 3_600_000)
+        .await
+        .unwrap();
+    let mut want: std::collections::BTreeMap<String, Vec<(i64, f64)>> = Default::default();
+    for s in &w.samples {
+        want.entry(s.instance.clone())
+            .or_default()
+            .push((s.ts, s.value));
+    }
+    assert_eq!(got.len(), want.len(), "every series arrived");
+    for (labels, samples) in got {
+        let inst = labels.get("instance").unwrap();
+        assert_eq!(labels.get("__name__").map(String::as_str), Some(metric));
+        let expected = want.get(inst).unwrap();
+        assert_eq!(
+            samples.len(),
+            expected.len(),
+            "series {inst}: every sample arrived"
+        );
+        assert_eq!(&samples, expected, "series {inst}: values and timestamps");
+    }
+}
+
+/// The same query as a user would type it: `metric[1h]`.
+async fn count_over_hour(prom: &Prometheus, metric: &str) -> usize {
+    let data = prom.query(&format!("{metric}[1h]"), None).await.unwrap();
+    data["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["values"].as_array().unwrap().len())
+        .sum()
+}
+
+fn replay(dir: &Path, more: &[&str]) -> std::process::Output {
+    cli_dir(&["wal", "replay"], dir, more)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_into_a_real_prometheus_delivers_every_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metric = "cli_replay_total";
+    let t = Traffic {
+        metric: metric.into(),
+        requests: 40,
+        series: 10,
+        samples_per_series: 5,
+    };
+    let w = write_log(tmp.path(), &t, &[], &["--segment-bytes", "64KiB"]).await;
+    let prom = Prometheus::start_server().await.unwrap();
+
+    let o = replay(
+        tmp.path(),
+        &["--to", &prom.write_url(), "--dry-run", "--json"],
+    );
+    expect_code(&o, 0, "replay --dry-run");
+    let v = json(&o);
+    assert_eq!(v["this_run"]["records"], 40);
+    assert_eq!(v["this_run"]["samples"], w.total_samples() as u64);
+    assert_eq!(
+        count_over_hour(&prom, metric).await,
+        0,
+        "a dry run sends nothing"
+    );
+
+    // Small requests, so coalescing and ordering are exercised.
+    let o = replay(
+        tmp.path(),
+        &[
+            "--to",
+            &prom.write_url(),
+            "--max-samples-per-send",
+            "120",
+            "--json",
+        ],
+    );
+    expect_code(&o, 0, "replay");
+    let v = json(&o);
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["this_run"]["records"], 40);
+    assert_eq!(v["this_run"]["samples"], w.total_samples() as u64);
+    assert_eq!(v["this_run"]["rejected_records"], 0);
+    assert!(v["this_run"]["requests"].as_u64().unwrap() >= 40 * 50 / 120);
+    assert_eq!(count_over_hour(&prom, metric).await, w.total_samples());
+    assert_all_in_prometheus(&prom, &w, metric).await;
+
+    // Run again with the same arguments: already done, nothing sent.
+    let o = replay(
+        tmp.path(),
+        &["--to", &prom.write_url(), "--max-samples-per-send", "120"],
+    );
+    expect_code(&o, 0, "replay of a finished replay");
+    assert!(stdout(&o).contains("already completed"), "{}", stdout(&o));
+    // With --restart it sends again: Prometheus refuses the old samples
+    // (out of order), which the report counts as rejected, exit 1.
+    let o = replay(
+        tmp.path(),
+        &[
+            "--to",
+            &prom.write_url(),
+            "--from-seq",
+            "38",
+            "--restart",
+            "--json",
+        ],
+    );
+    expect_code(&o, 1, "replaying what the receiver already has");
+    let v = json(&o);
+    assert_eq!(v["this_run"]["rejected_records"], 2, "{v:#}");
+    assert_eq!(v["rejections"][0]["status"], 400, "{v:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_midway_resumes_where_it_stopped_and_delivers_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metric = "cli_resume_total";
+    let t = Traffic {
+        metric: metric.into(),
+        requests: 30,
+        series: 4,
+        samples_per_series: 5,
+    };
+    let w = write_log(tmp.path(), &t, &[], &[]).await;
+    let prom = Prometheus::start_server().await.unwrap();
+    let state = tmp.path().join("replay.state");
+    let state_s = state.to_str().unwrap();
+
+    // 20 samples per record, 60 samples/s: 30 records take ~10 s.
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args(["wal", "replay", "--data-dir"])
+            .arg(tmp.path())
+            .args(["--to", &prom.write_url(), "--state-file", state_s])
+            .args(["--max-samples-per-second", "60"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let progress = loop {
+        if let Ok(b) = std::fs::read(&state) {
+            if let Ok(v) = serde_json::from_slice::<Value>(&b) {
+                let next = v["next_seq"].as_u64().unwrap();
+                if next >= 6 {
+                    break next;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the replay makes progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // SIGKILL (std's Child::kill signals the child's own pid).
+    child.0.kill().unwrap();
+    let st = child.0.wait().unwrap();
+    assert!(!st.success(), "killed");
+    let v: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(v["done"], false);
+    assert!(
+        v["next_seq"].as_u64().unwrap() < 30,
+        "stopped midway: {v:#}"
+    );
+    let partial = count_over_hour(&prom, metric).await;
+    assert!(
+        partial >= progress as usize * 20 && partial < w.total_samples(),
+        "partly delivered: {partial}"
+    );
+
+    let o = replay(
+        tmp.path(),
+        &["--to", &prom.write_url(), "--state-file", state_s, "--json"],
+    );
+    expect_code(&o, 0, "the resumed replay");
+    let v = json(&o);
+    assert!(v["resumed_at"].as_u64().unwrap() >= progress, "{v:#}");
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["total"]["rejected_records"], 0, "{v:#}");
+    assert_eq!(
+        v["total"]["records"].as_u64().unwrap()
+            + v["total"]["already_delivered_records"].as_u64().unwrap(),
+        30,
+        "{v:#}"
+    );
+    assert_eq!(count_over_hour(&prom, metric).await, w.total_samples());
+    assert_all_in_prometheus(&prom, &w, metric).await;
+}
+
+/// A child process that is SIGKILLed and reaped when the test ends, even
+/// by a failed assertion.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_a_segment_range_sends_headers_and_the_bearer_token() {
+    let src = tempfile::tempdir().unwrap();
+    let t = Traffic {
+        metric: "cli_token_total".into(),
+        requests: 60,
+        series: 20,
+        samples_per_series: 10,
+    };
+    write_log(
+        src.path(),
+        &t,
+        &[],
+        &["--segment-bytes", "64KiB", "--compression", "none"],
+    )
+    .await;
+    let segs = segments(src.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+    // The second and third segments.
+    let from = first_seq(&segs[1]);
+    let to_excl = segs.get(3).map_or(60, |s| first_seq(s));
+    let range = format!(
+        "{}..{}",
+        segs[1].file_name().unwrap().to_string_lossy(),
+        first_seq(&segs[2])
+    );
+
+    // The receiver: another relay that wants a bearer token.
+    let dst = tempfile::tempdir().unwrap();
+    let token = dst.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let tok = token.to_str().unwrap();
+    let mut receiver = Relay::start_with_bin(
+        BIN,
+        dst.path().join("data"),
+        &[],
+        &["--bearer-token-file", tok],
+    )
+    .await
+    .unwrap();
+
+    let o = replay(
+        src.path(),
+        &[
+            "--to",
+            &receiver.write_url(),
+            "--segments",
+            &range,
+            "--state-file",
+            src.path().join("a.state").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "without the token: rejected\n{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("HTTP 401"), "{}", stdout(&o));
+
+    let o = replay(
+        src.path(),
+        &[
+            "--to",
+            &receiver.write_url(),
+            "--segments",
+            &range,
+            "--bearer-token-file",
+            tok,
+            "--header",
+            "X-Scope-OrgID=tenant-1",
+            "--json",
+        ],
+    );
+    expect_code(&o, 0, "replay with the token");
+    let v = json(&o);
+    assert_eq!(v["from_seq"], from);
+    assert_eq!(v["end_seq"], to_excl);
+    assert_eq!(v["this_run"]["records"], to_excl - from);
+    receiver.stop(Duration::from_secs(30)).await.unwrap();
+
+    let o = cli_dir(&["wal", "inspect"], &dst.path().join("data"), &["--json"]);
+    expect_code(&o, 0, "inspect of the receiver's log");
+    let got = json(&o)["totals"]["samples"].as_u64().unwrap();
+    assert_eq!(got, (to_excl - from) * 200);
+    let bad = replay(
+        src.path(),
+        &[
+            "--to",
+            "http://127.0.0.1:1/",
+            "--header",
+            "Content-Type=text/plain",
+        ],
+    );
+    expect_code(&bad, 1, "a header the protocol owns");
+}
