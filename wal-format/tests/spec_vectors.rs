@@ -38,7 +38,10 @@ fn hex_vector(name: &str) -> Vec<u8> {
         .map(|l| l.split('#').next().unwrap_or_default())
         .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
         .collect();
-    assert!(digits.len().is_multiple_of(2), "{name}: odd number of hex digits");
+    assert!(
+        digits.len().is_multiple_of(2),
+        "{name}: odd number of hex digits"
+    );
     (0..digits.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex digit"))
