@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash deploy/local/install-deps.sh
+# deploy/validate.py (run by tests/deploy.rs): yamllint and kubernetes-validate
+# (which brings jsonschema); kubectl is on the image, promtool comes with the
+# Debian prometheus package installed above.
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  -r deploy/requirements-validate.txt
+command -v kubectl >/dev/null || { echo "kubectl is missing (needed for kubectl kustomize)" >&2; exit 1; }
 # The chaos suite and the CLI tests start the real binary.
 cargo build --locked --bins
 # Tests start real processes; a few at a time is what 2 cores sustain.

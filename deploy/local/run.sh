@@ -8,11 +8,14 @@
 # The two agents add the external label prometheus_replica="a"/"b", so a
 # query per replica in VictoriaMetrics shows each replica's completeness.
 #
-# Usage: deploy/local/run.sh [--demo-outage] [--state-dir DIR]
+# Usage: deploy/local/run.sh [--demo-outage] [--state-dir DIR] [--run-for SECONDS]
 #   --demo-outage   after 30 s, stop replica b for a minute, then show its gap filled
 #   --state-dir     where logs and data live (default ./.walrelay-local, kept
 #                   between runs so a restart resumes)
+#   --run-for       stop everything after SECONDS (default: run until stopped)
 # Runs in the foreground; Ctrl-C or SIGTERM stops everything it started.
+# Environment: WALRELAY_BIN (a built relay: skips the cargo build),
+# WALRELAY_LOCAL_{NODE,SENDER,RELAY,A,B,VM}_PORT (other ports than the defaults).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,7 +28,7 @@ while [ $# -gt 0 ]; do
     --demo-outage) demo_outage=1 ;;
     --state-dir) state="$2"; shift ;;
     --run-for) run_for="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -60,11 +63,18 @@ fi
 
 mkdir -p "$state"/{logs,walrelay,sender,agent-a,agent-b,vm,config}
 pids=()
+sleeper=""
 cleanup() {
   trap - INT TERM EXIT
   echo >&2
   echo "stopping..." >&2
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  if [ -n "$sleeper" ]; then kill "$sleeper" 2>/dev/null || true; fi
+  # In reverse order of starting: the sender first, the long-term store last,
+  # so what is in flight can still land.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill -CONT "${pids[$i]}" 2>/dev/null || true   # --demo-outage stops replica b
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+  done
   for _ in $(seq 1 50); do
     alive=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
@@ -72,9 +82,22 @@ cleanup() {
     sleep 0.2
   done
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
   echo "stopped; state kept in $state" >&2
 }
-trap cleanup INT TERM EXIT
+# Exit after cleaning up (a trap alone would return into the script).
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
+trap cleanup EXIT
+
+# Sleeps in the background so that a signal is handled at once (bash runs
+# traps only between foreground commands).
+pause() {
+  sleep "$1" &
+  sleeper=$!
+  wait "$sleeper" || true
+  sleeper=""
+}
 
 start() { # name, command...
   local name="$1"; shift
@@ -116,7 +139,10 @@ remote_write:
 EOF
 done
 
-start vm victoria-metrics -httpListenAddr="127.0.0.1:$p_vm" -storageDataPath="$state/vm" -retentionPeriod=30d
+# -search.latencyOffset=5s: queries see samples 5 s after they land (the
+# default 30 s makes the demo look stale).
+start vm victoria-metrics -httpListenAddr="127.0.0.1:$p_vm" -storageDataPath="$state/vm" -retentionPeriod=30d \
+  -search.latencyOffset=5s
 wait_ready vm "http://127.0.0.1:$p_vm/health"
 start agent-a prometheus --enable-feature=agent --web.enable-remote-write-receiver \
   --config.file="$state/config/agent-a.yml" --storage.agent.path="$state/agent-a" \
@@ -161,22 +187,22 @@ EOF
 
 if [ "$demo_outage" -eq 1 ]; then
   echo "demo: waiting 30 s for data to flow..."
-  sleep 30
+  pause 30
   q='count_over_time(node_time_seconds[10m])'
   echo "demo: before the outage: a=$(vmq "sum($q{prometheus_replica=\"a\"})") b=$(vmq "sum($q{prometheus_replica=\"b\"})") samples of node_time_seconds in the last 10m"
   echo "demo: stopping replica b for 60 s"
   kill -STOP "$pid_agent_b"
-  sleep 60
+  pause 60
   echo "demo: during the outage: relay status for b:"
   curl -fsS "http://127.0.0.1:$p_relay/api/v1/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); [print("  ", r["name"], "lag_records=%s lag_seconds=%s state=%s" % (r["lag_records"], r["lag_seconds"], r["state"])) for r in s["replicas"]]'
   echo "demo: resuming replica b"
   kill -CONT "$pid_agent_b"
-  sleep 30
+  pause 30
   echo "demo: after the outage: a=$(vmq "sum($q{prometheus_replica=\"a\"})") b=$(vmq "sum($q{prometheus_replica=\"b\"})") (equal counts: b's gap was filled)"
 fi
 
 if [ -n "$run_for" ]; then
-  sleep "$run_for"
+  pause "$run_for"
   exit 0
 fi
 while true; do
@@ -186,5 +212,5 @@ while true; do
       exit 1
     fi
   done
-  sleep 2
+  pause 2
 done
