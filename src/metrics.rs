@@ -40,10 +40,59 @@ pub fn install() -> PrometheusHandle {
             // process); the handle still renders this recorder's metrics.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_at_zero();
             metrics::gauge!("walrelay_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
+}
+
+/// Creates the series of rare events at zero, so that `increase()` and
+/// `rate()` see their first event (a series born at 1 has no increase).
+fn register_at_zero() {
+    for name in [
+        "walrelay_wal_corruptions_total",
+        "walrelay_wal_truncations_total",
+        "walrelay_ingest_samples_total",
+        "walrelay_ingest_bytes_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in ["budget_full", "no_space", "writer_failed", "io"] {
+        metrics::counter!("walrelay_wal_append_errors_total", "reason" => reason).increment(0);
+    }
+    for status in ["204", "400", "413", "415", "429", "503"] {
+        metrics::counter!("walrelay_ingest_requests_total", "status" => status).increment(0);
+    }
+    metrics::gauge!("walrelay_wal_writer_failed").set(0.0);
+}
+
+/// Creates one replica's series of rare events at zero.
+pub fn register_replica_at_zero(replica: &str) {
+    let r = || replica.to_owned();
+    for name in [
+        "walrelay_replica_retries_total",
+        "walrelay_replica_sent_records_total",
+        "walrelay_replica_sent_samples_total",
+        "walrelay_replica_rejected_records_total",
+        "walrelay_replica_rejected_samples_total",
+        "walrelay_replica_assumed_delivered_records_total",
+        "walrelay_replica_assumed_delivered_samples_total",
+    ] {
+        metrics::counter!(name, "replica" => r()).increment(0);
+    }
+    for status in ["2xx", "4xx", "5xx", "429", "timeout", "connection"] {
+        metrics::counter!("walrelay_replica_requests_total", "replica" => r(), "status" => status)
+            .increment(0);
+    }
+    for reason in ["disk_budget", "retention_age"] {
+        metrics::counter!("walrelay_replica_dropped_records_total", "replica" => r(), "reason" => reason)
+            .increment(0);
+        metrics::counter!("walrelay_replica_dropped_samples_total", "replica" => r(), "reason" => reason)
+            .increment(0);
+    }
+    metrics::counter!("walrelay_replica_skipped_records_total", "replica" => r(), "reason" => "retention")
+        .increment(0);
 }
 
 fn describe() {

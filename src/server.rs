@@ -75,7 +75,9 @@ pub async fn run(
             .with_context(|| format!("opening the log in {}", wal_dir.display()))?
     };
     report_recovery(&recovery);
-    let checkpoints = Checkpoints::open(&config.data_dir.join("checkpoints"))?;
+    let checkpoints_dir = config.data_dir.join("checkpoints");
+    let checkpoints = Checkpoints::open(&checkpoints_dir)?;
+    make_durable(&config.data_dir, &checkpoints_dir)?;
 
     let retention = Arc::new(Retention::new(wal.clone(), config.retention));
     // Each replica's position is loaded (or set, for a new replica) before
@@ -200,6 +202,30 @@ pub async fn run(
     Ok(())
 }
 
+/// `wal/` and `checkpoints/` are created without syncing the directory that
+/// holds them, and sled 0.34 writes its `conf` file without fsync and never
+/// syncs a directory: until that is done, a power loss can take the whole log
+/// and every replica's position with it, or leave a torn `conf` that sled
+/// refuses to open. Done once at startup, before anything is acknowledged.
+fn make_durable(
+    data_dir: &std::path::Path,
+    checkpoints_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let sync = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("fsync {}", p.display()))
+    };
+    for file in ["conf", "db"] {
+        let p = checkpoints_dir.join(file);
+        if p.exists() {
+            sync(&p)?;
+        }
+    }
+    sync(checkpoints_dir)?;
+    sync(data_dir)
+}
+
 /// Keeps segments small enough under a disk budget that the active segment
 /// (never deleted) cannot hold most of it.
 fn effective_segment_bytes(config: &ServeConfig) -> u64 {
@@ -254,6 +280,12 @@ async fn housekeeping(
             r.prune_tombstones();
         })
         .await;
+        if let Ok(st) = rustix::fs::statvfs(wal.dir()) {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let total = st.f_blocks.saturating_mul(st.f_frsize);
+            metrics::gauge!("walrelay_disk_free_bytes").set(free as f64);
+            metrics::gauge!("walrelay_disk_total_bytes").set(total as f64);
+        }
         let extent = wal.extent();
         metrics::gauge!("walrelay_wal_bytes").set(extent.bytes as f64);
         metrics::gauge!("walrelay_wal_segments").set(extent.segments as f64);

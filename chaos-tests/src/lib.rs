@@ -33,10 +33,12 @@
 pub mod encode;
 pub mod load;
 pub mod ports;
+pub mod powerfs;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod relay;
+pub mod scenario;
 pub mod tools;
 pub mod verify;
 

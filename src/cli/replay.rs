@@ -511,11 +511,14 @@ impl Run {
         let outcome = match payload::build_v1(&records) {
             Ok(body) => {
                 self.pace(samples).await;
-                sender.send_with_retries(&self.replica, body, samples).await
+                sender
+                    .send_with_retries(&self.replica, body, samples, records.len() > 1)
+                    .await
             }
             Err(e) => Outcome::Rejected {
                 status: 0,
                 body: format!("cannot build the request from the log: {e}"),
+                ambiguous: false,
             },
         };
         match outcome {
@@ -524,10 +527,10 @@ impl Run {
                 self.run.records += n;
                 self.run.samples += samples;
             }
-            Outcome::Rejected { .. } if resend => {
+            Outcome::Rejected { ambiguous, .. } if resend || ambiguous => {
                 self.run.already_delivered_records += n;
             }
-            Outcome::Rejected { status, body } if records.len() == 1 => {
+            Outcome::Rejected { status, body, .. } if records.len() == 1 => {
                 self.run.rejected_records += 1;
                 self.run.rejected_samples += samples;
                 let seq = records.first().map_or(0, |r| r.seq);
@@ -542,6 +545,12 @@ impl Run {
                 for r in records {
                     Box::pin(self.deliver(vec![r], false)).await;
                 }
+            }
+            Outcome::TooSlow => {
+                let mut first = records;
+                let second = first.split_off(first.len() / 2);
+                Box::pin(self.deliver(first, true)).await;
+                Box::pin(self.deliver(second, true)).await;
             }
         }
     }

@@ -53,7 +53,17 @@ pub struct Shipper {
     start_at: StartAt,
     /// An item read past the end of the current batch, kept for the next.
     held: Option<ReadItem>,
+    /// The batch limits in force: the configured ones, halved each time a
+    /// request is too slow for the replica to answer within the timeout, and
+    /// grown back as requests succeed.
+    current: BatchLimits,
 }
+
+/// Smallest adaptive limits: a record is always sent, whatever its size.
+const MIN_BATCH: BatchLimits = BatchLimits {
+    max_samples: 100,
+    max_bytes: 16 << 10,
+};
 
 impl Shipper {
     pub fn new(
@@ -72,7 +82,26 @@ impl Shipper {
             limits,
             start_at,
             held: None,
+            current: limits,
         }
+    }
+
+    /// A request was too slow: halve the batch limits.
+    fn shrink(&mut self) {
+        self.current = BatchLimits {
+            max_samples: (self.current.max_samples / 2).max(MIN_BATCH.max_samples),
+            max_bytes: (self.current.max_bytes / 2).max(MIN_BATCH.max_bytes),
+        };
+    }
+
+    /// A request succeeded: grow the limits back towards the configured ones.
+    fn grow(&mut self) {
+        self.current = BatchLimits {
+            max_samples: (self.current.max_samples + self.current.max_samples / 4 + 1)
+                .min(self.limits.max_samples),
+            max_bytes: (self.current.max_bytes + self.current.max_bytes / 4 + 1)
+                .min(self.limits.max_bytes),
+        };
     }
 
     /// Ships until `shutdown` is cancelled. Checkpoints are consistent at
@@ -195,11 +224,12 @@ impl Shipper {
         };
         let mut samples = u64::from(records[0].meta.samples);
         let mut bytes = records[0].payload.len();
-        while samples < self.limits.max_samples && bytes < self.limits.max_bytes {
+        let limits = self.current;
+        while samples < limits.max_samples && bytes < limits.max_bytes {
             match reader.try_next()? {
                 Some(ReadItem::Record(r)) => {
-                    if samples + u64::from(r.meta.samples) > self.limits.max_samples
-                        || bytes + r.payload.len() > self.limits.max_bytes
+                    if samples + u64::from(r.meta.samples) > limits.max_samples
+                        || bytes + r.payload.len() > limits.max_bytes
                     {
                         self.held = Some(ReadItem::Record(r));
                         break;
@@ -228,13 +258,26 @@ impl Shipper {
         let range = first.seq..last.seq + 1;
         self.state.set_pending_since(first.meta.receive_time_ms);
         match self.send_range(&records, range.clone()).await {
-            Outcome::Delivered => self.checkpoint(range.end).await,
-            Outcome::Rejected { status, body } if resend => {
-                tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
-                    body = %body, "re-sent request refused: the replica already had it");
+            Outcome::Delivered => {
+                self.grow();
                 self.checkpoint(range.end).await;
             }
-            Outcome::Rejected { status, body } if records.len() == 1 => {
+            Outcome::Rejected {
+                status,
+                body,
+                ambiguous,
+            } if resend || ambiguous => {
+                // An earlier attempt of exactly these records may have been
+                // stored (before a restart, or by an attempt that timed out):
+                // the refusal of a re-send means the replica already has them.
+                tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
+                    body = %body, "re-sent request refused: the replica most likely already had it");
+                let samples = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+                self.state
+                    .add_assumed_delivered(records.len() as u64, samples);
+                self.checkpoint(range.end).await;
+            }
+            Outcome::Rejected { status, body, .. } if records.len() == 1 => {
                 tracing::warn!(replica = %self.state.name, seq = range.start, status, body = %body,
                     "replica rejected the record; skipping it");
                 self.state
@@ -248,6 +291,18 @@ impl Shipper {
                     Box::pin(self.deliver(vec![r], false)).await;
                 }
             }
+            Outcome::TooSlow => {
+                // Smaller requests may get through where this one times out.
+                // Attempts of the whole may have been stored, so the halves
+                // are re-sends.
+                tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
+                    "request timed out; splitting it and sending smaller requests");
+                self.shrink();
+                let mut first = records;
+                let second = first.split_off(first.len() / 2);
+                Box::pin(self.deliver(first, true)).await;
+                Box::pin(self.deliver(second, true)).await;
+            }
         }
     }
 
@@ -260,6 +315,7 @@ impl Shipper {
                 return Outcome::Rejected {
                     status: 0,
                     body: format!("cannot build the request from the log: {e}"),
+                    ambiguous: false,
                 }
             }
         };
@@ -279,9 +335,10 @@ impl Shipper {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.state.set_phase("sending");
+        let splittable = records.len() > 1;
         let outcome = self
             .sender
-            .send_with_retries(&self.state, body, samples)
+            .send_with_retries(&self.state, body, samples, splittable)
             .await;
         if matches!(outcome, Outcome::Delivered) {
             self.state.add_sent(records.len() as u64, samples);

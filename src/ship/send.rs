@@ -14,9 +14,23 @@ pub enum Outcome {
     /// The replica answered 2xx.
     Delivered,
     /// The replica answered a 4xx other than 429: it refuses the data, and a
-    /// retry would get the same answer.
-    Rejected { status: u16, body: String },
+    /// retry would get the same answer. `ambiguous` is true when an earlier
+    /// attempt of this very request may have been stored (it timed out, or
+    /// its connection broke after the request went out): Prometheus then
+    /// refuses the re-send as out of order although it holds the data, so
+    /// the refusal most likely means "already delivered".
+    Rejected {
+        status: u16,
+        body: String,
+        ambiguous: bool,
+    },
+    /// Attempts kept timing out: the request is too slow for the replica as
+    /// it is now. The caller splits it (only returned when it can).
+    TooSlow,
 }
+
+/// Consecutive timeouts after which a splittable request is given back.
+const TIMEOUTS_BEFORE_SPLIT: u32 = 1;
 
 /// Settings of a replica's HTTP client.
 #[derive(Debug, Clone)]
@@ -44,6 +58,8 @@ enum Attempt {
         reason: String,
         retry_after: Option<Duration>,
         status: &'static str,
+        /// The request may have reached the replica and been stored.
+        ambiguous: bool,
     },
 }
 
@@ -112,11 +128,15 @@ impl Sender {
     /// replica answers 2xx or a non-retryable 4xx. Retries wait with
     /// exponential backoff and jitter, or the replica's `Retry-After` when it
     /// sends one (capped at the maximum backoff).
+    ///
+    /// With `splittable`, repeated timeouts give up with
+    /// [`Outcome::TooSlow`] so the caller can send smaller requests.
     pub async fn send_with_retries(
         &self,
         state: &ReplicaState,
         body: Bytes,
         samples: u64,
+        splittable: bool,
     ) -> Outcome {
         let mut backoff = ExponentialBackoffBuilder::new()
             .with_initial_interval(self.options.min_backoff)
@@ -125,16 +145,22 @@ impl Sender {
             .with_randomization_factor(0.3)
             .with_max_elapsed_time(None)
             .build();
+        let mut ambiguous = false;
+        let mut timeouts = 0u32;
         loop {
             let started = Instant::now();
             let attempt = self.attempt(body.clone()).await;
             metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => state.name.clone())
                 .record(started.elapsed().as_secs_f64());
             match attempt {
-                Attempt::Done(outcome) => {
+                Attempt::Done(mut outcome) => {
+                    if let Outcome::Rejected { ambiguous: a, .. } = &mut outcome {
+                        *a = ambiguous;
+                    }
                     let status = match &outcome {
                         Outcome::Delivered => "2xx",
                         Outcome::Rejected { .. } => "4xx",
+                        Outcome::TooSlow => "timeout",
                     };
                     metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
                         .increment(1);
@@ -147,7 +173,18 @@ impl Sender {
                     reason,
                     retry_after,
                     status,
+                    ambiguous: maybe_stored,
                 } => {
+                    ambiguous |= maybe_stored;
+                    if status == "timeout" {
+                        timeouts += 1;
+                        if splittable && timeouts >= TIMEOUTS_BEFORE_SPLIT {
+                            state.set_retrying(format!("{reason}; splitting the request"));
+                            return Outcome::TooSlow;
+                        }
+                    } else {
+                        timeouts = 0;
+                    }
                     metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
                         .increment(1);
                     metrics::counter!("walrelay_replica_retries_total", "replica" => state.name.clone())
@@ -184,10 +221,13 @@ impl Sender {
                 } else {
                     "connection"
                 };
+                // A refused connection never carried the request; a timeout
+                // or a connection broken mid-request may have.
                 return Attempt::Retry {
                     reason: format!("{kind} error: {}", error_chain(&e)),
                     retry_after: None,
                     status: kind,
+                    ambiguous: !e.is_connect(),
                 };
             }
         };
@@ -214,11 +254,13 @@ impl Sender {
                 reason: format!("HTTP {code}: {text}"),
                 retry_after,
                 status: if code == 429 { "429" } else { "5xx" },
+                ambiguous: false,
             }
         } else {
             Attempt::Done(Outcome::Rejected {
                 status: code,
                 body: text,
+                ambiguous: false,
             })
         }
     }

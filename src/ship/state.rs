@@ -16,6 +16,7 @@ pub struct ReplicaState {
     sent_samples: AtomicU64,
     rejected_records: AtomicU64,
     rejected_samples: AtomicU64,
+    assumed_delivered_records: AtomicU64,
     skipped_records: AtomicU64,
     dropped_records: AtomicU64,
     dropped_samples: AtomicU64,
@@ -44,6 +45,9 @@ pub struct ReplicaStatus {
     pub sent_samples: u64,
     pub rejected_records: u64,
     pub rejected_samples: u64,
+    /// Records whose re-send (after a restart or an ambiguous attempt) was
+    /// refused: most likely the replica already had them.
+    pub assumed_delivered_records: u64,
     pub skipped_records: u64,
     pub dropped_records: u64,
     pub dropped_samples: u64,
@@ -61,6 +65,9 @@ pub(crate) fn now_ms() -> i64 {
 
 impl ReplicaState {
     pub fn new(name: &str, url: &str, delivered: u64) -> Self {
+        crate::metrics::register_replica_at_zero(name);
+        metrics::gauge!("walrelay_replica_cursor", "replica" => name.to_owned())
+            .set(delivered as f64);
         Self {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -70,6 +77,7 @@ impl ReplicaState {
             sent_samples: AtomicU64::new(0),
             rejected_records: AtomicU64::new(0),
             rejected_samples: AtomicU64::new(0),
+            assumed_delivered_records: AtomicU64::new(0),
             skipped_records: AtomicU64::new(0),
             dropped_records: AtomicU64::new(0),
             dropped_samples: AtomicU64::new(0),
@@ -108,9 +116,12 @@ impl ReplicaState {
 
     pub(crate) fn set_ok(&self) {
         let mut i = self.inner();
-        i.last_success_ms = Some(now_ms());
+        let now = now_ms();
+        i.last_success_ms = Some(now);
         i.phase = "ok";
         metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(1.0);
+        metrics::gauge!("walrelay_replica_last_success_timestamp_seconds", "replica" => self.name.clone())
+            .set(now as f64 / 1000.0);
     }
 
     pub(crate) fn set_retrying(&self, reason: String) {
@@ -144,6 +155,16 @@ impl ReplicaState {
         metrics::counter!("walrelay_replica_rejected_records_total", "replica" => self.name.clone())
             .increment(records);
         metrics::counter!("walrelay_replica_rejected_samples_total", "replica" => self.name.clone())
+            .increment(samples);
+    }
+
+    /// Records whose re-send was refused, most likely as already held.
+    pub(crate) fn add_assumed_delivered(&self, records: u64, samples: u64) {
+        self.assumed_delivered_records
+            .fetch_add(records, Ordering::Relaxed);
+        metrics::counter!("walrelay_replica_assumed_delivered_records_total", "replica" => self.name.clone())
+            .increment(records);
+        metrics::counter!("walrelay_replica_assumed_delivered_samples_total", "replica" => self.name.clone())
             .increment(samples);
     }
 
@@ -193,6 +214,7 @@ impl ReplicaState {
             sent_samples: self.sent_samples.load(Ordering::Relaxed),
             rejected_records: self.rejected_records.load(Ordering::Relaxed),
             rejected_samples: self.rejected_samples.load(Ordering::Relaxed),
+            assumed_delivered_records: self.assumed_delivered_records.load(Ordering::Relaxed),
             skipped_records: self.skipped_records.load(Ordering::Relaxed),
             dropped_records: self.dropped_records.load(Ordering::Relaxed),
             dropped_samples: self.dropped_samples.load(Ordering::Relaxed),

@@ -180,6 +180,9 @@ struct Shared {
     segments: RwLock<BTreeMap<u64, SegmentMeta>>,
     durable: watch::Sender<Durable>,
     tombstones: std::sync::Mutex<BTreeMap<u64, Tombstone>>,
+    /// Damaged places already reported (file, offset): each is counted once
+    /// however many readers cross it.
+    damage_seen: std::sync::Mutex<std::collections::HashSet<(PathBuf, u64)>>,
 }
 
 impl Shared {
@@ -204,7 +207,16 @@ impl Shared {
             segments: RwLock::new(segments),
             durable: watch::Sender::new(Durable { end_seq }),
             tombstones: std::sync::Mutex::new(BTreeMap::new()),
+            damage_seen: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Records a damaged place; true the first time it is seen.
+    fn note_damage(&self, file: &Path, offset: u64) -> bool {
+        self.damage_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((file.to_path_buf(), offset))
     }
 }
 

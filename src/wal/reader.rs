@@ -234,14 +234,21 @@ impl WalReader {
         let from = self.next_seq;
         self.next_seq = self.next_seq.max(to);
         match self.damage.take() {
-            Some(d) => ReadItem::Gap(Gap {
-                from,
-                to,
-                file: Some(d.file),
-                offset: Some(d.offset),
-                reason: d.reason,
-                error_code: d.error_code,
-            }),
+            Some(d) => {
+                if self.shared.note_damage(&d.file, d.offset) {
+                    tracing::error!(file = %d.file.display(), offset = d.offset, reason = %d.reason,
+                        from, to, "corruption found in the log; the damaged records are skipped");
+                    metrics::counter!("walrelay_wal_corruptions_total").increment(1);
+                }
+                ReadItem::Gap(Gap {
+                    from,
+                    to,
+                    file: Some(d.file),
+                    offset: Some(d.offset),
+                    reason: d.reason,
+                    error_code: d.error_code,
+                })
+            }
             None => ReadItem::Gap(Gap {
                 from,
                 to,

@@ -106,6 +106,11 @@ pub fn open(
         None => (None, options.initial_seq),
     };
     let shared = Arc::new(Shared::new(dir, Arc::clone(&storage), segments, next_seq));
+    // Damage reported here is counted by the caller; readers crossing it
+    // later must not count it again.
+    for d in &report.damage {
+        shared.note_damage(&d.file, d.offset);
+    }
     let writer = WalWriter::open(Arc::clone(&shared), active, next_seq, options)?;
     let wal = Wal { shared };
     let extent = wal.extent();
