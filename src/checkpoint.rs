@@ -14,9 +14,19 @@
 //! Keys are `replica/<name>/delivered` and `replica/<name>/inflight`, values
 //! little-endian u64s (one, or two for a range). Every change is flushed
 //! (fsync'd) before the call returns.
+//!
+//! A full disk must not stop the store for good. sled 0.34 keeps the first
+//! I/O error it meets and fails every later call with it for as long as the
+//! database is open; after one ENOSPC the shippers could never checkpoint
+//! again, so no segment could ever be deleted and a disk that filled once
+//! would stay full until a restart. So when a call fails for lack of space,
+//! the handle is closed and the next call reopens it (sled's recovery reads
+//! what is on disk, as after a restart); the failed call itself returns the
+//! error and its caller retries.
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Errors of the checkpoint store.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +39,13 @@ pub enum CheckpointError {
     /// A checkpoint operation panicked in its worker thread; retried.
     #[error("checkpoint operation failed: {0}")]
     Panicked(String),
+    /// fsync of the store's data file failed: its dirty pages may be gone,
+    /// so the store refuses every later call until a restart (the same rule
+    /// as the log writer). Not recoverable in place.
+    #[error(
+        "checkpoint store {path}: fsync failed ({cause}); the store has stopped, restart the relay"
+    )]
+    SyncFailed { path: String, cause: String },
     /// A stored value has the wrong size: the store is damaged.
     #[error("checkpoint store: value of {key} has {len} bytes, expected {expected}")]
     BadValue {
@@ -48,7 +65,17 @@ pub struct Cursor {
 /// The checkpoint store.
 #[derive(Clone)]
 pub struct Checkpoints {
-    db: sled::Db,
+    /// None after an out-of-space error closed it: reopened on the next call.
+    db: Arc<Mutex<Option<sled::Db>>>,
+    /// sled's data file, opened once: sled's own `flush` only issues
+    /// `sync_file_range`, which makes neither the file size nor the disk
+    /// cache durable, so every flush is followed by an fdatasync of this
+    /// handle. It is opened before any write so that Linux reports a
+    /// writeback error to it even if sled's own flusher met it first.
+    data_file: Arc<Option<std::fs::File>>,
+    /// Set when an fdatasync failed: the store stops for good.
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    dir: PathBuf,
     path: String,
 }
 
@@ -64,15 +91,22 @@ impl Checkpoints {
     /// process, damaged, no permission).
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
         let p = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|source| CheckpointError::Store {
-                path: p.clone(),
-                source,
-            })?;
-        Ok(Self { db, path: p })
+        let db = open_db(path).map_err(|source| CheckpointError::Store {
+            path: p.clone(),
+            source,
+        })?;
+        let data_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path.join("db"))
+            .ok();
+        Ok(Self {
+            db: Arc::new(Mutex::new(Some(db))),
+            data_file: Arc::new(data_file),
+            failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            dir: path.to_path_buf(),
+            path: p,
+        })
     }
 
     fn err(&self, source: sled::Error) -> CheckpointError {
@@ -82,8 +116,41 @@ impl Checkpoints {
         }
     }
 
+    /// Runs `f` on the open database (reopening it first if an earlier
+    /// out-of-space error closed it); closes it when `f` runs out of space.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&sled::Db) -> sled::Result<T>,
+    ) -> Result<T, CheckpointError> {
+        if self.failed() {
+            return Err(CheckpointError::SyncFailed {
+                path: self.path.clone(),
+                cause: "an earlier fsync failed".into(),
+            });
+        }
+        let mut slot = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let db = match slot.take() {
+            Some(db) => db,
+            None => {
+                let db = open_db(&self.dir).map_err(|e| self.err(e))?;
+                tracing::info!(path = %self.path, "checkpoint store reopened after running out of space");
+                db
+            }
+        };
+        let result = f(&db);
+        match &result {
+            Err(sled::Error::Io(e)) if out_of_space(e) => {
+                tracing::warn!(path = %self.path, error = %e,
+                    "checkpoint store out of space; it will be reopened at the next attempt");
+                drop(db);
+            }
+            _ => *slot = Some(db),
+        }
+        result.map_err(|e| self.err(e))
+    }
+
     fn get_u64s<const N: usize>(&self, k: &str) -> Result<Option<[u64; N]>, CheckpointError> {
-        let Some(v) = self.db.get(k).map_err(|e| self.err(e))? else {
+        let Some(v) = self.with_db(|db| db.get(k))? else {
             return Ok(None);
         };
         if v.len() != N * 8 {
@@ -120,9 +187,13 @@ impl Checkpoints {
     /// # Errors
     /// Store errors.
     pub fn replicas(&self) -> Result<Vec<String>, CheckpointError> {
+        let keys = self.with_db(|db| {
+            db.scan_prefix("replica/")
+                .keys()
+                .collect::<sled::Result<Vec<_>>>()
+        })?;
         let mut names = Vec::new();
-        for item in self.db.scan_prefix("replica/") {
-            let (k, _) = item.map_err(|e| self.err(e))?;
+        for k in keys {
             let k = String::from_utf8_lossy(&k).into_owned();
             if let Some(name) = k
                 .strip_prefix("replica/")
@@ -142,10 +213,11 @@ impl Checkpoints {
         let mut v = Vec::with_capacity(16);
         v.extend_from_slice(&range.start.to_le_bytes());
         v.extend_from_slice(&range.end.to_le_bytes());
-        self.db
-            .insert(key(replica, "inflight"), v)
-            .map_err(|e| self.err(e))?;
-        self.flush()
+        self.with_db(|db| {
+            db.insert(key(replica, "inflight"), v)?;
+            db.flush()
+        })?;
+        self.sync()
     }
 
     /// Records that everything below `delivered` is done and clears the
@@ -160,8 +232,36 @@ impl Checkpoints {
             &delivered.to_le_bytes()[..],
         );
         batch.remove(key(replica, "inflight").as_bytes());
-        self.db.apply_batch(batch).map_err(|e| self.err(e))?;
-        self.flush()
+        self.apply(batch)
+    }
+
+    /// [`Self::complete`] for the request just delivered and
+    /// [`Self::begin_send`] for the next one, atomically and with one flush:
+    /// the next range is durable before it is sent, as with `begin_send`,
+    /// and the previous request's completion is durable at the latest then.
+    /// Until then a restart finds the previous range still in flight and
+    /// re-sends it alone, which is safe (the replica refuses or accepts
+    /// again what it already has), so a busy shipper needs one flush per
+    /// request instead of two.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn complete_and_begin(
+        &self,
+        replica: &str,
+        delivered: u64,
+        next: Range<u64>,
+    ) -> Result<(), CheckpointError> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&next.start.to_le_bytes());
+        v.extend_from_slice(&next.end.to_le_bytes());
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            key(replica, "delivered").as_bytes(),
+            &delivered.to_le_bytes()[..],
+        );
+        batch.insert(key(replica, "inflight").as_bytes(), v);
+        self.apply(batch)
     }
 
     /// Moves a replica's cursor (operator action or first start), clearing
@@ -181,14 +281,60 @@ impl Checkpoints {
         let mut batch = sled::Batch::default();
         batch.remove(key(replica, "delivered").as_bytes());
         batch.remove(key(replica, "inflight").as_bytes());
-        self.db.apply_batch(batch).map_err(|e| self.err(e))?;
-        self.flush()
+        self.apply(batch)
     }
 
-    fn flush(&self) -> Result<(), CheckpointError> {
-        self.db.flush().map_err(|e| self.err(e))?;
-        Ok(())
+    /// Applies `batch` atomically and flushes it.
+    fn apply(&self, batch: sled::Batch) -> Result<(), CheckpointError> {
+        self.with_db(|db| {
+            db.apply_batch(batch)?;
+            db.flush()
+        })?;
+        self.sync()
     }
+
+    /// True once an fsync of the store failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Makes what sled flushed durable. Out of space is retried by the
+    /// caller (nothing is claimed durable); any other error stops the store.
+    fn sync(&self) -> Result<(), CheckpointError> {
+        let Some(file) = self.data_file.as_ref() else {
+            return Ok(());
+        };
+        match file.sync_data() {
+            Ok(()) => Ok(()),
+            Err(e) if out_of_space(&e) => Err(self.err(sled::Error::Io(e))),
+            Err(e) => {
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                metrics::gauge!("walrelay_checkpoint_store_failed").set(1.0);
+                tracing::error!(path = %self.path, error = %e, "checkpoint store fsync failed; it has stopped");
+                Err(CheckpointError::SyncFailed {
+                    path: self.path.clone(),
+                    cause: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT. sled hands out copies of its stored error that keep
+/// the kind but not the OS error code.
+fn out_of_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::LowSpace)
+        .open()
 }
 
 #[cfg(test)]
@@ -213,11 +359,19 @@ mod tests {
                 inflight: Some(10..25)
             }
         );
-        cp.complete("a", 25).unwrap();
+        cp.complete_and_begin("a", 25, 25..30).unwrap();
         assert_eq!(
             cp.cursor("a").unwrap(),
             Cursor {
                 delivered: Some(25),
+                inflight: Some(25..30)
+            }
+        );
+        cp.complete("a", 30).unwrap();
+        assert_eq!(
+            cp.cursor("a").unwrap(),
+            Cursor {
+                delivered: Some(30),
                 inflight: None
             }
         );

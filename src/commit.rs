@@ -28,6 +28,26 @@ use crate::wal::{Wal, WalError, WalWriter};
 /// Most bytes written in one group commit before syncing.
 const MAX_BATCH_BYTES: usize = 64 << 20;
 
+/// Free space the log leaves on its filesystem (at most a quarter of it):
+/// the replicas' checkpoint store lives on the same volume, and a replica
+/// whose position cannot be written can never advance, so the segments it
+/// holds could never be deleted and a full disk would never drain.
+const DISK_RESERVE_BYTES: u64 = 16 << 20;
+
+/// Bytes the log may still use on the filesystem holding `dir`, after the
+/// reserve; None when the filesystem cannot be asked or reports no size
+/// (some FUSE and network filesystems), so that it is never refused on a
+/// number that means nothing.
+fn disk_space_left(dir: &std::path::Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let total = st.f_blocks.saturating_mul(st.f_frsize);
+    if total == 0 {
+        return None;
+    }
+    Some(free.saturating_sub(DISK_RESERVE_BYTES.min(total / 4)))
+}
+
 /// Why an append was not committed. Every case means: not stored, not
 /// acknowledged; the sender may retry.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -240,6 +260,17 @@ fn commit_batch(
             });
         }
     }
+    if disk_space_left(wal.dir()).is_some_and(|left| bytes as u64 > left) {
+        // Refused like a full disk, before the disk is really full.
+        retention.collect_delivered();
+        free_fully_delivered(writer, retention);
+        if let Some(left) = disk_space_left(wal.dir()).filter(|&left| bytes as u64 > left) {
+            return Err(CommitError::NoSpace(format!(
+                "{left} bytes left on the log's filesystem (beyond the space kept free for \
+                 the checkpoint store), {bytes} needed"
+            )));
+        }
+    }
     let refs: Vec<RecordRef<'_>> = batch
         .iter()
         .map(|a| RecordRef {
@@ -259,6 +290,10 @@ fn commit_batch(
         }
         Err(e) => return Err(e.into()),
     };
+    writer.stage_for_readers(
+        range.start,
+        batch.iter().map(|a| (a.meta.clone(), a.payload.clone())),
+    );
     metrics::histogram!("walrelay_wal_append_duration_seconds").record(t.elapsed().as_secs_f64());
     let t = Instant::now();
     writer.sync()?;

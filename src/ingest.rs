@@ -124,6 +124,20 @@ impl Ingest {
         }
         if let Some(len) = header(CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
             if len > self.max_body_bytes as u64 {
+                // Answered with the body unread, the connection is closed
+                // while the client may still be sending; the unread bytes
+                // make the kernel reset it, the 413 is lost, and the sender
+                // sees a network error, which remote-write senders retry
+                // for ever. So a body up to twice the limit is read and
+                // discarded first (a client waiting for 100-continue sends
+                // none).
+                let waits_for_continue = req
+                    .headers()
+                    .get(hyper::header::EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                if len <= 2 * self.max_body_bytes as u64 && !waits_for_continue {
+                    discard_body(req.into_body()).await;
+                }
                 return (self.body_too_large(), 0);
             }
         }
@@ -204,6 +218,18 @@ impl Ingest {
             )),
         }
     }
+}
+
+/// How long [`discard_body`] reads at most.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a body to its end (for at most [`DISCARD_TIMEOUT`]), keeping none
+/// of it.
+async fn discard_body(mut body: Incoming) {
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
 }
 
 fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {

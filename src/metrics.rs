@@ -65,6 +65,7 @@ fn register_at_zero() {
         metrics::counter!("walrelay_ingest_requests_total", "status" => status).increment(0);
     }
     metrics::gauge!("walrelay_wal_writer_failed").set(0.0);
+    metrics::gauge!("walrelay_checkpoint_store_failed").set(0.0);
 }
 
 /// Creates one replica's series of rare events at zero.

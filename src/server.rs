@@ -45,6 +45,7 @@ struct App {
     max_disk_bytes: u64,
     ready: AtomicBool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    checkpoints: Checkpoints,
 }
 
 /// Runs the relay until `shutdown` is cancelled.
@@ -67,7 +68,7 @@ pub async fn run(
         zstd_level: config.zstd_level,
         ..WalOptions::default()
     };
-    let (writer, wal, recovery) = {
+    let (mut writer, wal, recovery) = {
         let dir = wal_dir.clone();
         tokio::task::spawn_blocking(move || wal::open(Arc::new(RealStorage), &dir, options))
             .await
@@ -84,13 +85,48 @@ pub async fn run(
     // retention or the commit thread start: retention must never see a
     // position the replica does not really have.
     let mut replicas = Vec::new();
+    // Never hand out again a sequence number a replica has passed: when the
+    // log lost records at its end that a replica had already received (a
+    // truncated tail, a volume restored from an older copy), new records
+    // would take their numbers and that replica would skip them as
+    // delivered. Done before new replicas take the head as their start.
+    for r in &config.replicas {
+        let cursor = checkpoints.cursor(&r.name)?;
+        let passed = cursor
+            .delivered
+            .into_iter()
+            .chain(cursor.inflight.map(|i| i.end))
+            .max()
+            .unwrap_or(0);
+        if passed > writer.next_seq() {
+            tracing::error!(replica = %r.name, position = passed, log_end = writer.next_seq(),
+                "the log ends before this replica's position: records it received are no \
+                 longer in the log; new records are numbered from its position on");
+            writer.skip_to(passed);
+        }
+    }
     let extent = wal.extent();
+    // A store holding no position at all beside a log holding records was
+    // lost or recreated (not a new replica joining a running relay): then
+    // "head" would silently skip what the replicas never received, so every
+    // replica starts at the oldest record instead.
+    let store_lost = checkpoints.replicas()?.is_empty() && extent.first_seq < extent.end_seq;
+    if store_lost && !config.replicas.is_empty() {
+        tracing::error!(
+            first_seq = extent.first_seq,
+            end_seq = extent.end_seq,
+            "the checkpoint store holds no replica position but the log holds records: \
+             starting every replica at the oldest record (re-sends are refused as duplicates \
+             by the replicas and counted, nothing is skipped)"
+        );
+    }
     for r in &config.replicas {
         let cursor = checkpoints.cursor(&r.name)?;
         let delivered = match cursor.delivered {
             Some(d) => d,
             None => {
                 let start = match config.new_replica_start {
+                    _ if store_lost => extent.first_seq,
                     crate::config::StartAt::Head => extent.end_seq,
                     crate::config::StartAt::Oldest => extent.first_seq,
                 };
@@ -172,6 +208,7 @@ pub async fn run(
         max_disk_bytes: config.max_disk_bytes,
         ready: AtomicBool::new(true),
         metrics,
+        checkpoints: checkpoints.clone(),
     });
     metrics::gauge!("walrelay_disk_budget_bytes").set(config.max_disk_bytes as f64);
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(),
@@ -345,10 +382,14 @@ async fn serve_http(
             let app = Arc::clone(&app);
             async move { Ok::<_, Infallible>(route(&app, req).await) }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = conn.await;
+            if !request_started(&stream).await {
+                return;
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
         });
     }
     drop(listener);
@@ -359,6 +400,35 @@ async fn serve_http(
     {
         tracing::warn!("open connections did not finish within the shutdown timeout");
     }
+}
+
+/// How long a new connection may take to show which protocol it speaks.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until a new connection has sent enough to tell HTTP/1 from HTTP/2
+/// (or closed), for at most [`FIRST_BYTES_TIMEOUT`]; false if it did not.
+/// hyper-util's auto builder reads the first bytes for that with no timeout
+/// of its own, and hyper's header read timeout only starts after it: a
+/// client that connects and sends nothing (or only the start of the HTTP/2
+/// preface) would hold its connection and file descriptor forever.
+async fn request_started(stream: &tokio::net::TcpStream) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let decided = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut buf).await?;
+            if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] {
+                return Ok::<_, std::io::Error>(());
+            }
+            // A prefix of the HTTP/2 preface: peek returns at once while
+            // those bytes are buffered, so wait a little for more.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    matches!(
+        tokio::time::timeout(FIRST_BYTES_TIMEOUT, decided).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn route(app: &App, req: Request<Incoming>) -> HttpResponse {
@@ -377,6 +447,11 @@ async fn route(app: &App, req: Request<Incoming>) -> HttpResponse {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "log writer failed (fsync); restart to recover",
+                )
+            } else if app.checkpoints.failed() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "checkpoint store failed (fsync); restart to recover",
                 )
             } else {
                 text(StatusCode::OK, "walrelay is healthy")

@@ -520,17 +520,15 @@ async fn fsync_failure() {
 
 /// fsync failures in the checkpoint store (sled), then a power loss.
 ///
-/// Known to lose acknowledged samples (see the report of issue 5): sled
-/// 0.34's periodic flusher logs a failed fsync and carries on (its `flush()`
-/// itself only calls `sync_file_range`, which makes nothing durable), so the
-/// data the failed fsync covered never reaches the disk while walrelay
-/// believes it flushed; after the power loss sled comes back without the
-/// replica's position, walrelay takes the replica for a new one and starts
-/// it at the head of the log, and what it had not yet received is skipped
-/// without a word. Run with `--ignored` to reproduce.
+/// Regression test: this used to lose acknowledged samples. sled 0.34's
+/// `flush()` only calls `sync_file_range` and its periodic flusher logs a
+/// failed fsync and carries on, so positions were never really durable;
+/// after the power loss sled came back without a replica's position and the
+/// relay started it at the head of the log, skipping what it had not yet
+/// received. Now every flush is followed by an fdatasync of sled's data file
+/// (a failure stops the store and fails /-/healthy), and a store with no
+/// positions beside a non-empty log starts every replica at the oldest record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "walrelay loses acknowledged samples: a failed checkpoint fsync is retried and trusted (sled), \
-            and a lost position restarts the replica at the head"]
 async fn checkpoint_fsync_failure() {
     let mut report = Report::new(
         "checkpoint_fsync_failure",

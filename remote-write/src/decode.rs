@@ -462,6 +462,30 @@ pub fn validate(
             limit: limits.max_decoded_bytes,
         });
     }
+    // The common case (1.0, labels and float samples only) without
+    // materialising the message: see `wire::validate_v1_fast`.
+    if protocol == Protocol::V1 {
+        if let Some(summary) = wire::validate_v1_fast(decoded, limits) {
+            return Ok(summary);
+        }
+    }
+    validate_without_fast_path(protocol, decoded, limits)
+}
+
+/// [`validate`] without its allocation-free fast path for plain 1.0
+/// requests: the reference the fast path is tested against.
+#[doc(hidden)]
+pub fn validate_without_fast_path(
+    protocol: Protocol,
+    decoded: &[u8],
+    limits: &Limits,
+) -> Result<Summary, DecodeError> {
+    if decoded.len() > limits.max_decoded_bytes {
+        return Err(DecodeError::TooLarge {
+            declared: decoded.len() as u64,
+            limit: limits.max_decoded_bytes,
+        });
+    }
     let shape = wire::scan(protocol, decoded).map_err(|e| {
         DecodeError::Protobuf(match protocol {
             Protocol::V1 => format!("prometheus.WriteRequest: {e}"),
@@ -625,7 +649,7 @@ pub(crate) fn resolve_pairs<'a>(
 }
 
 /// The label rules; sorts `labels` by name.
-fn check_labels(
+pub(crate) fn check_labels(
     series: usize,
     labels: &mut [(&str, &str)],
     limits: &Limits,
@@ -664,7 +688,9 @@ fn check_labels(
             has_name = true;
         }
     }
-    labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if !labels.is_sorted_by_key(|l| l.0) {
+        labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
     if let Some(w) = labels.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(DecodeError::DuplicateLabelName {
             series,

@@ -290,11 +290,269 @@ fn scan_histogram(buf: &[u8], shape: &mut Shape) -> Result<(), String> {
     Ok(())
 }
 
+/// The common case of a 1.0 request, validated without decoding it into
+/// owned structs: series made only of labels and float samples, every field
+/// with its expected wire type and nothing else. Returns the summary when
+/// the request is valid, and `None` for anything else (metadata, exemplars,
+/// histograms, unknown fields, a protobuf or a rule error), in which case
+/// the caller runs the full path ([`crate::decode::validate`]'s prost
+/// decode), which alone produces the exact error.
+///
+/// It accepts exactly what the full path accepts for such requests: the
+/// same wire-level rules as prost (key, varint and length checks, UTF-8
+/// strings, the last occurrence of a singular field wins) and the same
+/// label rules as [`crate::decode::check_labels`], on the raw bytes
+/// ([`fast_label_rules`]); `tests/fast_path.rs` compares the two paths. The full path's
+/// allocation guards (series limit, expansion estimate) are there to bound
+/// what prost would allocate; this walk allocates nothing per element, and
+/// a request it accepts needs at most about 10 times its size in prost
+/// structs (a series is at least 17 bytes for 144 bytes of struct, a label
+/// 5 for 48, a sample 2 for 16), well under [`crate::decode::MAX_EXPANSION`].
+/// The series limit is still applied.
+pub(crate) fn validate_v1_fast(
+    buf: &[u8],
+    limits: &crate::decode::Limits,
+) -> Option<crate::decode::Summary> {
+    let mut summary = crate::decode::Summary::default();
+    let mut labels: Vec<(&[u8], &[u8])> = Vec::with_capacity(16);
+    let mut r = Fast { buf, pos: 0 };
+    while r.more() {
+        // Only one-byte keys: a key written in more bytes than it needs is
+        // valid protobuf, but left to the full path.
+        if r.byte()? != KEY_1_LEN {
+            return None;
+        }
+        let mut s = Fast {
+            buf: r.len_delimited()?,
+            pos: 0,
+        };
+        labels.clear();
+        let mut samples = 0u64;
+        while s.more() {
+            match s.byte()? {
+                KEY_1_LEN => labels.push(fast_label(s.len_delimited()?)?),
+                KEY_2_LEN => {
+                    summary.observe_ts(fast_sample_ts(s.len_delimited()?)?);
+                    samples += 1;
+                }
+                _ => return None,
+            }
+        }
+        if !fast_label_rules(&mut labels, limits) {
+            return None;
+        }
+        summary.series += 1;
+        summary.samples += samples;
+    }
+    if limits.max_series != 0 && summary.series > limits.max_series as u64 {
+        return None;
+    }
+    Some(summary)
+}
+
+/// The rules of [`crate::decode::check_labels`] on raw label bytes (true:
+/// all hold): at least one label, none with an empty name, no name twice, a
+/// non-empty `__name__`, the optional limits, and every name and value valid
+/// UTF-8 (as prost requires of strings). Names compare as bytes, which for
+/// UTF-8 is the order of `str`.
+#[inline]
+fn fast_label_rules(labels: &mut [(&[u8], &[u8])], limits: &crate::decode::Limits) -> bool {
+    if labels.is_empty()
+        || (limits.max_labels_per_series != 0 && labels.len() > limits.max_labels_per_series)
+    {
+        return false;
+    }
+    let mut has_name = false;
+    let mut increasing = true;
+    let mut prev: &[u8] = &[];
+    for &(name, value) in labels.iter() {
+        if name.is_empty()
+            || (limits.max_label_name_len != 0 && name.len() > limits.max_label_name_len)
+            || (limits.max_label_value_len != 0 && value.len() > limits.max_label_value_len)
+            || !utf8(name)
+            || !utf8(value)
+        {
+            return false;
+        }
+        if name == crate::METRIC_NAME_LABEL.as_bytes() && !value.is_empty() {
+            has_name = true;
+        }
+        increasing &= prev < name;
+        prev = name;
+    }
+    if !increasing {
+        // Senders sort labels by name, so this is rare.
+        labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        if labels.windows(2).any(|w| w[0].0 == w[1].0) {
+            return false;
+        }
+    }
+    has_name
+}
+
+#[inline]
+fn utf8(b: &[u8]) -> bool {
+    b.is_ascii() || std::str::from_utf8(b).is_ok()
+}
+
+/// Field 1, length-delimited.
+const KEY_1_LEN: u8 = (1 << 3) | WT_LEN;
+/// Field 2, length-delimited.
+const KEY_2_LEN: u8 = (2 << 3) | WT_LEN;
+/// Field 1, 64-bit.
+const KEY_1_I64: u8 = (1 << 3) | WT_I64;
+/// Field 2, varint.
+const KEY_2_VARINT: u8 = (2 << 3) | WT_VARINT;
+
+/// A lean cursor for [`validate_v1_fast`]: every failure is `None`.
+struct Fast<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Fast<'a> {
+    #[inline]
+    fn more(&self) -> bool {
+        self.pos < self.buf.len()
+    }
+
+    #[inline]
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    /// A varint with prost's rules (at most 10 bytes, the last at most 1).
+    #[inline(always)]
+    fn varint(&mut self) -> Option<u64> {
+        let b = self.byte()?;
+        if b < 0x80 {
+            return Some(u64::from(b));
+        }
+        self.varint_rest(b)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn varint_rest(&mut self, b: u8) -> Option<u64> {
+        let mut value = u64::from(b & 0x7f);
+        for i in 1..10 {
+            let b = self.byte()?;
+            if i == 9 && b > 1 {
+                return None;
+            }
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    #[inline(always)]
+    fn len_delimited(&mut self) -> Option<&'a [u8]> {
+        let len = self.varint()?;
+        let end = self.pos.checked_add(usize::try_from(len).ok()?)?;
+        let out = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(out)
+    }
+}
+
+/// A `Label { string name = 1; string value = 2; }`.
+#[inline]
+fn fast_label(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mut name, mut value): (&[u8], &[u8]) = (&[], &[]);
+    let mut r = Fast { buf, pos: 0 };
+    while r.more() {
+        // prost checks every occurrence of a string, not only the last one
+        // it keeps: an occurrence being replaced is checked here, the last
+        // one with the rules.
+        match r.byte()? {
+            KEY_1_LEN => {
+                if !utf8(name) {
+                    return None;
+                }
+                name = r.len_delimited()?;
+            }
+            KEY_2_LEN => {
+                if !utf8(value) {
+                    return None;
+                }
+                value = r.len_delimited()?;
+            }
+            _ => return None,
+        }
+    }
+    Some((name, value))
+}
+
+/// The timestamp of a `Sample { double value = 1; int64 timestamp = 2; }`.
+#[inline]
+fn fast_sample_ts(buf: &[u8]) -> Option<i64> {
+    let mut ts = 0i64;
+    let mut r = Fast { buf, pos: 0 };
+    while r.more() {
+        match r.byte()? {
+            KEY_1_I64 => {
+                r.pos = r.pos.checked_add(8).filter(|&e| e <= r.buf.len())?;
+            }
+            KEY_2_VARINT => ts = r.varint()? as i64,
+            _ => return None,
+        }
+    }
+    Some(ts)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn fast_path_takes_plain_requests_only() {
+        let series = v1::TimeSeries {
+            labels: vec![
+                v1::Label {
+                    name: "__name__".into(),
+                    value: "up".into(),
+                },
+                v1::Label {
+                    name: "job".into(),
+                    value: "x".into(),
+                },
+            ],
+            samples: vec![
+                v1::Sample {
+                    value: 1.0,
+                    timestamp: 10,
+                },
+                v1::Sample {
+                    value: 2.0,
+                    timestamp: 20,
+                },
+            ],
+            ..Default::default()
+        };
+        let limits = crate::decode::Limits::default();
+        let mut req = v1::WriteRequest {
+            timeseries: vec![series.clone(), series],
+            metadata: vec![],
+        };
+        let s = validate_v1_fast(&req.encode_to_vec(), &limits).unwrap();
+        assert_eq!((s.series, s.samples, s.min_ts, s.max_ts), (2, 4, 10, 20));
+        // Anything else goes to the full path.
+        req.metadata.push(v1::MetricMetadata::default());
+        assert!(validate_v1_fast(&req.encode_to_vec(), &limits).is_none());
+        req.metadata.clear();
+        req.timeseries[1].exemplars.push(v1::Exemplar::default());
+        assert!(validate_v1_fast(&req.encode_to_vec(), &limits).is_none());
+        req.timeseries[1].exemplars.clear();
+        req.timeseries[1].labels[1].name = "__name__".into();
+        assert!(validate_v1_fast(&req.encode_to_vec(), &limits).is_none());
+    }
 
     #[test]
     fn counts_series_of_both_protocols() {

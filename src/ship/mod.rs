@@ -10,6 +10,10 @@
 //! The in-flight request's exact range is checkpointed before it is sent
 //! (see [`crate::checkpoint`]); after a restart that range is re-sent on its
 //! own first, and a 4xx for it then means the replica already had it.
+//! While records keep coming, a delivery's completion is checkpointed
+//! together with the next request's range (one flush per request, see
+//! [`Checkpoints::complete_and_begin`]); when the shipper goes idle or
+//! stops, on its own.
 //!
 //! Outcomes ([`send`]): 2xx advances; 5xx, 429, connection errors and timeouts
 //! retry the same request with exponential backoff and jitter, honouring
@@ -57,7 +61,17 @@ pub struct Shipper {
     /// request is too slow for the replica to answer within the timeout, and
     /// grown back as requests succeed.
     current: BatchLimits,
+    /// Everything below this was delivered, but the checkpoint store does
+    /// not have it yet: it is written with the next request's in-flight
+    /// range (one flush for both), or on its own when the shipper goes idle
+    /// or stops.
+    unflushed: Option<u64>,
+    /// Buffers for request bodies, kept between requests.
+    builder: payload::BodyBuilder,
 }
+
+/// How long a batch under half the limits waits for more records.
+const LINGER: Duration = Duration::from_millis(5);
 
 /// Smallest adaptive limits: a record is always sent, whatever its size.
 const MIN_BATCH: BatchLimits = BatchLimits {
@@ -83,6 +97,8 @@ impl Shipper {
             start_at,
             held: None,
             current: limits,
+            unflushed: None,
+            builder: payload::BodyBuilder::default(),
         }
     }
 
@@ -110,6 +126,16 @@ impl Shipper {
         tokio::select! {
             () = self.ship() => {}
             () = shutdown.cancelled() => {}
+        }
+        // Stopped while a delivery was not checkpointed yet: write it, so
+        // that a clean restart does not re-send it.
+        if let Some(delivered) = self.unflushed {
+            let cp = self.checkpoints.clone();
+            let name = self.state.name.clone();
+            if let Err(e) = blocking(move || cp.complete(&name, delivered)).await {
+                tracing::warn!(replica = %self.state.name, error = %e,
+                    "cannot checkpoint the last delivery; it will be re-sent at the next start");
+            }
         }
         self.state.set_phase("stopped");
     }
@@ -213,10 +239,15 @@ impl Shipper {
     async fn next_batch(&mut self, reader: &mut WalReader) -> Result<Batch, crate::wal::WalError> {
         let first = match self.held.take() {
             Some(item) => item,
-            None => {
-                self.state.set_caught_up();
-                reader.next().await?
-            }
+            None => match reader.try_next()? {
+                Some(item) => item,
+                None => {
+                    // Idle: checkpoint what was delivered before waiting.
+                    self.flush_delivered().await;
+                    self.state.set_caught_up();
+                    reader.next().await?
+                }
+            },
         };
         let mut records = match first {
             ReadItem::Gap(g) => return Ok(Batch::Gap(g)),
@@ -225,25 +256,39 @@ impl Shipper {
         let mut samples = u64::from(records[0].meta.samples);
         let mut bytes = records[0].payload.len();
         let limits = self.current;
-        while samples < limits.max_samples && bytes < limits.max_bytes {
-            match reader.try_next()? {
-                Some(ReadItem::Record(r)) => {
-                    if samples + u64::from(r.meta.samples) > limits.max_samples
-                        || bytes + r.payload.len() > limits.max_bytes
-                    {
-                        self.held = Some(ReadItem::Record(r));
+        let mut lingered = false;
+        loop {
+            while samples < limits.max_samples && bytes < limits.max_bytes {
+                match reader.try_next()? {
+                    Some(ReadItem::Record(r)) => {
+                        if samples + u64::from(r.meta.samples) > limits.max_samples
+                            || bytes + r.payload.len() > limits.max_bytes
+                        {
+                            self.held = Some(ReadItem::Record(r));
+                            break;
+                        }
+                        samples += u64::from(r.meta.samples);
+                        bytes += r.payload.len();
+                        records.push(r);
+                    }
+                    Some(gap) => {
+                        self.held = Some(gap);
                         break;
                     }
-                    samples += u64::from(r.meta.samples);
-                    bytes += r.payload.len();
-                    records.push(r);
+                    None => break,
                 }
-                Some(gap) => {
-                    self.held = Some(gap);
-                    break;
-                }
-                None => break,
             }
+            // A small batch waits a moment for the next group commit: fewer,
+            // larger requests cost the replica and the relay less per sample.
+            if lingered
+                || self.held.is_some()
+                || samples >= limits.max_samples / 2
+                || bytes >= limits.max_bytes / 2
+            {
+                break;
+            }
+            lingered = true;
+            let _ = tokio::time::timeout(LINGER, reader.wait_for_more()).await;
         }
         Ok(Batch::Records(records))
     }
@@ -260,7 +305,9 @@ impl Shipper {
         match self.send_range(&records, range.clone()).await {
             Outcome::Delivered => {
                 self.grow();
-                self.checkpoint(range.end).await;
+                // Checkpointed with the next request's range, or when idle.
+                self.unflushed = Some(range.end);
+                self.state.set_delivered(range.end);
             }
             Outcome::Rejected {
                 status,
@@ -309,7 +356,7 @@ impl Shipper {
     /// Checkpoints the range as in flight, then sends it until it is
     /// delivered or rejected.
     async fn send_range(&mut self, records: &[Record], range: Range<u64>) -> Outcome {
-        let body = match payload::build_v1(records) {
+        let body = match self.builder.build_v1(records) {
             Ok(b) => b,
             Err(e) => {
                 return Outcome::Rejected {
@@ -323,17 +370,22 @@ impl Shipper {
         let cp = self.checkpoints.clone();
         let name = self.state.name.clone();
         let r = range.clone();
+        let previous = self.unflushed;
         while let Err(e) = blocking({
             let cp = cp.clone();
             let name = name.clone();
             let r = r.clone();
-            move || cp.begin_send(&name, r)
+            move || match previous {
+                Some(delivered) => cp.complete_and_begin(&name, delivered, r),
+                None => cp.begin_send(&name, r),
+            }
         })
         .await
         {
             self.state.set_error(format!("checkpoint store: {e}"));
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        self.unflushed = None;
         self.state.set_phase("sending");
         let splittable = records.len() > 1;
         let outcome = self
@@ -346,7 +398,15 @@ impl Shipper {
         outcome
     }
 
+    /// Writes a delivery that was not checkpointed yet.
+    async fn flush_delivered(&mut self) {
+        if let Some(delivered) = self.unflushed {
+            self.checkpoint(delivered).await;
+        }
+    }
+
     async fn checkpoint(&mut self, delivered: u64) {
+        self.unflushed = None;
         loop {
             let cp = self.checkpoints.clone();
             let name = self.state.name.clone();

@@ -183,6 +183,80 @@ struct Shared {
     /// Damaged places already reported (file, offset): each is counted once
     /// however many readers cross it.
     damage_seen: std::sync::Mutex<std::collections::HashSet<(PathBuf, u64)>>,
+    /// The newest durable records, as the writer appended them (see
+    /// [`TailCache`]).
+    tail: std::sync::Mutex<TailCache>,
+}
+
+/// How many payload bytes of the newest records stay in memory for readers.
+pub const TAIL_CACHE_BYTES: usize = 16 << 20;
+
+/// The newest durable records, kept in memory by the writer so that readers
+/// trailing it closely (shippers of replicas that keep up) take them from
+/// here instead of reading, checking and decompressing the frames the
+/// writer has just written. The payloads are the very buffers ingest
+/// appended (reference-counted), so keeping them costs no copy; the cache
+/// is bounded by [`TAIL_CACHE_BYTES`] of payload. A reader takes records
+/// from here only while their segment is still in the log (a deleted
+/// segment is a gap, whatever memory still holds).
+#[derive(Default)]
+struct TailCache {
+    records: std::collections::VecDeque<wal_format::Record>,
+    bytes: usize,
+}
+
+impl TailCache {
+    fn push(&mut self, records: Vec<wal_format::Record>) {
+        let (Some(first), Some(back)) = (records.first(), self.records.back()) else {
+            self.records.extend(records);
+            self.bytes = self.records.iter().map(|r| r.payload.len()).sum();
+            self.trim();
+            return;
+        };
+        if first.seq != back.seq + 1 {
+            self.records.clear();
+            self.bytes = 0;
+        }
+        for r in records {
+            self.bytes += r.payload.len();
+            self.records.push_back(r);
+        }
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.bytes > TAIL_CACHE_BYTES && self.records.len() > 1 {
+            if let Some(r) = self.records.pop_front() {
+                self.bytes -= r.payload.len();
+            }
+        }
+    }
+
+    /// Appends the cached records `from..to` to `out` (only if `from` is
+    /// cached); returns the position after the last one appended.
+    fn read(
+        &self,
+        from: u64,
+        to: u64,
+        out: &mut std::collections::VecDeque<wal_format::Record>,
+    ) -> u64 {
+        let Some(front) = self.records.front() else {
+            return from;
+        };
+        if from < front.seq {
+            return from;
+        }
+        let start = (from - front.seq) as usize;
+        let mut next = from;
+        for r in self.records.iter().skip(start) {
+            if r.seq != next || r.seq >= to {
+                break;
+            }
+            out.push_back(r.clone());
+            next += 1;
+        }
+        next
+    }
 }
 
 impl Shared {
@@ -208,7 +282,12 @@ impl Shared {
             durable: watch::Sender::new(Durable { end_seq }),
             tombstones: std::sync::Mutex::new(BTreeMap::new()),
             damage_seen: std::sync::Mutex::new(std::collections::HashSet::new()),
+            tail: std::sync::Mutex::new(TailCache::default()),
         }
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, TailCache> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a damaged place; true the first time it is seen.

@@ -93,6 +93,9 @@ impl WalReader {
             if self.next_seq >= durable_end {
                 return Ok(None);
             }
+            if self.take_from_tail_cache(durable_end) {
+                continue;
+            }
             if let Some(item) = self.step(durable_end)? {
                 return Ok(Some(item));
             }
@@ -124,6 +127,30 @@ impl WalReader {
         let _ = rx.wait_for(|d| d.end_seq > next).await;
     }
 
+    /// Takes the records from `next_seq` on from the writer's in-memory
+    /// tail cache, when they are there, their segment is still in the log
+    /// and no damage is waiting to be reported. True if it took any.
+    fn take_from_tail_cache(&mut self, durable_end: u64) -> bool {
+        if self.damage.is_some() {
+            return false;
+        }
+        let oldest = self.shared.segments().keys().next().copied();
+        if oldest.is_none_or(|o| self.next_seq < o) {
+            return false;
+        }
+        let next = self
+            .shared
+            .tail()
+            .read(self.next_seq, durable_end, &mut self.pending);
+        if next == self.next_seq {
+            return false;
+        }
+        self.next_seq = next;
+        // The segment cursor is behind now: reopen it where needed.
+        self.cursor = None;
+        true
+    }
+
     /// Advances by one frame, segment or gap. Returns an item to yield, or
     /// None when records were queued (or nothing was found yet).
     fn step(&mut self, durable_end: u64) -> Result<Option<ReadItem>, WalError> {
@@ -134,7 +161,10 @@ impl WalReader {
                 .range(..=self.next_seq)
                 .next_back()
                 .map(|(_, s)| s.clone());
-            let successor = segs.range(self.next_seq + 1..).next().map(|(k, _)| *k);
+            let successor = segs
+                .range(self.next_seq + 1..)
+                .next()
+                .map(|(k, s)| (*k, s.path.clone()));
             let oldest = segs.keys().next().copied().unwrap_or(durable_end);
             drop(segs);
             match seg {
@@ -213,12 +243,34 @@ impl WalReader {
                 // The writer publishes a segment's durable length before the
                 // durable end, so reaching the end of the active segment below
                 // the durable end means damage consumed the rest of it.
-                let to = if seg.sealed {
+                let (to, resumes_at) = if seg.sealed {
                     self.cursor = None;
-                    successor.unwrap_or(durable_end).min(durable_end)
+                    match successor {
+                        Some((first, path)) => (first.min(durable_end), (path, 0)),
+                        None => (durable_end, (seg.path.clone(), seg.len)),
+                    }
                 } else {
-                    durable_end
+                    (durable_end, (seg.path.clone(), seg.len))
                 };
+                if to > self.next_seq && self.damage.is_none() {
+                    // Records missing with no damage seen: retention deletes
+                    // whole segments from the oldest end only (that gap is
+                    // found above), so this is a segment file that was
+                    // deleted or lost between two others, or records lost
+                    // at the end of the log that a replica had already
+                    // passed (the writer then numbers on from there).
+                    // Reported where the log resumes.
+                    self.damage = Some(PendingDamage {
+                        file: resumes_at.0,
+                        offset: resumes_at.1,
+                        reason: format!(
+                            "records {}..{to} are missing: no segment holds them \
+                             (a deleted or lost segment file, or a lost end of the log)",
+                            self.next_seq
+                        ),
+                        error_code: "missing_records",
+                    });
+                }
                 if to > self.next_seq || self.damage.is_some() {
                     return Ok(Some(self.gap_to(to)));
                 }

@@ -432,3 +432,105 @@ fn damage_in_the_newest_segment_seals_it_and_appends_go_to_a_new_one() {
         wal.segments()[0].len as usize
     );
 }
+
+/// Appends and syncs like the commit thread: staged for the tail cache.
+fn append_staged(w: &mut WalWriter, payloads: &[Vec<u8>]) -> std::ops::Range<u64> {
+    let range = append(w, payloads);
+    w.stage_for_readers(
+        range.start,
+        payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (meta(i as i64), bytes::Bytes::from(p.clone()))),
+    );
+    w.sync().unwrap();
+    range
+}
+
+fn records_of(items: &[ReadItem]) -> Vec<(u64, Vec<u8>)> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            ReadItem::Record(r) => Some((r.seq, r.payload.to_vec())),
+            ReadItem::Gap(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn readers_take_recent_records_from_memory_and_older_ones_from_disk() {
+    let storage = SimStorage::new();
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::Zstd));
+    // Unstaged records come from disk, staged ones from memory; a reader
+    // crosses from one to the other without noticing.
+    for i in 0..10u64 {
+        append(&mut w, &[payload(i, 300)]);
+        w.sync().unwrap();
+    }
+    for i in 10..20u64 {
+        append_staged(&mut w, &[payload(i, 300), payload(i + 100, 50)]);
+    }
+    let expect: Vec<(u64, Vec<u8>)> = (0..10u64)
+        .map(|i| (i, payload(i, 300)))
+        .chain((10..20u64).flat_map(|i| {
+            let seq = 10 + (i - 10) * 2;
+            [(seq, payload(i, 300)), (seq + 1, payload(i + 100, 50))]
+        }))
+        .collect();
+    for from in [0, 5, 10, 11, 29] {
+        let items = read_all(&wal, from);
+        assert_eq!(records_of(&items), expect[from as usize..].to_vec());
+    }
+    // A reader waiting at the end gets staged records as they come.
+    let mut r = wal.reader(30);
+    assert!(r.try_next().unwrap().is_none());
+    append_staged(&mut w, &[payload(7, 10)]);
+    match r.try_next().unwrap() {
+        Some(ReadItem::Record(rec)) => {
+            assert_eq!((rec.seq, rec.payload.to_vec()), (30, payload(7, 10)))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn deleted_segments_are_gaps_even_when_their_records_are_in_memory() {
+    let storage = SimStorage::new();
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    for i in 0..40u64 {
+        append_staged(&mut w, &[payload(i, 700)]);
+    }
+    let deleted = wal.delete_before(20).unwrap();
+    assert!(!deleted.is_empty());
+    let first = wal.extent().first_seq;
+    let items = read_all(&wal, 0);
+    match &items[0] {
+        ReadItem::Gap(g) => assert_eq!((g.from, g.to, g.error_code), (0, first, "retention")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(items.len() as u64, 1 + 40 - first);
+}
+
+#[test]
+fn tail_cache_keeps_the_newest_contiguous_records_within_its_bound() {
+    let rec = |seq: u64, len: usize| wal_format::Record {
+        seq,
+        meta: meta(0),
+        payload: bytes::Bytes::from(vec![0u8; len]),
+    };
+    let mut c = TailCache::default();
+    c.push(vec![rec(5, 10), rec(6, 10)]);
+    let mut out = std::collections::VecDeque::new();
+    assert_eq!(c.read(4, 100, &mut out), 4, "before the cache");
+    assert_eq!(c.read(6, 100, &mut out), 7);
+    assert_eq!(out.len(), 1);
+    out.clear();
+    assert_eq!(c.read(5, 6, &mut out), 6, "bounded by the durable end");
+    // A jump in sequence numbers starts over.
+    c.push(vec![rec(10, 10)]);
+    assert_eq!(c.read(5, 100, &mut out), 5);
+    // Oldest records go first past the byte bound; one always stays.
+    c.push(vec![rec(11, TAIL_CACHE_BYTES), rec(12, TAIL_CACHE_BYTES)]);
+    assert_eq!(c.records.len(), 1);
+    assert_eq!(c.records.front().map(|r| r.seq), Some(12));
+}

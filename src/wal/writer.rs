@@ -70,6 +70,8 @@ pub struct WalWriter {
     durable_seq: u64,
     failed: Option<String>,
     buf: Vec<u8>,
+    /// Records appended since the last sync, for the tail cache.
+    staged: Vec<wal_format::Record>,
 }
 
 struct ActiveFile {
@@ -129,6 +131,7 @@ impl WalWriter {
             durable_seq: next_seq,
             failed: None,
             buf: Vec::new(),
+            staged: Vec::new(),
         })
     }
 
@@ -209,6 +212,25 @@ impl WalWriter {
         Ok(first..self.next_seq)
     }
 
+    /// Hands the writer the shared buffers of the records the last
+    /// [`Self::append`] wrote (`first` is its first sequence number), so
+    /// that the next [`Self::sync`] puts them in the readers' in-memory
+    /// tail cache. Optional: records not staged are read from disk.
+    pub fn stage_for_readers(
+        &mut self,
+        first: u64,
+        records: impl IntoIterator<Item = (wal_format::RecordMeta, bytes::Bytes)>,
+    ) {
+        self.staged
+            .extend(records.into_iter().enumerate().map(|(i, (meta, payload))| {
+                wal_format::Record {
+                    seq: first + i as u64,
+                    meta,
+                    payload,
+                }
+            }));
+    }
+
     /// Seals the active segment (making it durable) and starts a new one
     /// whose first record will be `first_seq`.
     fn roll(&mut self, first_seq: u64) -> Result<(), WalError> {
@@ -275,6 +297,23 @@ impl WalWriter {
         Ok(true)
     }
 
+    /// Numbers the next record `seq` if that is further than [`Self::next_seq`]
+    /// (a replica is already past the end of the log). The records in
+    /// between do not exist: readers report them as missing. The next
+    /// append starts a new segment, so no segment has a hole inside it.
+    /// Only before anything is appended after opening.
+    pub fn skip_to(&mut self, seq: u64) {
+        if seq <= self.next_seq || self.next_seq != self.durable_seq {
+            return;
+        }
+        if let Some(a) = self.active.as_mut() {
+            a.seal = true;
+        }
+        self.next_seq = seq;
+        self.durable_seq = seq;
+        self.shared.durable.send_replace(Durable { end_seq: seq });
+    }
+
     /// Makes everything appended so far durable, publishes it to readers and
     /// returns the new durable end.
     ///
@@ -290,6 +329,7 @@ impl WalWriter {
         if let Some(active) = self.active.as_mut() {
             if active.dirty {
                 if let Err(e) = active.file.sync_data() {
+                    self.staged.clear();
                     let err = WalError::SyncFailed {
                         path: active.path.clone(),
                         source: e,
@@ -304,6 +344,12 @@ impl WalWriter {
             }
         }
         self.durable_seq = self.next_seq;
+        // Staged records are durable now; they go to the tail cache before
+        // the new end is published, so readers woken by it find them there.
+        let staged = std::mem::take(&mut self.staged);
+        if staged.last().is_some_and(|r| r.seq < self.durable_seq) {
+            self.shared.tail().push(staged);
+        }
         // Lengths first, then the durable end: a reader that sees the new end
         // is sure to see the bytes behind it.
         self.shared.durable.send_replace(Durable {

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Draws the end-to-end benchmark's PNGs from results.json.
+
+usage: plot.py RESULTS_JSON OUT_DIR
+writes throughput.png, latency.png and resources.png.
+"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {
+    "walrelay": "#1f77b4",
+    "walrelay-baseline": "#9ecae1",
+    "vmagent": "#ff7f0e",
+    "prometheus-agent": "#2ca02c",
+}
+
+
+def main():
+    results, out = sys.argv[1], sys.argv[2]
+    with open(results) as f:
+        r = json.load(f)
+    runs = r["throughput"]
+    names = [t["system"] for t in runs]
+    colors = [COLORS.get(n, "gray") for n in names]
+    load = f'{r["args"]["workers"]} workers x {r["args"]["series_per_worker"]} series, one request in flight each'
+
+    # Throughput: the mean, and per second.
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    ax1.bar(names, [t["samples_per_s"] / 1e3 for t in runs], color=colors)
+    for i, t in enumerate(runs):
+        ax1.text(i, t["samples_per_s"] / 1e3, f'{t["samples_per_s"]/1e3:.0f}k', ha="center", va="bottom")
+    ax1.set_ylabel("acknowledged samples/s (thousands)")
+    ax1.set_title("mean over the run")
+    for t, c in zip(runs, colors):
+        ys = [v / 1e3 for v in t["timeline_samples_per_s"]]
+        while len(ys) > 1 and ys[-1] < 0.5 * max(ys):
+            ys.pop()  # the partial second after the load ended
+        ax2.plot(range(1, len(ys) + 1), ys, label=t["system"], color=c)
+    ax2.set_xlabel("second of the load")
+    ax2.set_ylabel("acknowledged samples/s (thousands)")
+    ax2.set_title("per second")
+    ax2.set_ylim(bottom=0)
+    ax2.legend()
+    fig.suptitle(f"Throughput ({load})")
+    fig.tight_layout()
+    fig.savefig(f"{out}/throughput.png", dpi=100)
+
+    # Latency: at saturation and at a fixed rate, with the disk's fsync latency.
+    fixed = r.get("fixed_rate", [])
+    f = r["fsync"]
+    panels = [(runs, f"closed loop ({load})")]
+    if fixed:
+        rate = f'every {r["args"]["fixed_interval_ms"]:.0f} ms'
+        panels.append((fixed, f"fixed rate (same workers, a request {rate})"))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * (len(panels) + 1), 4.5))
+    width = 0.38
+    for ax, (rs, title) in zip(axes, panels):
+        xs = range(len(rs))
+        cs = [COLORS.get(t["system"], "gray") for t in rs]
+        ax.bar([x - width / 2 for x in xs], [t["p50_ms"] for t in rs], width, color=cs, alpha=0.55)
+        ax.bar([x + width / 2 for x in xs], [t["p99_ms"] for t in rs], width, color=cs)
+        for x, t in zip(xs, rs):
+            ax.text(x - width / 2, t["p50_ms"], f'{t["p50_ms"]:.1f}', ha="center", va="bottom", fontsize=8)
+            ax.text(x + width / 2, t["p99_ms"], f'{t["p99_ms"]:.1f}', ha="center", va="bottom", fontsize=8)
+        ax.axhline(f["p99_us"] / 1e3, color="red", linestyle="--", label=f'disk fsync p99 {f["p99_us"]/1e3:.2f} ms')
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([t["system"] for t in rs], fontsize=8)
+        ax.set_ylabel("ack latency (ms): p50 light, p99 dark")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    for t in (fixed or runs):
+        q = t["latency_quantiles_ms"]
+        ax.plot(range(len(q)), q, label=t["system"], color=COLORS.get(t["system"], "gray"))
+    ax.axhline(f["p99_us"] / 1e3, color="red", linestyle="--", label="disk fsync p99")
+    ax.set_yscale("log")
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("ack latency (ms, log)")
+    ax.set_title("latency by percentile" + (" (fixed rate)" if fixed else ""), fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle("Acknowledgement latency")
+    fig.tight_layout()
+    fig.savefig(f"{out}/latency.png", dpi=100)
+
+    # Resources: CPU per sample, peak RSS, disk per buffered sample.
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    axes[0].bar(names, [t["cpu_s_per_million"] for t in runs], color=colors)
+    axes[0].set_title("CPU seconds per million samples")
+    axes[1].bar(names, [t["peak_rss_bytes"] / 2**20 for t in runs], color=colors)
+    axes[1].set_title("peak RSS (MiB)")
+    ab = r.get("absent", [])
+    axes[2].bar([a["system"] for a in ab], [a["bytes_per_sample"] for a in ab],
+                color=[COLORS.get(a["system"], "gray") for a in ab])
+    axes[2].set_title("disk bytes per buffered sample")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{out}/resources.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
