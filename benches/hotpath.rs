@@ -13,10 +13,13 @@
 //!   waiting for its fsync: the latency and throughput a sender sees from
 //!   the log, with N = 1, 8, 32 requests per group commit.
 //! - `ship/*`: a shipper's CPU per request: reading coalesced records back
-//!   from the log (zstd frames), and `payload::build_v1` (concatenation plus
-//!   snappy re-compression) for 1 and 20 records.
-//! - `checkpoint/*`: one shipped request's checkpoint writes
-//!   (`begin_send` + `complete`, each flushed), next to one raw fdatasync.
+//!   from the log (zstd frames; records that are still in the writer's
+//!   in-memory tail cache skip this), and `payload::build_v1` (concatenation
+//!   plus snappy re-compression) for 1 and 20 records, with fresh buffers and
+//!   with a shipper's kept `BodyBuilder`.
+//! - `checkpoint/*`: one shipped request's checkpoint writes: `begin_send` +
+//!   `complete` (two flushes), `complete_and_begin` (what a busy shipper
+//!   does: one flush), next to one raw fdatasync.
 //!
 //! Throughput is in samples (elements) so stages compare directly.
 //! Run: `cargo bench --bench hotpath -- --noplot` (a group: append its name,
@@ -38,7 +41,7 @@ use walrelay::checkpoint::Checkpoints;
 use walrelay::commit::{Budget, Committer};
 use walrelay::config::FullPolicy;
 use walrelay::retention::Retention;
-use walrelay::ship::payload::build_v1;
+use walrelay::ship::payload::{build_v1, BodyBuilder};
 use walrelay::wal::{open, ReadItem, RealStorage, WalOptions};
 
 const SERIES: u32 = 1000;
@@ -220,6 +223,14 @@ fn ship(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("build_v1", format!("{n}_records")), |b| {
             b.iter(|| build_v1(&records[..n]).unwrap());
         });
+        // What a shipper does: the same builder, its buffers kept.
+        g.bench_function(
+            BenchmarkId::new("build_v1_reused_buffers", format!("{n}_records")),
+            |b| {
+                let mut builder = BodyBuilder::default();
+                b.iter(|| builder.build_v1(&records[..n]).unwrap());
+            },
+        );
     }
     // Reading back: what each shipper does before build_v1, from frames of
     // 8 requests each (a busy group commit).
@@ -258,6 +269,18 @@ fn checkpoint(c: &mut Criterion) {
             cp.begin_send("a", seq..seq + 10).unwrap();
             seq += 10;
             cp.complete("a", seq).unwrap();
+        });
+    });
+    // A busy shipper: the previous request's completion and the next one's
+    // range in one flush.
+    g.bench_function("complete_and_begin", |b| {
+        let dir = bench_dir();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        cp.set("a", 0).unwrap();
+        let mut seq = 0u64;
+        b.iter(|| {
+            cp.complete_and_begin("a", seq, seq..seq + 10).unwrap();
+            seq += 10;
         });
     });
     g.bench_function("raw_fdatasync_4KiB", |b| {

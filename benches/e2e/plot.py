@@ -36,6 +36,7 @@ def main():
         ax1.text(i, t["samples_per_s"] / 1e3, f'{t["samples_per_s"]/1e3:.0f}k', ha="center", va="bottom")
     ax1.set_ylabel("acknowledged samples/s (thousands)")
     ax1.set_title("mean over the run")
+    ax1.tick_params(axis="x", labelsize=8, labelrotation=15)
     for t, c in zip(runs, colors):
         ys = [v / 1e3 for v in t["timeline_samples_per_s"]]
         while len(ys) > 1 and ys[-1] < 0.5 * max(ys):
@@ -98,7 +99,7 @@ def main():
                 color=[COLORS.get(a["system"], "gray") for a in ab])
     axes[2].set_title("disk bytes per buffered sample")
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=15)
     fig.tight_layout()
     fig.savefig(f"{out}/resources.png", dpi=100)
 

@@ -17,7 +17,9 @@
 //!
 //! Outcomes ([`send`]): 2xx advances; 5xx, 429, connection errors and timeouts
 //! retry the same request with exponential backoff and jitter, honouring
-//! `Retry-After`; any other 4xx is a rejection. A rejected multi-record request
+//! `Retry-After` (a connection that could not be opened at all is retried
+//! after at most a second, so a returning replica is noticed at once); any
+//! other 4xx is a rejection. A rejected multi-record request
 //! is re-sent record by record so that only the records the replica refuses are
 //! counted as rejected and skipped.
 

@@ -63,6 +63,9 @@ enum Attempt {
     },
 }
 
+/// Longest wait before retrying a request that could not connect at all.
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// Longest response body kept for logs and status.
 const MAX_ERROR_BODY: usize = 512;
 
@@ -189,7 +192,15 @@ impl Sender {
                         .increment(1);
                     metrics::counter!("walrelay_replica_retries_total", "replica" => state.name.clone())
                         .increment(1);
-                    let wait = backoff.next_backoff().unwrap_or(self.options.max_backoff);
+                    let mut wait = backoff.next_backoff().unwrap_or(self.options.max_backoff);
+                    if status == "connection" && !maybe_stored {
+                        // No connection, so nothing reached the replica: it
+                        // is down, not overloaded, and trying again costs it
+                        // nothing. Retry soon, so that a replica that comes
+                        // back is noticed within a second, not after a
+                        // backoff grown through its whole outage.
+                        wait = wait.min(CONNECT_RETRY_MAX);
+                    }
                     // The replica's own Retry-After wins over the backoff,
                     // within the configured maximum.
                     let wait = retry_after.map_or(wait, |ra| ra.min(self.options.max_backoff));
