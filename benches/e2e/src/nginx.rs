@@ -116,8 +116,13 @@ impl NullSinks {
         Ok(out)
     }
 
+    /// Stops nginx with SIGTERM (its master then stops the worker; SIGKILL
+    /// would orphan the worker), SIGKILL after 5 s.
     pub fn stop(&mut self) {
         if let Some(p) = self.proc.take() {
+            if p.sigterm().is_ok() && p.wait_exit(Duration::from_secs(5)).is_ok() {
+                return;
+            }
             let _ = p.sigkill();
         }
     }
