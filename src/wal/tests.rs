@@ -70,6 +70,27 @@ fn open_sim(storage: &SimStorage, options: WalOptions) -> (WalWriter, Wal, Recov
     open(Arc::new(storage.clone()), &dir(), options).unwrap()
 }
 
+/// A log of `records` records of `len` bytes, each appended and synced on
+/// its own (so one frame each), with the writer closed.
+fn synced_log(records: u64, len: usize) -> SimStorage {
+    let storage = SimStorage::new();
+    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
+    for i in 0..records {
+        append(&mut w, &[payload(i, len)]);
+        w.sync().unwrap();
+    }
+    storage
+}
+
+/// Flips a bit inside the body of the second frame of a [`synced_log`] of
+/// 200-byte records; returns the segment's path.
+fn flip_in_second_frame_body(storage: &SimStorage) -> PathBuf {
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let second = wal_format::SEGMENT_HEADER_LEN + (wal_format::FRAME_HEADER_LEN + 36 + 200) + 60;
+    storage.flip_bit(&seg, second, 3);
+    seg
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Append(Vec<usize>),
@@ -313,17 +334,8 @@ fn delete_before_keeps_readers_further_along_and_reports_the_rest_as_a_gap() {
 
 #[test]
 fn damage_mid_segment_is_reported_with_file_and_offset() {
-    let storage = SimStorage::new();
-    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
-    for i in 0..3u64 {
-        append(&mut w, &[payload(i, 200)]);
-        w.sync().unwrap();
-    }
-    drop(w);
-    let seg = dir().join(wal_format::segment_file_name(0));
-    // Inside the second frame's body.
-    let second = wal_format::SEGMENT_HEADER_LEN + (wal_format::FRAME_HEADER_LEN + 36 + 200) + 60;
-    storage.flip_bit(&seg, second, 3);
+    let storage = synced_log(3, 200);
+    let seg = flip_in_second_frame_body(&storage);
     let (_, wal, report) = open_sim(&storage, small_options(Compression::None));
     assert_eq!(report.damage.len(), 1, "{report:?}");
     assert!(report.truncated.is_none());
@@ -379,13 +391,7 @@ fn unsynced_records_are_invisible_to_readers() {
 
 #[test]
 fn a_damaged_newest_header_is_reported_and_its_frames_still_read() {
-    let storage = SimStorage::new();
-    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
-    for i in 0..3u64 {
-        append(&mut w, &[payload(i, 100)]);
-        w.sync().unwrap();
-    }
-    drop(w);
+    let storage = synced_log(3, 100);
     let seg = dir().join(wal_format::segment_file_name(0));
     storage.flip_bit(&seg, 3, 1);
     let (mut w, wal, report) = open_sim(&storage, small_options(Compression::None));
@@ -409,16 +415,8 @@ fn a_damaged_newest_header_is_reported_and_its_frames_still_read() {
 
 #[test]
 fn damage_in_the_newest_segment_seals_it_and_appends_go_to_a_new_one() {
-    let storage = SimStorage::new();
-    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
-    for i in 0..3u64 {
-        append(&mut w, &[payload(i, 200)]);
-        w.sync().unwrap();
-    }
-    drop(w);
-    let seg = dir().join(wal_format::segment_file_name(0));
-    let second = wal_format::SEGMENT_HEADER_LEN + (wal_format::FRAME_HEADER_LEN + 36 + 200) + 60;
-    storage.flip_bit(&seg, second, 3);
+    let storage = synced_log(3, 200);
+    let seg = flip_in_second_frame_body(&storage);
     let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
     append(&mut w, &[payload(3, 10)]);
     w.sync().unwrap();
