@@ -17,4 +17,4 @@ cargo build --locked --bins
 # Tests start real processes; a few at a time is what 2 cores sustain.
 # (An env var, not --test-threads: criterion's bench harness rejects it.)
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
-cargo test --locked --workspace --all-targets
+cargo test --locked --workspace --all-targets --no-fail-fast
