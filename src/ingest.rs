@@ -100,7 +100,7 @@ impl Ingest {
                 return (r, 0);
             }
         }
-        let Ok(_permit) = self.permits.try_acquire() else {
+        let Ok(_slot) = self.permits.try_acquire().map(InFlight::new) else {
             return (
                 retry_later(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -217,6 +217,27 @@ impl Ingest {
                 format!("cannot read the request body: {e}"),
             )),
         }
+    }
+}
+
+/// A held concurrency slot. `walrelay_ingest_requests_in_flight` counts
+/// them, so an operator (and a test) can see how close the relay is to
+/// `--max-concurrent-requests`; the slot and the count go together on drop,
+/// whichever way the request ends.
+struct InFlight<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(permit: tokio::sync::SemaphorePermit<'a>) -> Self {
+        metrics::gauge!("walrelay_ingest_requests_in_flight").increment(1.0);
+        Self { _permit: permit }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        metrics::gauge!("walrelay_ingest_requests_in_flight").decrement(1.0);
     }
 }
 

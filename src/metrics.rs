@@ -66,6 +66,7 @@ fn register_at_zero() {
     }
     metrics::gauge!("walrelay_wal_writer_failed").set(0.0);
     metrics::gauge!("walrelay_checkpoint_store_failed").set(0.0);
+    metrics::gauge!("walrelay_ingest_requests_in_flight").set(0.0);
 }
 
 /// Creates one replica's series of rare events at zero.
@@ -110,6 +111,10 @@ fn describe() {
         "walrelay_ingest_bytes_total",
         Unit::Bytes,
         "Request body bytes received."
+    );
+    describe_gauge!(
+        "walrelay_ingest_requests_in_flight",
+        "Write requests being handled now (at most --max-concurrent-requests)."
     );
     describe_counter!(
         "walrelay_ingest_refused_total",

@@ -1328,7 +1328,26 @@ async fn over_the_concurrency_limit_requests_get_503_with_retry_after() {
         s.write_all(&bytes).await.unwrap();
         holders.push(s);
     }
-    // Wait until the relay says it is saturated.
+    // Wait until the relay has taken every slot for them (under a loaded
+    // machine, accepting and parsing their heads can take a while), then
+    // until it says it is saturated.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held = rig
+            .relay
+            .metric_sum("walrelay_ingest_requests_in_flight", &[])
+            .await
+            .unwrap();
+        if held >= concurrency as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled requests never took the relay's {concurrency} slots: {held} in flight\n{}",
+            rig.relay.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let probe = snappy_compress(&good_request("chaos_bad_input_probe", 1).encode_to_vec()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -8,7 +8,7 @@
 //! from the code.
 //!
 //! To regenerate the annotated blocks after a deliberate format change:
-//! `cargo test -p wal-format --test spec_vectors -- --ignored --nocapture`.
+//! `cargo test -p wal-format --test spec_vectors -- --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -186,10 +186,13 @@ fn this_build_still_compresses_the_zstd_vector_records() {
     assert_eq!(frames[0].1, records_of(&recs));
 }
 
-/// Prints the annotated blocks for SPEC.md from the record blocks.
+/// The annotated blocks in SPEC.md are exactly what the code renders from
+/// the documented records, annotations included: the comments beside the
+/// bytes cannot go stale either. After a deliberate format change, run
+/// `cargo test -p wal-format --test spec_vectors -- --nocapture` and paste
+/// the printed blocks into SPEC.md.
 #[test]
-#[ignore = "generator for SPEC.md, run by hand after a deliberate format change"]
-fn print_spec_vectors() {
+fn spec_md_holds_exactly_the_annotated_blocks_the_code_renders() {
     let mut seg = Vec::new();
     SegmentHeader::new(1000).encode(&mut seg);
     encode_frames(
@@ -198,17 +201,28 @@ fn print_spec_vectors() {
         Compression::None,
         &mut seg,
     );
-    println!(
-        "<!-- vector:segment-v1 -->\n```text\n{}```\n",
-        annotate_segment(&seg)
-    );
     let mut z = Vec::new();
     let recs = record_vector("frame-zstd-v1-records");
     encode_frames(2000, &recs, Compression::Zstd, &mut z);
-    println!(
-        "<!-- vector:frame-zstd-v1 -->\n```text\n{}```",
-        annotate_frames(&z, 0)
-    );
+    let blocks = [
+        format!(
+            "<!-- vector:segment-v1 -->\n```text\n{}```\n",
+            annotate_segment(&seg)
+        ),
+        format!(
+            "<!-- vector:frame-zstd-v1 -->\n```text\n{}```",
+            annotate_frames(&z, 0)
+        ),
+    ];
+    for block in &blocks {
+        println!("{block}");
+    }
+    for block in &blocks {
+        assert!(
+            SPEC.contains(block.as_str()),
+            "SPEC.md does not hold this block as the code renders it:\n{block}"
+        );
+    }
 }
 
 // --- annotated hex rendering -------------------------------------------------
