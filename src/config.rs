@@ -89,6 +89,24 @@ pub struct ServeArgs {
     /// Requests handled at once; more are answered 503. [default: 512]
     #[arg(long, env = "WALRELAY_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
+    /// Most series in one request; more is answered 413. 0 = unlimited. [default: 0]
+    #[arg(long, env = "WALRELAY_MAX_SERIES_PER_REQUEST")]
+    pub max_series_per_request: Option<usize>,
+    /// Most labels of one series; more is answered 400. 0 = unlimited. [default: 0]
+    #[arg(long, env = "WALRELAY_MAX_LABELS_PER_SERIES")]
+    pub max_labels_per_series: Option<usize>,
+    /// Longest label name in bytes; longer is answered 400. 0 = unlimited. [default: 0]
+    #[arg(long, env = "WALRELAY_MAX_LABEL_NAME_LENGTH")]
+    pub max_label_name_length: Option<usize>,
+    /// Longest label value in bytes; longer is answered 400. 0 = unlimited. [default: 0]
+    #[arg(long, env = "WALRELAY_MAX_LABEL_VALUE_LENGTH")]
+    pub max_label_value_length: Option<usize>,
+    /// Longest a client may take to send a request's head; then the connection is closed. [default: 30s]
+    #[arg(long, env = "WALRELAY_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<String>,
+    /// Longest a client may take to send a request's body; then 408. [default: 60s]
+    #[arg(long, env = "WALRELAY_BODY_READ_TIMEOUT")]
+    pub body_read_timeout: Option<String>,
     /// Disk budget for the log (e.g. 20GiB); 0 means no budget. [default: 0]
     #[arg(long, env = "WALRELAY_MAX_DISK_BYTES")]
     pub max_disk_bytes: Option<String>,
@@ -154,6 +172,12 @@ struct FileConfig {
     max_body_bytes: Option<toml::Value>,
     max_decoded_bytes: Option<toml::Value>,
     max_concurrent_requests: Option<usize>,
+    max_series_per_request: Option<usize>,
+    max_labels_per_series: Option<usize>,
+    max_label_name_length: Option<usize>,
+    max_label_value_length: Option<usize>,
+    header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
     max_disk_bytes: Option<toml::Value>,
     retention: Option<String>,
     full_policy: Option<FullPolicy>,
@@ -187,6 +211,12 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub max_decoded_bytes: usize,
     pub max_concurrent_requests: usize,
+    pub max_series_per_request: usize,
+    pub max_labels_per_series: usize,
+    pub max_label_name_length: usize,
+    pub max_label_value_length: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub max_disk_bytes: u64,
     pub retention: Option<Duration>,
     pub full_policy: FullPolicy,
@@ -413,6 +443,34 @@ impl ServeArgs {
                 .or(file.max_concurrent_requests)
                 .unwrap_or(512)
                 .max(1),
+            max_series_per_request: self
+                .max_series_per_request
+                .or(file.max_series_per_request)
+                .unwrap_or(0),
+            max_labels_per_series: self
+                .max_labels_per_series
+                .or(file.max_labels_per_series)
+                .unwrap_or(0),
+            max_label_name_length: self
+                .max_label_name_length
+                .or(file.max_label_name_length)
+                .unwrap_or(0),
+            max_label_value_length: self
+                .max_label_value_length
+                .or(file.max_label_value_length)
+                .unwrap_or(0),
+            header_read_timeout: dur(
+                "header-read-timeout",
+                &self.header_read_timeout,
+                &file.header_read_timeout,
+                Duration::from_secs(30),
+            )?,
+            body_read_timeout: dur(
+                "body-read-timeout",
+                &self.body_read_timeout,
+                &file.body_read_timeout,
+                Duration::from_secs(60),
+            )?,
             max_disk_bytes: bytes(
                 "max-disk-bytes",
                 &self.max_disk_bytes,

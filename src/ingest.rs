@@ -29,9 +29,6 @@ use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
 
 use crate::commit::{CommitError, Committer};
 
-/// How long a client may take to send its body.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Settings and shared handles of the ingest path.
 pub struct Ingest {
     pub committer: Committer,
@@ -39,6 +36,8 @@ pub struct Ingest {
     pub max_body_bytes: usize,
     pub limits: Limits,
     pub permits: Arc<Semaphore>,
+    /// How long a client may take to send its body (then 408).
+    pub body_read_timeout: Duration,
 }
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -200,7 +199,7 @@ impl Ingest {
 
     async fn read_body(&self, body: Incoming) -> Result<Bytes, HttpResponse> {
         let limited = Limited::new(body, self.max_body_bytes);
-        match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+        match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
             Err(_) => Err(text(
                 StatusCode::REQUEST_TIMEOUT,
                 "timed out reading the request body",

@@ -198,8 +198,12 @@ pub async fn run(
             max_body_bytes: config.max_body_bytes,
             limits: Limits {
                 max_decoded_bytes: config.max_decoded_bytes,
-                ..Limits::default()
+                max_series: config.max_series_per_request,
+                max_labels_per_series: config.max_labels_per_series,
+                max_label_name_len: config.max_label_name_length,
+                max_label_value_len: config.max_label_value_length,
             },
+            body_read_timeout: config.body_read_timeout,
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         },
         wal: wal.clone(),
@@ -219,6 +223,7 @@ pub async fn run(
         Arc::clone(&app),
         shutdown.clone(),
         config.shutdown_timeout,
+        config.header_read_timeout,
     )
     .await;
 
@@ -357,13 +362,14 @@ async fn serve_http(
     app: Arc<App>,
     shutdown: CancellationToken,
     grace: Duration,
+    header_read_timeout: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(header_read_timeout);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -385,7 +391,7 @@ async fn serve_http(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if !request_started(&stream).await {
+            if !request_started(&stream, header_read_timeout).await {
                 return;
             }
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -402,16 +408,14 @@ async fn serve_http(
     }
 }
 
-/// How long a new connection may take to show which protocol it speaks.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Waits until a new connection has sent enough to tell HTTP/1 from HTTP/2
-/// (or closed), for at most [`FIRST_BYTES_TIMEOUT`]; false if it did not.
+/// (or closed), for at most `timeout` (the header read timeout); false if it
+/// did not.
 /// hyper-util's auto builder reads the first bytes for that with no timeout
 /// of its own, and hyper's header read timeout only starts after it: a
 /// client that connects and sends nothing (or only the start of the HTTP/2
 /// preface) would hold its connection and file descriptor forever.
-async fn request_started(stream: &tokio::net::TcpStream) -> bool {
+async fn request_started(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
     const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let decided = async {
         let mut buf = [0u8; H2_PREFACE.len()];
@@ -425,10 +429,7 @@ async fn request_started(stream: &tokio::net::TcpStream) -> bool {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    matches!(
-        tokio::time::timeout(FIRST_BYTES_TIMEOUT, decided).await,
-        Ok(Ok(()))
-    )
+    matches!(tokio::time::timeout(timeout, decided).await, Ok(Ok(())))
 }
 
 async fn route(app: &App, req: Request<Incoming>) -> HttpResponse {

@@ -435,3 +435,94 @@ async fn drop_oldest_keeps_accepting_and_accounts_every_dropped_sample() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_label_limits_refuse_with_their_status_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Relay::start_with_bin(
+        BIN,
+        &dir.path().join("data"),
+        &[],
+        &[
+            "--max-series-per-request",
+            "2",
+            "--max-labels-per-series",
+            "3",
+            "--max-label-name-length",
+            "8",
+            "--max-label-value-length",
+            "12",
+        ],
+    )
+    .await
+    .unwrap();
+    let url = r.write_url();
+    let label = |name: &str, value: &str| Label {
+        name: name.into(),
+        value: value.into(),
+    };
+    let with_labels = |labels: Vec<Label>| WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels,
+            samples: vec![Sample {
+                value: 1.0,
+                timestamp: chaos_tests::now_ms(),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // Within every limit: stored.
+    let (s, text, _) = post(&url, body(&request("limits_ok", 1)), V1).await;
+    assert_eq!(s, 204, "{text}");
+    assert_eq!(head_seq(&r).await, 1);
+
+    let mut three_series = request("limits_series", 1);
+    three_series.timeseries = (0..3)
+        .map(|i| {
+            let mut ts = request("limits_series", 1).timeseries.remove(0);
+            ts.labels.push(label("i", &i.to_string()));
+            ts
+        })
+        .collect();
+    let cases: Vec<(&str, WriteRequest, u16, &str, &str)> = vec![
+        ("3 series", three_series, 413, "series", "too_many_series"),
+        (
+            "4 labels",
+            with_labels(vec![
+                label("__name__", "m"),
+                label("a", "1"),
+                label("b", "2"),
+                label("c", "3"),
+            ]),
+            400,
+            "labels",
+            "too_many_labels",
+        ),
+        (
+            "a 9-byte name",
+            with_labels(vec![label("__name__", "m"), label("ninechars", "1")]),
+            400,
+            "name",
+            "label_name_too_long",
+        ),
+        (
+            "a 13-byte value",
+            with_labels(vec![label("__name__", "thirteen_byte")]),
+            400,
+            "value",
+            "label_value_too_long",
+        ),
+    ];
+    for (what, req, want, word, reason) in cases {
+        let (s, text, _) = post(&url, body(&req), V1).await;
+        assert_eq!(s, want, "{what}: {text}");
+        assert!(text.contains(word), "{what}: the reason says why: {text}");
+        let refused = r
+            .metric_sum("walrelay_ingest_refused_total", &[("reason", reason)])
+            .await
+            .unwrap();
+        assert_eq!(refused, 1.0, "{what}: counted as {reason}");
+    }
+    assert_eq!(head_seq(&r).await, 1, "nothing refused was stored");
+}

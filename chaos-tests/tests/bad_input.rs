@@ -1419,7 +1419,11 @@ async fn over_the_concurrency_limit_requests_get_503_with_retry_after() {
     }
 
     // A burst larger than the limit, retrying: all acknowledged in the end,
-    // and all of it arrives.
+    // and all of it arrives. This is the overload case: twelve times the
+    // requests the relay handles at once, every one retried at once on its
+    // 503; memory stays within what the limits imply (as in
+    // `peak_memory_stays_within_what_the_limits_imply`).
+    let (hwm0, _) = mem_kib(rig.pid());
     let t_burst = Instant::now();
     let ack = Load::run(
         spec(scaled(48, 128), scaled(5, 20), RetryPolicy::Retryable),
@@ -1428,6 +1432,13 @@ async fn over_the_concurrency_limit_requests_get_503_with_retry_after() {
     .await
     .unwrap();
     let burst_secs = t_burst.elapsed().as_secs_f64();
+    let (hwm1, _) = mem_kib(rig.pid());
+    let per_request = (MAX_BODY + MAX_DECODED * 33) as u64;
+    let bound_kib = (concurrency as u64 * per_request + (64 << 20)) >> 10;
+    assert!(
+        hwm1.saturating_sub(hwm0) <= bound_kib,
+        "under overload VmHWM grew {hwm0} -> {hwm1} KiB, over the {bound_kib} KiB the limits imply"
+    );
     let c_ = ack.counts();
     assert_eq!(c_.acked_requests, c_.requests, "{}", ack.summary());
     let mut statuses = BTreeMap::<u16, u64>::new();
