@@ -24,6 +24,7 @@
 //! counted as rejected and skipped.
 
 pub mod payload;
+pub mod rate;
 mod send;
 mod state;
 
