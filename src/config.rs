@@ -5,7 +5,9 @@
 //! Every setting is one field of [`ServeArgs`] (flag and environment variable,
 //! via clap) and the same name in snake_case in the TOML file. Replicas are
 //! `--replica NAME=URL` (repeatable, or `WALRELAY_REPLICA=a=URL,b=URL`) or
-//! `[[replica]]` tables with `name` and `url`; flags replace the file's list.
+//! `[[replica]]` tables with `name`, `url` and optional rate limits
+//! (`max_samples_per_second`, `max_bytes_per_second`: file only); flags
+//! replace the file's list.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -158,6 +160,8 @@ pub struct ServeArgs {
 struct FileReplica {
     name: String,
     url: String,
+    max_samples_per_second: Option<u64>,
+    max_bytes_per_second: Option<toml::Value>,
 }
 
 /// The TOML file: the same settings, snake_case.
@@ -199,6 +203,11 @@ struct FileConfig {
 pub struct ReplicaConfig {
     pub name: String,
     pub url: String,
+    /// Most samples delivered per second; 0 is unlimited. Only settable in
+    /// the TOML file's `[[replica]]` tables.
+    pub max_samples_per_second: u64,
+    /// Most decoded bytes delivered per second; 0 is unlimited.
+    pub max_bytes_per_second: u64,
 }
 
 /// The resolved settings of `walrelay serve`.
@@ -306,7 +315,23 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
     Ok(ReplicaConfig {
         name: name.to_owned(),
         url: url.to_owned(),
+        max_samples_per_second: 0,
+        max_bytes_per_second: 0,
     })
+}
+
+/// One `[[replica]]` table: its name and URL as for `--replica`, and its
+/// rate limits.
+fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
+    let mut replica = parse_replica(&format!("{}={}", r.name, r.url))?;
+    replica.max_samples_per_second = r.max_samples_per_second.unwrap_or(0);
+    replica.max_bytes_per_second = match &r.max_bytes_per_second {
+        Some(v) => toml_bytes(v)
+            .and_then(|s| parse_bytes(&s))
+            .map_err(|m| format!("replica {}: max_bytes_per_second: {m}", replica.name))?,
+        None => 0,
+    };
+    Ok(replica)
 }
 
 impl ServeArgs {
@@ -345,7 +370,7 @@ impl ServeArgs {
         let replicas = if self.replicas.is_empty() {
             file.replica
                 .iter()
-                .map(|r| parse_replica(&format!("{}={}", r.name, r.url)))
+                .map(file_replica)
                 .collect::<Result<Vec<_>, _>>()
         } else {
             self.replicas.iter().map(|s| parse_replica(s)).collect()
@@ -593,6 +618,40 @@ mod tests {
         assert_eq!(c.segment_bytes, 1 << 20);
         assert_eq!(c.replicas[0].name, "a");
         assert_eq!(c.full_policy, FullPolicy::Block);
+    }
+
+    #[test]
+    fn replica_tables_take_rate_limits_with_sizes_and_default_to_unlimited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(
+            &path,
+            "[[replica]]\nname = \"a\"\nurl = \"http://x:1/api/v1/write\"\n\
+             [[replica]]\nname = \"b\"\nurl = \"http://y:1/api/v1/write\"\n\
+             max_samples_per_second = 5000\nmax_bytes_per_second = \"10MiB\"\n\
+             [[replica]]\nname = \"c\"\nurl = \"http://z:1/api/v1/write\"\n\
+             max_bytes_per_second = 4096\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        let limits: Vec<(u64, u64)> = c
+            .replicas
+            .iter()
+            .map(|r| (r.max_samples_per_second, r.max_bytes_per_second))
+            .collect();
+        assert_eq!(limits, vec![(0, 0), (5000, 10 << 20), (0, 4096)]);
+
+        std::fs::write(
+            &path,
+            "[[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\nmax_bytes_per_second = \"fast\"\n",
+        )
+        .unwrap();
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("replica b: max_bytes_per_second"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,27 @@ pub fn register_replica_at_zero(replica: &str) {
         .increment(0);
 }
 
+/// The exposition of counters the recorder cannot hold: the `metrics` crate
+/// counts in integers, and time waited for a rate limit is fractional
+/// seconds. Appended to the recorder's output by `/metrics`. Replica names
+/// are letters, digits, `-`, `_` and `.`, so they need no escaping.
+pub fn render_replica_counters(replicas: &[std::sync::Arc<crate::ship::ReplicaState>]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "# HELP walrelay_replica_rate_limited_seconds_total Time the replica's shipper waited for its rate limits.\n\
+         # TYPE walrelay_replica_rate_limited_seconds_total counter\n",
+    );
+    for r in replicas {
+        let _ = writeln!(
+            out,
+            "walrelay_replica_rate_limited_seconds_total{{replica=\"{}\"}} {}",
+            r.name,
+            r.rate_limited_seconds()
+        );
+    }
+    out
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
@@ -182,6 +203,15 @@ fn describe() {
     describe_counter!(
         "walrelay_wal_segments_deleted_total",
         "Segments deleted, by reason."
+    );
+    describe_gauge!(
+        "walrelay_replica_rate_limit_samples_per_second",
+        "The replica's configured samples per second (0: unlimited)."
+    );
+    describe_gauge!(
+        "walrelay_replica_rate_limit_bytes_per_second",
+        Unit::Bytes,
+        "The replica's configured decoded bytes per second (0: unlimited)."
     );
     describe_counter!(
         "walrelay_replica_requests_total",

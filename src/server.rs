@@ -33,7 +33,7 @@ use crate::commit::{Budget, Committer};
 use crate::config::ServeConfig;
 use crate::ingest::{text, HttpResponse, Ingest};
 use crate::retention::Retention;
-use crate::ship::{BatchLimits, ReplicaState, Sender, SenderOptions, Shipper};
+use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
 use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
 
 /// Everything the HTTP handlers need.
@@ -135,7 +135,17 @@ pub async fn run(
                 start
             }
         };
-        replicas.push(Arc::new(ReplicaState::new(&r.name, &r.url, delivered)));
+        let limits = RateLimits {
+            max_samples_per_second: r.max_samples_per_second,
+            max_bytes_per_second: r.max_bytes_per_second,
+        };
+        if !limits.is_unlimited() {
+            tracing::info!(replica = %r.name, max_samples_per_second = limits.max_samples_per_second,
+                max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
+        }
+        replicas.push(Arc::new(
+            ReplicaState::new(&r.name, &r.url, delivered).with_rate_limits(limits),
+        ));
     }
     retention.set_replicas(replicas.clone());
     for stale in checkpoints.replicas()? {
@@ -436,7 +446,12 @@ async fn route(app: &App, req: Request<Incoming>) -> HttpResponse {
     match req.uri().path() {
         "/api/v1/write" => app.ingest.handle(req).await,
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            let mut text = app.metrics.render();
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&crate::metrics::render_replica_counters(&app.replicas));
+            let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

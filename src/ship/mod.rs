@@ -22,8 +22,15 @@
 //! other 4xx is a rejection. A rejected multi-record request
 //! is re-sent record by record so that only the records the replica refuses are
 //! counted as rejected and skipped.
+//!
+//! A replica may have rate limits (samples and decoded bytes per second,
+//! [`rate`]): each request waits for them before its range is checkpointed
+//! as in flight, and batches are capped at one second's worth. The wait is
+//! this shipper's alone; ingest and the other replicas' shippers never wait
+//! for it.
 
 pub mod payload;
+pub mod rate;
 mod send;
 mod state;
 
@@ -38,6 +45,7 @@ use crate::checkpoint::Checkpoints;
 use crate::config::StartAt;
 use crate::wal::{ReadItem, Wal, WalReader};
 
+pub use rate::RateLimits;
 pub use send::{Outcome, Sender, SenderOptions};
 pub(crate) use state::now_ms;
 pub use state::{ReplicaState, ReplicaStatus};
@@ -70,6 +78,8 @@ pub struct Shipper {
     unflushed: Option<u64>,
     /// Buffers for request bodies, kept between requests.
     builder: payload::BodyBuilder,
+    /// The replica's rate limits, consulted before each request.
+    limiter: rate::Limiter,
 }
 
 /// How long a batch under half the limits waits for more records.
@@ -90,6 +100,11 @@ impl Shipper {
         limits: BatchLimits,
         start_at: StartAt,
     ) -> Self {
+        let rate = state.rate_limits();
+        // One request never carries more than a second's worth of a rate
+        // limit: requests then go at an even pace instead of one burst and
+        // a long pause, and rarely exceed the bucket.
+        let limits = rate.cap(limits);
         Self {
             state,
             wal,
@@ -101,14 +116,20 @@ impl Shipper {
             current: limits,
             unflushed: None,
             builder: payload::BodyBuilder::default(),
+            limiter: rate::Limiter::new(rate),
         }
     }
 
-    /// A request was too slow: halve the batch limits.
+    /// A request was too slow: halve the batch limits (never above the
+    /// configured ones, which may be below the minimum).
     fn shrink(&mut self) {
         self.current = BatchLimits {
-            max_samples: (self.current.max_samples / 2).max(MIN_BATCH.max_samples),
-            max_bytes: (self.current.max_bytes / 2).max(MIN_BATCH.max_bytes),
+            max_samples: (self.current.max_samples / 2)
+                .max(MIN_BATCH.max_samples)
+                .min(self.limits.max_samples),
+            max_bytes: (self.current.max_bytes / 2)
+                .max(MIN_BATCH.max_bytes)
+                .min(self.limits.max_bytes),
         };
     }
 
@@ -369,6 +390,10 @@ impl Shipper {
             }
         };
         let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        // Waited out before the in-flight range is checkpointed, so that
+        // the range marked in flight is one that is really being sent.
+        self.pace(samples, bytes as u64).await;
         let cp = self.checkpoints.clone();
         let name = self.state.name.clone();
         let r = range.clone();
@@ -398,6 +423,19 @@ impl Shipper {
             self.state.add_sent(records.len() as u64, samples);
         }
         outcome
+    }
+
+    /// Waits until the replica's rate limits allow a request of `samples`
+    /// and `bytes` (decoded), and counts the wait.
+    async fn pace(&mut self, samples: u64, bytes: u64) {
+        let started = tokio::time::Instant::now();
+        let wait = self.limiter.reserve(samples, bytes, started);
+        if wait.is_zero() {
+            return;
+        }
+        self.state.set_phase("rate-limited");
+        tokio::time::sleep(wait).await;
+        self.state.add_rate_limited(started.elapsed());
     }
 
     /// Writes a delivery that was not checkpointed yet.

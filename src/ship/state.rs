@@ -3,6 +3,9 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
+
+use super::rate::RateLimits;
 
 /// See the module documentation.
 pub struct ReplicaState {
@@ -20,6 +23,10 @@ pub struct ReplicaState {
     skipped_records: AtomicU64,
     dropped_records: AtomicU64,
     dropped_samples: AtomicU64,
+    /// The replica's configured rate limits (shown in the status).
+    rate_limits: RateLimits,
+    /// Time the shipper spent waiting for its rate limits, in nanoseconds.
+    rate_limited_ns: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -51,6 +58,10 @@ pub struct ReplicaStatus {
     pub skipped_records: u64,
     pub dropped_records: u64,
     pub dropped_samples: u64,
+    /// The configured limits (0: unlimited).
+    pub rate_limits: RateLimits,
+    /// Time spent waiting for the rate limits since the relay started.
+    pub rate_limited_seconds: f64,
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<i64>,
     pub last_success_unix_ms: Option<i64>,
@@ -81,11 +92,37 @@ impl ReplicaState {
             skipped_records: AtomicU64::new(0),
             dropped_records: AtomicU64::new(0),
             dropped_samples: AtomicU64::new(0),
+            rate_limits: RateLimits::default(),
+            rate_limited_ns: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 phase: "starting",
                 ..Inner::default()
             }),
         }
+    }
+
+    /// Sets the replica's rate limits (before the state is shared).
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rate_limits = limits;
+        metrics::gauge!("walrelay_replica_rate_limit_samples_per_second", "replica" => self.name.clone())
+            .set(limits.max_samples_per_second as f64);
+        metrics::gauge!("walrelay_replica_rate_limit_bytes_per_second", "replica" => self.name.clone())
+            .set(limits.max_bytes_per_second as f64);
+        self
+    }
+
+    pub fn rate_limits(&self) -> RateLimits {
+        self.rate_limits
+    }
+
+    /// Time spent waiting for the rate limits, for `/metrics`.
+    pub fn rate_limited_seconds(&self) -> f64 {
+        self.rate_limited_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    pub(crate) fn add_rate_limited(&self, waited: Duration) {
+        let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.rate_limited_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -218,6 +255,8 @@ impl ReplicaState {
             skipped_records: self.skipped_records.load(Ordering::Relaxed),
             dropped_records: self.dropped_records.load(Ordering::Relaxed),
             dropped_samples: self.dropped_samples.load(Ordering::Relaxed),
+            rate_limits: self.rate_limits,
+            rate_limited_seconds: self.rate_limited_seconds(),
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,
