@@ -135,7 +135,9 @@ pub async fn run(
                 start
             }
         };
-        replicas.push(Arc::new(ReplicaState::new(&r.name, &r.url, delivered)));
+        replicas.push(Arc::new(
+            ReplicaState::new(&r.name, &r.url, delivered).with_protocol(r.protocol.as_str()),
+        ));
     }
     retention.set_replicas(replicas.clone());
     for stale in checkpoints.replicas()? {
@@ -176,6 +178,7 @@ pub async fn run(
             wal.clone(),
             checkpoints.clone(),
             sender,
+            r.protocol,
             BatchLimits {
                 max_samples: config.max_samples_per_send,
                 max_bytes: config.max_bytes_per_send,
