@@ -642,7 +642,10 @@ mod tests {
 
     #[test]
     fn a_bad_replica_protocol_names_the_replica_and_the_setting() {
-        for (value, expect) in [("\"3.0\"", "\"3.0\" is not supported"), ("2.0", "must be a string")] {
+        for (value, expect) in [
+            ("\"3.0\"", "\"3.0\" is not supported"),
+            ("2.0", "must be a string"),
+        ] {
             let e = resolve_file(&format!(
                 "[[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\nprotocol = {value}\n"
             ))

@@ -343,6 +343,17 @@ impl Shipper {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return;
         };
+        // Batches are cut where the kind changes, but an interrupted request
+        // re-sent after a restart was batched under the settings of then:
+        // with the replica switched to 2.0 since, it can mix kinds. Its
+        // parts are re-sent in order, each still a re-send.
+        if let Some(cut) = kind_cut(self.protocol, &records) {
+            let mut head = records;
+            let tail = head.split_off(cut);
+            Box::pin(self.deliver(head, resend)).await;
+            Box::pin(self.deliver(tail, resend)).await;
+            return;
+        }
         let range = first.seq..last.seq + 1;
         self.state.set_pending_since(first.meta.receive_time_ms);
         match self.send_range(&records, range.clone()).await {
@@ -449,10 +460,8 @@ impl Shipper {
             self.state.add_sent(records.len() as u64, samples);
             // Counted once delivered: a request that is retried or split
             // would otherwise count its losses more than once.
-            self.state.add_translation_dropped(
-                built.dropped.created_timestamps,
-                built.dropped.metadata,
-            );
+            self.state
+                .add_translation_dropped(built.dropped.created_timestamps, built.dropped.metadata);
         }
         outcome
     }
@@ -479,6 +488,16 @@ impl Shipper {
         }
         self.state.set_delivered(delivered);
     }
+}
+
+/// Where `records` must be split so that no request to a replica speaking
+/// `protocol` mixes kinds ([`payload::same_request`]); `None` when they can
+/// go together.
+fn kind_cut(protocol: ReplicaProtocol, records: &[Record]) -> Option<usize> {
+    let first = records.first()?.meta.kind;
+    records
+        .iter()
+        .position(|r| !payload::same_request(protocol, first, r.meta.kind))
 }
 
 enum Batch {
@@ -525,7 +544,11 @@ mod tests {
 
     /// The batches `next_batch` makes of `records` when all are durable:
     /// the same rule, without the log.
-    fn batches(records: &[Record], limits: BatchLimits, protocol: ReplicaProtocol) -> Vec<Vec<u64>> {
+    fn batches(
+        records: &[Record],
+        limits: BatchLimits,
+        protocol: ReplicaProtocol,
+    ) -> Vec<Vec<u64>> {
         let mut out: Vec<Vec<u64>> = Vec::new();
         let mut fill: Option<BatchFill> = None;
         for r in records {
@@ -561,7 +584,10 @@ mod tests {
         assert_eq!(got, vec![vec![0, 1], vec![2, 3, 4], vec![5], vec![6]]);
         for b in &got {
             let k = records[b[0] as usize].meta.kind;
-            assert!(b.iter().all(|&s| records[s as usize].meta.kind == k), "{got:?}");
+            assert!(
+                b.iter().all(|&s| records[s as usize].meta.kind == k),
+                "{got:?}"
+            );
         }
     }
 
@@ -577,6 +603,21 @@ mod tests {
             batches(&records, WIDE, ReplicaProtocol::V1),
             vec![vec![0, 1, 2, 3]]
         );
+    }
+
+    #[test]
+    fn a_mixed_resend_to_a_2_0_replica_is_cut_at_each_kind_change() {
+        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
+        let records: Vec<Record> = [V1, V1, V2, V1]
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| record(i as u64, k, 1))
+            .collect();
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &records), Some(2));
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &records[2..]), Some(1));
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &records[3..]), None);
+        assert_eq!(kind_cut(ReplicaProtocol::V1, &records), None);
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &[]), None);
     }
 
     #[test]

@@ -370,7 +370,11 @@ mod tests {
 
     #[test]
     fn to_a_1_0_replica_2_0_records_are_translated_and_the_losses_counted() {
-        let records = [record(0, 10), v2_record(1, "a", 1000), v2_record(2, "b", 2000)];
+        let records = [
+            record(0, 10),
+            v2_record(1, "a", 1000),
+            v2_record(2, "b", 2000),
+        ];
         let built = BodyBuilder::default()
             .build(&records, ReplicaProtocol::V1)
             .unwrap();

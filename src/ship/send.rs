@@ -432,8 +432,11 @@ mod tests {
     fn no_written_header_means_unconfirmed_and_a_missing_one_means_zero() {
         assert_eq!(parse_written(&HeaderMap::new()).unwrap(), None);
         assert_eq!(
-            parse_written(&headers(&[("X-Prometheus-Remote-Write-Samples-Written", "5")]))
-                .unwrap(),
+            parse_written(&headers(&[(
+                "X-Prometheus-Remote-Write-Samples-Written",
+                "5"
+            )]))
+            .unwrap(),
             Some(WrittenCounts {
                 samples: 5,
                 histograms: 0,
