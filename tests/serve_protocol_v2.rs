@@ -372,8 +372,14 @@ async fn a_2_0_replica_gets_2_0_records_unchanged_through_a_second_relay() {
     let data1 = dir1.path().join("data");
     let r1 = relay(&data1, &[], &["--config", config.to_str().unwrap()]).await;
 
+    // Relay #2 is paused while the sender writes, so that relay #1's
+    // shipper, blocked on its first request, finds the other records
+    // waiting and merges them into one 2.0 request.
     let base = base_time();
+    r2.sigstop().unwrap();
     send_all(&r1.write_url(), base).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r2.sigcont().unwrap();
     drained(&r1, Duration::from_secs(60)).await;
     drained(&r2, Duration::from_secs(60)).await;
     assert_prometheus_holds_everything(&p, base).await;
@@ -389,6 +395,17 @@ async fn a_2_0_replica_gets_2_0_records_unchanged_through_a_second_relay() {
     assert_eq!(
         to2["dropped_by_translation"]["created_timestamps"], 0,
         "{to2:#}"
+    );
+    let requests = r1
+        .metric_sum(
+            "walrelay_replica_requests_total",
+            &[("replica", "relay2"), ("status", "2xx")],
+        )
+        .await
+        .unwrap();
+    assert!(
+        requests < REQUESTS as f64,
+        "{requests} requests for {REQUESTS} records: the records were not merged"
     );
     assert_eq!(
         r1.metric_sum(

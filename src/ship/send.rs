@@ -343,6 +343,10 @@ fn check_written(
     sent: &WrittenCounts,
     written: Result<Option<WrittenCounts>, String>,
 ) {
+    if *sent == WrittenCounts::default() {
+        // Nothing to confirm (a request of series without samples).
+        return;
+    }
     match written {
         Ok(Some(w)) if w.short_of(sent) => state.add_partial_write(sent, &w),
         Ok(Some(_)) => {}
@@ -455,6 +459,32 @@ mod tests {
             .unwrap_err();
             assert!(e.contains("Histograms-Written"), "{e}");
         }
+    }
+
+    #[test]
+    fn partial_and_unconfirmed_writes_are_counted_in_the_replica_status() {
+        let state = ReplicaState::new("r", "http://x/", 0);
+        let sent = WrittenCounts {
+            samples: 3,
+            histograms: 1,
+            exemplars: 1,
+        };
+        check_written(&state, &sent, Ok(Some(sent)));
+        check_written(&state, &WrittenCounts::default(), Ok(None));
+        let s = state.status(0, 0);
+        assert_eq!((s.partial_writes, s.unconfirmed_writes), (0, 0));
+        check_written(
+            &state,
+            &sent,
+            Ok(Some(WrittenCounts {
+                histograms: 0,
+                ..sent
+            })),
+        );
+        check_written(&state, &sent, Ok(None));
+        check_written(&state, &sent, Err("header: bad".into()));
+        let s = state.status(0, 0);
+        assert_eq!((s.partial_writes, s.unconfirmed_writes), (1, 2));
     }
 
     #[test]
