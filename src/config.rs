@@ -5,9 +5,9 @@
 //! Every setting is one field of [`ServeArgs`] (flag and environment variable,
 //! via clap) and the same name in snake_case in the TOML file. Replicas are
 //! `--replica NAME=URL` (repeatable, or `WALRELAY_REPLICA=a=URL,b=URL`) or
-//! `[[replica]]` tables with `name`, `url` and optional rate limits
-//! (`max_samples_per_second`, `max_bytes_per_second`: file only); flags
-//! replace the file's list.
+//! `[[replica]]` tables with `name`, `url` and the per-replica settings
+//! (`protocol`, rate limits: file only); flags replace the file's list (a
+//! replica given as a flag speaks 1.0 and is unlimited).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -162,6 +162,8 @@ struct FileReplica {
     url: String,
     max_samples_per_second: Option<u64>,
     max_bytes_per_second: Option<toml::Value>,
+    /// `"1.0"` or `"2.0"`; a value so that the error can name the replica.
+    protocol: Option<toml::Value>,
 }
 
 /// The TOML file: the same settings, snake_case.
@@ -198,6 +200,44 @@ struct FileConfig {
     log_format: Option<String>,
 }
 
+/// Which remote-write protocol a replica is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum ReplicaProtocol {
+    /// Remote-write 1.0 only: 2.0 records are translated, and what 1.0
+    /// cannot carry is dropped and counted.
+    #[default]
+    #[serde(rename = "1.0")]
+    V1,
+    /// Remote-write 2.0: 2.0 records go as they are, 1.0 records as 1.0
+    /// requests.
+    #[serde(rename = "2.0")]
+    V2,
+}
+
+impl ReplicaProtocol {
+    /// `"1.0"` or `"2.0"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaProtocol::V1 => "1.0",
+            ReplicaProtocol::V2 => "2.0",
+        }
+    }
+
+    /// Parses `"1.0"` or `"2.0"` (`"1"` and `"2"` too).
+    ///
+    /// # Errors
+    /// A message naming the bad value and what is expected.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "1.0" | "1" => Ok(ReplicaProtocol::V1),
+            "2.0" | "2" => Ok(ReplicaProtocol::V2),
+            other => Err(format!(
+                "protocol {other:?} is not supported (expected \"1.0\" or \"2.0\")"
+            )),
+        }
+    }
+}
+
 /// A replica to ship to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReplicaConfig {
@@ -208,6 +248,7 @@ pub struct ReplicaConfig {
     pub max_samples_per_second: u64,
     /// Most decoded bytes delivered per second; 0 is unlimited.
     pub max_bytes_per_second: u64,
+    pub protocol: ReplicaProtocol,
 }
 
 /// The resolved settings of `walrelay serve`.
@@ -317,21 +358,31 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
         url: url.to_owned(),
         max_samples_per_second: 0,
         max_bytes_per_second: 0,
+        protocol: ReplicaProtocol::V1,
     })
 }
 
-/// One `[[replica]]` table: its name and URL as for `--replica`, and its
-/// rate limits.
+/// One `[[replica]]` table: its name and URL as for `--replica`, and the
+/// settings that only exist per replica.
 fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
-    let mut replica = parse_replica(&format!("{}={}", r.name, r.url))?;
-    replica.max_samples_per_second = r.max_samples_per_second.unwrap_or(0);
-    replica.max_bytes_per_second = match &r.max_bytes_per_second {
+    let mut c = parse_replica(&format!("{}={}", r.name, r.url))?;
+    c.max_samples_per_second = r.max_samples_per_second.unwrap_or(0);
+    c.max_bytes_per_second = match &r.max_bytes_per_second {
         Some(v) => toml_bytes(v)
             .and_then(|s| parse_bytes(&s))
-            .map_err(|m| format!("replica {}: max_bytes_per_second: {m}", replica.name))?,
+            .map_err(|m| format!("replica {}: max_bytes_per_second: {m}", c.name))?,
         None => 0,
     };
-    Ok(replica)
+    c.protocol = match &r.protocol {
+        None => Ok(ReplicaProtocol::V1),
+        Some(toml::Value::String(s)) => ReplicaProtocol::parse(s),
+        // An unquoted 2.0 is a TOML float: say so rather than guess.
+        Some(other) => Err(format!(
+            "protocol {other} must be a string: \"1.0\" or \"2.0\" (quoted)"
+        )),
+    }
+    .map_err(|m| format!("replica {}: {m}", c.name))?;
+    Ok(c)
 }
 
 impl ServeArgs {
@@ -667,5 +718,51 @@ mod tests {
             ..Default::default()
         };
         assert!(args.resolve().unwrap_err().to_string().contains("NAME=URL"));
+    }
+
+    fn resolve_file(text: &str) -> Result<ServeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(&path, text).unwrap();
+        ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn replica_protocol_defaults_to_1_0_and_takes_2_0_from_the_file() {
+        let c = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"http://x:1/api/v1/write\"\n\
+             [[replica]]\nname = \"b\"\nurl = \"http://y:1/api/v1/write\"\nprotocol = \"2.0\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.replicas[0].protocol, ReplicaProtocol::V1);
+        assert_eq!(c.replicas[1].protocol, ReplicaProtocol::V2);
+        let flags = ServeArgs {
+            replicas: vec!["a=http://x/".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            flags.resolve().unwrap().replicas[0].protocol,
+            ReplicaProtocol::V1
+        );
+    }
+
+    #[test]
+    fn a_bad_replica_protocol_names_the_replica_and_the_setting() {
+        for (value, expect) in [
+            ("\"3.0\"", "\"3.0\" is not supported"),
+            ("2.0", "must be a string"),
+        ] {
+            let e = resolve_file(&format!(
+                "[[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\nprotocol = {value}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("replica b: protocol"), "{e}");
+            assert!(e.contains(expect), "{e}");
+        }
     }
 }

@@ -80,6 +80,8 @@ pub fn register_replica_at_zero(replica: &str) {
         "walrelay_replica_rejected_samples_total",
         "walrelay_replica_assumed_delivered_records_total",
         "walrelay_replica_assumed_delivered_samples_total",
+        "walrelay_replica_partial_writes_total",
+        "walrelay_replica_unconfirmed_writes_total",
     ] {
         metrics::counter!(name, "replica" => r()).increment(0);
     }
@@ -95,6 +97,10 @@ pub fn register_replica_at_zero(replica: &str) {
     }
     metrics::counter!("walrelay_replica_skipped_records_total", "replica" => r(), "reason" => "retention")
         .increment(0);
+    for what in ["created_timestamps", "metadata"] {
+        metrics::counter!("walrelay_replica_dropped_by_translation_total", "replica" => r(), "what" => what)
+            .increment(0);
+    }
 }
 
 /// The exposition of counters the recorder cannot hold: the `metrics` crate
@@ -248,6 +254,18 @@ fn describe() {
     describe_counter!(
         "walrelay_replica_dropped_samples_total",
         "Samples deleted by retention before the replica got them."
+    );
+    describe_counter!(
+        "walrelay_replica_dropped_by_translation_total",
+        "What translating 2.0 records to 1.0 for a replica dropped, by what (created_timestamps, metadata)."
+    );
+    describe_counter!(
+        "walrelay_replica_partial_writes_total",
+        "2.0 requests a replica answered 2xx with written counts below what was sent."
+    );
+    describe_counter!(
+        "walrelay_replica_unconfirmed_writes_total",
+        "2.0 requests a replica answered 2xx without the written-count headers."
     );
     describe_gauge!(
         "walrelay_replica_lag_records",

@@ -144,7 +144,9 @@ pub async fn run(
                 max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
         }
         replicas.push(Arc::new(
-            ReplicaState::new(&r.name, &r.url, delivered).with_rate_limits(limits),
+            ReplicaState::new(&r.name, &r.url, delivered)
+                .with_rate_limits(limits)
+                .with_protocol(r.protocol.as_str()),
         ));
     }
     retention.set_replicas(replicas.clone());
@@ -186,6 +188,7 @@ pub async fn run(
             wal.clone(),
             checkpoints.clone(),
             sender,
+            r.protocol,
             BatchLimits {
                 max_samples: config.max_samples_per_send,
                 max_bytes: config.max_bytes_per_send,

@@ -1,7 +1,10 @@
 //! Small encoding helpers used by the shippers and the tests.
 
+use std::collections::HashMap;
+
 use prost::Message;
 
+use crate::decode::{check_first_symbol, DecodeError};
 use crate::{v1, v2};
 
 /// Compresses `buf` as one snappy block (the remote-write body format).
@@ -50,6 +53,80 @@ pub fn concat_v1(parts: &[&[u8]], out: &mut Vec<u8>) {
     for p in parts {
         out.extend_from_slice(p);
     }
+}
+
+/// Merges 2.0 requests into one, in order, with one symbol table.
+///
+/// 2.0 requests cannot be concatenated like 1.0 ones (see [`concat_v1`]):
+/// every `*_ref` indexes its own request's `symbols`. Here each part's
+/// references are rewritten into a shared table that keeps each string once
+/// (`""` first, as the specification requires), so series, samples,
+/// histograms, exemplars, metadata and created timestamps come out exactly
+/// as they went in, and strings repeated across parts (label names, common
+/// values) are sent once.
+///
+/// # Errors
+/// A part whose `symbols[0]` is not empty, or whose references point
+/// outside its symbol table: the parts must have passed
+/// [`crate::decode::validate`].
+pub fn merge_v2(parts: Vec<v2::Request>) -> Result<v2::Request, DecodeError> {
+    let mut out = v2::Request {
+        symbols: vec![String::new()],
+        timeseries: Vec::with_capacity(parts.iter().map(|p| p.timeseries.len()).sum()),
+    };
+    let mut index: HashMap<String, u32> = HashMap::from([(String::new(), 0)]);
+    let mut series_base = 0;
+    for part in parts {
+        check_first_symbol(&part.symbols)?;
+        // Old reference -> new reference, for every symbol of this part.
+        let n_symbols = part.symbols.len();
+        let remap: Vec<u32> = part
+            .symbols
+            .into_iter()
+            .map(|s| match index.get(&s) {
+                Some(&r) => r,
+                None => {
+                    let r = out.symbols.len() as u32;
+                    out.symbols.push(s.clone());
+                    index.insert(s, r);
+                    r
+                }
+            })
+            .collect();
+        for (i, mut ts) in part.timeseries.into_iter().enumerate() {
+            let series = series_base + i;
+            let map = |field: &'static str, r: u32| -> Result<u32, DecodeError> {
+                // An empty table is allowed when nothing refers to it but 0.
+                if r == 0 && remap.is_empty() {
+                    return Ok(0);
+                }
+                remap
+                    .get(r as usize)
+                    .copied()
+                    .ok_or(DecodeError::SymbolRefOutOfRange {
+                        series,
+                        field,
+                        reference: r,
+                        symbols: n_symbols,
+                    })
+            };
+            for r in &mut ts.labels_refs {
+                *r = map("labels_refs", *r)?;
+            }
+            for e in &mut ts.exemplars {
+                for r in &mut e.labels_refs {
+                    *r = map("exemplar labels_refs", *r)?;
+                }
+            }
+            if let Some(m) = &mut ts.metadata {
+                m.help_ref = map("help_ref", m.help_ref)?;
+                m.unit_ref = map("unit_ref", m.unit_ref)?;
+            }
+            out.timeseries.push(ts);
+        }
+        series_base = out.timeseries.len();
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -124,5 +201,91 @@ mod tests {
         let mut out2 = ea.clone();
         concat_v1(&[&eb], &mut out2);
         assert_eq!(decode_v1(&out2).unwrap().timeseries.len(), 3);
+    }
+
+    fn v2_series(symbols: &mut Vec<String>, labels: &[(&str, &str)], ts: i64) -> v2::TimeSeries {
+        let mut r = |s: &str| match symbols.iter().position(|x| x == s) {
+            Some(i) => i as u32,
+            None => {
+                symbols.push(s.to_string());
+                symbols.len() as u32 - 1
+            }
+        };
+        let labels_refs = labels.iter().flat_map(|(k, v)| [r(k), r(v)]).collect();
+        let help_ref = r("help of it");
+        v2::TimeSeries {
+            labels_refs,
+            samples: vec![v2::Sample {
+                value: ts as f64,
+                timestamp: ts,
+            }],
+            exemplars: vec![v2::Exemplar {
+                labels_refs: vec![r("trace_id"), r(&format!("t{ts}"))],
+                value: 0.5,
+                timestamp: ts,
+            }],
+            metadata: Some(v2::Metadata {
+                r#type: v2::MetricType::Gauge as i32,
+                help_ref,
+                unit_ref: 0,
+            }),
+            created_timestamp: ts - 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn merged_v2_requests_translate_like_the_parts_in_order() {
+        let mut sa = vec![String::new()];
+        let a = v2::Request {
+            timeseries: vec![
+                v2_series(&mut sa, &[("__name__", "m"), ("job", "a")], 10),
+                v2_series(&mut sa, &[("__name__", "n"), ("job", "a")], 11),
+            ],
+            symbols: sa,
+        };
+        // Other order of first appearance, so the references differ.
+        let mut sb = vec![String::new(), "zzz".into(), "job".into()];
+        let b = v2::Request {
+            timeseries: vec![v2_series(&mut sb, &[("__name__", "m"), ("job", "b")], 12)],
+            symbols: sb,
+        };
+        let empty = v2::Request::default();
+        let merged = merge_v2(vec![a.clone(), empty, b.clone()]).unwrap();
+        assert_eq!(merged.symbols[0], "");
+        let mut unique = merged.symbols.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), merged.symbols.len(), "each symbol once");
+        let (got, dropped) = crate::translate::v2_to_v1(&merged).unwrap();
+        let (mut want, _) = crate::translate::v2_to_v1(&a).unwrap();
+        want.timeseries
+            .extend(crate::translate::v2_to_v1(&b).unwrap().0.timeseries);
+        assert_eq!(got.timeseries, want.timeseries);
+        assert_eq!(dropped.created_timestamps, 3);
+        assert!(merged.timeseries.iter().all(|t| t.created_timestamp != 0));
+        // It passes the relay's own validation.
+        let s = crate::decode::validate(
+            crate::Protocol::V2,
+            &encode_v2(&merged),
+            &crate::Limits::default(),
+        )
+        .unwrap();
+        assert_eq!((s.samples, s.exemplars, s.series), (3, 3, 3));
+    }
+
+    #[test]
+    fn merging_refuses_a_reference_outside_the_symbol_table() {
+        let bad = v2::Request {
+            symbols: vec![String::new(), "__name__".into()],
+            timeseries: vec![v2::TimeSeries {
+                labels_refs: vec![1, 7],
+                ..Default::default()
+            }],
+        };
+        assert!(matches!(
+            merge_v2(vec![bad]),
+            Err(DecodeError::SymbolRefOutOfRange { reference: 7, .. })
+        ));
     }
 }

@@ -512,7 +512,11 @@ impl Run {
             Ok(body) => {
                 self.pace(samples).await;
                 sender
-                    .send_with_retries(&self.replica, body, samples, records.len() > 1)
+                    .send_with_retries(
+                        &self.replica,
+                        crate::ship::Body::v1(body, samples),
+                        records.len() > 1,
+                    )
                     .await
             }
             Err(e) => Outcome::Rejected {

@@ -2,8 +2,10 @@
 //!
 //! A shipper reads the log from its checkpoint and sends records to its
 //! replica in log order, one request at a time, consecutive records coalesced
-//! into one remote-write 1.0 request (concatenated 1.0 messages are one valid
-//! message). One request in flight per replica is what keeps Prometheus from
+//! into one remote-write request (see [`payload`]: 1.0 messages are
+//! concatenated; for a replica set to protocol 2.0, 2.0 records are merged
+//! into one 2.0 request, and a batch is cut where the records' kind changes,
+//! so that no request mixes 1.0 and 2.0). One request in flight per replica is what keeps Prometheus from
 //! refusing samples as out of order: two requests carrying the same series
 //! could overtake each other.
 //!
@@ -42,13 +44,13 @@ use tokio_util::sync::CancellationToken;
 use wal_format::Record;
 
 use crate::checkpoint::Checkpoints;
-use crate::config::StartAt;
+use crate::config::{ReplicaProtocol, StartAt};
 use crate::wal::{ReadItem, Wal, WalReader};
 
 pub use rate::RateLimits;
-pub use send::{Outcome, Sender, SenderOptions};
+pub use send::{parse_written, Body, Outcome, Sender, SenderOptions};
 pub(crate) use state::now_ms;
-pub use state::{ReplicaState, ReplicaStatus};
+pub use state::{ReplicaState, ReplicaStatus, TranslationDropped, WrittenCounts};
 
 /// Limits of one coalesced request.
 #[derive(Debug, Clone, Copy)]
@@ -57,12 +59,54 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
+/// The running size of a batch being gathered, and the rule for what may
+/// join it.
+#[derive(Debug, Clone, Copy)]
+struct BatchFill {
+    samples: u64,
+    bytes: usize,
+    kind: wal_format::PayloadKind,
+}
+
+impl BatchFill {
+    fn new(first: &Record) -> Self {
+        BatchFill {
+            samples: u64::from(first.meta.samples),
+            bytes: first.payload.len(),
+            kind: first.meta.kind,
+        }
+    }
+
+    /// Whether more records may still be looked for.
+    fn has_room(&self, limits: BatchLimits) -> bool {
+        self.samples < limits.max_samples && self.bytes < limits.max_bytes
+    }
+
+    /// Takes `r` into the batch if it fits the limits and may share a
+    /// request with the batch's records ([`payload::same_request`]).
+    fn take(&mut self, r: &Record, limits: BatchLimits, protocol: ReplicaProtocol) -> bool {
+        let samples = self.samples + u64::from(r.meta.samples);
+        let bytes = self.bytes + r.payload.len();
+        if samples > limits.max_samples
+            || bytes > limits.max_bytes
+            || !payload::same_request(protocol, self.kind, r.meta.kind)
+        {
+            return false;
+        }
+        self.samples = samples;
+        self.bytes = bytes;
+        true
+    }
+}
+
 /// See the module documentation.
 pub struct Shipper {
     state: Arc<ReplicaState>,
     wal: Wal,
     checkpoints: Checkpoints,
     sender: Sender,
+    /// What the replica is sent; decides batching and the request format.
+    protocol: ReplicaProtocol,
     limits: BatchLimits,
     start_at: StartAt,
     /// An item read past the end of the current batch, kept for the next.
@@ -97,6 +141,7 @@ impl Shipper {
         wal: Wal,
         checkpoints: Checkpoints,
         sender: Sender,
+        protocol: ReplicaProtocol,
         limits: BatchLimits,
         start_at: StartAt,
     ) -> Self {
@@ -110,6 +155,7 @@ impl Shipper {
             wal,
             checkpoints,
             sender,
+            protocol,
             limits,
             start_at,
             held: None,
@@ -276,22 +322,17 @@ impl Shipper {
             ReadItem::Gap(g) => return Ok(Batch::Gap(g)),
             ReadItem::Record(r) => vec![r],
         };
-        let mut samples = u64::from(records[0].meta.samples);
-        let mut bytes = records[0].payload.len();
+        let mut fill = BatchFill::new(&records[0]);
         let limits = self.current;
         let mut lingered = false;
         loop {
-            while samples < limits.max_samples && bytes < limits.max_bytes {
+            while fill.has_room(limits) {
                 match reader.try_next()? {
                     Some(ReadItem::Record(r)) => {
-                        if samples + u64::from(r.meta.samples) > limits.max_samples
-                            || bytes + r.payload.len() > limits.max_bytes
-                        {
+                        if !fill.take(&r, limits, self.protocol) {
                             self.held = Some(ReadItem::Record(r));
                             break;
                         }
-                        samples += u64::from(r.meta.samples);
-                        bytes += r.payload.len();
                         records.push(r);
                     }
                     Some(gap) => {
@@ -305,8 +346,8 @@ impl Shipper {
             // larger requests cost the replica and the relay less per sample.
             if lingered
                 || self.held.is_some()
-                || samples >= limits.max_samples / 2
-                || bytes >= limits.max_bytes / 2
+                || fill.samples >= limits.max_samples / 2
+                || fill.bytes >= limits.max_bytes / 2
             {
                 break;
             }
@@ -323,6 +364,17 @@ impl Shipper {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return;
         };
+        // Batches are cut where the kind changes, but an interrupted request
+        // re-sent after a restart was batched under the settings of then:
+        // with the replica switched to 2.0 since, it can mix kinds. Its
+        // parts are re-sent in order, each still a re-send.
+        if let Some(cut) = kind_cut(self.protocol, &records) {
+            let mut head = records;
+            let tail = head.split_off(cut);
+            Box::pin(self.deliver(head, resend)).await;
+            Box::pin(self.deliver(tail, resend)).await;
+            return;
+        }
         let range = first.seq..last.seq + 1;
         self.state.set_pending_since(first.meta.receive_time_ms);
         match self.send_range(&records, range.clone()).await {
@@ -379,7 +431,7 @@ impl Shipper {
     /// Checkpoints the range as in flight, then sends it until it is
     /// delivered or rejected.
     async fn send_range(&mut self, records: &[Record], range: Range<u64>) -> Outcome {
-        let body = match self.builder.build_v1(records) {
+        let built = match self.builder.build(records, self.protocol) {
             Ok(b) => b,
             Err(e) => {
                 return Outcome::Rejected {
@@ -394,6 +446,16 @@ impl Shipper {
         // Waited out before the in-flight range is checkpointed, so that
         // the range marked in flight is one that is really being sent.
         self.pace(samples, bytes as u64).await;
+        let body = Body {
+            bytes: built.body,
+            protocol: built.protocol,
+            samples,
+            sent: built.sent.map(|s| WrittenCounts {
+                samples: s.samples,
+                histograms: s.histograms,
+                exemplars: s.exemplars,
+            }),
+        };
         let cp = self.checkpoints.clone();
         let name = self.state.name.clone();
         let r = range.clone();
@@ -417,10 +479,14 @@ impl Shipper {
         let splittable = records.len() > 1;
         let outcome = self
             .sender
-            .send_with_retries(&self.state, body, samples, splittable)
+            .send_with_retries(&self.state, body, splittable)
             .await;
         if matches!(outcome, Outcome::Delivered) {
             self.state.add_sent(records.len() as u64, samples);
+            // Counted once delivered: a request that is retried or split
+            // would otherwise count its losses more than once.
+            self.state
+                .add_translation_dropped(built.dropped.created_timestamps, built.dropped.metadata);
         }
         outcome
     }
@@ -462,6 +528,16 @@ impl Shipper {
     }
 }
 
+/// Where `records` must be split so that no request to a replica speaking
+/// `protocol` mixes kinds ([`payload::same_request`]); `None` when they can
+/// go together.
+fn kind_cut(protocol: ReplicaProtocol, records: &[Record]) -> Option<usize> {
+    let first = records.first()?.meta.kind;
+    records
+        .iter()
+        .position(|r| !payload::same_request(protocol, first, r.meta.kind))
+}
+
 enum Batch {
     Records(Vec<Record>),
     Gap(crate::wal::Gap),
@@ -479,5 +555,121 @@ where
         Err(e) => Err(E::from(crate::checkpoint::CheckpointError::Panicked(
             e.to_string(),
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use bytes::Bytes;
+    use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
+
+    fn record(seq: u64, kind: PayloadKind, samples: u32) -> Record {
+        Record {
+            seq,
+            meta: RecordMeta {
+                receive_time_ms: 0,
+                min_sample_ts: 0,
+                max_sample_ts: 0,
+                samples,
+                kind,
+                encoding: PayloadEncoding::Identity,
+            },
+            payload: Bytes::from(vec![0u8; 10]),
+        }
+    }
+
+    /// The batches `next_batch` makes of `records` when all are durable:
+    /// the same rule, without the log.
+    fn batches(
+        records: &[Record],
+        limits: BatchLimits,
+        protocol: ReplicaProtocol,
+    ) -> Vec<Vec<u64>> {
+        let mut out: Vec<Vec<u64>> = Vec::new();
+        let mut fill: Option<BatchFill> = None;
+        for r in records {
+            let joined = fill
+                .as_mut()
+                .is_some_and(|f| f.has_room(limits) && f.take(r, limits, protocol));
+            match out.last_mut() {
+                Some(b) if joined => b.push(r.seq),
+                _ => {
+                    fill = Some(BatchFill::new(r));
+                    out.push(vec![r.seq]);
+                }
+            }
+        }
+        out
+    }
+
+    const WIDE: BatchLimits = BatchLimits {
+        max_samples: 1000,
+        max_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn a_batch_to_a_2_0_replica_is_cut_where_the_kind_changes() {
+        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
+        let kinds = [V1, V1, V2, V2, V2, V1, V2];
+        let records: Vec<Record> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| record(i as u64, k, 1))
+            .collect();
+        let got = batches(&records, WIDE, ReplicaProtocol::V2);
+        assert_eq!(got, vec![vec![0, 1], vec![2, 3, 4], vec![5], vec![6]]);
+        for b in &got {
+            let k = records[b[0] as usize].meta.kind;
+            assert!(
+                b.iter().all(|&s| records[s as usize].meta.kind == k),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_to_a_1_0_replica_mixes_kinds_since_all_become_1_0() {
+        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
+        let records: Vec<Record> = [V1, V2, V1, V2]
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| record(i as u64, k, 1))
+            .collect();
+        assert_eq!(
+            batches(&records, WIDE, ReplicaProtocol::V1),
+            vec![vec![0, 1, 2, 3]]
+        );
+    }
+
+    #[test]
+    fn a_mixed_resend_to_a_2_0_replica_is_cut_at_each_kind_change() {
+        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
+        let records: Vec<Record> = [V1, V1, V2, V1]
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| record(i as u64, k, 1))
+            .collect();
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &records), Some(2));
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &records[2..]), Some(1));
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &records[3..]), None);
+        assert_eq!(kind_cut(ReplicaProtocol::V1, &records), None);
+        assert_eq!(kind_cut(ReplicaProtocol::V2, &[]), None);
+    }
+
+    #[test]
+    fn the_kind_rule_comes_on_top_of_the_size_limits() {
+        let small = BatchLimits {
+            max_samples: 5,
+            max_bytes: 1 << 20,
+        };
+        let records: Vec<Record> = (0..6)
+            .map(|i| record(i, PayloadKind::RemoteWriteV2, 2))
+            .collect();
+        assert_eq!(
+            batches(&records, small, ReplicaProtocol::V2),
+            vec![vec![0, 1], vec![2, 3], vec![4, 5]]
+        );
     }
 }

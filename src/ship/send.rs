@@ -5,8 +5,38 @@ use std::time::{Duration, Instant};
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoffBuilder;
 use bytes::Bytes;
+use prom_remote_write::content::{
+    HEADER_EXEMPLARS_WRITTEN, HEADER_HISTOGRAMS_WRITTEN, HEADER_SAMPLES_WRITTEN,
+};
+use prom_remote_write::Protocol;
 
-use super::state::ReplicaState;
+use super::state::{ReplicaState, WrittenCounts};
+
+/// One request's body and what the sender needs to know about it.
+#[derive(Debug, Clone)]
+pub struct Body {
+    /// Snappy-compressed protobuf.
+    pub bytes: Bytes,
+    /// Which message `bytes` is: decides `Content-Type` and
+    /// `X-Prometheus-Remote-Write-Version`.
+    pub protocol: Protocol,
+    /// Samples and histograms in it (for logs).
+    pub samples: u64,
+    /// 2.0: what it carries, compared with the replica's written counts.
+    pub sent: Option<WrittenCounts>,
+}
+
+impl Body {
+    /// A 1.0 request.
+    pub fn v1(bytes: Bytes, samples: u64) -> Self {
+        Body {
+            bytes,
+            protocol: Protocol::V1,
+            samples,
+            sent: None,
+        }
+    }
+}
 
 /// How one request ended, after retries.
 #[derive(Debug)]
@@ -54,6 +84,9 @@ pub struct Sender {
 /// One attempt's result.
 enum Attempt {
     Done(Outcome),
+    /// 2xx, with the written counts of a 2.0 response (`Ok(None)` when the
+    /// replica sent none; always `Ok(None)` for 1.0).
+    Delivered(Result<Option<WrittenCounts>, String>),
     Retry {
         reason: String,
         retry_after: Option<Duration>,
@@ -127,8 +160,12 @@ impl Sender {
         Ok(self)
     }
 
-    /// Sends `body` (a snappy-compressed remote-write 1.0 request) until the
-    /// replica answers 2xx or a non-retryable 4xx. Retries wait with
+    /// Sends `body` (a snappy-compressed remote-write 1.0 or 2.0 request,
+    /// with that protocol's headers) until the replica answers 2xx or a
+    /// non-retryable 4xx. A 2xx to a 2.0 request is checked against the
+    /// `X-Prometheus-Remote-Write-*-Written` counts; a partial write is
+    /// counted and logged, not retried (the replica decided to drop the
+    /// rest, and would again). Retries wait with
     /// exponential backoff and jitter, or the replica's `Retry-After` when it
     /// sends one (capped at the maximum backoff).
     ///
@@ -137,10 +174,10 @@ impl Sender {
     pub async fn send_with_retries(
         &self,
         state: &ReplicaState,
-        body: Bytes,
-        samples: u64,
+        body: Body,
         splittable: bool,
     ) -> Outcome {
+        let samples = body.samples;
         let mut backoff = ExponentialBackoffBuilder::new()
             .with_initial_interval(self.options.min_backoff)
             .with_max_interval(self.options.max_backoff)
@@ -152,7 +189,7 @@ impl Sender {
         let mut timeouts = 0u32;
         loop {
             let started = Instant::now();
-            let attempt = self.attempt(body.clone()).await;
+            let attempt = self.attempt(&body).await;
             metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => state.name.clone())
                 .record(started.elapsed().as_secs_f64());
             match attempt {
@@ -171,6 +208,15 @@ impl Sender {
                         state.set_ok();
                     }
                     return outcome;
+                }
+                Attempt::Delivered(written) => {
+                    if let Some(sent) = &body.sent {
+                        check_written(state, sent, written);
+                    }
+                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => "2xx")
+                        .increment(1);
+                    state.set_ok();
+                    return Outcome::Delivered;
                 }
                 Attempt::Retry {
                     reason,
@@ -213,15 +259,24 @@ impl Sender {
         }
     }
 
-    async fn attempt(&self, body: Bytes) -> Attempt {
+    async fn attempt(&self, body: &Body) -> Attempt {
+        // 1.0 keeps the bare media type most 1.0 senders (Prometheus
+        // included) send; 2.0 must name its message.
+        let content_type = match body.protocol {
+            Protocol::V1 => prom_remote_write::content::MEDIA_TYPE_PROTOBUF,
+            Protocol::V2 => prom_remote_write::content::CONTENT_TYPE_V2,
+        };
         let resp = self
             .client
             .post(self.url.clone())
             .headers(self.extra_headers.clone())
-            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Type", content_type)
             .header("Content-Encoding", "snappy")
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-            .body(body)
+            .header(
+                prom_remote_write::content::HEADER_VERSION,
+                body.protocol.version_header(),
+            )
+            .body(body.bytes.clone())
             .send()
             .await;
         let resp = match resp {
@@ -249,9 +304,13 @@ impl Sender {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         if status.is_success() {
+            let written = match body.protocol {
+                Protocol::V1 => Ok(None),
+                Protocol::V2 => parse_written(resp.headers()),
+            };
             // Drain the body so the connection is reused.
             let _ = resp.bytes().await;
-            return Attempt::Done(Outcome::Delivered);
+            return Attempt::Delivered(written);
         }
         let text = match resp.bytes().await {
             Ok(b) => String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)])
@@ -277,6 +336,54 @@ impl Sender {
     }
 }
 
+/// Compares a 2.0 response's written counts with what was sent, and counts
+/// a partial or unconfirmed write.
+fn check_written(
+    state: &ReplicaState,
+    sent: &WrittenCounts,
+    written: Result<Option<WrittenCounts>, String>,
+) {
+    if *sent == WrittenCounts::default() {
+        // Nothing to confirm (a request of series without samples).
+        return;
+    }
+    match written {
+        Ok(Some(w)) if w.short_of(sent) => state.add_partial_write(sent, &w),
+        Ok(Some(_)) => {}
+        Ok(None) => state.add_unconfirmed_write("no X-Prometheus-Remote-Write-*-Written headers"),
+        Err(why) => state.add_unconfirmed_write(&why),
+    }
+}
+
+/// The written counts of a 2xx answer to a 2.0 request. `Ok(None)` when
+/// none of the three headers is there (a 1.0-only receiver); when some are,
+/// a missing one means 0 written, as the 2.0 specification has receivers
+/// send all three.
+///
+/// # Errors
+/// A header whose value is not a count.
+pub fn parse_written(
+    headers: &reqwest::header::HeaderMap,
+) -> Result<Option<WrittenCounts>, String> {
+    let mut any = false;
+    let mut get = |name: &str| -> Result<u64, String> {
+        let Some(v) = headers.get(name) else {
+            return Ok(0);
+        };
+        any = true;
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| format!("header {name}: {v:?} is not a count"))
+    };
+    let w = WrittenCounts {
+        samples: get(HEADER_SAMPLES_WRITTEN)?,
+        histograms: get(HEADER_HISTOGRAMS_WRITTEN)?,
+        exemplars: get(HEADER_EXEMPLARS_WRITTEN)?,
+    };
+    Ok(any.then_some(w))
+}
+
 /// Retry-After as seconds (the HTTP-date form is rare from remote-write
 /// receivers and is treated as absent).
 fn parse_retry_after(v: &str) -> Option<Duration> {
@@ -292,4 +399,119 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn written_counts_are_read_from_the_three_headers() {
+        let h = headers(&[
+            ("X-Prometheus-Remote-Write-Samples-Written", "12"),
+            ("x-prometheus-remote-write-histograms-written", " 3 "),
+            ("X-Prometheus-Remote-Write-Exemplars-Written", "1"),
+        ]);
+        assert_eq!(
+            parse_written(&h).unwrap(),
+            Some(WrittenCounts {
+                samples: 12,
+                histograms: 3,
+                exemplars: 1
+            })
+        );
+    }
+
+    #[test]
+    fn no_written_header_means_unconfirmed_and_a_missing_one_means_zero() {
+        assert_eq!(parse_written(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(
+            parse_written(&headers(&[(
+                "X-Prometheus-Remote-Write-Samples-Written",
+                "5"
+            )]))
+            .unwrap(),
+            Some(WrittenCounts {
+                samples: 5,
+                histograms: 0,
+                exemplars: 0
+            })
+        );
+    }
+
+    #[test]
+    fn a_written_header_that_is_not_a_count_is_an_error_naming_it() {
+        for bad in ["-1", "many", "1.5", ""] {
+            let e = parse_written(&headers(&[(
+                "X-Prometheus-Remote-Write-Histograms-Written",
+                bad,
+            )]))
+            .unwrap_err();
+            assert!(e.contains("Histograms-Written"), "{e}");
+        }
+    }
+
+    #[test]
+    fn partial_and_unconfirmed_writes_are_counted_in_the_replica_status() {
+        let state = ReplicaState::new("r", "http://x/", 0);
+        let sent = WrittenCounts {
+            samples: 3,
+            histograms: 1,
+            exemplars: 1,
+        };
+        check_written(&state, &sent, Ok(Some(sent)));
+        check_written(&state, &WrittenCounts::default(), Ok(None));
+        let s = state.status(0, 0);
+        assert_eq!((s.partial_writes, s.unconfirmed_writes), (0, 0));
+        check_written(
+            &state,
+            &sent,
+            Ok(Some(WrittenCounts {
+                histograms: 0,
+                ..sent
+            })),
+        );
+        check_written(&state, &sent, Ok(None));
+        check_written(&state, &sent, Err("header: bad".into()));
+        let s = state.status(0, 0);
+        assert_eq!((s.partial_writes, s.unconfirmed_writes), (1, 2));
+    }
+
+    #[test]
+    fn a_write_is_partial_when_any_count_is_below_what_was_sent() {
+        let sent = WrittenCounts {
+            samples: 10,
+            histograms: 2,
+            exemplars: 1,
+        };
+        assert!(!sent.short_of(&sent));
+        let more = WrittenCounts {
+            samples: 11,
+            ..sent
+        };
+        assert!(!more.short_of(&sent));
+        for w in [
+            WrittenCounts { samples: 9, ..sent },
+            WrittenCounts {
+                histograms: 1,
+                ..sent
+            },
+            WrittenCounts {
+                exemplars: 0,
+                ..sent
+            },
+        ] {
+            assert!(w.short_of(&sent), "{w:?}");
+        }
+    }
 }

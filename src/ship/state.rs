@@ -11,6 +11,8 @@ use super::rate::RateLimits;
 pub struct ReplicaState {
     pub name: String,
     pub url: String,
+    /// `"1.0"` or `"2.0"`: what the replica is sent.
+    protocol: &'static str,
     delivered: AtomicU64,
     /// Receive time (unix ms) of the oldest record not yet delivered; 0 when
     /// caught up.
@@ -27,6 +29,10 @@ pub struct ReplicaState {
     rate_limits: RateLimits,
     /// Time the shipper spent waiting for its rate limits, in nanoseconds.
     rate_limited_ns: AtomicU64,
+    translation_dropped_created_timestamps: AtomicU64,
+    translation_dropped_metadata: AtomicU64,
+    partial_writes: AtomicU64,
+    unconfirmed_writes: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -43,6 +49,8 @@ struct Inner {
 pub struct ReplicaStatus {
     pub name: String,
     pub url: String,
+    /// `"1.0"` or `"2.0"`.
+    pub protocol: &'static str,
     pub cursor: u64,
     pub state: &'static str,
     pub lag_records: u64,
@@ -62,9 +70,45 @@ pub struct ReplicaStatus {
     pub rate_limits: RateLimits,
     /// Time spent waiting for the rate limits since the relay started.
     pub rate_limited_seconds: f64,
+    /// What translating 2.0 records to 1.0 for this replica could not carry.
+    pub dropped_by_translation: TranslationDropped,
+    /// 2.0 requests answered 2xx whose `X-Prometheus-Remote-Write-*-Written`
+    /// counts were below what was sent.
+    pub partial_writes: u64,
+    /// 2.0 requests answered 2xx without usable written counts: the replica
+    /// may not speak 2.0 at all (a 1.0 receiver that ignores the content
+    /// type reads a 2.0 body as an empty request).
+    pub unconfirmed_writes: u64,
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<i64>,
     pub last_success_unix_ms: Option<i64>,
+}
+
+/// See [`ReplicaStatus::dropped_by_translation`].
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct TranslationDropped {
+    /// Series' created timestamps (1.0 has no field for them).
+    pub created_timestamps: u64,
+    /// Series metadata that 1.0's per-family metadata cannot hold.
+    pub metadata: u64,
+}
+
+/// Float samples, histograms and exemplars of a 2.0 request, as sent or as
+/// the replica says it wrote them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WrittenCounts {
+    pub samples: u64,
+    pub histograms: u64,
+    pub exemplars: u64,
+}
+
+impl WrittenCounts {
+    /// True when any count of `self` (written) is below `sent`'s.
+    pub fn short_of(&self, sent: &WrittenCounts) -> bool {
+        self.samples < sent.samples
+            || self.histograms < sent.histograms
+            || self.exemplars < sent.exemplars
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -82,6 +126,7 @@ impl ReplicaState {
         Self {
             name: name.to_owned(),
             url: url.to_owned(),
+            protocol: "1.0",
             delivered: AtomicU64::new(delivered),
             pending_since_ms: AtomicI64::new(0),
             sent_records: AtomicU64::new(0),
@@ -94,6 +139,10 @@ impl ReplicaState {
             dropped_samples: AtomicU64::new(0),
             rate_limits: RateLimits::default(),
             rate_limited_ns: AtomicU64::new(0),
+            translation_dropped_created_timestamps: AtomicU64::new(0),
+            translation_dropped_metadata: AtomicU64::new(0),
+            partial_writes: AtomicU64::new(0),
+            unconfirmed_writes: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 phase: "starting",
                 ..Inner::default()
@@ -123,6 +172,12 @@ impl ReplicaState {
     pub(crate) fn add_rate_limited(&self, waited: Duration) {
         let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
         self.rate_limited_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// The protocol the replica is sent (`"1.0"` unless set).
+    pub fn with_protocol(mut self, protocol: &'static str) -> Self {
+        self.protocol = protocol;
+        self
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -224,6 +279,53 @@ impl ReplicaState {
             .increment(samples);
     }
 
+    /// What a translation to 1.0 for this replica dropped.
+    pub(crate) fn add_translation_dropped(&self, created_timestamps: u64, metadata: u64) {
+        for (n, counter, what) in [
+            (
+                created_timestamps,
+                &self.translation_dropped_created_timestamps,
+                "created_timestamps",
+            ),
+            (metadata, &self.translation_dropped_metadata, "metadata"),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!("walrelay_replica_dropped_by_translation_total", "replica" => self.name.clone(), "what" => what)
+                    .increment(n);
+            }
+        }
+    }
+
+    /// A 2xx to a 2.0 request whose written counts are below what was sent.
+    pub(crate) fn add_partial_write(&self, sent: &WrittenCounts, written: &WrittenCounts) {
+        self.partial_writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("walrelay_replica_partial_writes_total", "replica" => self.name.clone())
+            .increment(1);
+        tracing::warn!(replica = %self.name,
+            samples_sent = sent.samples, samples_written = written.samples,
+            histograms_sent = sent.histograms, histograms_written = written.histograms,
+            exemplars_sent = sent.exemplars, exemplars_written = written.exemplars,
+            "replica wrote only part of a 2.0 request (2xx, written counts below what was sent); \
+             not retried: the replica chose to drop the rest");
+    }
+
+    /// A 2xx to a 2.0 request without usable written counts. Logged as a
+    /// warning the first time, then at debug level (it repeats with every
+    /// request of a misconfigured replica).
+    pub(crate) fn add_unconfirmed_write(&self, why: &str) {
+        let before = self.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("walrelay_replica_unconfirmed_writes_total", "replica" => self.name.clone())
+            .increment(1);
+        if before == 0 {
+            tracing::warn!(replica = %self.name, reason = %why,
+                "replica answered a 2.0 request with 2xx but without the written-count headers: \
+                 it may be a 1.0 receiver that stored nothing; check its protocol setting");
+        } else {
+            tracing::debug!(replica = %self.name, reason = %why, "2.0 write not confirmed");
+        }
+    }
+
     /// A snapshot, given the log's durable end and a byte estimate of the lag.
     pub fn status(&self, durable_end: u64, lag_bytes: u64) -> ReplicaStatus {
         let i = self.inner();
@@ -238,6 +340,7 @@ impl ReplicaState {
         ReplicaStatus {
             name: self.name.clone(),
             url: self.url.clone(),
+            protocol: self.protocol,
             cursor: delivered,
             state: if lag_records == 0 && i.phase != "error" {
                 "caught_up"
@@ -257,6 +360,14 @@ impl ReplicaState {
             dropped_samples: self.dropped_samples.load(Ordering::Relaxed),
             rate_limits: self.rate_limits,
             rate_limited_seconds: self.rate_limited_seconds(),
+            dropped_by_translation: TranslationDropped {
+                created_timestamps: self
+                    .translation_dropped_created_timestamps
+                    .load(Ordering::Relaxed),
+                metadata: self.translation_dropped_metadata.load(Ordering::Relaxed),
+            },
+            partial_writes: self.partial_writes.load(Ordering::Relaxed),
+            unconfirmed_writes: self.unconfirmed_writes.load(Ordering::Relaxed),
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,
