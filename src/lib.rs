@@ -18,3 +18,4 @@ pub mod retention;
 pub mod server;
 pub mod ship;
 pub mod wal;
+pub mod watch;
