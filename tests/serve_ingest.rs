@@ -44,6 +44,7 @@ fn body(req: &WriteRequest) -> Vec<u8> {
 }
 
 async fn post(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, String, Option<String>) {
+    chaos_tests::install_tls_provider();
     let client = reqwest::Client::new();
     let mut rb = client.post(url).body(body);
     for (k, v) in headers {
