@@ -1,5 +1,6 @@
 //! Sending one request to a replica, with remote-write retry semantics.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
@@ -7,6 +8,8 @@ use backoff::ExponentialBackoffBuilder;
 use bytes::Bytes;
 
 use super::state::ReplicaState;
+use crate::auth::ReplicaAuth;
+use crate::tls::ClientTlsOptions;
 
 /// How one request ended, after retries.
 #[derive(Debug)]
@@ -38,6 +41,8 @@ pub struct SenderOptions {
     pub timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Used for `https://` URLs.
+    pub tls: ClientTlsOptions,
 }
 
 /// A replica's HTTP client.
@@ -49,6 +54,9 @@ pub struct Sender {
     /// Sent with every request (operator-supplied, e.g. `walrelay wal replay
     /// --header`, and `Authorization` for a bearer token).
     extra_headers: reqwest::header::HeaderMap,
+    /// Credentials from files, re-read when they change; set last, so they
+    /// win over an `Authorization` among the extra headers.
+    auth: Option<Arc<ReplicaAuth>>,
 }
 
 /// One attempt's result.
@@ -71,10 +79,16 @@ const MAX_ERROR_BODY: usize = 512;
 
 impl Sender {
     /// # Errors
-    /// The URL does not parse or the client cannot be built.
+    /// The URL does not parse, a TLS file is missing or bad, or the client
+    /// cannot be built.
     pub fn new(url: &str, options: SenderOptions) -> Result<Self, String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| format!("{}: {e}", crate::config::redact_url(url)))?;
+        // Our own rustls configuration, also for http:// URLs (where it is
+        // unused): reqwest has no crypto provider of its own in this build.
+        let tls = crate::tls::client_config(&options.tls).map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .timeout(options.timeout)
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -86,7 +100,14 @@ impl Sender {
             url,
             options,
             extra_headers: reqwest::header::HeaderMap::new(),
+            auth: None,
         })
+    }
+
+    /// Sends the credentials of `auth` with every request.
+    pub fn with_auth(mut self, auth: Option<Arc<ReplicaAuth>>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Adds headers sent with every request, and `Authorization: Bearer`
@@ -214,10 +235,14 @@ impl Sender {
     }
 
     async fn attempt(&self, body: Bytes) -> Attempt {
+        let mut headers = self.extra_headers.clone();
+        if let Some(value) = self.auth.as_ref().and_then(|a| a.header()) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let resp = self
             .client
             .post(self.url.clone())
-            .headers(self.extra_headers.clone())
+            .headers(headers)
             .header("Content-Type", "application/x-protobuf")
             .header("Content-Encoding", "snappy")
             .header("X-Prometheus-Remote-Write-Version", "0.1.0")
@@ -227,6 +252,9 @@ impl Sender {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
+                // The URL may hold a password; status and logs name the
+                // replica's redacted URL instead.
+                let e = e.without_url();
                 let kind = if e.is_timeout() {
                     "timeout"
                 } else {
