@@ -16,6 +16,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use wal_format::Compression;
 
+use crate::auth::ReplicaAuthConfig;
+use crate::tls::{ClientTlsOptions, ServerTlsFiles};
+
 /// Errors in the configuration: each names the setting and the bad value.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -82,6 +85,21 @@ pub struct ServeArgs {
     /// File holding the bearer token senders must present (none: no auth).
     #[arg(long, env = "WALRELAY_BEARER_TOKEN_FILE")]
     pub bearer_token_file: Option<PathBuf>,
+    /// File of `user:bcrypt-hash` lines for basic auth (with a bearer token too, either passes).
+    #[arg(long, env = "WALRELAY_BASIC_AUTH_USERS_FILE")]
+    pub basic_auth_users_file: Option<PathBuf>,
+    /// PEM certificate (chain) to serve HTTPS with; needs --tls-key-file. [default: plain HTTP]
+    #[arg(long, env = "WALRELAY_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "WALRELAY_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one (mTLS).
+    #[arg(long, env = "WALRELAY_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Second address serving only metrics, health, readiness and status, plain HTTP without auth. [default: unset]
+    #[arg(long, env = "WALRELAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Largest request body accepted, compressed (e.g. 16MiB). [default: 16MiB]
     #[arg(long, env = "WALRELAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<String>,
@@ -164,6 +182,18 @@ struct FileReplica {
     max_bytes_per_second: Option<toml::Value>,
     /// `"1.0"` or `"2.0"`; a value so that the error can name the replica.
     protocol: Option<toml::Value>,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_server_name: Option<String>,
+    #[serde(default)]
+    tls_insecure_skip_verify: bool,
+    bearer_token_file: Option<PathBuf>,
+    basic_auth_username: Option<String>,
+    basic_auth_password_file: Option<PathBuf>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    timeout: Option<String>,
 }
 
 /// The TOML file: the same settings, snake_case.
@@ -175,6 +205,11 @@ struct FileConfig {
     #[serde(default)]
     replica: Vec<FileReplica>,
     bearer_token_file: Option<PathBuf>,
+    basic_auth_users_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
+    admin_listen: Option<SocketAddr>,
     max_body_bytes: Option<toml::Value>,
     max_decoded_bytes: Option<toml::Value>,
     max_concurrent_requests: Option<usize>,
@@ -249,6 +284,35 @@ pub struct ReplicaConfig {
     /// Most decoded bytes delivered per second; 0 is unlimited.
     pub max_bytes_per_second: u64,
     pub protocol: ReplicaProtocol,
+    pub tls: ClientTlsOptions,
+    pub auth: Option<ReplicaAuthConfig>,
+    /// Extra headers sent with every request.
+    pub headers: Vec<(String, String)>,
+    /// Overrides `send_timeout` for this replica.
+    pub timeout: Option<Duration>,
+}
+
+impl ReplicaConfig {
+    /// The URL without its userinfo (`user:password@`), for logs, status
+    /// and errors.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// `url` without a password or user name in it.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if !u.username().is_empty() || u.password().is_some() {
+                // Only fails for URLs that cannot have userinfo at all.
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+            }
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
 }
 
 /// The resolved settings of `walrelay serve`.
@@ -257,7 +321,11 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub replicas: Vec<ReplicaConfig>,
-    pub bearer_token: Option<String>,
+    pub bearer_token_file: Option<PathBuf>,
+    pub basic_auth_users_file: Option<PathBuf>,
+    /// HTTPS on the main listener.
+    pub tls: Option<ServerTlsFiles>,
+    pub admin_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub max_decoded_bytes: usize,
     pub max_concurrent_requests: usize,
@@ -359,11 +427,15 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
         max_samples_per_second: 0,
         max_bytes_per_second: 0,
         protocol: ReplicaProtocol::V1,
+        tls: ClientTlsOptions::default(),
+        auth: None,
+        headers: Vec::new(),
+        timeout: None,
     })
 }
 
-/// One `[[replica]]` table: its name and URL as for `--replica`, and the
-/// settings that only exist per replica.
+/// A `[[replica]]` table: its URL as [`parse_replica`] checks it, then its
+/// protocol, rate limits, TLS, credentials, headers and timeout.
 fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
     let mut c = parse_replica(&format!("{}={}", r.name, r.url))?;
     c.max_samples_per_second = r.max_samples_per_second.unwrap_or(0);
@@ -382,6 +454,65 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
         )),
     }
     .map_err(|m| format!("replica {}: {m}", c.name))?;
+    let name = &c.name;
+    c.tls = ClientTlsOptions {
+        ca_file: r.tls_ca_file.clone(),
+        cert_file: r.tls_cert_file.clone(),
+        key_file: r.tls_key_file.clone(),
+        server_name: r.tls_server_name.clone(),
+        insecure_skip_verify: r.tls_insecure_skip_verify,
+    };
+    if c.tls.cert_file.is_some() != c.tls.key_file.is_some() {
+        return Err(format!(
+            "replica {name}: tls_cert_file and tls_key_file go together"
+        ));
+    }
+    if c.tls != ClientTlsOptions::default() && !c.url.starts_with("https://") {
+        return Err(format!(
+            "replica {name}: tls_* settings need an https:// URL, not {}",
+            c.display_url()
+        ));
+    }
+    c.auth = match (
+        &r.bearer_token_file,
+        &r.basic_auth_username,
+        &r.basic_auth_password_file,
+    ) {
+        (None, None, None) => None,
+        (Some(f), None, None) => Some(ReplicaAuthConfig::Bearer {
+            token_file: f.clone(),
+        }),
+        (None, Some(u), Some(p)) => Some(ReplicaAuthConfig::Basic {
+            username: u.clone(),
+            password_file: p.clone(),
+        }),
+        (None, _, _) => {
+            return Err(format!(
+                "replica {name}: basic_auth_username and basic_auth_password_file go together"
+            ))
+        }
+        (Some(_), _, _) => {
+            return Err(format!(
+                "replica {name}: bearer_token_file and basic auth exclude each other"
+            ))
+        }
+    };
+    if c.auth.is_some() && reqwest::Url::parse(&c.url).is_ok_and(|u| !u.username().is_empty()) {
+        return Err(format!(
+            "replica {name}: credentials both in the URL and in bearer_token_file/basic_auth_*"
+        ));
+    }
+    c.headers = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    c.timeout = r
+        .timeout
+        .as_deref()
+        .map(|t| parse_duration("replica timeout", t))
+        .transpose()
+        .map_err(|e| format!("replica {name}: {e}"))?;
     Ok(c)
 }
 
@@ -433,14 +564,30 @@ impl ServeArgs {
             return Err(invalid("replica", format!("name {:?} is used twice", w[0])));
         }
 
-        let bearer_token = match self
+        let bearer_token_file = self
             .bearer_token_file
-            .as_ref()
-            .or(file.bearer_token_file.as_ref())
-        {
-            Some(path) => Some(read_secret(path)?),
-            None => None,
-        };
+            .clone()
+            .or(file.bearer_token_file.clone());
+        if let Some(path) = &bearer_token_file {
+            // Read here only to fail at startup with a clear message; the
+            // server reads (and re-reads) it itself.
+            read_secret(path)?;
+        }
+        let basic_auth_users_file = self
+            .basic_auth_users_file
+            .clone()
+            .or(file.basic_auth_users_file.clone());
+        if let Some(path) = &basic_auth_users_file {
+            crate::auth::Authenticator::new(None, Some(path))
+                .map_err(|e| invalid("basic-auth-users-file", e.to_string()))?;
+        }
+        let tls = server_tls(
+            self.tls_cert_file.clone().or(file.tls_cert_file.clone()),
+            self.tls_key_file.clone().or(file.tls_key_file.clone()),
+            self.tls_client_ca_file
+                .clone()
+                .or(file.tls_client_ca_file.clone()),
+        )?;
         let compression = match self
             .compression
             .as_deref()
@@ -506,7 +653,10 @@ impl ServeArgs {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("./data")),
             replicas,
-            bearer_token,
+            bearer_token_file,
+            basic_auth_users_file,
+            tls,
+            admin_listen: self.admin_listen.or(file.admin_listen),
             max_body_bytes: bytes(
                 "max-body-bytes",
                 &self.max_body_bytes,
@@ -606,6 +756,43 @@ impl ServeArgs {
     }
 }
 
+/// The listener's TLS files: certificate and key both or neither; a client
+/// CA only with them. The files are loaded once here, so a bad one stops
+/// the relay at startup with its name.
+fn server_tls(
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_ca_file: Option<PathBuf>,
+) -> Result<Option<ServerTlsFiles>, ConfigError> {
+    let files =
+        match (cert_file, key_file) {
+            (Some(cert_file), Some(key_file)) => ServerTlsFiles {
+                cert_file,
+                key_file,
+                client_ca_file,
+            },
+            (None, None) if client_ca_file.is_some() => return Err(invalid(
+                "tls-client-ca-file",
+                "needs --tls-cert-file and --tls-key-file (client certificates are a TLS feature)",
+            )),
+            (None, None) => return Ok(None),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls-key-file",
+                    "--tls-cert-file is set but --tls-key-file is not (both or neither)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls-cert-file",
+                    "--tls-key-file is set but --tls-cert-file is not (both or neither)",
+                ))
+            }
+        };
+    crate::tls::server_config(&files).map_err(|e| invalid("tls-cert-file", e.to_string()))?;
+    Ok(Some(files))
+}
+
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -671,6 +858,123 @@ mod tests {
         assert_eq!(c.full_policy, FullPolicy::Block);
     }
 
+    fn resolve_file(toml: &str) -> Result<ServeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("walrelay.toml");
+        std::fs::write(&path, toml).unwrap();
+        ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn replica_tables_take_tls_credentials_headers_and_timeout() {
+        let c = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"https://x:1/api/v1/write\"\n\
+             tls_ca_file = \"/ca.pem\"\ntls_server_name = \"x.example\"\n\
+             basic_auth_username = \"u\"\nbasic_auth_password_file = \"/pw\"\n\
+             timeout = \"5s\"\n[replica.headers]\nX-Scope-OrgID = \"team\"\n",
+        )
+        .unwrap();
+        let r = &c.replicas[0];
+        assert_eq!(r.tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(r.tls.server_name.as_deref(), Some("x.example"));
+        assert!(
+            matches!(&r.auth, Some(ReplicaAuthConfig::Basic { username, .. }) if username == "u")
+        );
+        assert_eq!(r.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(r.headers, vec![("X-Scope-OrgID".into(), "team".into())]);
+    }
+
+    #[test]
+    fn bad_replica_tls_and_auth_settings_are_named() {
+        let table =
+            |extra: &str| format!("[[replica]]\nname = \"a\"\nurl = \"https://x:1/\"\n{extra}");
+        let cases = [
+            (table("tls_cert_file = \"/c\"\n"), "go together"),
+            (table("basic_auth_username = \"u\"\n"), "go together"),
+            (
+                table("bearer_token_file = \"/t\"\nbasic_auth_username = \"u\"\nbasic_auth_password_file = \"/p\"\n"),
+                "exclude each other",
+            ),
+            (table("timeout = \"soon\"\n"), "not a duration"),
+            (table("tls_typo = true\n"), "unknown field"),
+            (
+                "[[replica]]\nname = \"a\"\nurl = \"http://x:1/\"\ntls_ca_file = \"/ca\"\n".into(),
+                "https://",
+            ),
+        ];
+        for (toml, word) in cases {
+            let e = resolve_file(&toml).unwrap_err().to_string();
+            assert!(e.contains(word), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn tls_cert_and_key_go_together() {
+        let args = ServeArgs {
+            tls_cert_file: Some("/c.pem".into()),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("tls-key-file") && e.contains("both or neither"),
+            "{e}"
+        );
+        let args = ServeArgs {
+            tls_key_file: Some("/k.pem".into()),
+            ..Default::default()
+        };
+        assert!(args
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("both or neither"));
+        let args = ServeArgs {
+            tls_client_ca_file: Some("/ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(args
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("needs --tls-cert-file"));
+        let args = ServeArgs {
+            tls_cert_file: Some("/nonexistent/c.pem".into()),
+            tls_key_file: Some("/nonexistent/k.pem".into()),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/c.pem"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_users_file_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users");
+        std::fs::write(&users, "alice:notahash\n").unwrap();
+        let args = ServeArgs {
+            basic_auth_users_file: Some(users),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("basic-auth-users-file") && e.contains("line 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn urls_lose_their_userinfo_for_display() {
+        assert_eq!(
+            redact_url("https://user:secret@x:1/api/v1/write"),
+            "https://x:1/api/v1/write"
+        );
+        assert_eq!(redact_url("http://x:1/w"), "http://x:1/w");
+    }
+
     #[test]
     fn replica_tables_take_rate_limits_with_sizes_and_default_to_unlimited() {
         let dir = tempfile::tempdir().unwrap();
@@ -718,17 +1022,6 @@ mod tests {
             ..Default::default()
         };
         assert!(args.resolve().unwrap_err().to_string().contains("NAME=URL"));
-    }
-
-    fn resolve_file(text: &str) -> Result<ServeConfig, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("walrelay.toml");
-        std::fs::write(&path, text).unwrap();
-        ServeArgs {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
     }
 
     #[test]

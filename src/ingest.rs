@@ -27,12 +27,13 @@ use prom_remote_write::{decode, Limits, Protocol};
 use tokio::sync::Semaphore;
 use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
 
+use crate::auth::{Authenticator, Denied};
 use crate::commit::{CommitError, Committer};
 
 /// Settings and shared handles of the ingest path.
 pub struct Ingest {
     pub committer: Committer,
-    pub bearer_token: Option<String>,
+    pub auth: Authenticator,
     pub max_body_bytes: usize,
     pub limits: Limits,
     pub permits: Arc<Semaphore>,
@@ -91,13 +92,8 @@ impl Ingest {
                 .insert("Allow", HeaderValue::from_static("POST"));
             return (r, 0);
         }
-        if let Some(token) = &self.bearer_token {
-            if !bearer_matches(&req, token) {
-                let mut r = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-                r.headers_mut()
-                    .insert("WWW-Authenticate", HeaderValue::from_static("Bearer"));
-                return (r, 0);
-            }
+        if let Err(denied) = self.auth.check(req.headers()).await {
+            return (self.unauthorized(denied), 0);
         }
         let Ok(_slot) = self.permits.try_acquire().map(InFlight::new) else {
             return (
@@ -187,6 +183,21 @@ impl Ingest {
         }
     }
 
+    fn unauthorized(&self, denied: Denied) -> HttpResponse {
+        let what = match denied {
+            Denied::Missing => "missing",
+            Denied::Wrong => "wrong",
+        };
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            format!("{what} credentials: {} required", self.auth.describe()),
+        );
+        for c in self.auth.challenges() {
+            r.headers_mut().append("WWW-Authenticate", c);
+        }
+        r
+    }
+
     fn body_too_large(&self) -> HttpResponse {
         text(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -250,32 +261,6 @@ async fn discard_body(mut body: Incoming) {
         while let Some(Ok(_)) = body.frame().await {}
     })
     .await;
-}
-
-fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
-    let Some(v) = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(given) = v
-        .strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("bearer "))
-    else {
-        return false;
-    };
-    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
-}
-
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn decode_error(e: &prom_remote_write::DecodeError) -> HttpResponse {

@@ -7,6 +7,7 @@
 //! so a replica's outage is filled when it returns. See `README.md` for when
 //! exactly the relay answers 2xx, and `wal-format/SPEC.md` for the log format.
 
+pub mod auth;
 pub mod checkpoint;
 pub mod cli;
 pub mod commit;
@@ -17,4 +18,6 @@ pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod ship;
+pub mod tls;
 pub mod wal;
+pub mod watch;

@@ -28,12 +28,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Authenticator, ReplicaAuth};
 use crate::checkpoint::Checkpoints;
 use crate::commit::{Budget, Committer};
 use crate::config::ServeConfig;
 use crate::ingest::{text, HttpResponse, Ingest};
 use crate::retention::Retention;
 use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
+use crate::tls::ServerTls;
 use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
 
 /// Everything the HTTP handlers need.
@@ -144,7 +146,7 @@ pub async fn run(
                 max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
         }
         replicas.push(Arc::new(
-            ReplicaState::new(&r.name, &r.url, delivered)
+            ReplicaState::new(&r.name, &r.display_url(), delivered)
                 .with_rate_limits(limits)
                 .with_protocol(r.protocol.as_str()),
         ));
@@ -161,6 +163,28 @@ pub async fn run(
         );
     }
 
+    // Credentials and certificates are loaded before anything starts, so a
+    // file that went bad since the configuration was checked stops the start.
+    let auth = Authenticator::new(
+        config.bearer_token_file.as_deref(),
+        config.basic_auth_users_file.as_deref(),
+    )
+    .context("ingest authentication")?;
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            ServerTls::new(files.clone()).context("ingest TLS")?,
+        )),
+        None => None,
+    };
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin-listen)"))?,
+        ),
+        None => None,
+    };
+
     let (committer, commit_thread) = Committer::start(
         writer,
         wal.clone(),
@@ -174,15 +198,7 @@ pub async fn run(
     let shippers_stop = CancellationToken::new();
     let mut shipper_tasks = Vec::new();
     for (r, state) in config.replicas.iter().zip(&replicas) {
-        let sender = Sender::new(
-            &r.url,
-            SenderOptions {
-                timeout: config.send_timeout,
-                min_backoff: config.retry_min_backoff,
-                max_backoff: config.retry_max_backoff,
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("replica {}: {e}", r.name))?;
+        let sender = replica_sender(r, &config)?;
         let shipper = Shipper::new(
             Arc::clone(state),
             wal.clone(),
@@ -207,7 +223,7 @@ pub async fn run(
     let app = Arc::new(App {
         ingest: Ingest {
             committer,
-            bearer_token: config.bearer_token.clone(),
+            auth,
             max_body_bytes: config.max_body_bytes,
             limits: Limits {
                 max_decoded_bytes: config.max_decoded_bytes,
@@ -229,16 +245,38 @@ pub async fn run(
     });
     metrics::gauge!("walrelay_disk_budget_bytes").set(config.max_disk_bytes as f64);
     tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(),
-        replicas = config.replicas.len(), "walrelay serving");
+        replicas = config.replicas.len(), tls = tls.is_some(),
+        client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+        authentication = app.ingest.auth.is_enabled(), "walrelay serving");
+    if let Some(a) = &admin_listener {
+        tracing::info!(admin_listen = %a.local_addr()?,
+            "serving /metrics, /-/healthy, /-/ready and /api/v1/status on the admin address too");
+    }
 
-    serve_http(
+    let main = serve_http(
         listener,
+        Endpoints::All,
+        tls,
         Arc::clone(&app),
         shutdown.clone(),
         config.shutdown_timeout,
         config.header_read_timeout,
-    )
-    .await;
+    );
+    let admin = async {
+        if let Some(l) = admin_listener {
+            serve_http(
+                l,
+                Endpoints::Admin,
+                None,
+                Arc::clone(&app),
+                shutdown.clone(),
+                config.shutdown_timeout,
+                config.header_read_timeout,
+            )
+            .await;
+        }
+    };
+    tokio::join!(main, admin);
 
     // The listener is closed and open requests are answered: stop the commit
     // thread by dropping the last sender, then the shippers.
@@ -255,6 +293,38 @@ pub async fn run(
     let _ = housekeeping.await;
     tracing::info!("walrelay stopped");
     Ok(())
+}
+
+/// The HTTP client of one replica, with its TLS, credentials, headers and
+/// timeout.
+fn replica_sender(
+    r: &crate::config::ReplicaConfig,
+    config: &ServeConfig,
+) -> anyhow::Result<Sender> {
+    let name = &r.name;
+    if r.tls.insecure_skip_verify {
+        tracing::warn!(replica = %name, url = %r.display_url(),
+            "tls_insecure_skip_verify: the replica's certificate is not checked; \
+             anyone on the path can read and change what is sent");
+    }
+    let auth = r
+        .auth
+        .as_ref()
+        .map(ReplicaAuth::new)
+        .transpose()
+        .with_context(|| format!("replica {name}: credentials"))?;
+    Sender::new(
+        &r.url,
+        SenderOptions {
+            timeout: r.timeout.unwrap_or(config.send_timeout),
+            min_backoff: config.retry_min_backoff,
+            max_backoff: config.retry_max_backoff,
+            tls: r.tls.clone(),
+        },
+    )
+    .and_then(|s| s.with_headers(&r.headers, None))
+    .map(|s| s.with_auth(auth))
+    .map_err(|e| anyhow::anyhow!("replica {name}: {e}"))
 }
 
 /// `wal/` and `checkpoints/` are created without syncing the directory that
@@ -370,8 +440,21 @@ fn lag_bytes(wal: &Wal, cursor: u64) -> u64 {
         .sum()
 }
 
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoints {
+    /// Everything: the main listener.
+    All,
+    /// Metrics, health, readiness and status only: `--admin-listen`, plain
+    /// HTTP without credentials for probes and scrapers that hold no client
+    /// certificate.
+    Admin,
+}
+
 async fn serve_http(
     listener: TcpListener,
+    endpoints: Endpoints,
+    tls: Option<Arc<ServerTls>>,
     app: Arc<App>,
     shutdown: CancellationToken,
     grace: Duration,
@@ -384,7 +467,7 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -399,20 +482,54 @@ async fn serve_http(
         let app = Arc::clone(&app);
         let svc = service_fn(move |req| {
             let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(route(&app, req).await) }
+            async move { Ok::<_, Infallible>(route(&app, endpoints, req).await) }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        // Taken per connection: a replaced certificate is seen by the next
+        // connection (the files are checked at most once a second).
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            if !request_started(&stream, header_read_timeout).await {
+            let Some(acceptor) = acceptor else {
+                if !request_started(&stream, header_read_timeout).await {
+                    return;
+                }
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let _ = watcher.watch(conn.into_owned()).await;
                 return;
-            }
+            };
+            // The handshake timeout also bounds a client that connects and
+            // sends nothing.
+            let stream =
+                match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        // Debug only: scanners and clients without a
+                        // certificate would flood the log; the counter shows it.
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        metrics::counter!("walrelay_tls_handshake_failures_total").increment(1);
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!("walrelay_tls_handshake_failures_total").increment(1);
+                        return;
+                    }
+                };
+            // ALPN decided the protocol, so hyper need not sniff it (and its
+            // header read timeout applies from the first byte).
+            let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             let _ = watcher.watch(conn.into_owned()).await;
         });
     }
     drop(listener);
-    tracing::info!("shutting down: no new connections; finishing open requests");
+    if endpoints == Endpoints::All {
+        tracing::info!("shutting down: no new connections; finishing open requests");
+    }
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -445,8 +562,12 @@ async fn request_started(stream: &tokio::net::TcpStream, timeout: Duration) -> b
     matches!(tokio::time::timeout(timeout, decided).await, Ok(Ok(())))
 }
 
-async fn route(app: &App, req: Request<Incoming>) -> HttpResponse {
+async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpResponse {
     match req.uri().path() {
+        "/api/v1/write" | "/" if endpoints == Endpoints::Admin => text(
+            StatusCode::NOT_FOUND,
+            "the admin address serves GET /metrics, /-/healthy, /-/ready, /api/v1/status only",
+        ),
         "/api/v1/write" => app.ingest.handle(req).await,
         "/metrics" => {
             let mut text = app.metrics.render();

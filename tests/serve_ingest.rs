@@ -44,6 +44,7 @@ fn body(req: &WriteRequest) -> Vec<u8> {
 }
 
 async fn post(url: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> (u16, String, Option<String>) {
+    chaos_tests::install_tls_provider();
     let client = reqwest::Client::new();
     let mut rb = client.post(url).body(body);
     for (k, v) in headers {
@@ -291,7 +292,18 @@ async fn disk_budget_answers_429_with_retry_after_and_recovers_when_the_replica_
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // Everything accepted before the refusal reached the replica.
+    // Everything accepted before the refusal reached the replica. Ingest
+    // resumes as soon as delivered segments free the budget, which can be
+    // before the last of the backlog is delivered: wait for that first.
+    let started = Instant::now();
+    while r.status().await.unwrap()["replicas"][0]["lag_records"].as_u64() != Some(0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the replica did not catch up: {}",
+            r.status().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for i in 0..accepted {
         let v = prom
             .query_value(&format!("count_over_time(budget_{i}[1h])"))

@@ -4,8 +4,18 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+/// Makes `ring` rustls' process-wide crypto provider. Built together with
+/// walrelay, reqwest has TLS without a provider of its own and panics when
+/// a client is built before one is installed; call this before building a
+/// `reqwest::Client` directly (the helpers here call it).
+pub fn install_tls_provider() {
+    // An error means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A plain HTTP/1 client that never goes through an environment proxy.
 pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client> {
+    install_tls_provider();
     Ok(reqwest::Client::builder()
         .no_proxy()
         .timeout(timeout)

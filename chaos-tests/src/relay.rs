@@ -63,6 +63,9 @@ pub struct Relay {
     replicas: Vec<(String, String)>,
     extra_args: Vec<String>,
     port: u16,
+    /// `--admin-listen` port: readiness and status are read there (the main
+    /// port may speak TLS or demand client certificates).
+    admin_port: Option<u16>,
     log_dir: tempfile::TempDir,
     proc: Option<Proc>,
     http: reqwest::Client,
@@ -87,18 +90,41 @@ impl Relay {
         replicas: &[(&str, &str)],
         extra_args: &[&str],
     ) -> Result<Relay> {
+        Self::start_inner(bin.into(), data_dir.as_ref(), replicas, extra_args, false).await
+    }
+
+    /// [`Relay::start_with_bin`] with `--admin-listen` on a second free
+    /// port, where readiness, status and metrics are then read: for a main
+    /// listener with TLS (`extra_args` carry `--tls-cert-file` etc.).
+    pub async fn start_with_admin(
+        bin: impl Into<PathBuf>,
+        data_dir: impl AsRef<Path>,
+        replicas: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Result<Relay> {
+        Self::start_inner(bin.into(), data_dir.as_ref(), replicas, extra_args, true).await
+    }
+
+    async fn start_inner(
+        bin: PathBuf,
+        data_dir: &Path,
+        replicas: &[(&str, &str)],
+        extra_args: &[&str],
+        admin: bool,
+    ) -> Result<Relay> {
         let log_dir = tempfile::Builder::new()
             .prefix("chaos-walrelay-")
             .tempdir()?;
         let mut r = Relay {
-            bin: bin.into(),
-            data_dir: data_dir.as_ref().to_path_buf(),
+            bin,
+            data_dir: data_dir.to_path_buf(),
             replicas: replicas
                 .iter()
                 .map(|(n, u)| (n.to_string(), u.to_string()))
                 .collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             port: 0,
+            admin_port: None,
             log_dir,
             proc: None,
             http: client(Duration::from_secs(30))?,
@@ -107,6 +133,9 @@ impl Relay {
         let mut last = None;
         for _ in 0..5 {
             r.port = try_free_port()?;
+            if admin {
+                r.admin_port = Some(try_free_port()?);
+            }
             match r.launch().await {
                 Ok(()) => return Ok(r),
                 Err(e) if addr_in_use(&e) => last = Some(e),
@@ -126,6 +155,9 @@ impl Relay {
         for (name, url) in &self.replicas {
             cmd.arg("--replica").arg(format!("{name}={url}"));
         }
+        if let Some(p) = self.admin_port {
+            cmd.arg("--admin-listen").arg(format!("127.0.0.1:{p}"));
+        }
         cmd.args(&self.extra_args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
@@ -141,7 +173,7 @@ impl Relay {
 
     async fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + self.ready_timeout;
-        let url = format!("{}/-/ready", self.url());
+        let url = format!("{}/-/ready", self.admin_url());
         loop {
             if let Some(p) = &self.proc {
                 if let Some(st) = p.try_exit()? {
@@ -177,6 +209,15 @@ impl Relay {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Where metrics, health and status are read: the admin address when
+    /// there is one, else [`Relay::url`].
+    pub fn admin_url(&self) -> String {
+        match self.admin_port {
+            Some(p) => format!("http://127.0.0.1:{p}"),
+            None => self.url(),
+        }
     }
 
     /// `http://127.0.0.1:PORT/api/v1/write`
@@ -220,7 +261,7 @@ impl Relay {
     async fn get(&self, path: &str) -> Result<reqwest::Response> {
         let resp = self
             .http
-            .get(format!("{}{path}", self.url()))
+            .get(format!("{}{path}", self.admin_url()))
             .send()
             .await
             .with_context(|| format!("GET {path} from walrelay on port {}", self.port))?;

@@ -197,6 +197,7 @@ async fn probe(url: &str, i: usize) -> (u16, Option<String>, String) {
         ..Default::default()
     };
     let body = chaos_tests::encode::write_request_body(&req);
+    chaos_tests::install_tls_provider();
     let resp = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))

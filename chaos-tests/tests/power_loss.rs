@@ -353,6 +353,7 @@ async fn post_one(url: &str) -> (u16, Option<String>) {
         ("job", "power_loss"),
     ]);
     put_timeseries(&mut raw, &labels, &[(1.0, chaos_tests::now_ms())]);
+    chaos_tests::install_tls_provider();
     let resp = reqwest::Client::new()
         .post(url)
         .header("Content-Type", "application/x-protobuf")

@@ -65,6 +65,7 @@ pub enum WalCommand {
 /// Parses the command line and runs the command. Exit codes: 0 success,
 /// 1 failure (the message says why), 2 usage errors (from clap).
 pub fn main() -> ExitCode {
+    crate::tls::install_default_provider();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),

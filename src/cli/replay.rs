@@ -664,6 +664,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
                     timeout,
                     min_backoff: Duration::from_millis(100),
                     max_backoff,
+                    tls: Default::default(),
                 },
             )
             .and_then(|s| s.with_headers(&headers, token.as_deref()))

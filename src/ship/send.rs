@@ -1,5 +1,6 @@
 //! Sending one request to a replica, with remote-write retry semantics.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backoff::backoff::Backoff;
@@ -11,6 +12,8 @@ use prom_remote_write::content::{
 use prom_remote_write::Protocol;
 
 use super::state::{ReplicaState, WrittenCounts};
+use crate::auth::ReplicaAuth;
+use crate::tls::ClientTlsOptions;
 
 /// One request's body and what the sender needs to know about it.
 #[derive(Debug, Clone)]
@@ -68,6 +71,8 @@ pub struct SenderOptions {
     pub timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Used for `https://` URLs.
+    pub tls: ClientTlsOptions,
 }
 
 /// A replica's HTTP client.
@@ -79,6 +84,9 @@ pub struct Sender {
     /// Sent with every request (operator-supplied, e.g. `walrelay wal replay
     /// --header`, and `Authorization` for a bearer token).
     extra_headers: reqwest::header::HeaderMap,
+    /// Credentials from files, re-read when they change; set last, so they
+    /// win over an `Authorization` among the extra headers.
+    auth: Option<Arc<ReplicaAuth>>,
 }
 
 /// One attempt's result.
@@ -104,10 +112,16 @@ const MAX_ERROR_BODY: usize = 512;
 
 impl Sender {
     /// # Errors
-    /// The URL does not parse or the client cannot be built.
+    /// The URL does not parse, a TLS file is missing or bad, or the client
+    /// cannot be built.
     pub fn new(url: &str, options: SenderOptions) -> Result<Self, String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| format!("{}: {e}", crate::config::redact_url(url)))?;
+        // Our own rustls configuration, also for http:// URLs (where it is
+        // unused): reqwest has no crypto provider of its own in this build.
+        let tls = crate::tls::client_config(&options.tls).map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .timeout(options.timeout)
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
@@ -119,7 +133,14 @@ impl Sender {
             url,
             options,
             extra_headers: reqwest::header::HeaderMap::new(),
+            auth: None,
         })
+    }
+
+    /// Sends the credentials of `auth` with every request.
+    pub fn with_auth(mut self, auth: Option<Arc<ReplicaAuth>>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Adds headers sent with every request, and `Authorization: Bearer`
@@ -266,10 +287,14 @@ impl Sender {
             Protocol::V1 => prom_remote_write::content::MEDIA_TYPE_PROTOBUF,
             Protocol::V2 => prom_remote_write::content::CONTENT_TYPE_V2,
         };
+        let mut headers = self.extra_headers.clone();
+        if let Some(value) = self.auth.as_ref().and_then(|a| a.header()) {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let resp = self
             .client
             .post(self.url.clone())
-            .headers(self.extra_headers.clone())
+            .headers(headers)
             .header("Content-Type", content_type)
             .header("Content-Encoding", "snappy")
             .header(
@@ -282,6 +307,9 @@ impl Sender {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
+                // The URL may hold a password; status and logs name the
+                // replica's redacted URL instead.
+                let e = e.without_url();
                 let kind = if e.is_timeout() {
                     "timeout"
                 } else {

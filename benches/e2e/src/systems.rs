@@ -67,6 +67,7 @@ impl System {
         let dir = tempfile::Builder::new()
             .prefix(&format!("walrelay-bench-{}-", kind.label()))
             .tempdir_in(s.data_root)?;
+        chaos_tests::install_tls_provider();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()?;
