@@ -67,6 +67,9 @@ fn register_at_zero() {
     metrics::gauge!("walrelay_wal_writer_failed").set(0.0);
     metrics::gauge!("walrelay_checkpoint_store_failed").set(0.0);
     metrics::gauge!("walrelay_ingest_requests_in_flight").set(0.0);
+    for result in ["success", "failure"] {
+        metrics::counter!("walrelay_config_reloads_total", "result" => result).increment(0);
+    }
 }
 
 /// Creates one replica's series of rare events at zero.
@@ -138,6 +141,19 @@ fn describe() {
         "walrelay_ingest_bytes_total",
         Unit::Bytes,
         "Request body bytes received."
+    );
+    describe_gauge!(
+        "walrelay_config_last_reload_successful",
+        "1 when the last configuration reload succeeded (or none was tried), 0 after a refused one."
+    );
+    describe_gauge!(
+        "walrelay_config_last_reload_success_timestamp_seconds",
+        Unit::Seconds,
+        "When the configuration was last loaded successfully (start or reload)."
+    );
+    describe_counter!(
+        "walrelay_config_reloads_total",
+        "Configuration reloads (SIGHUP, POST /-/reload), by result."
     );
     describe_gauge!(
         "walrelay_ingest_requests_in_flight",

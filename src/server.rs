@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,13 +28,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Authenticator, ReplicaAuth};
+use crate::auth::Authenticator;
 use crate::checkpoint::Checkpoints;
 use crate::commit::{Budget, Committer};
-use crate::config::ServeConfig;
+use crate::config::{ConfigError, ServeConfig};
+use crate::fleet::{Changes, Fleet, ShipperConfig};
 use crate::ingest::{text, HttpResponse, Ingest};
 use crate::retention::Retention;
-use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
 use crate::tls::ServerTls;
 use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
 
@@ -42,7 +42,8 @@ use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
 struct App {
     ingest: Ingest,
     wal: Wal,
-    replicas: Vec<Arc<ReplicaState>>,
+    fleet: Arc<Fleet>,
+    reload: Reload,
     recovery: RecoveryReport,
     max_disk_bytes: u64,
     ready: AtomicBool,
@@ -50,7 +51,20 @@ struct App {
     checkpoints: Checkpoints,
 }
 
-/// Runs the relay until `shutdown` is cancelled.
+/// Reads the configuration again for a reload (flags and environment as at
+/// startup, the file as it is now).
+pub type ReloadSource = Arc<dyn Fn() -> Result<ServeConfig, ConfigError> + Send + Sync>;
+
+/// What a reload needs: where the configuration comes from, and the one in
+/// force (to tell which changes need a restart).
+struct Reload {
+    source: Option<ReloadSource>,
+    running: Mutex<ServeConfig>,
+}
+
+/// Runs the relay until `shutdown` is cancelled. With `reload_source`,
+/// SIGHUP and `POST /-/reload` re-read the configuration and apply its
+/// replicas (see [`crate::fleet`]) without a restart.
 ///
 /// # Errors
 /// Startup failures: the data dir is locked or unusable, recovery failed, a
@@ -59,6 +73,7 @@ pub async fn run(
     listener: TcpListener,
     config: ServeConfig,
     shutdown: CancellationToken,
+    reload_source: Option<ReloadSource>,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
     let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
@@ -86,7 +101,6 @@ pub async fn run(
     // Each replica's position is loaded (or set, for a new replica) before
     // retention or the commit thread start: retention must never see a
     // position the replica does not really have.
-    let mut replicas = Vec::new();
     // Never hand out again a sequence number a replica has passed: when the
     // log lost records at its end that a replica had already received (a
     // truncated tail, a volume restored from an older copy), new records
@@ -123,41 +137,27 @@ pub async fn run(
         );
     }
     for r in &config.replicas {
-        let cursor = checkpoints.cursor(&r.name)?;
-        let delivered = match cursor.delivered {
-            Some(d) => d,
-            None => {
-                let start = match config.new_replica_start {
-                    _ if store_lost => extent.first_seq,
-                    crate::config::StartAt::Head => extent.end_seq,
-                    crate::config::StartAt::Oldest => extent.first_seq,
-                };
-                checkpoints.set(&r.name, start)?;
-                tracing::info!(replica = %r.name, start, "new replica: starting position set");
-                start
-            }
-        };
-        let limits = RateLimits {
-            max_samples_per_second: r.max_samples_per_second,
-            max_bytes_per_second: r.max_bytes_per_second,
-        };
-        if !limits.is_unlimited() {
-            tracing::info!(replica = %r.name, max_samples_per_second = limits.max_samples_per_second,
-                max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
+        if checkpoints.cursor(&r.name)?.delivered.is_none() {
+            let start = match config.new_replica_start {
+                _ if store_lost => extent.first_seq,
+                crate::config::StartAt::Head => extent.end_seq,
+                crate::config::StartAt::Oldest => extent.first_seq,
+            };
+            checkpoints.set(&r.name, start)?;
+            tracing::info!(replica = %r.name, start, "new replica: starting position set");
         }
-        replicas.push(Arc::new(
-            ReplicaState::new(&r.name, &r.display_url(), delivered)
-                .with_rate_limits(limits)
-                .with_protocol(r.protocol.as_str()),
-        ));
     }
-    retention.set_replicas(replicas.clone());
+    let fleet = Arc::new(Fleet::new(
+        wal.clone(),
+        checkpoints.clone(),
+        Arc::clone(&retention),
+    ));
     for stale in checkpoints.replicas()? {
         if !config.replicas.iter().any(|r| r.name == stale) {
             tracing::info!(replica = %stale, "replica no longer configured; its checkpoint is kept but no longer holds back deletion");
         }
     }
-    if replicas.is_empty() {
+    if config.replicas.is_empty() {
         tracing::warn!(
             "no replicas configured: records are acknowledged and kept only until retention"
         );
@@ -195,29 +195,14 @@ pub async fn run(
         },
     )?;
 
-    let shippers_stop = CancellationToken::new();
-    let mut shipper_tasks = Vec::new();
-    for (r, state) in config.replicas.iter().zip(&replicas) {
-        let sender = replica_sender(r, &config)?;
-        let shipper = Shipper::new(
-            Arc::clone(state),
-            wal.clone(),
-            checkpoints.clone(),
-            sender,
-            r.protocol,
-            BatchLimits {
-                max_samples: config.max_samples_per_send,
-                max_bytes: config.max_bytes_per_send,
-            },
-            config.new_replica_start,
-        );
-        shipper_tasks.push(tokio::spawn(shipper.run(shippers_stop.clone())));
-    }
+    // Retention sees every replica's position from the first shipper on.
+    fleet.start(ShipperConfig::all(&config)).await?;
+    let housekeeping_stop = CancellationToken::new();
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&retention),
         wal.clone(),
-        replicas.clone(),
-        shippers_stop.clone(),
+        Arc::clone(&fleet),
+        housekeeping_stop.clone(),
     ));
 
     let app = Arc::new(App {
@@ -236,7 +221,11 @@ pub async fn run(
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
         },
         wal: wal.clone(),
-        replicas,
+        fleet: Arc::clone(&fleet),
+        reload: Reload {
+            source: reload_source,
+            running: Mutex::new(config.clone()),
+        },
         recovery,
         max_disk_bytes: config.max_disk_bytes,
         ready: AtomicBool::new(true),
@@ -252,6 +241,11 @@ pub async fn run(
         tracing::info!(admin_listen = %a.local_addr()?,
             "serving /metrics, /-/healthy, /-/ready and /api/v1/status on the admin address too");
     }
+
+    metrics::gauge!("walrelay_config_last_reload_successful").set(1.0);
+    metrics::gauge!("walrelay_config_last_reload_success_timestamp_seconds")
+        .set(crate::ship::now_ms() as f64 / 1000.0);
+    let sighup = tokio::spawn(reload_on_sighup(Arc::clone(&app), shutdown.clone()));
 
     let main = serve_http(
         listener,
@@ -286,45 +280,91 @@ pub async fn run(
     if !matches!(joined, Ok(Ok(_))) {
         tracing::error!("the commit thread did not stop cleanly");
     }
-    shippers_stop.cancel();
-    for t in shipper_tasks {
-        let _ = t.await;
-    }
+    sighup.abort();
+    fleet.stop_all().await;
+    housekeeping_stop.cancel();
     let _ = housekeeping.await;
     tracing::info!("walrelay stopped");
     Ok(())
 }
 
-/// The HTTP client of one replica, with its TLS, credentials, headers and
-/// timeout.
-fn replica_sender(
-    r: &crate::config::ReplicaConfig,
-    config: &ServeConfig,
-) -> anyhow::Result<Sender> {
-    let name = &r.name;
-    if r.tls.insecure_skip_verify {
-        tracing::warn!(replica = %name, url = %r.display_url(),
-            "tls_insecure_skip_verify: the replica's certificate is not checked; \
-             anyone on the path can read and change what is sent");
+/// Reloads on every SIGHUP until shutdown.
+async fn reload_on_sighup(app: Arc<App>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload with POST /-/reload");
+        return;
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => if got.is_none() { return },
+            () = shutdown.cancelled() => return,
+        }
+        tracing::info!("SIGHUP: reloading the configuration");
+        let _ = reload(&app).await;
     }
-    let auth = r
-        .auth
-        .as_ref()
-        .map(ReplicaAuth::new)
-        .transpose()
-        .with_context(|| format!("replica {name}: credentials"))?;
-    Sender::new(
-        &r.url,
-        SenderOptions {
-            timeout: r.timeout.unwrap_or(config.send_timeout),
-            min_backoff: config.retry_min_backoff,
-            max_backoff: config.retry_max_backoff,
-            tls: r.tls.clone(),
-        },
-    )
-    .and_then(|s| s.with_headers(&r.headers, None))
-    .map(|s| s.with_auth(auth))
-    .map_err(|e| anyhow::anyhow!("replica {name}: {e}"))
+}
+
+/// Re-reads the configuration and applies its replicas. A file that does
+/// not parse or validate, or a replica whose client cannot be built, is
+/// refused with the reason logged: the running configuration stays as it
+/// was and `walrelay_config_last_reload_successful` is 0 until a reload
+/// succeeds.
+async fn reload(app: &App) -> Result<Changes, String> {
+    let result = try_reload(app).await;
+    let ok = result.is_ok();
+    metrics::gauge!("walrelay_config_last_reload_successful").set(if ok { 1.0 } else { 0.0 });
+    metrics::counter!("walrelay_config_reloads_total", "result" => if ok { "success" } else { "failure" })
+        .increment(1);
+    match &result {
+        Ok(c) => {
+            metrics::gauge!("walrelay_config_last_reload_success_timestamp_seconds")
+                .set(crate::ship::now_ms() as f64 / 1000.0);
+            tracing::info!(added = ?c.added, removed = ?c.removed, changed = ?c.changed,
+                unchanged = c.unchanged.len(), "configuration reloaded");
+        }
+        Err(e) => tracing::error!(error = %e,
+            "configuration reload refused; the running configuration is kept"),
+    }
+    result
+}
+
+async fn try_reload(app: &App) -> Result<Changes, String> {
+    let Some(source) = app.reload.source.clone() else {
+        return Err("this relay was started without a configuration to reload".into());
+    };
+    let config = tokio::task::spawn_blocking(move || source())
+        .await
+        .map_err(|e| format!("reading the configuration: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let changes = app
+        .fleet
+        .apply(ShipperConfig::all(&config))
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let mut running = app.reload.running.lock().unwrap_or_else(|p| p.into_inner());
+    if restart_only(&running) != restart_only(&config) {
+        tracing::warn!(
+            "settings other than the replicas and their send settings changed; \
+             they take effect at the next restart"
+        );
+    }
+    *running = config;
+    Ok(changes)
+}
+
+/// The settings a reload does not apply, as one comparable string (no
+/// secrets: the configuration holds file names, not their contents).
+fn restart_only(c: &ServeConfig) -> String {
+    let mut c = c.clone();
+    c.replicas.clear();
+    c.max_samples_per_send = 0;
+    c.max_bytes_per_send = 0;
+    c.send_timeout = Duration::ZERO;
+    c.retry_min_backoff = Duration::ZERO;
+    c.retry_max_backoff = Duration::ZERO;
+    c.new_replica_start = crate::config::StartAt::Head;
+    format!("{c:?}")
 }
 
 /// `wal/` and `checkpoints/` are created without syncing the directory that
@@ -389,7 +429,7 @@ fn report_recovery(r: &RecoveryReport) {
 async fn housekeeping(
     retention: Arc<Retention>,
     wal: Wal,
-    replicas: Vec<Arc<ReplicaState>>,
+    fleet: Arc<Fleet>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -416,7 +456,7 @@ async fn housekeeping(
         metrics::gauge!("walrelay_wal_segments").set(extent.segments as f64);
         metrics::gauge!("walrelay_wal_first_seq").set(extent.first_seq as f64);
         metrics::gauge!("walrelay_wal_head_seq").set(extent.end_seq as f64);
-        for r in &replicas {
+        for r in &fleet.states() {
             let s = r.status(extent.end_seq, lag_bytes(&wal, r.delivered()));
             let name = r.name.clone();
             metrics::gauge!("walrelay_replica_lag_records", "replica" => name.clone())
@@ -566,7 +606,7 @@ async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpR
     match req.uri().path() {
         "/api/v1/write" | "/" if endpoints == Endpoints::Admin => text(
             StatusCode::NOT_FOUND,
-            "the admin address serves GET /metrics, /-/healthy, /-/ready, /api/v1/status only",
+            "the admin address serves GET /metrics, /-/healthy, /-/ready, /api/v1/status and POST /-/reload only",
         ),
         "/api/v1/write" => app.ingest.handle(req).await,
         "/metrics" => {
@@ -574,7 +614,7 @@ async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpR
             if !text.is_empty() && !text.ends_with('\n') {
                 text.push('\n');
             }
-            text.push_str(&crate::metrics::render_replica_counters(&app.replicas));
+            text.push_str(&crate::metrics::render_replica_counters(&app.fleet.states()));
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -605,9 +645,31 @@ async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpR
             }
         }
         "/api/v1/status" => status(app),
+        "/-/reload" if req.method() != hyper::Method::POST => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST /-/reload");
+            r.headers_mut()
+                .insert("Allow", HeaderValue::from_static("POST"));
+            r
+        }
+        // As Prometheus': 200 when applied, 500 with the reason when
+        // refused (the running configuration is kept).
+        "/-/reload" => match reload(app).await {
+            Ok(changes) => {
+                let mut r = Response::new(Full::new(Bytes::from(
+                    serde_json::json!({ "status": "success", "replicas": changes }).to_string(),
+                )));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reload refused, running configuration kept: {e}"),
+            ),
+        },
         "/" => text(
             StatusCode::OK,
-            "walrelay: POST /api/v1/write; GET /metrics, /-/healthy, /-/ready, /api/v1/status",
+            "walrelay: POST /api/v1/write, /-/reload; GET /metrics, /-/healthy, /-/ready, /api/v1/status",
         ),
         other => text(StatusCode::NOT_FOUND, format!("no such endpoint: {other}")),
     }
@@ -638,7 +700,7 @@ fn status(app: &App) -> HttpResponse {
             writer_failed: app.ingest.committer.writer_failed(),
         },
         "recovery": app.recovery,
-        "replicas": app.replicas.iter()
+        "replicas": app.fleet.states().iter()
             .map(|r| r.status(extent.end_seq, lag_bytes(&app.wal, r.delivered())))
             .collect::<Vec<_>>(),
     });

@@ -19,6 +19,7 @@ mod scan;
 mod verify;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -118,7 +119,11 @@ fn serve(args: &ServeArgs) -> ExitCode {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
-        crate::server::run(listener, config, shutdown).await
+        // A reload reads flags and environment as they were at startup and
+        // the file as it is now.
+        let source_args = args.clone();
+        let reload: crate::server::ReloadSource = Arc::new(move || source_args.resolve());
+        crate::server::run(listener, config, shutdown, Some(reload)).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

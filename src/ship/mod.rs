@@ -53,7 +53,7 @@ pub(crate) use state::now_ms;
 pub use state::{ReplicaState, ReplicaStatus, TranslationDropped, WrittenCounts};
 
 /// Limits of one coalesced request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
     pub max_samples: u64,
     pub max_bytes: usize,
@@ -191,9 +191,13 @@ impl Shipper {
 
     /// Ships until `shutdown` is cancelled. Checkpoints are consistent at
     /// every await point, so cancelling at any moment loses nothing.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    ///
+    /// `drain` stops it between requests instead: the request being sent is
+    /// answered and checkpointed first, so a shipper replaced by a reload
+    /// sends nothing twice.
+    pub async fn run(mut self, shutdown: CancellationToken, drain: CancellationToken) {
         tokio::select! {
-            () = self.ship() => {}
+            () = self.ship(&drain) => {}
             () = shutdown.cancelled() => {}
         }
         // Stopped while a delivery was not checkpointed yet: write it, so
@@ -209,7 +213,7 @@ impl Shipper {
         self.state.set_phase("stopped");
     }
 
-    async fn ship(&mut self) {
+    async fn ship(&mut self, drain: &CancellationToken) {
         let start = loop {
             match self.startup().await {
                 Ok(s) => break s,
@@ -221,8 +225,18 @@ impl Shipper {
         };
         let mut reader = self.wal.reader(start);
         loop {
+            if drain.is_cancelled() {
+                return;
+            }
             self.state.set_phase("idle");
-            let batch = match self.next_batch(&mut reader).await {
+            // Waiting for records is where a drain usually finds the
+            // shipper; what was read and not sent is read again by the
+            // next shipper, from the checkpoint.
+            let next = tokio::select! {
+                next = self.next_batch(&mut reader) => next,
+                () = drain.cancelled() => return,
+            };
+            let batch = match next {
                 Ok(b) => b,
                 Err(e) => {
                     self.state.set_error(format!("reading the log: {e}"));

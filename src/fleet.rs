@@ -1,0 +1,310 @@
+//! The running shippers, one per configured replica, and how the set changes
+//! when the configuration is reloaded (SIGHUP, `POST /-/reload`).
+//!
+//! A reload compares each replica's whole shipping configuration (its table
+//! plus the global send settings it uses) with the running one:
+//!
+//! - unchanged: its shipper keeps running, untouched;
+//! - removed: its shipper is stopped; its checkpoint stays in the store (a
+//!   replica added back later resumes there) but no longer holds segments;
+//! - changed (URL, credentials, TLS, limits, protocol...): the old shipper
+//!   is stopped and a new one started under the same name, from the same
+//!   checkpoint;
+//! - added: its position is set as for a replica seen for the first time
+//!   (`--new-replica-start`), then its shipper starts.
+//!
+//! Stopping drains: the shipper is asked to stop between requests, so the
+//! request it is sending is answered and checkpointed first and nothing is
+//! sent twice. A replica that does not answer within [`DRAIN_TIMEOUT`] (it
+//! is down, which is often why it is being changed) is stopped where it is;
+//! its in-flight range is in the checkpoint and the new shipper re-sends
+//! exactly that range first, as after a restart. Nothing is lost either way.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::ReplicaAuth;
+use crate::checkpoint::Checkpoints;
+use crate::config::{ReplicaConfig, ServeConfig, StartAt};
+use crate::retention::Retention;
+use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
+use crate::wal::Wal;
+
+/// How long a stopping shipper may take to finish its request.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a replica's shipper is built from: two replicas' shippers are
+/// interchangeable exactly when these are equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipperConfig {
+    pub replica: ReplicaConfig,
+    pub batch: BatchLimits,
+    pub send_timeout: Duration,
+    pub retry_min_backoff: Duration,
+    pub retry_max_backoff: Duration,
+    pub start_at: StartAt,
+}
+
+impl ShipperConfig {
+    /// One per replica of `config`.
+    pub fn all(config: &ServeConfig) -> Vec<ShipperConfig> {
+        config
+            .replicas
+            .iter()
+            .map(|r| ShipperConfig {
+                replica: r.clone(),
+                batch: BatchLimits {
+                    max_samples: config.max_samples_per_send,
+                    max_bytes: config.max_bytes_per_send,
+                },
+                send_timeout: config.send_timeout,
+                retry_min_backoff: config.retry_min_backoff,
+                retry_max_backoff: config.retry_max_backoff,
+                start_at: config.new_replica_start,
+            })
+            .collect()
+    }
+}
+
+struct Running {
+    config: ShipperConfig,
+    state: Arc<ReplicaState>,
+    /// Stop between requests.
+    drain: CancellationToken,
+    /// Stop now.
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    async fn shut_down(self) {
+        self.drain.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::info!(replica = %self.state.name,
+                "the replica did not finish its request in time; stopping its shipper now \
+                 (its in-flight range is re-sent first when it starts again)");
+            self.stop.cancel();
+            let _ = task.await;
+        }
+    }
+}
+
+/// What a reload changed, for the log and the reload endpoint's answer.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
+
+/// See the module documentation.
+pub struct Fleet {
+    wal: Wal,
+    checkpoints: Checkpoints,
+    retention: Arc<Retention>,
+    /// The running shippers; one reload or shutdown at a time.
+    running: tokio::sync::Mutex<Vec<Running>>,
+    /// Their states, for status, metrics and housekeeping (read often,
+    /// without waiting for a reload in progress).
+    states: RwLock<Vec<Arc<ReplicaState>>>,
+}
+
+impl Fleet {
+    pub fn new(wal: Wal, checkpoints: Checkpoints, retention: Arc<Retention>) -> Self {
+        Self {
+            wal,
+            checkpoints,
+            retention,
+            running: tokio::sync::Mutex::new(Vec::new()),
+            states: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The replicas' states, in configuration order.
+    pub fn states(&self) -> Vec<Arc<ReplicaState>> {
+        self.states
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Starts the first shippers. Their positions must be in the store
+    /// already (startup sets them, with its own rules for a lost store).
+    ///
+    /// # Errors
+    /// A replica's client cannot be built (its credentials cannot be read).
+    pub async fn start(&self, configs: Vec<ShipperConfig>) -> anyhow::Result<()> {
+        let mut running = self.running.lock().await;
+        let mut started = Vec::new();
+        for c in configs {
+            let cursor = self.checkpoints.cursor(&c.replica.name)?;
+            let delivered = cursor.delivered.unwrap_or(0);
+            started.push(self.spawn(c, delivered)?);
+        }
+        *running = started;
+        self.publish(&running);
+        Ok(())
+    }
+
+    /// Moves the running shippers to `configs`. Everything is checked and
+    /// built before anything is stopped: a reload that fails changes
+    /// nothing.
+    ///
+    /// # Errors
+    /// A replica's client cannot be built, or the checkpoint store fails.
+    pub async fn apply(&self, configs: Vec<ShipperConfig>) -> anyhow::Result<Changes> {
+        let mut running = self.running.lock().await;
+        let mut changes = Changes::default();
+        // Build every new client first: bad credentials or certificates
+        // refuse the reload before any shipper is touched.
+        let mut senders = Vec::new();
+        for c in &configs {
+            let keep = running.iter().any(|r| r.config == *c);
+            senders.push(if keep { None } else { Some(sender(c)?) });
+        }
+        let mut old: Vec<Running> = std::mem::take(&mut *running);
+        let mut next = Vec::new();
+        for (c, sender) in configs.into_iter().zip(senders) {
+            let name = c.replica.name.clone();
+            if let Some(i) = old.iter().position(|r| r.config == c) {
+                next.push(old.swap_remove(i));
+                changes.unchanged.push(name);
+                continue;
+            }
+            if let Some(i) = old.iter().position(|r| r.config.replica.name == name) {
+                old.swap_remove(i).shut_down().await;
+                changes.changed.push(name.clone());
+            } else {
+                changes.added.push(name.clone());
+            }
+            let delivered = self.position(&name, c.start_at)?;
+            let sender = match sender {
+                Some(s) => s,
+                None => self::sender(&c)?,
+            };
+            next.push(self.spawn_with(c, delivered, sender));
+        }
+        for r in old {
+            changes.removed.push(r.state.name.clone());
+            r.shut_down().await;
+        }
+        *running = next;
+        self.publish(&running);
+        Ok(changes)
+    }
+
+    /// Stops every shipper now (shutdown: their checkpoints are consistent
+    /// at every await point).
+    pub async fn stop_all(&self) {
+        let mut running = self.running.lock().await;
+        for r in running.iter() {
+            r.stop.cancel();
+        }
+        for r in running.drain(..) {
+            let _ = r.task.await;
+        }
+    }
+
+    /// The replica's stored position, or, for a name never seen, the start
+    /// `start_at` gives, stored before its shipper or retention see it.
+    fn position(&self, name: &str, start_at: StartAt) -> anyhow::Result<u64> {
+        if let Some(d) = self.checkpoints.cursor(name)?.delivered {
+            return Ok(d);
+        }
+        let extent = self.wal.extent();
+        let start = match start_at {
+            StartAt::Head => extent.end_seq,
+            StartAt::Oldest => extent.first_seq,
+        };
+        self.checkpoints.set(name, start)?;
+        tracing::info!(replica = %name, start, "new replica: starting position set");
+        Ok(start)
+    }
+
+    fn spawn(&self, c: ShipperConfig, delivered: u64) -> anyhow::Result<Running> {
+        let s = sender(&c)?;
+        Ok(self.spawn_with(c, delivered, s))
+    }
+
+    fn spawn_with(&self, c: ShipperConfig, delivered: u64, sender: Sender) -> Running {
+        let r = &c.replica;
+        let limits = RateLimits {
+            max_samples_per_second: r.max_samples_per_second,
+            max_bytes_per_second: r.max_bytes_per_second,
+        };
+        if !limits.is_unlimited() {
+            tracing::info!(replica = %r.name, max_samples_per_second = limits.max_samples_per_second,
+                max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
+        }
+        let state = Arc::new(
+            ReplicaState::new(&r.name, &r.display_url(), delivered)
+                .with_rate_limits(limits)
+                .with_protocol(r.protocol.as_str()),
+        );
+        let shipper = Shipper::new(
+            Arc::clone(&state),
+            self.wal.clone(),
+            self.checkpoints.clone(),
+            sender,
+            r.protocol,
+            c.batch,
+            c.start_at,
+        );
+        let drain = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(shipper.run(stop.clone(), drain.clone()));
+        Running {
+            config: c,
+            state,
+            drain,
+            stop,
+            task,
+        }
+    }
+
+    /// Makes the running set the one status, metrics and retention see.
+    fn publish(&self, running: &[Running]) {
+        let states: Vec<_> = running.iter().map(|r| Arc::clone(&r.state)).collect();
+        self.retention.set_replicas(states.clone());
+        *self.states.write().unwrap_or_else(|p| p.into_inner()) = states;
+    }
+}
+
+/// The HTTP client of one replica, with its TLS, credentials, headers and
+/// timeout.
+fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
+    let r = &c.replica;
+    let name = &r.name;
+    if r.tls.insecure_skip_verify {
+        tracing::warn!(replica = %name, url = %r.display_url(),
+            "tls_insecure_skip_verify: the replica's certificate is not checked; \
+             anyone on the path can read and change what is sent");
+    }
+    let auth = r
+        .auth
+        .as_ref()
+        .map(ReplicaAuth::new)
+        .transpose()
+        .with_context(|| format!("replica {name}: credentials"))?;
+    Sender::new(
+        &r.url,
+        SenderOptions {
+            timeout: r.timeout.unwrap_or(c.send_timeout),
+            min_backoff: c.retry_min_backoff,
+            max_backoff: c.retry_max_backoff,
+            tls: r.tls.clone(),
+        },
+    )
+    .and_then(|s| s.with_headers(&r.headers, None))
+    .map(|s| s.with_auth(auth))
+    .map_err(|e| anyhow::anyhow!("replica {name}: {e}"))
+}

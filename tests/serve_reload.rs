@@ -1,0 +1,229 @@
+//! Live reconfiguration of the real `walrelay serve` process (configured by
+//! a TOML file, no `--replica` flags, so the file's replicas are the ones in
+//! force), against real Prometheus 2.42 replicas and the load generator:
+//!
+//! - under load, `POST /-/reload` changes replica a (its headers and rate
+//!   limit) and adds replica b: a loses nothing and is sent nothing twice
+//!   (Prometheus would refuse a re-sent sample with 400, and the relay counts
+//!   every 4xx), b receives everything written after it was added;
+//! - a file that does not parse is refused, by SIGHUP and by the endpoint:
+//!   the running replicas stay, `walrelay_config_last_reload_successful`
+//!   is 0 until a reload succeeds;
+//! - SIGHUP with b removed stops b's shipper; a keeps shipping.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chaos_tests::load::{Load, LoadSpec};
+use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
+use chaos_tests::proxy::{FaultProxy, ProxyMode};
+use chaos_tests::relay::Relay;
+use chaos_tests::verify::verify;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
+
+fn write_config(path: &Path, replicas: &[(&str, &str, &str)]) {
+    let mut text = String::from("retry_max_backoff = \"1s\"\n");
+    for (name, url, extra) in replicas {
+        text.push_str(&format!(
+            "[[replica]]\nname = \"{name}\"\nurl = \"{url}\"\n{extra}\n"
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn names(status: &Value) -> Vec<String> {
+    status["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn caught_up(r: &Relay) {
+    let started = Instant::now();
+    loop {
+        let status = r.status().await.unwrap();
+        if status["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["lag_records"] == 0)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "replicas did not catch up: {status:#}\n{}",
+            r.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn reload_succeeded(r: &Relay) -> f64 {
+    r.metric_sum("walrelay_config_last_reload_successful", &[])
+        .await
+        .unwrap()
+}
+
+fn sighup(r: &Relay) {
+    let pid = r.pid().unwrap().to_string();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -HUP {pid}");
+}
+
+/// Waits until `cond` holds for the relay's status.
+async fn until(r: &Relay, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let status = r.status().await.unwrap();
+        if cond(&status) {
+            return status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: {status:#}\n{}",
+            r.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is_lost_or_resent() {
+    let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let b = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    // a answers slowly (through a delaying proxy): at the reload a request
+    // to a is almost always in flight, so a shipper replaced without
+    // draining would leave it to be re-sent.
+    let slow_a = FaultProxy::start(a.addr()).await.unwrap();
+    slow_a.set_mode(ProxyMode::Delay(Duration::from_millis(150)));
+    let a_url = slow_a.write_url();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walrelay.toml");
+    write_config(&config, &[("a", &a_url, "")]);
+    let r = Relay::start_with_bin(
+        BIN,
+        &dir.path().join("data"),
+        &[],
+        &["--config", config.to_str().unwrap()],
+    )
+    .await
+    .expect("walrelay starts");
+    assert_eq!(names(&r.status().await.unwrap()), ["a"]);
+    assert_eq!(reload_succeeded(&r).await, 1.0);
+    let http = reqwest::Client::new();
+    let reload_url = format!("{}/-/reload", r.url());
+
+    // Under load: a changes (a header and a rate limit far above the load),
+    // b is added.
+    let spec = |secs| LoadSpec {
+        workers: 2,
+        series_per_worker: 20,
+        duration: Some(Duration::from_secs(secs)),
+        interval: Duration::from_millis(20),
+        ..LoadSpec::default()
+    };
+    let during = Load::start(spec(8), &r.write_url()).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    write_config(
+        &config,
+        &[
+            (
+                "a",
+                &a_url,
+                "max_samples_per_second = 1000000\n[replica.headers]\nX-Reloaded = \"yes\"",
+            ),
+            ("b", &b.write_url(), ""),
+        ],
+    );
+    let resp = http.post(&reload_url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let changes: Value = resp.json().await.unwrap();
+    assert_eq!(changes["replicas"]["changed"], serde_json::json!(["a"]));
+    assert_eq!(changes["replicas"]["added"], serde_json::json!(["b"]));
+    let status = r.status().await.unwrap();
+    assert_eq!(names(&status), ["a", "b"]);
+    assert_eq!(
+        status["replicas"][0]["rate_limits"]["max_samples_per_second"],
+        1_000_000
+    );
+    let during = during.join().await.unwrap();
+    // Written entirely after b was added.
+    let after = Load::run(spec(2), &r.write_url()).await.unwrap();
+    caught_up(&r).await;
+    for (replica, load) in [(&a, &during), (&a, &after), (&b, &after)] {
+        let v = verify(replica, load).await.unwrap();
+        eprintln!("{v}");
+        v.assert_lossless();
+    }
+    let refused = r
+        .metric_sum(
+            "walrelay_replica_requests_total",
+            &[("replica", "a"), ("status", "4xx")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        0.0,
+        "a was sent something twice: {}",
+        r.log_tail(30)
+    );
+    // The replaced shipper drained: it finished its request instead of
+    // leaving an in-flight range for the new one to re-send.
+    let log = std::fs::read_to_string(r.log_path()).unwrap();
+    assert!(
+        !log.contains("re-sending the request that was in flight"),
+        "a's in-flight request was re-sent after the reload:\n{}",
+        r.log_tail(30)
+    );
+
+    // A file that does not parse: refused by SIGHUP and by the endpoint.
+    std::fs::write(&config, "[[replica]\nname = ").unwrap();
+    sighup(&r);
+    let started = Instant::now();
+    while reload_succeeded(&r).await != 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGHUP with a bad file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = http.post(&reload_url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 500);
+    let reason = resp.text().await.unwrap();
+    assert!(
+        reason.contains("walrelay.toml"),
+        "the reason names the file: {reason}"
+    );
+    assert_eq!(
+        names(&r.status().await.unwrap()),
+        ["a", "b"],
+        "running replicas kept"
+    );
+    assert!(
+        r.log_tail(50).contains("reload refused"),
+        "{}",
+        r.log_tail(20)
+    );
+    let resp = http.get(&reload_url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+
+    // b removed by SIGHUP: its shipper stops; a keeps shipping.
+    write_config(&config, &[("a", &a_url, "")]);
+    sighup(&r);
+    until(&r, "b removed", |s| names(s) == ["a"]).await;
+    assert_eq!(reload_succeeded(&r).await, 1.0);
+    let last = Load::run(spec(2), &r.write_url()).await.unwrap();
+    caught_up(&r).await;
+    verify(&a, &last).await.unwrap().assert_lossless();
+}
