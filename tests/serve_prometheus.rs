@@ -4,11 +4,12 @@
 //! temp dirs and kills them by pid when it ends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chaos_tests::load::{Load, LoadSpec};
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::relay::Relay;
+use chaos_tests::scenario::wait_caught_up;
 use chaos_tests::verify::verify;
 
 const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
@@ -17,29 +18,6 @@ async fn relay(dir: &std::path::Path, replicas: &[(&str, &str)], extra: &[&str])
     Relay::start_with_bin(BIN, dir, replicas, extra)
         .await
         .expect("walrelay starts")
-}
-
-/// Waits until every replica's lag is zero.
-async fn drained(relay: &Relay, timeout: Duration) {
-    let started = Instant::now();
-    loop {
-        let status = relay.status().await.unwrap();
-        let lags: Vec<u64> = status["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["lag_records"].as_u64().unwrap())
-            .collect();
-        if lags.iter().all(|&l| l == 0) {
-            return;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "replicas did not catch up within {timeout:?}: {status:#}\n{}",
-            relay.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn spec(workers: u32, series: u32, secs: u64) -> LoadSpec {
@@ -65,7 +43,7 @@ async fn both_replicas_hold_every_acknowledged_sample() {
     .await;
     let ack = Load::run(spec(4, 50, 5), &r.write_url()).await.unwrap();
     assert!(ack.acked_samples() > 1000, "load ran: {:?}", ack.summary());
-    drained(&r, Duration::from_secs(60)).await;
+    wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
     for p in [&a, &b] {
         let v = verify(p, &ack).await.unwrap();
         eprintln!("{v}");
@@ -106,7 +84,7 @@ async fn a_replica_killed_mid_load_gets_everything_after_its_restart() {
     assert!(lag("a") < lag("b"), "a keeps up: {status:#}");
     b.restart().await.unwrap();
     let ack = load.join().await.unwrap();
-    drained(&r, Duration::from_secs(90)).await;
+    wait_caught_up(&r, Duration::from_secs(90)).await.unwrap();
     for p in [&a, &b] {
         let v = verify(p, &ack).await.unwrap();
         eprintln!("{v}");
@@ -137,7 +115,7 @@ async fn relay_sigkilled_repeatedly_under_load_loses_nothing_acknowledged() {
     }
     let ack = load.join().await.unwrap();
     assert!(ack.acked_samples() > 1000, "{:?}", ack.summary());
-    drained(&r, Duration::from_secs(90)).await;
+    wait_caught_up(&r, Duration::from_secs(90)).await.unwrap();
     for p in [&a, &b] {
         let v = verify(p, &ack).await.unwrap();
         eprintln!("{v}");

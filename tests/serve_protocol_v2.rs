@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
-use chaos_tests::relay::Relay;
+use chaos_tests::relay::{replica_status, Relay};
+use chaos_tests::scenario::wait_caught_up;
 use prom_remote_write::v2;
 use serde_json::Value;
 
@@ -186,36 +187,6 @@ async fn relay(dir: &Path, replicas: &[(&str, &str)], extra: &[&str]) -> Relay {
         .expect("walrelay starts")
 }
 
-/// Waits until every replica of `relay` has everything.
-async fn drained(relay: &Relay, timeout: Duration) {
-    let started = Instant::now();
-    loop {
-        let status = relay.status().await.unwrap();
-        let replicas = status["replicas"].as_array().unwrap();
-        if replicas
-            .iter()
-            .all(|r| r["lag_records"].as_u64() == Some(0))
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "replicas did not catch up within {timeout:?}: {status:#}\n{}",
-            relay.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn replica<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no replica {name} in {status:#}"))
-}
-
 /// A Prometheus 2.42 server that stores native histograms and exemplars.
 async fn prometheus() -> Prometheus {
     Prometheus::start(
@@ -320,14 +291,14 @@ async fn a_2_0_sender_reaches_a_1_0_prometheus_with_histograms_and_exemplars() {
     let r = relay(dir.path(), &[("prom", &p.write_url())], &[]).await;
     let base = base_time();
     send_all(&r.write_url(), base).await;
-    drained(&r, Duration::from_secs(60)).await;
+    wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
     assert_prometheus_holds_everything(&p, base).await;
 
     // What 1.0 cannot carry is counted for that replica: one created
     // timestamp (series a) and one conflicting metadata (series b) per
     // request, however the shipper coalesced them.
     let status = r.status().await.unwrap();
-    let prom = replica(&status, "prom");
+    let prom = replica_status(&status, "prom");
     assert_eq!(prom["protocol"], "1.0", "{prom:#}");
     assert_eq!(
         prom["dropped_by_translation"]["created_timestamps"].as_i64(),
@@ -380,14 +351,14 @@ async fn a_2_0_replica_gets_2_0_records_unchanged_through_a_second_relay() {
     send_all(&r1.write_url(), base).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     r2.sigcont().unwrap();
-    drained(&r1, Duration::from_secs(60)).await;
-    drained(&r2, Duration::from_secs(60)).await;
+    wait_caught_up(&r1, Duration::from_secs(60)).await.unwrap();
+    wait_caught_up(&r2, Duration::from_secs(60)).await.unwrap();
     assert_prometheus_holds_everything(&p, base).await;
 
     // Relay #1: a 2.0 replica, nothing translated, every write confirmed
     // in full by relay #2's written-count headers.
     let status1 = r1.status().await.unwrap();
-    let to2 = replica(&status1, "relay2");
+    let to2 = replica_status(&status1, "relay2");
     assert_eq!(to2["protocol"], "2.0", "{to2:#}");
     assert_eq!(to2["sent_records"].as_i64(), Some(REQUESTS), "{to2:#}");
     assert_eq!(to2["partial_writes"], 0, "{to2:#}");
@@ -419,7 +390,7 @@ async fn a_2_0_replica_gets_2_0_records_unchanged_through_a_second_relay() {
     // Relay #2 translated for its 1.0 Prometheus: the created timestamps
     // came through relay #1 (2.0 all the way to relay #2).
     let status2 = r2.status().await.unwrap();
-    let prom = replica(&status2, "prom");
+    let prom = replica_status(&status2, "prom");
     assert_eq!(
         prom["dropped_by_translation"]["created_timestamps"].as_i64(),
         Some(REQUESTS),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chaos_tests::load::{Load, LoadSpec};
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
-use chaos_tests::relay::Relay;
+use chaos_tests::relay::{replica_status, Relay};
 use chaos_tests::verify::verify;
 use serde_json::Value;
 
@@ -30,17 +30,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
 /// least the ingest rate, over the 1.5x tolerance.
 const B_SAMPLES_PER_SECOND: f64 = 500.0;
 
-fn replica<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["name"] == name)
-        .unwrap_or_else(|| panic!("no replica {name} in {status:#}"))
-}
-
 fn field(status: &Value, name: &str, key: &str) -> u64 {
-    replica(status, name)[key]
+    replica_status(status, name)[key]
         .as_u64()
         .unwrap_or_else(|| panic!("{name}.{key} in {status:#}"))
 }
@@ -74,7 +65,7 @@ async fn watch_fairness(
             now - a_caught_up_at,
             relay.log_tail(30)
         );
-        saw_rate_limited |= replica(&status, "b")["state"] == "rate-limited";
+        saw_rate_limited |= replica_status(&status, "b")["state"] == "rate-limited";
         let p = load.progress();
         if p.acked_requests > acked {
             acked = p.acked_requests;
@@ -115,11 +106,11 @@ async fn a_rate_limited_replica_catching_up_stays_within_its_limit_and_slows_not
         .expect("walrelay starts");
     let status = r.status().await.unwrap();
     assert_eq!(
-        replica(&status, "b")["rate_limits"]["max_samples_per_second"],
+        replica_status(&status, "b")["rate_limits"]["max_samples_per_second"],
         B_SAMPLES_PER_SECOND as u64
     );
     assert_eq!(
-        replica(&status, "a")["rate_limits"]["max_samples_per_second"],
+        replica_status(&status, "a")["rate_limits"]["max_samples_per_second"],
         0
     );
 

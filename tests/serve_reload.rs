@@ -19,6 +19,7 @@ use chaos_tests::load::{Load, LoadSpec};
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::proxy::{FaultProxy, ProxyMode};
 use chaos_tests::relay::Relay;
+use chaos_tests::scenario::wait_caught_up;
 use chaos_tests::verify::verify;
 use serde_json::Value;
 
@@ -41,27 +42,6 @@ fn names(status: &Value) -> Vec<String> {
         .iter()
         .map(|r| r["name"].as_str().unwrap().to_owned())
         .collect()
-}
-
-async fn caught_up(r: &Relay) {
-    let started = Instant::now();
-    loop {
-        let status = r.status().await.unwrap();
-        if status["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|x| x["lag_records"] == 0)
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "replicas did not catch up: {status:#}\n{}",
-            r.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn reload_succeeded(r: &Relay) -> f64 {
@@ -159,7 +139,7 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     let during = during.join().await.unwrap();
     // Written entirely after b was added.
     let after = Load::run(spec(2), &r.write_url()).await.unwrap();
-    caught_up(&r).await;
+    wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
     for (replica, load) in [(&a, &during), (&a, &after), (&b, &after)] {
         let v = verify(replica, load).await.unwrap();
         eprintln!("{v}");
@@ -224,6 +204,6 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     until(&r, "b removed", |s| names(s) == ["a"]).await;
     assert_eq!(reload_succeeded(&r).await, 1.0);
     let last = Load::run(spec(2), &r.write_url()).await.unwrap();
-    caught_up(&r).await;
+    wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
     verify(&a, &last).await.unwrap().assert_lossless();
 }

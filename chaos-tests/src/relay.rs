@@ -394,6 +394,15 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum
 }
 
+/// One replica's entry in a relay's `/api/v1/status`; panics (in a test)
+/// naming the replica when it is missing.
+pub fn replica_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["replicas"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["name"] == name))
+        .unwrap_or_else(|| panic!("no replica {name} in the status: {status:#}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
