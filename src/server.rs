@@ -145,10 +145,18 @@ pub async fn run(
             tracing::info!(replica = %r.name, max_samples_per_second = limits.max_samples_per_second,
                 max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
         }
+        if let Some(b) = &cursor.backfill {
+            tracing::info!(replica = %r.name, from = b.from, to = b.to,
+                remaining_records = b.to.saturating_sub(b.from),
+                "live-first backfill found in the checkpoint store; it resumes");
+        }
         replicas.push(Arc::new(
             ReplicaState::new(&r.name, &r.display_url(), delivered)
                 .with_rate_limits(limits)
-                .with_protocol(r.protocol.as_str()),
+                .with_protocol(r.protocol.as_str())
+                .with_catch_up(r.catch_up.as_str())
+                // Before retention sees the replica: the gap's segments stay.
+                .with_backfill(cursor.backfill.map(|b| b.from..b.to)),
         ));
     }
     retention.set_replicas(replicas.clone());
@@ -210,7 +218,8 @@ pub async fn run(
                 max_bytes: config.max_bytes_per_send,
             },
             config.new_replica_start,
-        );
+        )
+        .with_catch_up(r.catch_up);
         shipper_tasks.push(tokio::spawn(shipper.run(shippers_stop.clone())));
     }
     let housekeeping = tokio::spawn(housekeeping(
@@ -417,7 +426,7 @@ async fn housekeeping(
         metrics::gauge!("walrelay_wal_first_seq").set(extent.first_seq as f64);
         metrics::gauge!("walrelay_wal_head_seq").set(extent.end_seq as f64);
         for r in &replicas {
-            let s = r.status(extent.end_seq, lag_bytes(&wal, r.delivered()));
+            let s = r.status(extent.end_seq, lag_bytes(&wal, r.low_water()));
             let name = r.name.clone();
             metrics::gauge!("walrelay_replica_lag_records", "replica" => name.clone())
                 .set(s.lag_records as f64);
@@ -639,7 +648,7 @@ fn status(app: &App) -> HttpResponse {
         },
         "recovery": app.recovery,
         "replicas": app.replicas.iter()
-            .map(|r| r.status(extent.end_seq, lag_bytes(&app.wal, r.delivered())))
+            .map(|r| r.status(extent.end_seq, lag_bytes(&app.wal, r.low_water())))
             .collect::<Vec<_>>(),
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
