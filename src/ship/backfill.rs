@@ -56,7 +56,7 @@ pub(crate) fn split_gap(
     }
     let lag_ms = now_ms.saturating_sub(first_receive_ms);
     let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
-    (lag_ms > after_ms).then(|| batch.start..head)
+    (lag_ms > after_ms).then_some(batch.start..head)
 }
 
 /// What the backfill stream does with the item it read next, given the
