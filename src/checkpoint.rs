@@ -11,7 +11,22 @@
 //!   with newer records, a re-send of samples the replica already holds would
 //!   be refused whole as out of order and the newer records with it.
 //!
-//! Keys are `replica/<name>/delivered` and `replica/<name>/inflight`, values
+//! A replica set to live-first catch-up may also have a backfill (see
+//! [`crate::ship::backfill`]): a second stream delivering the gap left when
+//! its live stream jumped to the head. It has the same two facts of its own:
+//!
+//! - `backfill`: the range still missing, `[from, to)`. `from` advances as
+//!   the backfill delivers; `to` is fixed at the split. The key is removed,
+//!   with `backfill_inflight`, when `from` reaches `to`.
+//! - `backfill_inflight`: the backfill's request being sent, re-sent alone
+//!   after a crash exactly like `inflight`.
+//!
+//! The split itself (live `delivered` moved to the head, the gap recorded as
+//! the backfill) is one atomic batch, so a crash leaves either the old
+//! cursor or both streams, never a range that neither stream owns.
+//!
+//! Keys are `replica/<name>/delivered`, `replica/<name>/inflight`,
+//! `replica/<name>/backfill` and `replica/<name>/backfill_inflight`, values
 //! little-endian u64s (one, or two for a range). Every change is flushed
 //! (fsync'd) before the call returns.
 //!
@@ -60,6 +75,26 @@ pub enum CheckpointError {
 pub struct Cursor {
     pub delivered: Option<u64>,
     pub inflight: Option<Range<u64>>,
+    /// The gap a live-first split left, while it is being backfilled.
+    pub backfill: Option<Backfill>,
+}
+
+/// A backfill's persisted position: `[from, to)` is still missing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Backfill {
+    pub from: u64,
+    pub to: u64,
+    pub inflight: Option<Range<u64>>,
+}
+
+/// Which of a replica's streams a checkpoint call is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The replica's cursor (`delivered`, `inflight`): the only stream of an
+    /// in-order replica, the live stream of a live-first one.
+    Live,
+    /// The backfill of the gap below `to` (`backfill`, `backfill_inflight`).
+    Backfill { to: u64 },
 }
 
 /// The checkpoint store.
@@ -81,6 +116,40 @@ pub struct Checkpoints {
 
 fn key(replica: &str, field: &str) -> String {
     format!("replica/{replica}/{field}")
+}
+
+fn range_value(r: &Range<u64>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&r.start.to_le_bytes());
+    v.extend_from_slice(&r.end.to_le_bytes());
+    v
+}
+
+/// The `inflight` key of `stream`.
+fn inflight_key(replica: &str, stream: Stream) -> String {
+    match stream {
+        Stream::Live => key(replica, "inflight"),
+        Stream::Backfill { .. } => key(replica, "backfill_inflight"),
+    }
+}
+
+/// Adds to `batch` that `stream` has everything below `delivered`.
+fn put_delivered(batch: &mut sled::Batch, replica: &str, stream: Stream, delivered: u64) {
+    match stream {
+        Stream::Live => batch.insert(
+            key(replica, "delivered").as_bytes(),
+            &delivered.to_le_bytes()[..],
+        ),
+        // Done: the gap is closed, so the backfill is forgotten.
+        Stream::Backfill { to } if delivered >= to => {
+            batch.remove(key(replica, "backfill").as_bytes());
+            batch.remove(key(replica, "backfill_inflight").as_bytes());
+        }
+        Stream::Backfill { to } => batch.insert(
+            key(replica, "backfill").as_bytes(),
+            range_value(&(delivered..to)),
+        ),
+    }
 }
 
 impl Checkpoints {
@@ -174,11 +243,22 @@ impl Checkpoints {
     /// # Errors
     /// Store errors and damaged values.
     pub fn cursor(&self, replica: &str) -> Result<Cursor, CheckpointError> {
+        let backfill = match self.get_u64s::<2>(&key(replica, "backfill"))? {
+            Some([from, to]) => Some(Backfill {
+                from,
+                to,
+                inflight: self
+                    .get_u64s::<2>(&key(replica, "backfill_inflight"))?
+                    .map(|[a, b]| a..b),
+            }),
+            None => None,
+        };
         Ok(Cursor {
             delivered: self.get_u64s::<1>(&key(replica, "delivered"))?.map(|[d]| d),
             inflight: self
                 .get_u64s::<2>(&key(replica, "inflight"))?
                 .map(|[a, b]| a..b),
+            backfill,
         })
     }
 
@@ -210,11 +290,22 @@ impl Checkpoints {
     /// # Errors
     /// Store errors.
     pub fn begin_send(&self, replica: &str, range: Range<u64>) -> Result<(), CheckpointError> {
-        let mut v = Vec::with_capacity(16);
-        v.extend_from_slice(&range.start.to_le_bytes());
-        v.extend_from_slice(&range.end.to_le_bytes());
+        self.begin_send_on(replica, Stream::Live, range)
+    }
+
+    /// [`Self::begin_send`] for either stream.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn begin_send_on(
+        &self,
+        replica: &str,
+        stream: Stream,
+        range: Range<u64>,
+    ) -> Result<(), CheckpointError> {
+        let v = range_value(&range);
         self.with_db(|db| {
-            db.insert(key(replica, "inflight"), v)?;
+            db.insert(inflight_key(replica, stream), v)?;
             db.flush()
         })?;
         self.sync()
@@ -226,12 +317,23 @@ impl Checkpoints {
     /// # Errors
     /// Store errors.
     pub fn complete(&self, replica: &str, delivered: u64) -> Result<(), CheckpointError> {
+        self.complete_on(replica, Stream::Live, delivered)
+    }
+
+    /// [`Self::complete`] for either stream. For a backfill, reaching its
+    /// end removes it.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn complete_on(
+        &self,
+        replica: &str,
+        stream: Stream,
+        delivered: u64,
+    ) -> Result<(), CheckpointError> {
         let mut batch = sled::Batch::default();
-        batch.insert(
-            key(replica, "delivered").as_bytes(),
-            &delivered.to_le_bytes()[..],
-        );
-        batch.remove(key(replica, "inflight").as_bytes());
+        put_delivered(&mut batch, replica, stream, delivered);
+        batch.remove(inflight_key(replica, stream).as_bytes());
         self.apply(batch)
     }
 
@@ -252,25 +354,62 @@ impl Checkpoints {
         delivered: u64,
         next: Range<u64>,
     ) -> Result<(), CheckpointError> {
-        let mut v = Vec::with_capacity(16);
-        v.extend_from_slice(&next.start.to_le_bytes());
-        v.extend_from_slice(&next.end.to_le_bytes());
+        self.complete_and_begin_on(replica, Stream::Live, delivered, next)
+    }
+
+    /// [`Self::complete_and_begin`] for either stream.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn complete_and_begin_on(
+        &self,
+        replica: &str,
+        stream: Stream,
+        delivered: u64,
+        next: Range<u64>,
+    ) -> Result<(), CheckpointError> {
+        let mut batch = sled::Batch::default();
+        put_delivered(&mut batch, replica, stream, delivered);
+        batch.insert(inflight_key(replica, stream).as_bytes(), range_value(&next));
+        self.apply(batch)
+    }
+
+    /// A live-first split: the live stream continues at `gap.end` (the
+    /// head) and `gap` becomes the backfill, atomically. Clears the live
+    /// in-flight range: it lies inside `gap`, whose backfill starts at
+    /// `gap.start` and re-sends it as part of its first requests.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn split(&self, replica: &str, gap: Range<u64>) -> Result<(), CheckpointError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            key(replica, "delivered").as_bytes(),
+            &gap.end.to_le_bytes()[..],
+        );
+        batch.remove(key(replica, "inflight").as_bytes());
+        batch.insert(key(replica, "backfill").as_bytes(), range_value(&gap));
+        batch.remove(key(replica, "backfill_inflight").as_bytes());
+        self.apply(batch)
+    }
+
+    /// Moves a replica's cursor (operator action or first start), clearing
+    /// any in-flight range and any backfill: the operator says that
+    /// everything below `delivered` counts as delivered and that the rest is
+    /// sent in order from there.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn set(&self, replica: &str, delivered: u64) -> Result<(), CheckpointError> {
         let mut batch = sled::Batch::default();
         batch.insert(
             key(replica, "delivered").as_bytes(),
             &delivered.to_le_bytes()[..],
         );
-        batch.insert(key(replica, "inflight").as_bytes(), v);
+        for field in ["inflight", "backfill", "backfill_inflight"] {
+            batch.remove(key(replica, field).as_bytes());
+        }
         self.apply(batch)
-    }
-
-    /// Moves a replica's cursor (operator action or first start), clearing
-    /// any in-flight range.
-    ///
-    /// # Errors
-    /// Store errors.
-    pub fn set(&self, replica: &str, delivered: u64) -> Result<(), CheckpointError> {
-        self.complete(replica, delivered)
     }
 
     /// Forgets a replica.
@@ -279,8 +418,9 @@ impl Checkpoints {
     /// Store errors.
     pub fn remove(&self, replica: &str) -> Result<(), CheckpointError> {
         let mut batch = sled::Batch::default();
-        batch.remove(key(replica, "delivered").as_bytes());
-        batch.remove(key(replica, "inflight").as_bytes());
+        for field in ["delivered", "inflight", "backfill", "backfill_inflight"] {
+            batch.remove(key(replica, field).as_bytes());
+        }
         self.apply(batch)
     }
 
@@ -356,7 +496,8 @@ mod tests {
             cp.cursor("a").unwrap(),
             Cursor {
                 delivered: Some(10),
-                inflight: Some(10..25)
+                inflight: Some(10..25),
+                backfill: None,
             }
         );
         cp.complete_and_begin("a", 25, 25..30).unwrap();
@@ -364,7 +505,8 @@ mod tests {
             cp.cursor("a").unwrap(),
             Cursor {
                 delivered: Some(25),
-                inflight: Some(25..30)
+                inflight: Some(25..30),
+                backfill: None,
             }
         );
         cp.complete("a", 30).unwrap();
@@ -372,10 +514,102 @@ mod tests {
             cp.cursor("a").unwrap(),
             Cursor {
                 delivered: Some(30),
-                inflight: None
+                inflight: None,
+                backfill: None,
             }
         );
         assert_eq!(cp.replicas().unwrap(), vec!["a".to_string()]);
         assert_eq!(cp.cursor("b").unwrap(), Cursor::default());
+    }
+
+    #[test]
+    fn a_split_moves_the_live_cursor_and_records_the_gap_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        {
+            let cp = Checkpoints::open(&path).unwrap();
+            cp.set("a", 10).unwrap();
+            cp.begin_send("a", 10..20).unwrap();
+            cp.split("a", 10..500).unwrap();
+        }
+        let cp = Checkpoints::open(&path).unwrap();
+        assert_eq!(
+            cp.cursor("a").unwrap(),
+            Cursor {
+                delivered: Some(500),
+                inflight: None,
+                backfill: Some(Backfill {
+                    from: 10,
+                    to: 500,
+                    inflight: None
+                }),
+            }
+        );
+    }
+
+    #[test]
+    fn each_stream_keeps_its_own_inflight_range_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        let backfill = Stream::Backfill { to: 500 };
+        {
+            let cp = Checkpoints::open(&path).unwrap();
+            cp.set("a", 10).unwrap();
+            cp.split("a", 10..500).unwrap();
+            cp.begin_send_on("a", Stream::Live, 500..520).unwrap();
+            cp.begin_send_on("a", backfill, 10..40).unwrap();
+            cp.complete_and_begin_on("a", backfill, 40, 40..90).unwrap();
+        }
+        let cp = Checkpoints::open(&path).unwrap();
+        let c = cp.cursor("a").unwrap();
+        assert_eq!(c.delivered, Some(500));
+        assert_eq!(c.inflight, Some(500..520));
+        assert_eq!(
+            c.backfill,
+            Some(Backfill {
+                from: 40,
+                to: 500,
+                inflight: Some(40..90)
+            })
+        );
+        // The live stream's progress leaves the backfill alone.
+        cp.complete_on("a", Stream::Live, 520).unwrap();
+        assert_eq!(cp.cursor("a").unwrap().backfill.unwrap().from, 40);
+        assert_eq!(cp.replicas().unwrap(), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_backfill_that_reaches_its_end_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        let backfill = Stream::Backfill { to: 500 };
+        cp.set("a", 10).unwrap();
+        cp.split("a", 10..500).unwrap();
+        cp.complete_and_begin_on("a", backfill, 300, 300..500)
+            .unwrap();
+        cp.complete_on("a", backfill, 500).unwrap();
+        assert_eq!(
+            cp.cursor("a").unwrap(),
+            Cursor {
+                delivered: Some(500),
+                inflight: None,
+                backfill: None,
+            }
+        );
+    }
+
+    #[test]
+    fn setting_or_removing_a_cursor_forgets_its_backfill() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        cp.set("a", 10).unwrap();
+        cp.split("a", 10..500).unwrap();
+        cp.begin_send_on("a", Stream::Backfill { to: 500 }, 10..20)
+            .unwrap();
+        cp.set("a", 0).unwrap();
+        assert_eq!(cp.cursor("a").unwrap().backfill, None);
+        cp.split("a", 0..50).unwrap();
+        cp.remove("a").unwrap();
+        assert_eq!(cp.cursor("a").unwrap(), Cursor::default());
     }
 }

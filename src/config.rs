@@ -194,6 +194,10 @@ struct FileReplica {
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
     timeout: Option<String>,
+    /// `"in-order"` or `"live-first"`.
+    catch_up: Option<String>,
+    /// Lag (a duration) past which a live-first replica splits.
+    live_first_after: Option<String>,
 }
 
 /// The TOML file: the same settings, snake_case.
@@ -273,6 +277,69 @@ impl ReplicaProtocol {
     }
 }
 
+/// How a replica that fell behind catches up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub enum CatchUp {
+    /// Strict log order, one stream: what a replica that refuses older
+    /// samples (Prometheus without an out-of-order window) needs.
+    #[default]
+    #[serde(rename = "in-order")]
+    InOrder,
+    /// Once the replica lags more than `after` (the age of the oldest record
+    /// it has not received, as `lag_seconds`), new records go to it at once
+    /// on a live stream while a second stream backfills the gap. Only for
+    /// replicas that accept out-of-order samples.
+    #[serde(rename = "live-first")]
+    LiveFirst { after: Duration },
+}
+
+/// `live_first_after` when unset: well above the lag of a healthy replica
+/// and of a short blip (a restart, a few failed requests), which in-order
+/// delivery clears faster than a split would.
+pub const DEFAULT_LIVE_FIRST_AFTER: Duration = Duration::from_secs(60);
+
+impl CatchUp {
+    /// `"in-order"` or `"live-first"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::InOrder => "in-order",
+            CatchUp::LiveFirst { .. } => "live-first",
+        }
+    }
+
+    /// From a `[[replica]]` table's `catch_up` and `live_first_after`.
+    ///
+    /// # Errors
+    /// An unknown mode, a bad or too short duration, or `live_first_after`
+    /// without live-first.
+    pub fn parse(mode: Option<&str>, after: Option<&str>) -> Result<Self, String> {
+        match (mode.map(str::trim), after) {
+            (None | Some("in-order"), None) => Ok(CatchUp::InOrder),
+            (None | Some("in-order"), Some(_)) => {
+                Err("live_first_after is only meaningful with catch_up = \"live-first\"".to_owned())
+            }
+            (Some("live-first"), after) => {
+                let after = match after {
+                    None => DEFAULT_LIVE_FIRST_AFTER,
+                    Some(a) => humantime::parse_duration(a.trim()).map_err(|e| {
+                        format!("live_first_after {a:?} is not a duration (e.g. 30s, 5m): {e}")
+                    })?,
+                };
+                if after < Duration::from_secs(1) {
+                    return Err(format!(
+                        "live_first_after {after:?} is too short (at least 1s): every \
+                         ordinary delay would split the stream"
+                    ));
+                }
+                Ok(CatchUp::LiveFirst { after })
+            }
+            (Some(other), _) => Err(format!(
+                "catch_up {other:?} is not supported (expected \"in-order\" or \"live-first\")"
+            )),
+        }
+    }
+}
+
 /// A replica to ship to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ReplicaConfig {
@@ -290,6 +357,8 @@ pub struct ReplicaConfig {
     pub headers: Vec<(String, String)>,
     /// Overrides `send_timeout` for this replica.
     pub timeout: Option<Duration>,
+    /// In order (default) or live-first after an outage.
+    pub catch_up: CatchUp,
 }
 
 impl ReplicaConfig {
@@ -431,6 +500,7 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
         auth: None,
         headers: Vec::new(),
         timeout: None,
+        catch_up: CatchUp::InOrder,
     })
 }
 
@@ -513,6 +583,8 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
         .map(|t| parse_duration("replica timeout", t))
         .transpose()
         .map_err(|e| format!("replica {name}: {e}"))?;
+    c.catch_up = CatchUp::parse(r.catch_up.as_deref(), r.live_first_after.as_deref())
+        .map_err(|m| format!("replica {name}: {m}"))?;
     Ok(c)
 }
 
@@ -1055,6 +1127,54 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(e.contains("replica b: protocol"), "{e}");
+            assert!(e.contains(expect), "{e}");
+        }
+    }
+
+    #[test]
+    fn catch_up_defaults_to_in_order_and_live_first_takes_a_lag_threshold() {
+        let c = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"http://x:1/api/v1/write\"\n\
+             [[replica]]\nname = \"b\"\nurl = \"http://y:1/api/v1/write\"\ncatch_up = \"live-first\"\n\
+             [[replica]]\nname = \"c\"\nurl = \"http://z:1/api/v1/write\"\ncatch_up = \"live-first\"\n\
+             live_first_after = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.replicas[0].catch_up, CatchUp::InOrder);
+        assert_eq!(
+            c.replicas[1].catch_up,
+            CatchUp::LiveFirst {
+                after: DEFAULT_LIVE_FIRST_AFTER
+            }
+        );
+        assert_eq!(
+            c.replicas[2].catch_up,
+            CatchUp::LiveFirst {
+                after: Duration::from_secs(30)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_catch_up_settings_name_the_replica() {
+        for (table, expect) in [
+            ("catch_up = \"sideways\"", "\"sideways\" is not supported"),
+            ("live_first_after = \"30s\"", "only meaningful with"),
+            (
+                "catch_up = \"live-first\"\nlive_first_after = \"soon\"",
+                "not a duration",
+            ),
+            (
+                "catch_up = \"live-first\"\nlive_first_after = \"10ms\"",
+                "too short",
+            ),
+        ] {
+            let e = resolve_file(&format!(
+                "[[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\n{table}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("replica b:"), "{e}");
             assert!(e.contains(expect), "{e}");
         }
     }

@@ -13,6 +13,11 @@
 //! - added: its position is set as for a replica seen for the first time
 //!   (`--new-replica-start`), then its shipper starts.
 //!
+//! A live-first replica's backfill ([`crate::ship::backfill`]) is part of
+//! its shipper: it drains with it, and the new shipper resumes it from its
+//! own checkpoint. A removed replica's backfill checkpoint stays with its
+//! cursor.
+//!
 //! Stopping drains: the shipper is asked to stop between requests, so the
 //! request it is sending is answered and checkpointed first and nothing is
 //! sent twice. A replica that does not answer within [`DRAIN_TIMEOUT`] (it
@@ -28,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ReplicaAuth;
-use crate::checkpoint::Checkpoints;
+use crate::checkpoint::{Checkpoints, Cursor};
 use crate::config::{ReplicaConfig, ServeConfig, StartAt};
 use crate::retention::Retention;
 use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
@@ -147,8 +152,7 @@ impl Fleet {
         let mut started = Vec::new();
         for c in configs {
             let cursor = self.checkpoints.cursor(&c.replica.name)?;
-            let delivered = cursor.delivered.unwrap_or(0);
-            started.push(self.spawn(c, delivered)?);
+            started.push(self.spawn(c, cursor)?);
         }
         *running = started;
         self.publish(&running);
@@ -186,12 +190,14 @@ impl Fleet {
             } else {
                 changes.added.push(name.clone());
             }
-            let delivered = self.position(&name, c.start_at)?;
+            // Read after the old shipper stopped: its last checkpoint, and
+            // any backfill it left, are what the new one continues from.
+            let cursor = self.position(&name, c.start_at)?;
             let sender = match sender {
                 Some(s) => s,
                 None => self::sender(&c)?,
             };
-            next.push(self.spawn_with(c, delivered, sender));
+            next.push(self.spawn_with(c, cursor, sender));
         }
         for r in old {
             changes.removed.push(r.state.name.clone());
@@ -214,11 +220,12 @@ impl Fleet {
         }
     }
 
-    /// The replica's stored position, or, for a name never seen, the start
+    /// The replica's stored cursor, or, for a name never seen, the start
     /// `start_at` gives, stored before its shipper or retention see it.
-    fn position(&self, name: &str, start_at: StartAt) -> anyhow::Result<u64> {
-        if let Some(d) = self.checkpoints.cursor(name)?.delivered {
-            return Ok(d);
+    fn position(&self, name: &str, start_at: StartAt) -> anyhow::Result<Cursor> {
+        let cursor = self.checkpoints.cursor(name)?;
+        if cursor.delivered.is_some() {
+            return Ok(cursor);
         }
         let extent = self.wal.extent();
         let start = match start_at {
@@ -227,15 +234,15 @@ impl Fleet {
         };
         self.checkpoints.set(name, start)?;
         tracing::info!(replica = %name, start, "new replica: starting position set");
-        Ok(start)
+        Ok(self.checkpoints.cursor(name)?)
     }
 
-    fn spawn(&self, c: ShipperConfig, delivered: u64) -> anyhow::Result<Running> {
+    fn spawn(&self, c: ShipperConfig, cursor: Cursor) -> anyhow::Result<Running> {
         let s = sender(&c)?;
-        Ok(self.spawn_with(c, delivered, s))
+        Ok(self.spawn_with(c, cursor, s))
     }
 
-    fn spawn_with(&self, c: ShipperConfig, delivered: u64, sender: Sender) -> Running {
+    fn spawn_with(&self, c: ShipperConfig, cursor: Cursor, sender: Sender) -> Running {
         let r = &c.replica;
         let limits = RateLimits {
             max_samples_per_second: r.max_samples_per_second,
@@ -245,10 +252,18 @@ impl Fleet {
             tracing::info!(replica = %r.name, max_samples_per_second = limits.max_samples_per_second,
                 max_bytes_per_second = limits.max_bytes_per_second, "replica rate limits");
         }
+        if let Some(b) = &cursor.backfill {
+            tracing::info!(replica = %r.name, from = b.from, to = b.to,
+                remaining_records = b.to.saturating_sub(b.from),
+                "live-first backfill found in the checkpoint store; it resumes");
+        }
         let state = Arc::new(
-            ReplicaState::new(&r.name, &r.display_url(), delivered)
+            ReplicaState::new(&r.name, &r.display_url(), cursor.delivered.unwrap_or(0))
                 .with_rate_limits(limits)
-                .with_protocol(r.protocol.as_str()),
+                .with_protocol(r.protocol.as_str())
+                .with_catch_up(r.catch_up.as_str())
+                // Before retention sees the replica: the gap's segments stay.
+                .with_backfill(cursor.backfill.map(|b| b.from..b.to)),
         );
         let shipper = Shipper::new(
             Arc::clone(&state),
@@ -258,7 +273,8 @@ impl Fleet {
             r.protocol,
             c.batch,
             c.start_at,
-        );
+        )
+        .with_catch_up(r.catch_up);
         let drain = CancellationToken::new();
         let stop = CancellationToken::new();
         let task = tokio::spawn(shipper.run(stop.clone(), drain.clone()));

@@ -100,6 +100,7 @@ pub fn register_replica_at_zero(replica: &str) {
     }
     metrics::counter!("walrelay_replica_skipped_records_total", "replica" => r(), "reason" => "retention")
         .increment(0);
+    metrics::gauge!("walrelay_replica_backfill_remaining_records", "replica" => r()).set(0.0);
     for what in ["created_timestamps", "metadata"] {
         metrics::counter!("walrelay_replica_dropped_by_translation_total", "replica" => r(), "what" => what)
             .increment(0);
@@ -285,7 +286,11 @@ fn describe() {
     );
     describe_gauge!(
         "walrelay_replica_lag_records",
-        "Records not yet delivered to the replica."
+        "Records not yet delivered to the replica (a live-first backfill's remaining records included)."
+    );
+    describe_gauge!(
+        "walrelay_replica_backfill_remaining_records",
+        "Records of a live-first replica's backfill range not yet delivered (0: no backfill)."
     );
     describe_gauge!(
         "walrelay_replica_lag_bytes",
@@ -299,7 +304,7 @@ fn describe() {
     );
     describe_gauge!(
         "walrelay_replica_cursor",
-        "The replica's checkpoint (next sequence number to deliver)."
+        "The replica's checkpoint (next sequence number to deliver; the live stream's for a live-first replica)."
     );
     describe_gauge!(
         "walrelay_replica_up",

@@ -38,12 +38,13 @@ impl Retention {
             .clone()
     }
 
-    /// The lowest position any replica still needs (the durable end when
-    /// there are no replicas: nothing holds the log back).
+    /// The lowest position any replica still needs, on any of its streams
+    /// (the durable end when there are no replicas: nothing holds the log
+    /// back).
     pub fn min_delivered(&self) -> u64 {
         self.replicas()
             .iter()
-            .map(|r| r.delivered())
+            .map(|r| r.low_water())
             .min()
             .unwrap_or_else(|| self.wal.durable_end())
     }
@@ -128,10 +129,11 @@ impl Retention {
         let samples = self.samples_of(victim, next_first);
         self.wal.add_tombstone(victim.first_seq, samples, reason);
         for r in self.replicas() {
-            if r.delivered() < next_first {
+            let needed = r.low_water();
+            if needed < next_first {
                 tracing::error!(
                     replica = %r.name,
-                    from_seq = r.delivered().max(victim.first_seq),
+                    from_seq = needed.max(victim.first_seq),
                     to_seq = next_first,
                     reason,
                     segment = %victim.path.display(),

@@ -457,7 +457,7 @@ async fn housekeeping(
         metrics::gauge!("walrelay_wal_first_seq").set(extent.first_seq as f64);
         metrics::gauge!("walrelay_wal_head_seq").set(extent.end_seq as f64);
         for r in &fleet.states() {
-            let s = r.status(extent.end_seq, lag_bytes(&wal, r.delivered()));
+            let s = r.status(extent.end_seq, lag_bytes(&wal, r.low_water()));
             let name = r.name.clone();
             metrics::gauge!("walrelay_replica_lag_records", "replica" => name.clone())
                 .set(s.lag_records as f64);
@@ -701,7 +701,7 @@ fn status(app: &App) -> HttpResponse {
         },
         "recovery": app.recovery,
         "replicas": app.fleet.states().iter()
-            .map(|r| r.status(extent.end_seq, lag_bytes(&app.wal, r.delivered())))
+            .map(|r| r.status(extent.end_seq, lag_bytes(&app.wal, r.low_water())))
             .collect::<Vec<_>>(),
     });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));

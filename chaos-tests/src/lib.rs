@@ -4,6 +4,7 @@
 //! * [`process`]: child processes that log to their own file and are always
 //!   killed on drop (even when a test panics).
 //! * [`prometheus`]: a real Prometheus (server or agent mode) with query helpers.
+//! * [`victoria`]: a real single-node VictoriaMetrics as a replica.
 //! * [`relay`]: the walrelay binary under test.
 //! * [`load`]: the remote-write load generator and its acknowledgement log.
 //! * [`verify`]: the oracle comparing what was acknowledged with what a
@@ -42,6 +43,7 @@ pub mod relay;
 pub mod scenario;
 pub mod tools;
 pub mod verify;
+pub mod victoria;
 
 mod http;
 

@@ -20,9 +20,10 @@ use crate::wal::{ReadItem, Wal};
 /// `walrelay cursors ...`
 #[derive(Debug, Subcommand)]
 pub enum CursorsCommand {
-    /// Each replica's position, in-flight request and lag.
+    /// Each replica's position, in-flight request, live-first backfill and lag.
     List(ListArgs),
-    /// Move a replica's position (the relay must be stopped).
+    /// Move a replica's position (the relay must be stopped); drops a
+    /// live-first backfill.
     Set(SetArgs),
     /// Forget a replica's position: at its next start it begins where the
     /// relay's --new-replica-start says (the relay must be stopped).
@@ -99,6 +100,8 @@ struct Row {
     replica: String,
     delivered: Option<u64>,
     inflight: Option<std::ops::Range<u64>>,
+    /// A live-first backfill's range still missing, and its request in flight.
+    backfill: Option<crate::checkpoint::Backfill>,
     lag_records: u64,
     lag_seconds: Option<f64>,
 }
@@ -126,7 +129,14 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
     let mut rows = Vec::new();
     for (name, c) in cursors {
         let from = c.delivered.unwrap_or(0);
-        let lag = end.saturating_sub(from);
+        let backfill_remaining = c
+            .backfill
+            .as_ref()
+            .map_or(0, |b| b.to.saturating_sub(b.from));
+        let lag = end.saturating_sub(from) + backfill_remaining;
+        // The age of the oldest record not delivered: the backfill's start
+        // when there is one.
+        let from = c.backfill.as_ref().map_or(from, |b| b.from);
         let lag_seconds = if lag == 0 {
             Some(0.0)
         } else {
@@ -136,6 +146,7 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
             replica: name,
             delivered: c.delivered,
             inflight: c.inflight,
+            backfill: c.backfill,
             lag_records: lag,
             lag_seconds,
         });
@@ -150,6 +161,7 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
             "REPLICA",
             "DELIVERED",
             "INFLIGHT",
+            "BACKFILL",
             "LAG_RECORDS",
             "LAG_TIME",
         ]);
@@ -160,6 +172,15 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
                 r.inflight
                     .as_ref()
                     .map_or_else(|| "-".into(), |i| format!("{}..{}", i.start, i.end)),
+                r.backfill.as_ref().map_or_else(
+                    || "-".into(),
+                    |b| match &b.inflight {
+                        Some(i) => {
+                            format!("{}..{} (inflight {}..{})", b.from, b.to, i.start, i.end)
+                        }
+                        None => format!("{}..{}", b.from, b.to),
+                    },
+                ),
                 r.lag_records.to_string(),
                 r.lag_seconds.map_or_else(
                     || "-".into(),
@@ -252,6 +273,14 @@ fn set(a: &SetArgs) -> Result<ExitCode> {
     };
     let before = cp.cursor(&a.replica)?;
     cp.set(&a.replica, target)?;
+    if let Some(b) = &before.backfill {
+        // Said on stderr so that --json output stays one document.
+        eprintln!(
+            "note: the live-first backfill {}..{} was dropped with the move: from {target} on \
+             everything is sent in order",
+            b.from, b.to
+        );
+    }
     let mut out = common::stdout();
     if a.json {
         common::write_json_pretty(

@@ -30,27 +30,35 @@
 //! as in flight, and batches are capped at one second's worth. The wait is
 //! this shipper's alone; ingest and the other replicas' shippers never wait
 //! for it.
+//!
+//! A replica set to live-first catch-up ([`backfill`]) may run two shippers:
+//! the live stream, which owns the replica's cursor, and a backfill of the
+//! gap it left at a split, spawned by the live one. They share the replica's
+//! state, HTTP client and rate limiter; each keeps its own checkpoint
+//! ([`Stream`]) and its own single request in flight.
 
+pub mod backfill;
 pub mod payload;
 pub mod rate;
 mod send;
 mod state;
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wal_format::Record;
 
-use crate::checkpoint::Checkpoints;
-use crate::config::{ReplicaProtocol, StartAt};
+use crate::checkpoint::{Checkpoints, Stream};
+use crate::config::{CatchUp, ReplicaProtocol, StartAt};
 use crate::wal::{ReadItem, Wal, WalReader};
 
 pub use rate::RateLimits;
 pub use send::{parse_written, Body, Outcome, Sender, SenderOptions};
 pub(crate) use state::now_ms;
-pub use state::{ReplicaState, ReplicaStatus, TranslationDropped, WrittenCounts};
+pub use state::{BackfillStatus, ReplicaState, ReplicaStatus, TranslationDropped, WrittenCounts};
 
 /// Limits of one coalesced request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +130,18 @@ pub struct Shipper {
     unflushed: Option<u64>,
     /// Buffers for request bodies, kept between requests.
     builder: payload::BodyBuilder,
-    /// The replica's rate limits, consulted before each request.
-    limiter: rate::Limiter,
+    /// The replica's rate limits, consulted before each request; shared by
+    /// its live and backfill streams, so that together they keep to them.
+    limiter: Arc<Mutex<rate::Limiter>>,
+    /// Which of the replica's streams this is.
+    stream: Stream,
+    /// The replica's catch-up mode (only the live stream splits).
+    catch_up: CatchUp,
+    /// The backfill this live stream spawned, awaited when it stops.
+    backfill: Option<JoinHandle<()>>,
+    /// The tokens `run` was given, handed on to a spawned backfill.
+    shutdown: CancellationToken,
+    drain: CancellationToken,
 }
 
 /// How long a batch under half the limits waits for more records.
@@ -162,7 +180,74 @@ impl Shipper {
             current: limits,
             unflushed: None,
             builder: payload::BodyBuilder::default(),
-            limiter: rate::Limiter::new(rate),
+            limiter: Arc::new(Mutex::new(rate::Limiter::new(rate))),
+            stream: Stream::Live,
+            catch_up: CatchUp::InOrder,
+            backfill: None,
+            shutdown: CancellationToken::new(),
+            drain: CancellationToken::new(),
+        }
+    }
+
+    /// Sets the replica's catch-up mode (in order unless set).
+    pub fn with_catch_up(mut self, catch_up: CatchUp) -> Self {
+        self.catch_up = catch_up;
+        self
+    }
+
+    /// A shipper for the backfill of everything below `to` from the
+    /// replica's stored backfill position, sharing this one's state, client
+    /// and rate limiter.
+    fn backfill_shipper(&self, to: u64) -> Shipper {
+        Shipper {
+            state: Arc::clone(&self.state),
+            wal: self.wal.clone(),
+            checkpoints: self.checkpoints.clone(),
+            sender: self.sender.clone(),
+            protocol: self.protocol,
+            limits: self.limits,
+            start_at: self.start_at,
+            held: None,
+            current: self.limits,
+            unflushed: None,
+            builder: payload::BodyBuilder::default(),
+            limiter: Arc::clone(&self.limiter),
+            stream: Stream::Backfill { to },
+            catch_up: self.catch_up,
+            backfill: None,
+            shutdown: self.shutdown.clone(),
+            drain: self.drain.clone(),
+        }
+    }
+
+    /// Starts the backfill of the replica's backfill range (in the state).
+    fn start_backfill(&mut self) {
+        let Some(range) = self.state.backfill() else {
+            return;
+        };
+        if self.catch_up == CatchUp::InOrder {
+            tracing::warn!(replica = %self.state.name, from = range.start, to = range.end,
+                "replica is set to in-order but has a live-first backfill pending: \
+                 finishing it (a replica that refuses older samples rejects them, counted)");
+        }
+        tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
+            remaining_records = range.end - range.start, "backfill started");
+        self.backfill = Some(spawn_backfill(self.backfill_shipper(range.end)));
+    }
+
+    /// Where this stream is: everything below is delivered (for the
+    /// backfill, of its range).
+    fn position(&self) -> u64 {
+        match self.stream {
+            Stream::Live => self.state.delivered(),
+            Stream::Backfill { to } => self.state.backfill().map_or(to, |b| b.start),
+        }
+    }
+
+    fn set_position(&self, seq: u64) {
+        match self.stream {
+            Stream::Live => self.state.set_delivered(seq),
+            Stream::Backfill { .. } => self.state.set_backfill_from(seq),
         }
     }
 
@@ -194,8 +279,10 @@ impl Shipper {
     ///
     /// `drain` stops it between requests instead: the request being sent is
     /// answered and checkpointed first, so a shipper replaced by a reload
-    /// sends nothing twice.
+    /// sends nothing twice. A backfill this shipper spawned gets both.
     pub async fn run(mut self, shutdown: CancellationToken, drain: CancellationToken) {
+        self.shutdown = shutdown.clone();
+        self.drain = drain.clone();
         tokio::select! {
             () = self.ship(&drain) => {}
             () = shutdown.cancelled() => {}
@@ -205,12 +292,18 @@ impl Shipper {
         if let Some(delivered) = self.unflushed {
             let cp = self.checkpoints.clone();
             let name = self.state.name.clone();
-            if let Err(e) = blocking(move || cp.complete(&name, delivered)).await {
+            let stream = self.stream;
+            if let Err(e) = blocking(move || cp.complete_on(&name, stream, delivered)).await {
                 tracing::warn!(replica = %self.state.name, error = %e,
                     "cannot checkpoint the last delivery; it will be re-sent at the next start");
             }
         }
-        self.state.set_phase("stopped");
+        if let Some(backfill) = self.backfill.take() {
+            let _ = backfill.await;
+        }
+        if self.stream == Stream::Live {
+            self.state.set_phase("stopped");
+        }
     }
 
     async fn ship(&mut self, drain: &CancellationToken) {
@@ -223,12 +316,22 @@ impl Shipper {
                 }
             }
         };
+        if self.stream == Stream::Live {
+            self.start_backfill();
+        }
         let mut reader = self.wal.reader(start);
         loop {
             if drain.is_cancelled() {
                 return;
             }
-            self.state.set_phase("idle");
+            if let Stream::Backfill { to } = self.stream {
+                if self.position() >= to {
+                    self.finish_backfill(to).await;
+                    return;
+                }
+            } else {
+                self.state.set_phase("idle");
+            }
             // Waiting for records is where a drain usually finds the
             // shipper; what was read and not sent is read again by the
             // next shipper, from the checkpoint.
@@ -241,7 +344,7 @@ impl Shipper {
                 Err(e) => {
                     self.state.set_error(format!("reading the log: {e}"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    reader.seek(self.state.delivered());
+                    reader.seek(self.position());
                     continue;
                 }
             };
@@ -261,9 +364,84 @@ impl Shipper {
                     }
                     self.checkpoint(g.to).await;
                 }
-                Batch::Records(records) => self.deliver(records, false).await,
+                Batch::Records(records) => {
+                    if let Some(gap) = self.split_gap(&records) {
+                        self.split(gap, &mut reader).await;
+                        continue;
+                    }
+                    self.deliver(records, false).await;
+                }
+                Batch::End => {
+                    // Only a backfill ends: the log holds no more of its range.
+                    if let Stream::Backfill { to } = self.stream {
+                        let missing = to.saturating_sub(self.position());
+                        if missing > 0 {
+                            tracing::error!(replica = %self.state.name, from = self.position(), to,
+                                "backfill range no longer in the log; counted as skipped");
+                            self.state.add_skipped(missing, "not_in_log");
+                        }
+                        self.finish_backfill(to).await;
+                    }
+                    return;
+                }
             }
         }
+    }
+
+    /// The gap to leave to a backfill before sending `records`, when this
+    /// is a live-first replica's live stream and it lags too far.
+    fn split_gap(&self, records: &[Record]) -> Option<Range<u64>> {
+        let (first, last) = (records.first()?, records.last()?);
+        let after = match (self.stream, self.catch_up) {
+            (Stream::Live, CatchUp::LiveFirst { after }) => Some(after),
+            _ => None,
+        };
+        backfill::split_gap(
+            after,
+            // Cleared once the backfill's checkpoint is removed.
+            self.state.backfill().is_some(),
+            now_ms(),
+            first.meta.receive_time_ms,
+            &(first.seq..last.seq + 1),
+            self.wal.durable_end(),
+        )
+    }
+
+    /// Leaves `gap` to a backfill and moves the live stream to its end.
+    async fn split(&mut self, gap: Range<u64>, reader: &mut WalReader) {
+        tracing::info!(replica = %self.state.name, from = gap.start, to = gap.end,
+            records = gap.end - gap.start,
+            "lag above live_first_after: delivering new records at once, backfilling the gap");
+        // Before the cursor moves: retention must keep the gap's segments.
+        self.state.set_backfill(gap.clone());
+        loop {
+            let cp = self.checkpoints.clone();
+            let name = self.state.name.clone();
+            let g = gap.clone();
+            match blocking(move || cp.split(&name, g)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.state.set_error(format!("checkpoint store: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        metrics::counter!("walrelay_replica_backfills_total", "replica" => self.state.name.clone())
+            .increment(1);
+        // What was read past the batch lies inside the gap: the backfill
+        // sends it. The delivery not checkpointed yet is below the gap.
+        self.held = None;
+        self.unflushed = None;
+        self.state.set_delivered(gap.end);
+        reader.seek(gap.end);
+        self.start_backfill();
+    }
+
+    /// The backfill reached its end: its checkpoint is removed.
+    async fn finish_backfill(&mut self, to: u64) {
+        self.checkpoint(to).await;
+        self.state.clear_backfill();
+        tracing::info!(replica = %self.state.name, to, "backfill complete: the gap is closed");
     }
 
     /// Loads (or initialises) the checkpoint and re-sends an interrupted
@@ -273,6 +451,12 @@ impl Shipper {
         let name = self.state.name.clone();
         let cursor = blocking(move || cp.cursor(&name)).await?;
         let extent = self.wal.extent();
+        if let Stream::Backfill { to } = self.stream {
+            // Finished (and removed) already: nothing left to send.
+            let (from, inflight) = cursor.backfill.map_or((to, None), |b| (b.from, b.inflight));
+            self.set_position(from);
+            return Ok(self.resend_inflight(from, inflight).await);
+        }
         let delivered = match cursor.delivered {
             Some(d) => d,
             None => {
@@ -288,19 +472,26 @@ impl Shipper {
             }
         };
         self.state.set_delivered(delivered);
-        if let Some(range) = cursor.inflight {
+        Ok(self.resend_inflight(delivered, cursor.inflight).await)
+    }
+
+    /// Re-sends an interrupted request on its own; returns where reading
+    /// starts.
+    async fn resend_inflight(&mut self, delivered: u64, inflight: Option<Range<u64>>) -> u64 {
+        if let Some(range) = inflight {
             if range.start >= delivered && range.end > range.start {
                 tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
+                    stream = stream_name(self.stream),
                     "re-sending the request that was in flight when the relay stopped");
                 let records = self.read_range(range.clone()).await;
                 if !records.is_empty() {
                     self.deliver(records, true).await;
                 }
-                self.checkpoint(range.end.max(self.state.delivered())).await;
-                return Ok(range.end);
+                self.checkpoint(range.end.max(self.position())).await;
+                return range.end;
             }
         }
-        Ok(delivered)
+        delivered
     }
 
     /// Reads exactly the records of `range` that are still in the log.
@@ -324,6 +515,9 @@ impl Shipper {
             Some(item) => item,
             None => match reader.try_next()? {
                 Some(item) => item,
+                // Its whole range was durable at the split: a backfill
+                // never waits for more.
+                None if self.stream != Stream::Live => return Ok(Batch::End),
                 None => {
                     // Idle: checkpoint what was delivered before waiting.
                     self.flush_delivered().await;
@@ -332,8 +526,22 @@ impl Shipper {
                 }
             },
         };
+        let end = match self.stream {
+            Stream::Live => u64::MAX,
+            Stream::Backfill { to } => to,
+        };
         let mut records = match first {
-            ReadItem::Gap(g) => return Ok(Batch::Gap(g)),
+            ReadItem::Gap(mut g) => {
+                return Ok(match backfill::bound(g.from, g.to, end) {
+                    backfill::Bound::Past => Batch::End,
+                    backfill::Bound::ClipTo(to) => {
+                        g.to = to;
+                        Batch::Gap(g)
+                    }
+                    backfill::Bound::Inside => Batch::Gap(g),
+                })
+            }
+            ReadItem::Record(r) if r.seq >= end => return Ok(Batch::End),
             ReadItem::Record(r) => vec![r],
         };
         let mut fill = BatchFill::new(&records[0]);
@@ -343,7 +551,7 @@ impl Shipper {
             while fill.has_room(limits) {
                 match reader.try_next()? {
                     Some(ReadItem::Record(r)) => {
-                        if !fill.take(&r, limits, self.protocol) {
+                        if r.seq >= end || !fill.take(&r, limits, self.protocol) {
                             self.held = Some(ReadItem::Record(r));
                             break;
                         }
@@ -360,6 +568,7 @@ impl Shipper {
             // larger requests cost the replica and the relay less per sample.
             if lingered
                 || self.held.is_some()
+                || self.stream != Stream::Live
                 || fill.samples >= limits.max_samples / 2
                 || fill.bytes >= limits.max_bytes / 2
             {
@@ -390,13 +599,16 @@ impl Shipper {
             return;
         }
         let range = first.seq..last.seq + 1;
-        self.state.set_pending_since(first.meta.receive_time_ms);
+        if self.stream == Stream::Live {
+            // lag_seconds is the live stream's: how stale the newest data is.
+            self.state.set_pending_since(first.meta.receive_time_ms);
+        }
         match self.send_range(&records, range.clone()).await {
             Outcome::Delivered => {
                 self.grow();
                 // Checkpointed with the next request's range, or when idle.
                 self.unflushed = Some(range.end);
-                self.state.set_delivered(range.end);
+                self.set_position(range.end);
             }
             Outcome::Rejected {
                 status,
@@ -474,13 +686,14 @@ impl Shipper {
         let name = self.state.name.clone();
         let r = range.clone();
         let previous = self.unflushed;
+        let stream = self.stream;
         while let Err(e) = blocking({
             let cp = cp.clone();
             let name = name.clone();
             let r = r.clone();
             move || match previous {
-                Some(delivered) => cp.complete_and_begin(&name, delivered, r),
-                None => cp.begin_send(&name, r),
+                Some(delivered) => cp.complete_and_begin_on(&name, stream, delivered, r),
+                None => cp.begin_send_on(&name, stream, r),
             }
         })
         .await
@@ -509,7 +722,11 @@ impl Shipper {
     /// and `bytes` (decoded), and counts the wait.
     async fn pace(&mut self, samples: u64, bytes: u64) {
         let started = tokio::time::Instant::now();
-        let wait = self.limiter.reserve(samples, bytes, started);
+        let wait = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserve(samples, bytes, started);
         if wait.is_zero() {
             return;
         }
@@ -530,7 +747,8 @@ impl Shipper {
         loop {
             let cp = self.checkpoints.clone();
             let name = self.state.name.clone();
-            match blocking(move || cp.complete(&name, delivered)).await {
+            let stream = self.stream;
+            match blocking(move || cp.complete_on(&name, stream, delivered)).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.state.set_error(format!("checkpoint store: {e}"));
@@ -538,7 +756,21 @@ impl Shipper {
                 }
             }
         }
-        self.state.set_delivered(delivered);
+        self.set_position(delivered);
+    }
+}
+
+/// Spawns a backfill shipper. A plain function, not part of `run`, so that
+/// the task's future type does not contain itself.
+fn spawn_backfill(shipper: Shipper) -> JoinHandle<()> {
+    let (shutdown, drain) = (shipper.shutdown.clone(), shipper.drain.clone());
+    tokio::spawn(shipper.run(shutdown, drain))
+}
+
+fn stream_name(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Live => "live",
+        Stream::Backfill { .. } => "backfill",
     }
 }
 
@@ -555,6 +787,8 @@ fn kind_cut(protocol: ReplicaProtocol, records: &[Record]) -> Option<usize> {
 enum Batch {
     Records(Vec<Record>),
     Gap(crate::wal::Gap),
+    /// A backfill reached the end of its range.
+    End,
 }
 
 /// Runs blocking checkpoint I/O off the async workers.

@@ -13,6 +13,9 @@ pub struct ReplicaState {
     pub url: String,
     /// `"1.0"` or `"2.0"`: what the replica is sent.
     protocol: &'static str,
+    /// `"in-order"` or `"live-first"`.
+    catch_up: &'static str,
+    /// The live stream's cursor (the only one of an in-order replica).
     delivered: AtomicU64,
     /// Receive time (unix ms) of the oldest record not yet delivered; 0 when
     /// caught up.
@@ -42,6 +45,8 @@ struct Inner {
     last_error: Option<String>,
     last_error_ms: Option<i64>,
     last_success_ms: Option<i64>,
+    /// `[from, to)` still to be backfilled, while a backfill runs.
+    backfill: Option<std::ops::Range<u64>>,
 }
 
 /// A snapshot for the status endpoint.
@@ -51,7 +56,13 @@ pub struct ReplicaStatus {
     pub url: String,
     /// `"1.0"` or `"2.0"`.
     pub protocol: &'static str,
+    /// `"in-order"` or `"live-first"`.
+    pub catch_up: &'static str,
+    /// The live stream's position: everything below it is delivered except
+    /// the backfill's range.
     pub cursor: u64,
+    /// The range still missing while a live-first backfill runs.
+    pub backfill: Option<BackfillStatus>,
     pub state: &'static str,
     pub lag_records: u64,
     pub lag_bytes: u64,
@@ -82,6 +93,15 @@ pub struct ReplicaStatus {
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<i64>,
     pub last_success_unix_ms: Option<i64>,
+}
+
+/// See [`ReplicaStatus::backfill`]: records `[from, to)` are not delivered
+/// yet (apart from those of the backfill's request in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BackfillStatus {
+    pub from: u64,
+    pub to: u64,
+    pub remaining_records: u64,
 }
 
 /// See [`ReplicaStatus::dropped_by_translation`].
@@ -127,6 +147,7 @@ impl ReplicaState {
             name: name.to_owned(),
             url: url.to_owned(),
             protocol: "1.0",
+            catch_up: "in-order",
             delivered: AtomicU64::new(delivered),
             pending_since_ms: AtomicI64::new(0),
             sent_records: AtomicU64::new(0),
@@ -178,6 +199,68 @@ impl ReplicaState {
     pub fn with_protocol(mut self, protocol: &'static str) -> Self {
         self.protocol = protocol;
         self
+    }
+
+    /// The catch-up mode shown in the status (`"in-order"` unless set).
+    pub fn with_catch_up(mut self, catch_up: &'static str) -> Self {
+        self.catch_up = catch_up;
+        self
+    }
+
+    /// A backfill loaded from the checkpoint store (before the state is
+    /// shared, so retention never sees the replica without it).
+    pub fn with_backfill(self, range: Option<std::ops::Range<u64>>) -> Self {
+        if let Some(r) = range {
+            self.set_backfill(r);
+        }
+        self
+    }
+
+    /// The backfill's remaining range, if one runs.
+    pub fn backfill(&self) -> Option<std::ops::Range<u64>> {
+        self.inner().backfill.clone()
+    }
+
+    /// Starts tracking a backfill of `range`. Called before the live
+    /// cursor jumps past it, so that [`Self::low_water`] never rises above
+    /// records not delivered yet.
+    pub(crate) fn set_backfill(&self, range: std::ops::Range<u64>) {
+        let remaining = range.end.saturating_sub(range.start);
+        self.inner().backfill = Some(range);
+        metrics::gauge!("walrelay_replica_backfill_remaining_records", "replica" => self.name.clone())
+            .set(remaining as f64);
+    }
+
+    /// The backfill delivered everything below `from`.
+    pub(crate) fn set_backfill_from(&self, from: u64) {
+        let remaining = {
+            let mut i = self.inner();
+            let Some(b) = i.backfill.as_mut() else { return };
+            b.start = from.min(b.end);
+            b.end - b.start
+        };
+        metrics::gauge!("walrelay_replica_backfill_remaining_records", "replica" => self.name.clone())
+            .set(remaining as f64);
+    }
+
+    /// The backfill is done and its checkpoint removed.
+    pub(crate) fn clear_backfill(&self) {
+        self.inner().backfill = None;
+        metrics::gauge!("walrelay_replica_backfill_remaining_records", "replica" => self.name.clone())
+            .set(0.0);
+    }
+
+    /// The lowest position any of the replica's streams still needs: what
+    /// holds segments back from deletion.
+    pub fn low_water(&self) -> u64 {
+        // The live cursor is read first: a split sets the backfill before it
+        // moves the cursor, so a cursor seen past the gap comes with the
+        // backfill that covers it.
+        let delivered = self.delivered();
+        match self.backfill() {
+            Some(b) => delivered.min(b.start),
+            None => delivered,
+        }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -330,7 +413,15 @@ impl ReplicaState {
     pub fn status(&self, durable_end: u64, lag_bytes: u64) -> ReplicaStatus {
         let i = self.inner();
         let delivered = self.delivered();
-        let lag_records = durable_end.saturating_sub(delivered);
+        let backfill = i.backfill.clone().map(|b| BackfillStatus {
+            from: b.start,
+            to: b.end,
+            remaining_records: b.end.saturating_sub(b.start),
+        });
+        // What the replica does not have yet, on both streams: alerts on
+        // lag keep firing until the gap is closed too.
+        let lag_records =
+            durable_end.saturating_sub(delivered) + backfill.map_or(0, |b| b.remaining_records);
         let pending = self.pending_since_ms.load(Ordering::Relaxed);
         let lag_seconds = if lag_records == 0 || pending == 0 {
             0.0
@@ -341,7 +432,9 @@ impl ReplicaState {
             name: self.name.clone(),
             url: self.url.clone(),
             protocol: self.protocol,
+            catch_up: self.catch_up,
             cursor: delivered,
+            backfill,
             state: if lag_records == 0 && i.phase != "error" {
                 "caught_up"
             } else {
