@@ -370,3 +370,66 @@ async fn freshness_after_an_outage_in_order_vs_live_first() {
         assert_lossless(&vm, &run.ack).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_the_backfill_drains_and_resumes_it_without_resending() {
+    let mut vm = Replica::Vm(VictoriaMetrics::start().await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let r = relay(dir.path(), &vm.write_url(), "live-first").await;
+    let load = Load::start(spec(3 + OUTAGE.as_secs() + 15), &r.write_url()).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    vm.stop().await;
+    tokio::time::sleep(OUTAGE).await;
+    vm.start_again().await;
+    let started = Instant::now();
+    let before = loop {
+        let s = replica_status(&r.status().await.unwrap());
+        if s["backfill"]["remaining_records"].as_u64() > Some(300) {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no backfill under way: {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A changed replica (an extra header) gets a new shipper: the old one
+    // and its backfill drain, the new one resumes the backfill.
+    let config = dir.path().join("walrelay.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[replica.headers]\nX-Reloaded = \"yes\"\n");
+    std::fs::write(&config, text).unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/-/reload", r.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let changes: Value = resp.json().await.unwrap();
+    assert_eq!(changes["replicas"]["changed"], serde_json::json!(["r"]));
+    let after = replica_status(&r.status().await.unwrap());
+    eprintln!(
+        "before {:#} after {:#}",
+        before["backfill"], after["backfill"]
+    );
+    assert_eq!(
+        after["backfill"]["to"], before["backfill"]["to"],
+        "the same backfill resumed: {after:#}"
+    );
+    assert!(after["backfill"]["from"].as_u64() >= before["backfill"]["from"].as_u64());
+    let ack = load.join().await.unwrap();
+    drained(&r, Duration::from_secs(120)).await;
+    assert_lossless(&vm, &ack).await;
+    let log = std::fs::read_to_string(r.log_path()).unwrap();
+    assert!(
+        !log.contains("re-sending the request that was in flight"),
+        "a drained stream left a request to re-send:\n{}",
+        r.log_tail(30)
+    );
+    assert_eq!(
+        log.matches("lag above live_first_after").count(),
+        1,
+        "one split, not a second one at the reload:\n{}",
+        r.log_tail(30)
+    );
+}
