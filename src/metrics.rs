@@ -105,6 +105,8 @@ pub fn register_replica_at_zero(replica: &str) {
         metrics::counter!("walrelay_replica_dropped_by_translation_total", "replica" => r(), "what" => what)
             .increment(0);
     }
+    // At 0 from the start, so that the alert on it has a series to watch.
+    metrics::gauge!("walrelay_replica_stuck_attempts", "replica" => r()).set(0.0);
 }
 
 /// The exposition of counters the recorder cannot hold: the `metrics` crate
@@ -235,6 +237,10 @@ fn describe() {
         "walrelay_replica_rate_limit_bytes_per_second",
         Unit::Bytes,
         "The replica's configured decoded bytes per second (0: unlimited)."
+    );
+    describe_gauge!(
+        "walrelay_replica_stuck_attempts",
+        "Consecutive attempts of the request in flight that the replica answered with the same 5xx status and body (0 once it is delivered or fails otherwise)."
     );
     describe_counter!(
         "walrelay_replica_requests_total",

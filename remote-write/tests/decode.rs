@@ -89,6 +89,33 @@ fn invalid_snappy_is_refused() {
     ));
 }
 
+#[test]
+fn snappy_with_its_first_byte_overwritten_is_invalid_snappy_not_too_large() {
+    // The compliance suite overwrites the first byte of a valid body and
+    // expects 400. That byte holds the low bits of the declared length, so
+    // the declared length stays far below the limit (413 would be wrong)
+    // and no longer matches the data: a snappy error, whatever the size.
+    for n_series in [1usize, 3, 40, 2000] {
+        let r = req((0..n_series)
+            .map(|i| series(&[("__name__", "up"), ("i", &i.to_string())]))
+            .collect());
+        let good = snappy_compress(&encode_v1(&r));
+        assert!(decompress_snappy(&good, 32 << 20).is_ok());
+        for byte in [0xffu8, 0x00, b'X', 0x80, 0x7f] {
+            if byte == good[0] {
+                continue;
+            }
+            let mut body = good.clone();
+            body[0] = byte;
+            let err = decompress_snappy(&body, 32 << 20).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::Snappy(_)),
+                "{n_series} series, first byte {byte:#x}: {err:?}"
+            );
+        }
+    }
+}
+
 // ---- protobuf ----
 
 #[test]

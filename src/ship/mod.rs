@@ -704,10 +704,12 @@ impl Shipper {
         self.unflushed = None;
         self.state.set_phase("sending");
         let splittable = records.len() > 1;
+        self.state.set_in_flight(Some((range.start, range.end)));
         let outcome = self
             .sender
             .send_with_retries(&self.state, body, splittable)
             .await;
+        self.state.set_in_flight(None);
         if matches!(outcome, Outcome::Delivered) {
             self.state.add_sent(records.len() as u64, samples);
             // Counted once delivered: a request that is retried or split

@@ -62,6 +62,10 @@ pub enum Outcome {
     TooSlow,
 }
 
+/// Identical 5xx answers in a row after which the stuck request is logged
+/// as a warning (once; `stuck_attempts` in the status counts them all).
+const STUCK_WARN_ATTEMPTS: u64 = 10;
+
 /// Consecutive timeouts after which a splittable request is given back.
 const TIMEOUTS_BEFORE_SPLIT: u32 = 1;
 
@@ -208,7 +212,11 @@ impl Sender {
             .build();
         let mut ambiguous = false;
         let mut timeouts = 0u32;
-        loop {
+        // The last 5xx answer ("HTTP 500: body") and how many attempts in a
+        // row got exactly it: a record the replica refuses this way is
+        // retried for ever, so it must show (status, metrics, an alert).
+        let mut same_5xx: Option<(String, u64)> = None;
+        let outcome = loop {
             let started = Instant::now();
             let attempt = self.attempt(&body).await;
             metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => state.name.clone())
@@ -228,7 +236,7 @@ impl Sender {
                     if matches!(outcome, Outcome::Delivered) {
                         state.set_ok();
                     }
-                    return outcome;
+                    break outcome;
                 }
                 Attempt::Delivered(written) => {
                     if let Some(sent) = &body.sent {
@@ -237,7 +245,7 @@ impl Sender {
                     metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => "2xx")
                         .increment(1);
                     state.set_ok();
-                    return Outcome::Delivered;
+                    break Outcome::Delivered;
                 }
                 Attempt::Retry {
                     reason,
@@ -250,10 +258,22 @@ impl Sender {
                         timeouts += 1;
                         if splittable && timeouts >= TIMEOUTS_BEFORE_SPLIT {
                             state.set_retrying(format!("{reason}; splitting the request"));
-                            return Outcome::TooSlow;
+                            break Outcome::TooSlow;
                         }
                     } else {
                         timeouts = 0;
+                    }
+                    same_5xx = match same_5xx.take() {
+                        Some((last, n)) if status == "5xx" && last == reason => Some((last, n + 1)),
+                        _ if status == "5xx" => Some((reason.clone(), 1)),
+                        _ => None,
+                    };
+                    let stuck = same_5xx.as_ref().map_or(0, |(_, n)| *n);
+                    state.set_stuck_attempts(stuck);
+                    if stuck == STUCK_WARN_ATTEMPTS {
+                        tracing::warn!(replica = %state.name, attempts = stuck, %reason,
+                            "the replica keeps refusing the same request with the same 5xx answer; \
+                             it is retried for ever (see stuck_attempts and in_flight in the status)");
                     }
                     metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
                         .increment(1);
@@ -277,7 +297,9 @@ impl Sender {
                     tokio::time::sleep(wait).await;
                 }
             }
-        }
+        };
+        state.set_stuck_attempts(0);
+        outcome
     }
 
     async fn attempt(&self, body: &Body) -> Attempt {

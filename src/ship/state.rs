@@ -36,6 +36,8 @@ pub struct ReplicaState {
     translation_dropped_metadata: AtomicU64,
     partial_writes: AtomicU64,
     unconfirmed_writes: AtomicU64,
+    /// See [`ReplicaStatus::stuck_attempts`].
+    stuck_attempts: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -47,6 +49,8 @@ struct Inner {
     last_success_ms: Option<i64>,
     /// `[from, to)` still to be backfilled, while a backfill runs.
     backfill: Option<std::ops::Range<u64>>,
+    /// Records of the request being sent, `[from, to)`.
+    in_flight: Option<(u64, u64)>,
 }
 
 /// A snapshot for the status endpoint.
@@ -90,6 +94,16 @@ pub struct ReplicaStatus {
     /// may not speak 2.0 at all (a 1.0 receiver that ignores the content
     /// type reads a 2.0 body as an empty request).
     pub unconfirmed_writes: u64,
+    /// Consecutive attempts of the request in flight that the replica
+    /// answered with the same 5xx status and body. A replica that is up but
+    /// refuses one record this way (Prometheus 2.42 answers 500 to a series
+    /// with no labels) would otherwise stall its stream for ever in
+    /// silence: the shipper retries every 5xx. 0 when the last attempt
+    /// succeeded or failed otherwise (timeout, connection, 429, another
+    /// answer). See `in_flight` for the records concerned.
+    pub stuck_attempts: u64,
+    /// Sequence numbers `[from, to)` of the request being sent, if any.
+    pub in_flight: Option<InFlightRange>,
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<i64>,
     pub last_success_unix_ms: Option<i64>,
@@ -102,6 +116,15 @@ pub struct BackfillStatus {
     pub from: u64,
     pub to: u64,
     pub remaining_records: u64,
+}
+
+/// See [`ReplicaStatus::in_flight`].
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct InFlightRange {
+    /// First record of the request.
+    pub from: u64,
+    /// One past its last record.
+    pub to: u64,
 }
 
 /// See [`ReplicaStatus::dropped_by_translation`].
@@ -164,6 +187,7 @@ impl ReplicaState {
             translation_dropped_metadata: AtomicU64::new(0),
             partial_writes: AtomicU64::new(0),
             unconfirmed_writes: AtomicU64::new(0),
+            stuck_attempts: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 phase: "starting",
                 ..Inner::default()
@@ -305,6 +329,21 @@ impl ReplicaState {
         i.last_error = Some(reason);
         i.last_error_ms = Some(now_ms());
         metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
+    }
+
+    /// Sets the count of consecutive identical 5xx answers to the request
+    /// in flight (see [`ReplicaStatus::stuck_attempts`]).
+    pub(crate) fn set_stuck_attempts(&self, n: u64) {
+        if self.stuck_attempts.swap(n, Ordering::Relaxed) != n {
+            metrics::gauge!("walrelay_replica_stuck_attempts", "replica" => self.name.clone())
+                .set(n as f64);
+        }
+    }
+
+    /// The records `[from, to)` of the request about to be sent, or `None`
+    /// once it is done.
+    pub(crate) fn set_in_flight(&self, range: Option<(u64, u64)>) {
+        self.inner().in_flight = range;
     }
 
     pub(crate) fn set_error(&self, reason: String) {
@@ -461,6 +500,8 @@ impl ReplicaState {
             },
             partial_writes: self.partial_writes.load(Ordering::Relaxed),
             unconfirmed_writes: self.unconfirmed_writes.load(Ordering::Relaxed),
+            stuck_attempts: self.stuck_attempts.load(Ordering::Relaxed),
+            in_flight: i.in_flight.map(|(from, to)| InFlightRange { from, to }),
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,
