@@ -177,6 +177,7 @@ impl Fleet {
         }
         let mut old: Vec<Running> = std::mem::take(&mut *running);
         let mut next = Vec::new();
+        let mut failed = Vec::new();
         for (c, sender) in configs.into_iter().zip(senders) {
             let name = c.replica.name.clone();
             if let Some(i) = old.iter().position(|r| r.config == c) {
@@ -192,12 +193,20 @@ impl Fleet {
             }
             // Read after the old shipper stopped: its last checkpoint, and
             // any backfill it left, are what the new one continues from.
-            let cursor = self.position(&name, c.start_at)?;
-            let sender = match sender {
-                Some(s) => s,
-                None => self::sender(&c)?,
-            };
-            next.push(self.spawn_with(c, cursor, sender));
+            // A failure here (the checkpoint store) leaves this replica
+            // without a shipper but the others tracked: the reload reports
+            // it, and the next reload (or a restart) starts it.
+            let started = self.position(&name, c.start_at).and_then(|cursor| {
+                let sender = match sender {
+                    Some(s) => s,
+                    None => self::sender(&c)?,
+                };
+                Ok(self.spawn_with(c, cursor, sender))
+            });
+            match started {
+                Ok(r) => next.push(r),
+                Err(e) => failed.push(format!("replica {name}: {e:#}")),
+            }
         }
         for r in old {
             changes.removed.push(r.state.name.clone());
@@ -205,7 +214,14 @@ impl Fleet {
         }
         *running = next;
         self.publish(&running);
-        Ok(changes)
+        if failed.is_empty() {
+            Ok(changes)
+        } else {
+            Err(anyhow::anyhow!(
+                "not started: {}; applied otherwise: {changes:?}",
+                failed.join("; ")
+            ))
+        }
     }
 
     /// Stops every shipper now (shutdown: their checkpoints are consistent
