@@ -49,7 +49,7 @@ mod http;
 
 pub use http::now_ms;
 
-pub use load::{AckLog, Load, LoadHandle, LoadSpec, RetryPolicy};
+pub use load::{AckLog, Load, LoadHandle, LoadSpec, RetryPolicy, Routing};
 pub use process::Proc;
 pub use prometheus::{Prometheus, PrometheusOpts};
 pub use proxy::{FaultProxy, ProxyMode};
