@@ -54,4 +54,5 @@ pub use process::Proc;
 pub use prometheus::{Prometheus, PrometheusOpts};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use relay::Relay;
-pub use verify::{verify, Verdict};
+pub use verify::{verify, verify_api, Verdict};
+pub use victoria::VictoriaMetrics;
