@@ -315,7 +315,7 @@ def check_prometheus_configs(name: str, docs: list[dict]) -> None:
                     "prometheus_replica" in labels,
                     f"{name}: ConfigMap/{d['metadata']['name']} sets the prometheus_replica external label",
                 )
-            if key == "collector.yaml":
+            if key == "collector.yaml" or re.fullmatch(r"collector-\d+\.yaml", key):
                 cfg = yaml.safe_load(text)
                 defined = {
                     section: set((cfg.get(section) or {}).keys())
@@ -334,6 +334,50 @@ def check_prometheus_configs(name: str, docs: list[dict]) -> None:
                 )
 
 
+def check_scale_out(name: str, docs: list[dict]) -> None:
+    """With several relay pods, every sender is pinned to one pod: no Service
+    spreads requests over the relays, and each collector sends to its own
+    pod by its per-pod DNS name (docs/scaling.md)."""
+    import yaml
+
+    sts = [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "walrelay"]
+    if not sts or sts[0]["spec"].get("replicas", 1) <= 1:
+        return
+    sts = sts[0]
+    selector = sts["spec"]["selector"]["matchLabels"]
+    spreading = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Service"
+        and d["spec"].get("clusterIP") != "None"
+        and d["spec"].get("selector")
+        and all(selector.get(k) == v for k, v in d["spec"]["selector"].items())
+    ]
+    check(
+        not spreading,
+        f"{name}: no load-balancing Service in front of {sts['spec']['replicas']} relay pods",
+        f"these would send a series to several relays: {spreading}",
+    )
+    svc = sts["spec"]["serviceName"]
+    pods = {f"walrelay-{i}" for i in range(sts["spec"]["replicas"])}
+    targets = []
+    for d in docs:
+        if d["kind"] != "ConfigMap":
+            continue
+        for key, text in d.get("data", {}).items():
+            if key == "collector.yaml" or re.fullmatch(r"collector-\d+\.yaml", key):
+                url = yaml.safe_load(text).get("exporters", {}).get("prometheusremotewrite", {}).get("endpoint", "")
+                m = re.fullmatch(rf"https?://(walrelay-\d+)\.{re.escape(svc)}(\.[a-z0-9.-]+)?:\d+/api/v1/write", url)
+                check(bool(m), f"{name}: {key} sends to one relay pod by its per-pod DNS name", url)
+                if m:
+                    targets.append(m.group(1))
+    check(
+        set(targets) == pods and len(targets) == len(pods),
+        f"{name}: one collector per relay pod, each pinned to its own",
+        f"collectors send to {sorted(targets)}, relay pods are {sorted(pods)}",
+    )
+
+
 def check_overlays() -> None:
     import yaml
 
@@ -348,6 +392,7 @@ def check_overlays() -> None:
             if d["kind"] in POD_KINDS:
                 check_pod_policies(name, d)
         check_relay(name, docs)
+        check_scale_out(name, docs)
         check_prometheus_configs(name, docs)
         rules = yaml.safe_load(RULES.read_text())
         prs = [d for d in docs if d["kind"] == "PrometheusRule"]

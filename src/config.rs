@@ -170,6 +170,9 @@ pub struct ServeArgs {
     /// Log format: text or json. [default: text]
     #[arg(long, env = "WALRELAY_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// This relay's name in its metrics and status (one per pod). [default: $HOSTNAME, else the machine's hostname]
+    #[arg(long, env = "WALRELAY_INSTANCE_NAME")]
+    pub instance_name: Option<String>,
 }
 
 /// One `[[replica]]` table of the TOML file.
@@ -237,6 +240,7 @@ struct FileConfig {
     new_replica_start: Option<StartAt>,
     shutdown_timeout: Option<String>,
     log_format: Option<String>,
+    instance_name: Option<String>,
 }
 
 /// Which remote-write protocol a replica is sent.
@@ -418,6 +422,9 @@ pub struct ServeConfig {
     pub new_replica_start: StartAt,
     pub shutdown_timeout: Duration,
     pub log_json: bool,
+    /// Which relay this is, among several in front of the same replicas:
+    /// `walrelay_instance_info{instance_name}` and `"instance"` in status.
+    pub instance_name: String,
 }
 
 /// Parses a byte size: a plain number of bytes, or a number with a suffix
@@ -710,6 +717,16 @@ impl ServeArgs {
                 format!("{log_format:?} (expected text or json)"),
             ));
         }
+        let instance_name = match self.instance_name.as_ref().or(file.instance_name.as_ref()) {
+            Some(n) => n.trim().to_owned(),
+            None => default_instance_name(),
+        };
+        if instance_name.is_empty() || instance_name.chars().any(char::is_control) {
+            return Err(invalid(
+                "instance-name",
+                format!("{instance_name:?} (expected a non-empty name without control characters)"),
+            ));
+        }
         let retention = match self.retention.as_ref().or(file.retention.as_ref()) {
             Some(s) => Some(parse_duration("retention", s)?),
             None => None,
@@ -824,8 +841,27 @@ impl ServeArgs {
                 Duration::from_secs(20),
             )?,
             log_json: log_format == "json",
+            instance_name,
         })
     }
+}
+
+/// `$HOSTNAME` (a Kubernetes pod's name, e.g. `walrelay-0`), else the
+/// kernel's hostname, else `"walrelay"`: a name is only a label, so a machine
+/// without one must not stop the relay.
+fn default_instance_name() -> String {
+    let from_env = std::env::var("HOSTNAME").ok();
+    let from_kernel = || {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+    };
+    from_env
+        .filter(|h| !h.trim().is_empty())
+        .map(|h| h.trim().to_owned())
+        .or_else(from_kernel)
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "walrelay".to_owned())
 }
 
 /// The listener's TLS files: certificate and key both or neither; a client
@@ -1177,5 +1213,32 @@ mod tests {
             assert!(e.contains("replica b:"), "{e}");
             assert!(e.contains(expect), "{e}");
         }
+    }
+
+    #[test]
+    fn instance_name_comes_from_the_flag_the_file_or_the_hostname() {
+        let c = resolve_file("instance_name = \"walrelay-2\"\n").unwrap();
+        assert_eq!(c.instance_name, "walrelay-2");
+        let c = ServeArgs {
+            instance_name: Some("relay-a".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.instance_name, "relay-a");
+        // Unset: whatever the machine is called, never empty.
+        assert!(!ServeArgs::default()
+            .resolve()
+            .unwrap()
+            .instance_name
+            .is_empty());
+        let e = ServeArgs {
+            instance_name: Some("  ".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("instance-name:"), "{e}");
     }
 }

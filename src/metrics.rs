@@ -47,6 +47,13 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// Sets `walrelay_instance_info{instance_name}` to 1: which relay this is
+/// when several serve the same replicas (their series carry the same
+/// `replica` labels). A relay is named once, at startup.
+pub fn set_instance(name: &str) {
+    metrics::gauge!("walrelay_instance_info", "instance_name" => name.to_owned()).set(1.0);
+}
+
 /// Creates the series of rare events at zero, so that `increase()` and
 /// `rate()` see their first event (a series born at 1 has no increase).
 fn register_at_zero() {
@@ -144,6 +151,10 @@ fn describe() {
         "walrelay_ingest_bytes_total",
         Unit::Bytes,
         "Request body bytes received."
+    );
+    describe_gauge!(
+        "walrelay_instance_info",
+        "1, with this relay's --instance-name (one per pod when several relays serve the same replicas)."
     );
     describe_gauge!(
         "walrelay_config_last_reload_successful",

@@ -49,6 +49,8 @@ struct App {
     ready: AtomicBool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     checkpoints: Checkpoints,
+    /// `--instance-name`, as at startup (a reload does not rename a relay).
+    instance: String,
 }
 
 /// Reads the configuration again for a reload (flags and environment as at
@@ -76,6 +78,7 @@ pub async fn run(
     reload_source: Option<ReloadSource>,
 ) -> anyhow::Result<()> {
     let metrics = crate::metrics::install();
+    crate::metrics::set_instance(&config.instance_name);
     let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
     let wal_dir = config.data_dir.join("wal");
     let segment_bytes = effective_segment_bytes(&config);
@@ -227,6 +230,7 @@ pub async fn run(
             running: Mutex::new(config.clone()),
         },
         recovery,
+        instance: config.instance_name.clone(),
         max_disk_bytes: config.max_disk_bytes,
         ready: AtomicBool::new(true),
         metrics,
@@ -690,6 +694,7 @@ fn status(app: &App) -> HttpResponse {
     let extent = app.wal.extent();
     let body = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "instance": app.instance,
         "wal": WalStatus {
             dir: app.wal.dir().to_path_buf(),
             first_seq: extent.first_seq,

@@ -49,9 +49,10 @@ mod http;
 
 pub use http::now_ms;
 
-pub use load::{AckLog, Load, LoadHandle, LoadSpec, RetryPolicy};
+pub use load::{AckLog, Load, LoadHandle, LoadSpec, RetryPolicy, Routing};
 pub use process::Proc;
 pub use prometheus::{Prometheus, PrometheusOpts};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use relay::Relay;
-pub use verify::{verify, Verdict};
+pub use verify::{verify, verify_api, Verdict};
+pub use victoria::VictoriaMetrics;

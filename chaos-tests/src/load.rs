@@ -62,6 +62,32 @@ impl fmt::Display for RetryPolicy {
     }
 }
 
+/// Which relay each request of a worker goes to, when a load is given
+/// several URLs ([`Load::start_routed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Routing {
+    /// Worker `i` (counted from `first_worker`) always sends to URL
+    /// `i % n`, retries included: a sender pinned to one relay pod, waiting
+    /// for it while it restarts.
+    Pinned,
+    /// Every attempt goes to the next URL, so consecutive requests of a
+    /// series land on different relays and a retry fails over to another
+    /// one: a round-robin Service in front of several relays.
+    RoundRobin,
+}
+
+impl FromStr for Routing {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pinned" => Ok(Routing::Pinned),
+            "round-robin" => Ok(Routing::RoundRobin),
+            _ => bail!("routing must be pinned or round-robin, not {s:?}"),
+        }
+    }
+}
+
 /// What to send. See the field docs for defaults.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadSpec {
@@ -615,7 +641,9 @@ impl ProgressCounters {
 
 struct Shared {
     spec: LoadSpec,
-    url: String,
+    /// The relays, in the order [`Routing`] counts them; one for [`Load::start`].
+    urls: Vec<String>,
+    routing: Routing,
     deadline: Option<Instant>,
     progress: ProgressCounters,
     lines: std::sync::Mutex<Option<mpsc::Sender<Line>>>,
@@ -646,7 +674,18 @@ impl Load {
     /// Starts `spec` against `url` in the background on the current tokio
     /// runtime; stop it with [`LoadHandle::stop`].
     pub fn start(spec: LoadSpec, url: &str) -> Result<LoadHandle> {
+        Self::start_routed(spec, &[url.to_string()], Routing::Pinned)
+    }
+
+    /// [`Load::start`] over several relays: `routing` says which URL each
+    /// attempt goes to. The ack log's `url` lists them all, space-separated.
+    pub fn start_routed(spec: LoadSpec, urls: &[String], routing: Routing) -> Result<LoadHandle> {
         spec.validate()?;
+        if urls.is_empty() {
+            bail!("a load needs at least one URL");
+        }
+        let url = urls.join(" ");
+        let url = url.as_str();
         let started_ms = now_ms();
         let started = Instant::now();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -675,7 +714,8 @@ impl Load {
             deadline: spec.duration.map(|d| started + d),
             attempts_cap_per_worker: (10_000 / spec.workers as usize).max(10),
             spec,
-            url: url.to_string(),
+            urls: urls.to_vec(),
+            routing,
             progress: ProgressCounters::default(),
             lines: std::sync::Mutex::new(lines),
         });
@@ -803,7 +843,7 @@ impl LoadHandle {
         }
         finish(
             self.shared.spec.clone(),
-            self.shared.url.clone(),
+            self.shared.urls.join(" "),
             self.started_ms,
             elapsed_ms,
             batches,
@@ -886,6 +926,9 @@ async fn worker(
     }
     let mut raw = Vec::new();
     let mut samples = Vec::with_capacity(n as usize);
+    // Workers start on different relays so a round-robin load is spread
+    // from the first request on.
+    let mut next_url = (w - spec.first_worker) as usize % shared.urls.len();
     let stopping = |stop: &watch::Receiver<bool>| {
         *stop.borrow() || shared.deadline.is_some_and(|d| Instant::now() >= d)
     };
@@ -930,7 +973,11 @@ async fn worker(
             shared.progress.attempts.fetch_add(1, Ordering::Relaxed);
             let at_ms = now_ms();
             let t0 = Instant::now();
-            let answer = send(&client, &shared.url, body.clone()).await;
+            let url = &shared.urls[next_url];
+            if shared.routing == Routing::RoundRobin {
+                next_url = (next_url + 1) % shared.urls.len();
+            }
+            let answer = send(&client, url, body.clone()).await;
             let latency_us = t0.elapsed().as_micros() as u64;
             let (retry, wait) = match &answer {
                 Answer::Acked(status) => {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::http::client;
 use crate::ports::try_free_port;
@@ -65,7 +65,7 @@ impl VictoriaMetrics {
     }
 
     async fn launch(&mut self) -> Result<()> {
-        let log = self.dir.path().join("victoria-metrics.log");
+        let log = self.log_path();
         self.proc = Some(Proc::spawn_logging_to(
             "victoria-metrics",
             self.command()?,
@@ -111,6 +111,29 @@ impl VictoriaMetrics {
     /// Its Prometheus-compatible query API.
     pub fn api(&self) -> Result<PromApi> {
         PromApi::new(self.url())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("victoria-metrics.log")
+    }
+
+    /// `GET /internal/force_flush`: makes every sample received so far
+    /// searchable (VictoriaMetrics otherwise buffers them for about a
+    /// second), so an oracle query right after a load sees all of it.
+    ///
+    /// # Errors
+    /// The request fails or is not answered 2xx.
+    pub async fn force_flush(&self) -> Result<()> {
+        let r = self
+            .http
+            .get(format!("{}/internal/force_flush", self.url()))
+            .send()
+            .await
+            .context("GET /internal/force_flush")?;
+        if !r.status().is_success() {
+            bail!("/internal/force_flush: HTTP {}", r.status());
+        }
+        Ok(())
     }
 
     /// SIGTERM (it flushes what it holds in memory), SIGKILL after 30 s;
