@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use chaos_tests::encode::Symbols;
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::relay::Relay;
 use chaos_tests::{FaultProxy, ProxyMode};
@@ -35,60 +36,6 @@ const V2: &str = "application/x-protobuf;proto=io.prometheus.write.v2.Request";
 // ---------------------------------------------------------------------------
 // Building requests
 // ---------------------------------------------------------------------------
-
-/// Symbols of one 2.0 request, `""` first.
-struct Symbols(Vec<String>);
-
-impl Symbols {
-    fn new() -> Self {
-        Symbols(vec![String::new()])
-    }
-
-    fn r(&mut self, s: &str) -> u32 {
-        match self.0.iter().position(|x| x == s) {
-            Some(i) => i as u32,
-            None => {
-                self.0.push(s.to_string());
-                self.0.len() as u32 - 1
-            }
-        }
-    }
-
-    /// Refs in the order given (not sorted: the suite sends them unsorted).
-    fn labels(&mut self, pairs: &[(&str, &str)]) -> Vec<u32> {
-        pairs
-            .iter()
-            .flat_map(|(k, v)| [self.r(k), self.r(v)])
-            .collect()
-    }
-
-    /// A series with float samples `(value, ts)`.
-    fn series(&mut self, labels: &[(&str, &str)], samples: &[(f64, i64)]) -> v2::TimeSeries {
-        v2::TimeSeries {
-            labels_refs: self.labels(labels),
-            samples: samples
-                .iter()
-                .map(|&(value, timestamp)| v2::Sample { value, timestamp })
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    fn exemplar(&mut self, labels: &[(&str, &str)], value: f64, ts: i64) -> v2::Exemplar {
-        v2::Exemplar {
-            labels_refs: self.labels(labels),
-            value,
-            timestamp: ts,
-        }
-    }
-
-    fn request(self, timeseries: Vec<v2::TimeSeries>) -> v2::Request {
-        v2::Request {
-            symbols: self.0,
-            timeseries,
-        }
-    }
-}
 
 fn v1_series(labels: &[(&str, &str)], samples: &[(f64, i64)]) -> v1::TimeSeries {
     v1::TimeSeries {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use chaos_tests::encode::Symbols;
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::relay::{replica_status, Relay};
 use chaos_tests::scenario::wait_caught_up;
@@ -23,32 +24,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
 /// Requests sent; each has two float series, one native histogram series
 /// and one exemplar.
 const REQUESTS: i64 = 4;
-
-/// Symbols of one request, `""` first.
-struct Symbols(Vec<String>);
-
-impl Symbols {
-    fn new() -> Self {
-        Symbols(vec![String::new()])
-    }
-
-    fn r(&mut self, s: &str) -> u32 {
-        match self.0.iter().position(|x| x == s) {
-            Some(i) => i as u32,
-            None => {
-                self.0.push(s.to_string());
-                self.0.len() as u32 - 1
-            }
-        }
-    }
-
-    fn labels(&mut self, pairs: &[(&str, &str)]) -> Vec<u32> {
-        pairs
-            .iter()
-            .flat_map(|(k, v)| [self.r(k), self.r(v)])
-            .collect()
-    }
-}
 
 fn ts_of(base: i64, k: i64) -> i64 {
     base + k * 1000

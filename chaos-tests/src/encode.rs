@@ -1,4 +1,5 @@
-//! Remote-write 1.0 encoding for the load generator's hot path.
+//! Remote-write encoding for tests: 1.0 for the load generator's hot path,
+//! and [`Symbols`], a 2.0 symbol table to write requests by label names.
 //!
 //! Each series' labels are encoded once; a request is then the labels'
 //! bytes plus the samples, written straight into one buffer. The output is
@@ -126,6 +127,82 @@ pub async fn post_remote_write(url: &str, body: Vec<u8>) -> Result<(u16, String)
         .with_context(|| format!("POST {url}"))?;
     let status = resp.status().as_u16();
     Ok((status, resp.text().await.unwrap_or_default()))
+}
+
+/// A remote-write 2.0 symbol table being built, `""` first: tests write
+/// requests with it by label names and values instead of references.
+pub struct Symbols(pub Vec<String>);
+
+impl Default for Symbols {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbols {
+    pub fn new() -> Self {
+        Symbols(vec![String::new()])
+    }
+
+    /// The index of `s`, added if new.
+    pub fn r(&mut self, s: &str) -> u32 {
+        match self.0.iter().position(|x| x == s) {
+            Some(i) => i as u32,
+            None => {
+                self.0.push(s.to_string());
+                self.0.len() as u32 - 1
+            }
+        }
+    }
+
+    /// Refs in the order given (not sorted: the suite sends them unsorted).
+    pub fn labels(&mut self, pairs: &[(&str, &str)]) -> Vec<u32> {
+        pairs
+            .iter()
+            .flat_map(|(k, v)| [self.r(k), self.r(v)])
+            .collect()
+    }
+
+    /// A series with float samples `(value, ts)`.
+    pub fn series(
+        &mut self,
+        labels: &[(&str, &str)],
+        samples: &[(f64, i64)],
+    ) -> prom_remote_write::v2::TimeSeries {
+        prom_remote_write::v2::TimeSeries {
+            labels_refs: self.labels(labels),
+            samples: samples
+                .iter()
+                .map(|&(value, timestamp)| prom_remote_write::v2::Sample { value, timestamp })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// An exemplar with `labels`.
+    pub fn exemplar(
+        &mut self,
+        labels: &[(&str, &str)],
+        value: f64,
+        ts: i64,
+    ) -> prom_remote_write::v2::Exemplar {
+        prom_remote_write::v2::Exemplar {
+            labels_refs: self.labels(labels),
+            value,
+            timestamp: ts,
+        }
+    }
+
+    /// The request: this symbol table and `timeseries`.
+    pub fn request(
+        self,
+        timeseries: Vec<prom_remote_write::v2::TimeSeries>,
+    ) -> prom_remote_write::v2::Request {
+        prom_remote_write::v2::Request {
+            symbols: self.0,
+            timeseries,
+        }
+    }
 }
 
 #[cfg(test)]
