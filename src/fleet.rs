@@ -7,9 +7,10 @@
 //! - unchanged: its shipper keeps running, untouched;
 //! - removed: its shipper is stopped; its checkpoint stays in the store (a
 //!   replica added back later resumes there) but no longer holds segments;
-//! - changed (URL, credentials, TLS, limits, protocol...): the old shipper
-//!   is stopped and a new one started under the same name, from the same
-//!   checkpoint;
+//! - changed (URL, credentials, TLS, limits, protocol..., or its TLS
+//!   certificate, key or CA file modified since its client was built): the
+//!   old shipper is stopped and a new one started under the same name, from
+//!   the same checkpoint;
 //! - added: its position is set as for a replica seen for the first time
 //!   (`--new-replica-start`), then its shipper starts.
 //!
@@ -26,7 +27,7 @@
 //! exactly that range first, as after a restart. Nothing is lost either way.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
@@ -77,6 +78,10 @@ impl ShipperConfig {
 
 struct Running {
     config: ShipperConfig,
+    /// When the replica's TLS files were last modified as its client was
+    /// built: a reload rebuilds a client whose files changed since, so that
+    /// rotated certificates take effect at the next reload.
+    tls_files: Vec<Option<SystemTime>>,
     state: Arc<ReplicaState>,
     /// Stop between requests.
     drain: CancellationToken,
@@ -85,7 +90,25 @@ struct Running {
     task: JoinHandle<()>,
 }
 
+/// Modification times of a replica's TLS files (CA, certificate, key).
+fn tls_files(c: &ShipperConfig) -> Vec<Option<SystemTime>> {
+    let t = &c.replica.tls;
+    [&t.ca_file, &t.cert_file, &t.key_file]
+        .into_iter()
+        .map(|f| {
+            f.as_ref()
+                .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        })
+        .collect()
+}
+
 impl Running {
+    /// Whether this shipper is what `c` would start: the same settings and
+    /// unchanged TLS files.
+    fn is(&self, c: &ShipperConfig) -> bool {
+        self.config == *c && self.tls_files == tls_files(c)
+    }
+
     async fn shut_down(self) {
         self.drain.cancel();
         let mut task = self.task;
@@ -172,7 +195,7 @@ impl Fleet {
         // refuse the reload before any shipper is touched.
         let mut senders = Vec::new();
         for c in &configs {
-            let keep = running.iter().any(|r| r.config == *c);
+            let keep = running.iter().any(|r| r.is(c));
             senders.push(if keep { None } else { Some(sender(c)?) });
         }
         let mut old: Vec<Running> = std::mem::take(&mut *running);
@@ -180,7 +203,7 @@ impl Fleet {
         let mut failed = Vec::new();
         for (c, sender) in configs.into_iter().zip(senders) {
             let name = c.replica.name.clone();
-            if let Some(i) = old.iter().position(|r| r.config == c) {
+            if let Some(i) = old.iter().position(|r| r.is(&c)) {
                 next.push(old.swap_remove(i));
                 changes.unchanged.push(name);
                 continue;
@@ -295,6 +318,7 @@ impl Fleet {
         let stop = CancellationToken::new();
         let task = tokio::spawn(shipper.run(stop.clone(), drain.clone()));
         Running {
+            tls_files: tls_files(&c),
             config: c,
             state,
             drain,
