@@ -424,6 +424,35 @@ async fn a_replica_behind_tls_with_its_own_ca_receives_everything_and_a_wrong_ca
         total,
         "nothing arrived through the wrong CA"
     );
+
+    // The CA file replaced in place (a rotation), the configuration
+    // unchanged: a reload rebuilds the replica's client, and the record
+    // waiting for it is delivered.
+    std::fs::copy(&rp.ca, &wrong.ca).unwrap();
+    let resp = c
+        .post(format!("{}/-/reload", misconfigured.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let changes: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(changes["replicas"]["changed"], serde_json::json!(["tls"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replica
+        .metric_sum("walrelay_ingest_samples_total", &[])
+        .await
+        .unwrap()
+        < total + 5.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered after the CA file was replaced: {}\n{}",
+            replica_status(&misconfigured).await,
+            misconfigured.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let log = std::fs::read_to_string(misconfigured.log_path()).unwrap()
         + &std::fs::read_to_string(relay.log_path()).unwrap();
     assert!(!log.contains("s3cret-pw"), "a secret in the log");
