@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use chaos_tests::encode::Symbols;
+use chaos_tests::encode::{v1_series, Symbols};
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::relay::Relay;
 use chaos_tests::{FaultProxy, ProxyMode};
@@ -36,23 +36,6 @@ const V2: &str = "application/x-protobuf;proto=io.prometheus.write.v2.Request";
 // ---------------------------------------------------------------------------
 // Building requests
 // ---------------------------------------------------------------------------
-
-fn v1_series(labels: &[(&str, &str)], samples: &[(f64, i64)]) -> v1::TimeSeries {
-    v1::TimeSeries {
-        labels: labels
-            .iter()
-            .map(|(n, v)| v1::Label {
-                name: n.to_string(),
-                value: v.to_string(),
-            })
-            .collect(),
-        samples: samples
-            .iter()
-            .map(|&(value, timestamp)| v1::Sample { value, timestamp })
-            .collect(),
-        ..Default::default()
-    }
-}
 
 fn v1_request(timeseries: Vec<v1::TimeSeries>) -> v1::WriteRequest {
     v1::WriteRequest {
@@ -154,12 +137,7 @@ struct Answer {
 }
 
 fn client() -> reqwest::Client {
-    chaos_tests::install_tls_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    chaos_tests::client(Duration::from_secs(30)).unwrap()
 }
 
 async fn post(http: &reqwest::Client, url: &str, p: &Post) -> Answer {

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use chaos_tests::encode::v1_series;
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::relay::Relay;
 use prom_remote_write::encode::snappy_compress;
@@ -16,25 +17,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
 fn request(name: &str, samples: usize) -> WriteRequest {
     let now = chaos_tests::now_ms();
     WriteRequest {
-        timeseries: vec![TimeSeries {
-            labels: vec![
-                Label {
-                    name: "__name__".into(),
-                    value: name.into(),
-                },
-                Label {
-                    name: "job".into(),
-                    value: "ingest-test".into(),
-                },
-            ],
-            samples: (0..samples)
-                .map(|i| Sample {
-                    value: i as f64,
-                    timestamp: now - (samples - i) as i64,
-                })
-                .collect(),
-            ..Default::default()
-        }],
+        timeseries: vec![v1_series(
+            &[("__name__", name), ("job", "ingest-test")],
+            &(0..samples)
+                .map(|i| (i as f64, now - (samples - i) as i64))
+                .collect::<Vec<_>>(),
+        )],
         ..Default::default()
     }
 }

@@ -110,11 +110,7 @@ fn request(base: i64, k: i64) -> v2::Request {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    chaos_tests::client(Duration::from_secs(30)).unwrap()
 }
 
 /// Sends every request as remote-write 2.0 and checks walrelay's answer:

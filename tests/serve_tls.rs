@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chaos_tests::encode::v1_series;
 use chaos_tests::relay::Relay;
 use prom_remote_write::encode::snappy_compress;
-use prom_remote_write::v1::{Label, Sample, TimeSeries, WriteRequest};
+use prom_remote_write::v1::WriteRequest;
 use prost::Message;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -115,25 +116,12 @@ fn https_client(ca: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client 
 fn body(name: &str, samples: usize) -> Vec<u8> {
     let now = chaos_tests::now_ms();
     let req = WriteRequest {
-        timeseries: vec![TimeSeries {
-            labels: vec![
-                Label {
-                    name: "__name__".into(),
-                    value: name.into(),
-                },
-                Label {
-                    name: "job".into(),
-                    value: "tls-test".into(),
-                },
-            ],
-            samples: (0..samples)
-                .map(|i| Sample {
-                    value: i as f64,
-                    timestamp: now - (samples - i) as i64,
-                })
-                .collect(),
-            ..Default::default()
-        }],
+        timeseries: vec![v1_series(
+            &[("__name__", name), ("job", "tls-test")],
+            &(0..samples)
+                .map(|i| (i as f64, now - (samples - i) as i64))
+                .collect::<Vec<_>>(),
+        )],
         ..Default::default()
     };
     snappy_compress(&req.encode_to_vec())

@@ -129,6 +129,29 @@ pub async fn post_remote_write(url: &str, body: Vec<u8>) -> Result<(u16, String)
     Ok((status, resp.text().await.unwrap_or_default()))
 }
 
+/// A 1.0 series with `labels` (in the order given) and float samples
+/// `(value, ts)`: what tests build requests from.
+pub fn v1_series(
+    labels: &[(&str, &str)],
+    samples: &[(f64, i64)],
+) -> prom_remote_write::v1::TimeSeries {
+    use prom_remote_write::v1;
+    v1::TimeSeries {
+        labels: labels
+            .iter()
+            .map(|(n, v)| v1::Label {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        samples: samples
+            .iter()
+            .map(|&(value, timestamp)| v1::Sample { value, timestamp })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// A remote-write 2.0 symbol table being built, `""` first: tests write
 /// requests with it by label names and values instead of references.
 pub struct Symbols(pub Vec<String>);
@@ -234,20 +257,7 @@ mod tests {
             put_timeseries(&mut mine, &encode_labels(labels), samples);
             let mut sorted = labels.clone();
             sorted.sort();
-            req.timeseries.push(v1::TimeSeries {
-                labels: sorted
-                    .iter()
-                    .map(|(n, v)| v1::Label {
-                        name: n.to_string(),
-                        value: v.to_string(),
-                    })
-                    .collect(),
-                samples: samples
-                    .iter()
-                    .map(|&(value, timestamp)| v1::Sample { value, timestamp })
-                    .collect(),
-                ..Default::default()
-            });
+            req.timeseries.push(v1_series(&sorted, samples));
         }
         assert_eq!(mine, prom_remote_write::encode::encode_v1(&req));
         assert_eq!(v1::WriteRequest::decode(&mine[..]).unwrap(), req);

@@ -13,8 +13,10 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A plain HTTP/1 client that never goes through an environment proxy.
-pub(crate) fn client(timeout: Duration) -> Result<reqwest::Client> {
+/// A plain HTTP/1 client that never goes through an environment proxy
+/// (with the TLS provider installed): what the suite's tests talk to the
+/// relays and replicas with.
+pub fn client(timeout: Duration) -> Result<reqwest::Client> {
     install_tls_provider();
     Ok(reqwest::Client::builder()
         .no_proxy()

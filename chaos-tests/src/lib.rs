@@ -32,7 +32,7 @@
 //! when a test panics.
 
 pub mod encode;
-pub use http::install_tls_provider;
+pub use http::{client, install_tls_provider};
 pub mod load;
 pub mod ports;
 pub mod powerfs;

@@ -187,12 +187,7 @@ fn good_request(name: &str, n: usize) -> v1::WriteRequest {
 }
 
 fn client() -> reqwest::Client {
-    chaos_tests::install_tls_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    chaos_tests::client(Duration::from_secs(30)).unwrap()
 }
 
 #[derive(Debug, Clone)]
