@@ -238,11 +238,9 @@ async fn victoria_metrics_gets_fresh_samples_while_the_gap_is_backfilled() {
         "fresh after {:?}, caught up after {:?}; status then: {:#}",
         run.fresh_after, run.caught_up_after, run.status_when_fresh
     );
-    assert!(
-        run.fresh_after < Duration::from_secs(6),
-        "fresh samples took {:?}",
-        run.fresh_after
-    );
+    // Live-first shows in the order of events, not in a wall-clock limit
+    // (how long is measured, not asserted: benches/README.md): the fresh
+    // samples were there while the gap was still being backfilled.
     let backfill = &run.status_when_fresh["backfill"];
     assert!(
         backfill["remaining_records"].as_u64().unwrap_or(0) > 0,
