@@ -17,6 +17,7 @@ use serde::Deserialize;
 use wal_format::Compression;
 
 use crate::auth::ReplicaAuthConfig;
+use crate::ship::StatusPolicy;
 use crate::tls::{ClientTlsOptions, ServerTlsFiles};
 
 /// Errors in the configuration: each names the setting and the bad value.
@@ -82,6 +83,13 @@ pub struct ServeArgs {
     /// A replica to ship to, as NAME=URL (repeatable).
     #[arg(long = "replica", env = "WALRELAY_REPLICA", value_delimiter = ',')]
     pub replicas: Vec<String>,
+    /// More statuses that make a replica skip a record it refuses, as NAME=STATUS[,STATUS] (repeatable, e.g. a=404). [default: none: only 400, 409 and 422]
+    #[arg(
+        long = "replica-drop-on-status",
+        env = "WALRELAY_REPLICA_DROP_ON_STATUS",
+        value_delimiter = ';'
+    )]
+    pub replica_drop_on_status: Vec<String>,
     /// File holding the bearer token senders must present (none: no auth).
     #[arg(long, env = "WALRELAY_BEARER_TOKEN_FILE")]
     pub bearer_token_file: Option<PathBuf>,
@@ -201,6 +209,8 @@ struct FileReplica {
     catch_up: Option<String>,
     /// Lag (a duration) past which a live-first replica splits.
     live_first_after: Option<String>,
+    /// Statuses that refuse a record's data, on top of 400, 409 and 422.
+    drop_on_status: Option<Vec<u16>>,
 }
 
 /// The TOML file: the same settings, snake_case.
@@ -211,6 +221,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     replica: Vec<FileReplica>,
+    replica_drop_on_status: Option<Vec<String>>,
     bearer_token_file: Option<PathBuf>,
     basic_auth_users_file: Option<PathBuf>,
     tls_cert_file: Option<PathBuf>,
@@ -363,6 +374,8 @@ pub struct ReplicaConfig {
     pub timeout: Option<Duration>,
     /// In order (default) or live-first after an outage.
     pub catch_up: CatchUp,
+    /// Which answers make the shipper skip a record ([`crate::ship::policy`]).
+    pub status_policy: StatusPolicy,
 }
 
 impl ReplicaConfig {
@@ -508,6 +521,7 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
         headers: Vec::new(),
         timeout: None,
         catch_up: CatchUp::InOrder,
+        status_policy: StatusPolicy::default(),
     })
 }
 
@@ -592,7 +606,32 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
         .map_err(|e| format!("replica {name}: {e}"))?;
     c.catch_up = CatchUp::parse(r.catch_up.as_deref(), r.live_first_after.as_deref())
         .map_err(|m| format!("replica {name}: {m}"))?;
+    if let Some(statuses) = &r.drop_on_status {
+        c.status_policy = StatusPolicy::with_drop_on(statuses)
+            .map_err(|m| format!("replica {name}: drop_on_status: {m}"))?;
+    }
     Ok(c)
+}
+
+/// Applies `--replica-drop-on-status NAME=STATUS[,STATUS]` to the replica it
+/// names (which must be configured).
+fn apply_drop_on_status(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(), String> {
+    let (name, statuses) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("{arg:?} must be NAME=STATUS[,STATUS]"))?;
+    let name = name.trim();
+    let replica = replicas
+        .iter_mut()
+        .find(|r| r.name == name)
+        .ok_or_else(|| format!("{arg:?}: no replica is named {name:?}"))?;
+    let statuses = crate::ship::policy::parse_statuses(statuses)
+        .and_then(|list| StatusPolicy::with_drop_on(&list))
+        .map_err(|m| format!("{arg:?}: {m}"))?;
+    let mut all = replica.status_policy.drop_on().to_vec();
+    all.extend_from_slice(statuses.drop_on());
+    replica.status_policy =
+        StatusPolicy::with_drop_on(&all).map_err(|m| format!("{arg:?}: {m}"))?;
+    Ok(())
 }
 
 impl ServeArgs {
@@ -637,6 +676,16 @@ impl ServeArgs {
             self.replicas.iter().map(|s| parse_replica(s)).collect()
         }
         .map_err(|m| invalid("replica", m))?;
+        let mut replicas = replicas;
+        let drop_on_status = if self.replica_drop_on_status.is_empty() {
+            file.replica_drop_on_status.clone().unwrap_or_default()
+        } else {
+            self.replica_drop_on_status.clone()
+        };
+        for arg in &drop_on_status {
+            apply_drop_on_status(&mut replicas, arg)
+                .map_err(|m| invalid("replica-drop-on-status", m))?;
+        }
         let mut names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
@@ -994,6 +1043,61 @@ mod tests {
         );
         assert_eq!(r.timeout, Some(Duration::from_secs(5)));
         assert_eq!(r.headers, vec![("X-Scope-OrgID".into(), "team".into())]);
+    }
+
+    #[test]
+    fn no_status_but_400_409_and_422_skips_a_record_unless_the_operator_says_so() {
+        use crate::ship::policy::Answer;
+        let c = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"http://x:1/\"\ndrop_on_status = [404]\n\
+             [[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.replicas[0].status_policy.drop_on(), &[404]);
+        assert_eq!(c.replicas[1].status_policy, StatusPolicy::default());
+        assert_eq!(
+            c.replicas[1].status_policy.classify(404),
+            Answer::Blocked,
+            "the default never skips on a 404"
+        );
+        let flags = ServeArgs {
+            replicas: vec!["a=http://x:1/".into(), "b=http://y:1/".into()],
+            replica_drop_on_status: vec!["b=404,410".into(), "b=500".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(flags.replicas[0].status_policy.drop_on(), &[] as &[u16]);
+        assert_eq!(flags.replicas[1].status_policy.drop_on(), &[404, 410, 500]);
+    }
+
+    #[test]
+    fn a_bad_drop_status_names_the_replica_and_the_status() {
+        let e = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"http://x:1/\"\ndrop_on_status = [429]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("replica a") && e.contains("429"), "{e}");
+        for (arg, needle) in [
+            ("c=404", "no replica is named \"c\""),
+            ("a=4o4", "\"4o4\""),
+            ("a", "NAME=STATUS"),
+            ("a=413", "413"),
+        ] {
+            let e = ServeArgs {
+                replicas: vec!["a=http://x:1/".into()],
+                replica_drop_on_status: vec![arg.into()],
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("replica-drop-on-status") && e.contains(needle),
+                "{arg}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -358,6 +358,7 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
             min_backoff: c.retry_min_backoff,
             max_backoff: c.retry_max_backoff,
             tls: r.tls.clone(),
+            policy: r.status_policy.clone(),
         },
     )
     .and_then(|s| s.with_headers(&r.headers, None))

@@ -95,7 +95,16 @@ pub fn register_replica_at_zero(replica: &str) {
     ] {
         metrics::counter!(name, "replica" => r()).increment(0);
     }
-    for status in ["2xx", "4xx", "5xx", "429", "timeout", "connection"] {
+    for status in [
+        "2xx",
+        "4xx",
+        "413",
+        "blocked",
+        "5xx",
+        "429",
+        "timeout",
+        "connection",
+    ] {
         metrics::counter!("walrelay_replica_requests_total", "replica" => r(), "status" => status)
             .increment(0);
     }
@@ -112,8 +121,13 @@ pub fn register_replica_at_zero(replica: &str) {
         metrics::counter!("walrelay_replica_dropped_by_translation_total", "replica" => r(), "what" => what)
             .increment(0);
     }
-    // At 0 from the start, so that the alert on it has a series to watch.
+    for reason in ["too_large", "timeout"] {
+        metrics::counter!("walrelay_replica_splits_total", "replica" => r(), "reason" => reason)
+            .increment(0);
+    }
+    // At 0 from the start, so that the alerts on them have a series to watch.
     metrics::gauge!("walrelay_replica_stuck_attempts", "replica" => r()).set(0.0);
+    metrics::gauge!("walrelay_replica_blocked", "replica" => r()).set(0.0);
 }
 
 /// The exposition of counters the recorder cannot hold: the `metrics` crate
@@ -253,9 +267,17 @@ fn describe() {
         "walrelay_replica_stuck_attempts",
         "Consecutive attempts of the request in flight that the replica answered with the same 5xx status and body (0 once it is delivered or fails otherwise)."
     );
+    describe_gauge!(
+        "walrelay_replica_blocked",
+        "1 while the replica refuses the request in flight for a reason that is not about its data (401, 403, 404, ...): it is retried, nothing is skipped; 0 otherwise."
+    );
+    describe_counter!(
+        "walrelay_replica_splits_total",
+        "Requests to a replica split in halves, by reason (too_large: answered 413; timeout)."
+    );
     describe_counter!(
         "walrelay_replica_requests_total",
-        "Requests sent to a replica, by outcome."
+        "Attempts of requests to a replica, by outcome (2xx; 4xx: data refused; 413; blocked: refused for a reason that is not about the data; 5xx; 429; timeout; connection)."
     );
     describe_counter!(
         "walrelay_replica_retries_total",
@@ -271,7 +293,7 @@ fn describe() {
     );
     describe_counter!(
         "walrelay_replica_rejected_records_total",
-        "Records a replica refused with a 4xx."
+        "Records a replica refused on their own: as data (400, 409, 422, or a status in its drop_on_status) or as too large (413)."
     );
     describe_counter!(
         "walrelay_replica_rejected_samples_total",

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use wal_format::{parse_segment_file_name, Record};
 
 use super::common::{self, DataDir};
-use crate::ship::{payload, Outcome, ReplicaState, Sender, SenderOptions};
+use crate::ship::{payload, Outcome, ReplicaState, Resend, Sender, SenderOptions};
 use crate::wal::{ReadItem, Wal, WalReader};
 
 /// `walrelay wal replay`
@@ -478,10 +478,12 @@ impl Run {
         }
     }
 
-    /// Reads exactly the records of an interrupted request.
-    fn read_inflight(&self, wal: &Wal, f: InFlight) -> Result<Vec<Record>> {
+    /// Reads exactly the records of an interrupted request, and how many of
+    /// its records cannot be read any more.
+    fn read_inflight(&self, wal: &Wal, f: InFlight) -> Result<(Vec<Record>, u64)> {
         let mut reader = wal.reader(f.from);
         let mut out = Vec::new();
+        let mut skipped = 0;
         while let Some(item) = reader.try_next()? {
             match item {
                 ReadItem::Record(r) if r.seq >= f.to => break,
@@ -491,14 +493,17 @@ impl Run {
                     }
                 }
                 ReadItem::Gap(g) if g.from >= f.to => break,
-                ReadItem::Gap(_) => {}
+                ReadItem::Gap(g) => skipped += g.to.min(f.to).saturating_sub(g.from),
             }
         }
-        Ok(out)
+        Ok((out, skipped))
     }
 
-    /// Sends `records` (a 4xx meaning "already there" when `resend`).
-    async fn deliver(&mut self, records: Vec<Record>, resend: bool) {
+    /// Sends `records`, with the shipper's status policy
+    /// ([`crate::ship::policy`]): only a refusal of the data skips a record,
+    /// and only a single one (or the interrupted request re-sent whole,
+    /// which then was "already there"); 413 and timeouts split.
+    async fn deliver(&mut self, records: Vec<Record>, resend: Resend) {
         let n = records.len() as u64;
         let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
         let Some(sender) = self.sender.clone() else {
@@ -508,6 +513,7 @@ impl Run {
             self.run.samples += samples;
             return;
         };
+        let seq = records.first().map_or(0, |r| r.seq);
         let outcome = match payload::build_v1(&records) {
             Ok(body) => {
                 self.pace(samples).await;
@@ -519,11 +525,19 @@ impl Run {
                     )
                     .await
             }
-            Err(e) => Outcome::Rejected {
-                status: 0,
-                body: format!("cannot build the request from the log: {e}"),
-                ambiguous: false,
-            },
+            Err(e) if records.len() == 1 => {
+                self.run.skipped_records += 1;
+                self.progress_println(&format!(
+                    "walrelay replay: record {seq} cannot be turned into a request and is skipped: {e}"
+                ));
+                return;
+            }
+            Err(_) => {
+                for r in records {
+                    Box::pin(self.deliver(vec![r], resend.part())).await;
+                }
+                return;
+            }
         };
         match outcome {
             Outcome::Delivered => {
@@ -531,31 +545,51 @@ impl Run {
                 self.run.records += n;
                 self.run.samples += samples;
             }
-            Outcome::Rejected { ambiguous, .. } if resend || ambiguous => {
+            Outcome::Refused { .. } if resend == Resend::Exact => {
                 self.run.already_delivered_records += n;
             }
-            Outcome::Rejected { status, body, .. } if records.len() == 1 => {
-                self.run.rejected_records += 1;
-                self.run.rejected_samples += samples;
-                let seq = records.first().map_or(0, |r| r.seq);
-                self.progress_println(&format!(
-                    "walrelay replay: record {seq} rejected (HTTP {status}): {body}"
-                ));
-                if self.rejections.len() < MAX_REJECTIONS_KEPT {
-                    self.rejections.push(Rejection { seq, status, body });
-                }
+            Outcome::Refused { ambiguous, .. }
+                if records.len() == 1 && (ambiguous || resend == Resend::MaybeStored) =>
+            {
+                self.run.already_delivered_records += 1;
             }
-            Outcome::Rejected { .. } => {
+            Outcome::Refused { status, body, .. } if records.len() == 1 => {
+                self.reject(seq, samples, status, body);
+            }
+            Outcome::TooLarge { body } if records.len() == 1 => {
+                self.reject(seq, samples, 413, body);
+            }
+            Outcome::Refused { ambiguous, .. } => {
+                let each = if ambiguous {
+                    Resend::MaybeStored
+                } else {
+                    resend.part()
+                };
                 for r in records {
-                    Box::pin(self.deliver(vec![r], false)).await;
+                    Box::pin(self.deliver(vec![r], each)).await;
                 }
             }
-            Outcome::TooSlow => {
-                let mut first = records;
-                let second = first.split_off(first.len() / 2);
-                Box::pin(self.deliver(first, true)).await;
-                Box::pin(self.deliver(second, true)).await;
-            }
+            Outcome::TooLarge { .. } => self.split(records, resend.part()).await,
+            Outcome::TooSlow => self.split(records, Resend::MaybeStored).await,
+        }
+    }
+
+    /// Sends the two halves of `records` in order.
+    async fn split(&mut self, mut records: Vec<Record>, resend: Resend) {
+        let second = records.split_off(records.len() / 2);
+        Box::pin(self.deliver(records, resend)).await;
+        Box::pin(self.deliver(second, resend)).await;
+    }
+
+    /// Counts a record the target refused on its own.
+    fn reject(&mut self, seq: u64, samples: u64, status: u16, body: String) {
+        self.run.rejected_records += 1;
+        self.run.rejected_samples += samples;
+        self.progress_println(&format!(
+            "walrelay replay: record {seq} rejected (HTTP {status}): {body}"
+        ));
+        if self.rejections.len() < MAX_REJECTIONS_KEPT {
+            self.rejections.push(Rejection { seq, status, body });
         }
     }
 
@@ -579,9 +613,17 @@ impl Run {
                 "walrelay replay: re-sending the interrupted request {}..{} on its own",
                 f.from, f.to
             ));
-            let records = self.read_inflight(wal, f)?;
+            let (records, skipped) = self.read_inflight(wal, f)?;
+            self.run.skipped_records += skipped;
             if !records.is_empty() {
-                self.deliver(records, true).await;
+                // With records missing, what is left is not the request
+                // that was in flight: a refusal of it proves nothing.
+                let resend = if skipped == 0 {
+                    Resend::Exact
+                } else {
+                    Resend::MaybeStored
+                };
+                self.deliver(records, resend).await;
             }
             self.state.next_seq = self.state.next_seq.max(f.next);
             self.state.inflight = None;
@@ -601,7 +643,7 @@ impl Run {
                 next: consumed,
             });
             self.save()?;
-            self.deliver(records, false).await;
+            self.deliver(records, Resend::No).await;
             self.state.next_seq = consumed;
             self.state.inflight = None;
             self.checkpoint()?;
@@ -665,6 +707,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
                     min_backoff: Duration::from_millis(100),
                     max_backoff,
                     tls: Default::default(),
+                    policy: Default::default(),
                 },
             )
             .and_then(|s| s.with_headers(&headers, token.as_deref()))

@@ -17,13 +17,22 @@
 //! [`Checkpoints::complete_and_begin`]); when the shipper goes idle or
 //! stops, on its own.
 //!
-//! Outcomes ([`send`]): 2xx advances; 5xx, 429, connection errors and timeouts
-//! retry the same request with exponential backoff and jitter, honouring
-//! `Retry-After` (a connection that could not be opened at all is retried
-//! after at most a second, so a returning replica is noticed at once); any
-//! other 4xx is a rejection. A rejected multi-record request
-//! is re-sent record by record so that only the records the replica refuses are
-//! counted as rejected and skipped.
+//! Outcomes ([`policy`] has the whole table and the reasons): 2xx
+//! advances; only an answer about the data (400, 409, 422) skips a record,
+//! and only a single record: a refused request of several records is
+//! re-sent record by record so that only the records the replica refuses
+//! are counted as rejected and skipped. 413 splits the request, down to one
+//! record. Everything else (401, 403, 404 and the other 4xx, 5xx, 429,
+//! connection errors, timeouts) is retried with backoff for as long as it
+//! takes, and the cursor does not move: an answer that is not about the
+//! data shows the replica as `blocked`.
+//!
+//! A refusal means "the replica already had it" in one case only: the
+//! exact range that was in flight when the relay stopped, re-sent on its
+//! own ([`Resend::Exact`]). Parts of a request an earlier attempt of which
+//! may have been stored (the halves of one that timed out) go one by one.
+//! Positions only move forward: a gap or a checkpoint behind the stream's
+//! position is ignored and logged.
 //!
 //! A replica may have rate limits (samples and decoded bytes per second,
 //! [`rate`]): each request waits for them before its range is checkpointed
@@ -39,6 +48,7 @@
 
 pub mod backfill;
 pub mod payload;
+pub mod policy;
 pub mod rate;
 mod send;
 mod state;
@@ -55,6 +65,7 @@ use crate::checkpoint::{Checkpoints, Stream};
 use crate::config::{CatchUp, ReplicaProtocol, StartAt};
 use crate::wal::{ReadItem, Wal, WalReader};
 
+pub use policy::StatusPolicy;
 pub use rate::RateLimits;
 pub use send::{parse_written, Body, Outcome, Sender, SenderOptions};
 pub(crate) use state::now_ms;
@@ -350,26 +361,16 @@ impl Shipper {
             };
             match batch {
                 Batch::Gap(g) => {
-                    tracing::warn!(replica = %self.state.name, from = g.from, to = g.to,
-                        reason = %g.reason, file = ?g.file, offset = ?g.offset,
-                        "records skipped: cannot be read from the log");
-                    if g.error_code == "retention" {
-                        let (samples, reason) = self.wal.dropped_in(g.from, g.to);
-                        match reason {
-                            Some(reason) => self.state.add_dropped(g.to - g.from, samples, reason),
-                            None => self.state.add_skipped(g.to - g.from, g.error_code),
-                        }
-                    } else {
-                        self.state.add_skipped(g.to - g.from, g.error_code);
+                    if self.account_gap(&g) {
+                        self.checkpoint(g.to).await;
                     }
-                    self.checkpoint(g.to).await;
                 }
                 Batch::Records(records) => {
                     if let Some(gap) = self.split_gap(&records) {
                         self.split(gap, &mut reader).await;
                         continue;
                     }
-                    self.deliver(records, false).await;
+                    self.deliver(records, Resend::No).await;
                 }
                 Batch::End => {
                     // Only a backfill ends: the log holds no more of its range.
@@ -476,36 +477,78 @@ impl Shipper {
     }
 
     /// Re-sends an interrupted request on its own; returns where reading
-    /// starts.
+    /// starts. The range is read in full first (a read error is retried,
+    /// never taken for the end of the range): its checkpoint moves past
+    /// records only once each was delivered, refused, or accounted as a gap.
     async fn resend_inflight(&mut self, delivered: u64, inflight: Option<Range<u64>>) -> u64 {
-        if let Some(range) = inflight {
-            if range.start >= delivered && range.end > range.start {
-                tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
-                    stream = stream_name(self.stream),
-                    "re-sending the request that was in flight when the relay stopped");
-                let records = self.read_range(range.clone()).await;
-                if !records.is_empty() {
-                    self.deliver(records, true).await;
-                }
-                self.checkpoint(range.end.max(self.position())).await;
-                return range.end;
-            }
+        let Some(range) = inflight.filter(|r| r.start >= delivered && r.end > r.start) else {
+            return delivered;
+        };
+        tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
+            stream = stream_name(self.stream),
+            "re-sending the request that was in flight when the relay stopped");
+        let (records, gaps) = self.read_range(range.clone()).await;
+        for g in &gaps {
+            self.account_gap(g);
         }
-        delivered
+        if !records.is_empty() {
+            // With records missing it is no longer the request that was in
+            // flight, and a refusal of the rest proves nothing.
+            let resend = if gaps.iter().any(|g| g.to > g.from) {
+                Resend::MaybeStored
+            } else {
+                Resend::Exact
+            };
+            self.deliver(records, resend).await;
+        }
+        self.checkpoint(range.end.max(self.position())).await;
+        range.end
     }
 
-    /// Reads exactly the records of `range` that are still in the log.
-    async fn read_range(&self, range: Range<u64>) -> Vec<Record> {
-        let mut reader = self.wal.reader(range.start);
-        let mut out = Vec::new();
-        while let Ok(Some(item)) = reader.try_next() {
-            match item {
-                ReadItem::Record(r) if r.seq < range.end => out.push(r),
-                ReadItem::Gap(g) if g.from < range.end => continue,
-                _ => break,
+    /// Reads exactly what the log holds of `range`: its records, and the
+    /// gaps (damage, retention) inside it. Read errors are retried until
+    /// the range can be read: an error is not the end of the range.
+    async fn read_range(&self, range: Range<u64>) -> (Vec<Record>, Vec<crate::wal::Gap>) {
+        loop {
+            match read_range(&self.wal, range.clone()) {
+                Ok(read) => return read,
+                Err(e) => {
+                    self.state.set_error(format!(
+                        "reading the request in flight ({}..{}) from the log: {e}",
+                        range.start, range.end
+                    ));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
-        out
+    }
+
+    /// Counts the records of a gap the reader reported at this stream's
+    /// position, by cause. False when the gap lies behind the position
+    /// (nothing of it is this stream's to skip): then nothing is counted
+    /// and the position must not move.
+    fn account_gap(&self, g: &crate::wal::Gap) -> bool {
+        let position = self.position();
+        if g.to <= position || g.to < g.from {
+            tracing::error!(replica = %self.state.name, from = g.from, to = g.to, position,
+                reason = %g.reason, "the log reported a gap behind this replica's position; ignored");
+            return false;
+        }
+        let from = g.from.max(position);
+        let records = g.to - from;
+        tracing::warn!(replica = %self.state.name, from, to = g.to,
+            reason = %g.reason, file = ?g.file, offset = ?g.offset,
+            "records skipped: cannot be read from the log");
+        if g.error_code == "retention" {
+            let (samples, reason) = self.wal.dropped_in(from, g.to);
+            match reason {
+                Some(reason) => self.state.add_dropped(records, samples, reason),
+                None => self.state.add_skipped(records, g.error_code),
+            }
+        } else {
+            self.state.add_skipped(records, g.error_code);
+        }
+        true
     }
 
     /// Waits for at least one record (or a gap), then takes what is already
@@ -580,22 +623,24 @@ impl Shipper {
         Ok(Batch::Records(records))
     }
 
-    /// Delivers `records` (consecutive) and checkpoints past them. With
-    /// `resend`, they are an interrupted request being re-sent after a
-    /// restart, where a rejection means "already delivered".
-    async fn deliver(&mut self, records: Vec<Record>, resend: bool) {
+    /// Delivers `records` (in log order) and checkpoints past them: each is
+    /// delivered, or refused on its own by the replica and counted (see
+    /// [`policy`]). `resend` says what an earlier attempt may have done with
+    /// them.
+    async fn deliver(&mut self, records: Vec<Record>, resend: Resend) {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return;
         };
         // Batches are cut where the kind changes, but an interrupted request
         // re-sent after a restart was batched under the settings of then:
         // with the replica switched to 2.0 since, it can mix kinds. Its
-        // parts are re-sent in order, each still a re-send.
+        // parts are re-sent in order; a part is not the request that was in
+        // flight.
         if let Some(cut) = kind_cut(self.protocol, &records) {
             let mut head = records;
             let tail = head.split_off(cut);
-            Box::pin(self.deliver(head, resend)).await;
-            Box::pin(self.deliver(tail, resend)).await;
+            Box::pin(self.deliver(head, resend.part())).await;
+            Box::pin(self.deliver(tail, resend.part())).await;
             return;
         }
         let range = first.seq..last.seq + 1;
@@ -603,70 +648,127 @@ impl Shipper {
             // lag_seconds is the live stream's: how stale the newest data is.
             self.state.set_pending_since(first.meta.receive_time_ms);
         }
-        match self.send_range(&records, range.clone()).await {
+        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+        let outcome = match self.send_range(&records, range.clone()).await {
+            Ok(outcome) => outcome,
+            Err(e) if records.len() == 1 => {
+                tracing::error!(replica = %self.state.name, seq = range.start, error = %e,
+                    "a record in the log cannot be turned into a request (it passed its \
+                     checksum but does not decode); skipping it");
+                self.state.add_skipped(1, "undecodable");
+                self.checkpoint(range.end).await;
+                return;
+            }
+            Err(_) => {
+                // Find the record that cannot be built; send the others.
+                for r in records {
+                    Box::pin(self.deliver(vec![r], resend.part())).await;
+                }
+                return;
+            }
+        };
+        match outcome {
             Outcome::Delivered => {
                 self.grow();
                 // Checkpointed with the next request's range, or when idle.
                 self.unflushed = Some(range.end);
                 self.set_position(range.end);
             }
-            Outcome::Rejected {
-                status,
-                body,
-                ambiguous,
-            } if resend || ambiguous => {
-                // An earlier attempt of exactly these records may have been
-                // stored (before a restart, or by an attempt that timed out):
-                // the refusal of a re-send means the replica already has them.
+            Outcome::Refused { status, body, .. } if resend == Resend::Exact => {
+                // The request that was in flight when the relay stopped,
+                // refused whole: its earlier attempt was stored, and the
+                // replica refuses samples older than what it holds.
                 tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
-                    body = %body, "re-sent request refused: the replica most likely already had it");
-                let samples = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+                    body = %body, "re-sent request refused: the replica already had it");
                 self.state
                     .add_assumed_delivered(records.len() as u64, samples);
                 self.checkpoint(range.end).await;
             }
-            Outcome::Rejected { status, body, .. } if records.len() == 1 => {
-                tracing::warn!(replica = %self.state.name, seq = range.start, status, body = %body,
-                    "replica rejected the record; skipping it");
-                self.state
-                    .add_rejected(1, u64::from(records[0].meta.samples));
+            Outcome::Refused {
+                status,
+                body,
+                ambiguous,
+            } if records.len() == 1 => {
+                if ambiguous || resend == Resend::MaybeStored {
+                    tracing::info!(replica = %self.state.name, seq = range.start, status, body = %body,
+                        "record refused after an attempt that may have stored it: most likely \
+                         the replica already had it");
+                    self.state.add_assumed_delivered(1, samples);
+                } else {
+                    tracing::warn!(replica = %self.state.name, seq = range.start, status, body = %body,
+                        "replica refused the record's data; skipping it");
+                    self.state.add_rejected(1, samples);
+                }
                 self.checkpoint(range.end).await;
             }
-            Outcome::Rejected { status, .. } => {
+            Outcome::Refused {
+                status, ambiguous, ..
+            } => {
                 tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
-                    "replica rejected a coalesced request; re-sending its records one by one");
+                    "replica refused a request of several records; re-sending them one by one");
+                let each = if ambiguous {
+                    Resend::MaybeStored
+                } else {
+                    resend.part()
+                };
                 for r in records {
-                    Box::pin(self.deliver(vec![r], false)).await;
+                    Box::pin(self.deliver(vec![r], each)).await;
                 }
+            }
+            Outcome::TooLarge { body } if records.len() == 1 => {
+                tracing::warn!(replica = %self.state.name, seq = range.start, body = %body,
+                    "replica refused a single record as too large (413); skipping it");
+                self.state.add_rejected(1, samples);
+                self.checkpoint(range.end).await;
+            }
+            Outcome::TooLarge { .. } => {
+                tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
+                    "replica refused the request as too large (413); splitting it");
+                self.shrink();
+                self.split_and_deliver(records, "too_large", resend.part())
+                    .await;
             }
             Outcome::TooSlow => {
                 // Smaller requests may get through where this one times out.
-                // Attempts of the whole may have been stored, so the halves
-                // are re-sends.
+                // Its attempts may have been stored.
                 tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
                     "request timed out; splitting it and sending smaller requests");
                 self.shrink();
-                let mut first = records;
-                let second = first.split_off(first.len() / 2);
-                Box::pin(self.deliver(first, true)).await;
-                Box::pin(self.deliver(second, true)).await;
+                self.split_and_deliver(records, "timeout", Resend::MaybeStored)
+                    .await;
             }
         }
     }
 
+    /// Delivers the two halves of `records` in order.
+    async fn split_and_deliver(
+        &mut self,
+        mut records: Vec<Record>,
+        reason: &'static str,
+        resend: Resend,
+    ) {
+        metrics::counter!("walrelay_replica_splits_total", "replica" => self.state.name.clone(), "reason" => reason)
+            .increment(1);
+        let second = records.split_off(records.len() / 2);
+        Box::pin(self.deliver(records, resend)).await;
+        Box::pin(self.deliver(second, resend)).await;
+    }
+
     /// Checkpoints the range as in flight, then sends it until it is
-    /// delivered or rejected.
-    async fn send_range(&mut self, records: &[Record], range: Range<u64>) -> Outcome {
-        let built = match self.builder.build(records, self.protocol) {
-            Ok(b) => b,
-            Err(e) => {
-                return Outcome::Rejected {
-                    status: 0,
-                    body: format!("cannot build the request from the log: {e}"),
-                    ambiguous: false,
-                }
-            }
-        };
+    /// delivered, refused or given back (see [`Outcome`]).
+    ///
+    /// # Errors
+    /// No request can be built from the records (a payload that passed its
+    /// checksum but does not decode); nothing was sent.
+    async fn send_range(
+        &mut self,
+        records: &[Record],
+        range: Range<u64>,
+    ) -> Result<Outcome, String> {
+        let built = self
+            .builder
+            .build(records, self.protocol)
+            .map_err(|e| e.to_string())?;
         let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
         let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
         // Waited out before the in-flight range is checkpointed, so that
@@ -717,7 +819,7 @@ impl Shipper {
             self.state
                 .add_translation_dropped(built.dropped.created_timestamps, built.dropped.metadata);
         }
-        outcome
+        Ok(outcome)
     }
 
     /// Waits until the replica's rate limits allow a request of `samples`
@@ -744,7 +846,17 @@ impl Shipper {
         }
     }
 
+    /// Checkpoints that this stream has everything below `delivered`.
+    /// Never moves the position backwards: a cursor behind what was
+    /// delivered would re-send, a cursor moved back past a checkpoint the
+    /// store already holds could never be explained.
     async fn checkpoint(&mut self, delivered: u64) {
+        let position = self.position();
+        if delivered < position {
+            tracing::error!(replica = %self.state.name, stream = stream_name(self.stream),
+                delivered, position, "refusing to move a cursor backwards");
+            return;
+        }
         self.unflushed = None;
         loop {
             let cp = self.checkpoints.clone();
@@ -786,6 +898,74 @@ fn kind_cut(protocol: ReplicaProtocol, records: &[Record]) -> Option<usize> {
         .position(|r| !payload::same_request(protocol, first, r.meta.kind))
 }
 
+/// What an earlier attempt may have done with the records being delivered:
+/// decides what a data refusal of them means ([`policy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// Never sent: a refusal is about their data.
+    No,
+    /// Part of a request an earlier attempt of which may have been stored:
+    /// a refusal of a single record means it most likely was; several are
+    /// re-sent one by one.
+    MaybeStored,
+    /// Exactly the request that was in flight when the relay stopped: a
+    /// refusal means it was stored.
+    Exact,
+}
+
+impl Resend {
+    /// What a part of these records is: a part of the request in flight
+    /// is not that request.
+    pub(crate) fn part(self) -> Resend {
+        match self {
+            Resend::Exact => Resend::MaybeStored,
+            other => other,
+        }
+    }
+}
+
+/// Reads the records of `range` still in the log, and the gaps inside it.
+///
+/// # Errors
+/// An I/O error reading the log (the caller retries).
+fn read_range(
+    wal: &Wal,
+    range: Range<u64>,
+) -> Result<(Vec<Record>, Vec<crate::wal::Gap>), crate::wal::WalError> {
+    let mut reader = wal.reader(range.start);
+    let (mut records, mut gaps) = (Vec::new(), Vec::new());
+    while let Some(item) = reader.try_next()? {
+        match item {
+            ReadItem::Record(r) if r.seq < range.end => records.push(r),
+            ReadItem::Gap(mut g) if g.from < range.end => {
+                g.to = g.to.min(range.end);
+                gaps.push(g);
+            }
+            _ => break,
+        }
+    }
+    // The log ends inside the range: what is missing there was never
+    // durable (or was cut as a torn tail).
+    let read_to = records
+        .last()
+        .map(|r| r.seq + 1)
+        .into_iter()
+        .chain(gaps.iter().map(|g| g.to))
+        .max()
+        .unwrap_or(range.start);
+    if read_to < range.end {
+        gaps.push(crate::wal::Gap {
+            from: read_to,
+            to: range.end,
+            file: None,
+            offset: None,
+            reason: "records past the end of the log".into(),
+            error_code: "not_in_log",
+        });
+    }
+    Ok((records, gaps))
+}
+
 enum Batch {
     Records(Vec<Record>),
     Gap(crate::wal::Gap),
@@ -807,6 +987,9 @@ where
         ))),
     }
 }
+
+#[cfg(test)]
+mod delivery_tests;
 
 #[cfg(test)]
 mod tests {

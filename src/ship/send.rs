@@ -11,6 +11,7 @@ use prom_remote_write::content::{
 };
 use prom_remote_write::Protocol;
 
+use super::policy::{Answer, StatusPolicy};
 use super::state::{ReplicaState, WrittenCounts};
 use crate::auth::ReplicaAuth;
 use crate::tls::ClientTlsOptions;
@@ -41,25 +42,41 @@ impl Body {
     }
 }
 
-/// How one request ended, after retries.
+/// How one request ended, after retries. Every answer that is not one of
+/// these (see [`super::policy`]) is retried for as long as it takes.
 #[derive(Debug)]
 pub enum Outcome {
     /// The replica answered 2xx.
     Delivered,
-    /// The replica answered a 4xx other than 429: it refuses the data, and a
-    /// retry would get the same answer. `ambiguous` is true when an earlier
-    /// attempt of this very request may have been stored (it timed out, or
-    /// its connection broke after the request went out): Prometheus then
-    /// refuses the re-send as out of order although it holds the data, so
-    /// the refusal most likely means "already delivered".
-    Rejected {
+    /// The replica refused the data (400, 409, 422, or a status the
+    /// operator listed for it): a retry would get the same answer.
+    /// `ambiguous` is true when an earlier attempt of this very request may
+    /// have been stored (it timed out, or its connection broke after the
+    /// request went out): Prometheus then refuses the re-send as out of
+    /// order although it holds the data.
+    Refused {
         status: u16,
         body: String,
         ambiguous: bool,
     },
+    /// 413: the request is too large for the replica. The caller sends
+    /// smaller ones; a single record refused so is rejected.
+    TooLarge { body: String },
     /// Attempts kept timing out: the request is too slow for the replica as
     /// it is now. The caller splits it (only returned when it can).
     TooSlow,
+}
+
+impl Outcome {
+    /// A stable label for `walrelay_replica_requests_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Delivered => "2xx",
+            Outcome::Refused { .. } => "4xx",
+            Outcome::TooLarge { .. } => "413",
+            Outcome::TooSlow => "timeout",
+        }
+    }
 }
 
 /// Identical 5xx answers in a row after which the stuck request is logged
@@ -77,6 +94,8 @@ pub struct SenderOptions {
     pub max_backoff: Duration,
     /// Used for `https://` URLs.
     pub tls: ClientTlsOptions,
+    /// Which answers refuse the data.
+    pub policy: StatusPolicy,
 }
 
 /// A replica's HTTP client.
@@ -105,8 +124,14 @@ enum Attempt {
         status: &'static str,
         /// The request may have reached the replica and been stored.
         ambiguous: bool,
+        /// The answer is a fault of configuration or of the path
+        /// ([`Answer::Blocked`]): the replica is blocked until it passes.
+        blocked: bool,
     },
 }
+
+/// How often a replica that stays blocked is logged again.
+const BLOCKED_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Longest wait before retrying a request that could not connect at all.
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
@@ -129,6 +154,7 @@ impl Sender {
             .timeout(options.timeout)
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(redirect_policy())
             .user_agent(concat!("walrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| e.to_string())?;
@@ -186,13 +212,15 @@ impl Sender {
     }
 
     /// Sends `body` (a snappy-compressed remote-write 1.0 or 2.0 request,
-    /// with that protocol's headers) until the replica answers 2xx or a
-    /// non-retryable 4xx. A 2xx to a 2.0 request is checked against the
-    /// `X-Prometheus-Remote-Write-*-Written` counts; a partial write is
-    /// counted and logged, not retried (the replica decided to drop the
-    /// rest, and would again). Retries wait with
-    /// exponential backoff and jitter, or the replica's `Retry-After` when it
-    /// sends one (capped at the maximum backoff).
+    /// with that protocol's headers) until the replica stores it, refuses
+    /// its data, or finds it too large ([`super::policy`]). A 2xx to a 2.0
+    /// request is checked against the `X-Prometheus-Remote-Write-*-Written`
+    /// counts; a partial write is counted and logged, not retried (the
+    /// replica decided to drop the rest, and would again). Every other
+    /// answer is retried, with no give-up: exponential backoff and jitter,
+    /// or the replica's `Retry-After` when it sends one (capped at the
+    /// maximum backoff). An answer about configuration or the path (401,
+    /// 404, ...) marks the replica blocked until an attempt gets through.
     ///
     /// With `splittable`, repeated timeouts give up with
     /// [`Outcome::TooSlow`] so the caller can send smaller requests.
@@ -216,6 +244,9 @@ impl Sender {
         // row got exactly it: a record the replica refuses this way is
         // retried for ever, so it must show (status, metrics, an alert).
         let mut same_5xx: Option<(String, u64)> = None;
+        // Since when, and how often, this request has been blocked; when it
+        // was last logged.
+        let mut blocked: Option<(Instant, u64, Instant)> = None;
         let outcome = loop {
             let started = Instant::now();
             let attempt = self.attempt(&body).await;
@@ -223,18 +254,16 @@ impl Sender {
                 .record(started.elapsed().as_secs_f64());
             match attempt {
                 Attempt::Done(mut outcome) => {
-                    if let Outcome::Rejected { ambiguous: a, .. } = &mut outcome {
+                    if let Outcome::Refused { ambiguous: a, .. } = &mut outcome {
                         *a = ambiguous;
                     }
-                    let status = match &outcome {
-                        Outcome::Delivered => "2xx",
-                        Outcome::Rejected { .. } => "4xx",
-                        Outcome::TooSlow => "timeout",
-                    };
-                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
+                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => outcome.label())
                         .increment(1);
                     if matches!(outcome, Outcome::Delivered) {
                         state.set_ok();
+                    } else {
+                        // Answered: whatever it says, the path works again.
+                        state.set_unblocked();
                     }
                     break outcome;
                 }
@@ -252,6 +281,7 @@ impl Sender {
                     retry_after,
                     status,
                     ambiguous: maybe_stored,
+                    blocked: is_blocked,
                 } => {
                     ambiguous |= maybe_stored;
                     if status == "timeout" {
@@ -293,11 +323,22 @@ impl Sender {
                     let wait = retry_after.map_or(wait, |ra| ra.min(self.options.max_backoff));
                     tracing::debug!(replica = %state.name, %reason, wait_ms = wait.as_millis() as u64, samples,
                         "send failed; retrying");
-                    state.set_retrying(reason);
+                    if is_blocked {
+                        blocked = Some(log_blocked(state, &reason, blocked));
+                        state.set_blocked(reason);
+                    } else {
+                        if let Some((since, attempts, _)) = blocked.take() {
+                            log_unblocked(state, since, attempts, Some(&reason));
+                        }
+                        state.set_retrying(reason);
+                    }
                     tokio::time::sleep(wait).await;
                 }
             }
         };
+        if let Some((since, attempts, _)) = blocked {
+            log_unblocked(state, since, attempts, None);
+        }
         state.set_stuck_attempts(0);
         outcome
     }
@@ -344,6 +385,7 @@ impl Sender {
                     retry_after: None,
                     status: kind,
                     ambiguous: !e.is_connect(),
+                    blocked: false,
                 };
             }
         };
@@ -369,21 +411,81 @@ impl Sender {
             Err(e) => format!("(body unreadable: {e})"),
         };
         let code = status.as_u16();
-        if code == 429 || status.is_server_error() {
-            Attempt::Retry {
-                reason: format!("HTTP {code}: {text}"),
-                retry_after,
-                status: if code == 429 { "429" } else { "5xx" },
-                ambiguous: false,
-            }
-        } else {
-            Attempt::Done(Outcome::Rejected {
+        let reason = format!("HTTP {code}: {text}");
+        match self.options.policy.classify(code) {
+            // is_success() is 2xx: answered above.
+            Answer::Stored => Attempt::Delivered(Ok(None)),
+            Answer::DataRefused => Attempt::Done(Outcome::Refused {
                 status: code,
                 body: text,
                 ambiguous: false,
-            })
+            }),
+            Answer::TooLarge => Attempt::Done(Outcome::TooLarge { body: text }),
+            Answer::Overloaded => Attempt::Retry {
+                reason,
+                retry_after,
+                status: if code == 429 { "429" } else { "5xx" },
+                ambiguous: false,
+                blocked: false,
+            },
+            Answer::Blocked => Attempt::Retry {
+                reason,
+                retry_after,
+                status: "blocked",
+                ambiguous: false,
+                blocked: true,
+            },
         }
     }
+}
+
+/// Redirects: 307 and 308 keep the method and the body, so they are
+/// followed (a few times). 301, 302 and 303 would turn the POST into a GET
+/// without a body, whose 2xx would pass for a delivery: they are not
+/// followed, and the replica shows as blocked with the redirect as the
+/// reason.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let keeps_body = matches!(attempt.status().as_u16(), 307 | 308);
+        if keeps_body && attempt.previous().len() < 5 {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    })
+}
+
+/// Logs a blocked attempt: loudly the first time and then once a
+/// [`BLOCKED_LOG_EVERY`], quietly in between. Returns the updated
+/// (since, attempts, last logged).
+fn log_blocked(
+    state: &ReplicaState,
+    reason: &str,
+    blocked: Option<(Instant, u64, Instant)>,
+) -> (Instant, u64, Instant) {
+    let now = Instant::now();
+    let (since, attempts, logged) = match blocked {
+        Some((since, n, logged)) => (since, n + 1, logged),
+        None => {
+            tracing::error!(replica = %state.name, %reason,
+                "replica refuses requests for a reason that is not about the data \
+                 (credentials, route, proxy): nothing is skipped, the request is retried \
+                 until the replica takes it (state \"blocked\")");
+            return (now, 1, now);
+        }
+    };
+    if now.duration_since(logged) >= BLOCKED_LOG_EVERY {
+        tracing::error!(replica = %state.name, %reason, attempts,
+            blocked_for_s = since.elapsed().as_secs(), "replica still blocked; retrying");
+        return (since, attempts, now);
+    }
+    tracing::debug!(replica = %state.name, %reason, attempts, "replica blocked; retrying");
+    (since, attempts, logged)
+}
+
+fn log_unblocked(state: &ReplicaState, since: Instant, attempts: u64, now: Option<&str>) {
+    tracing::warn!(replica = %state.name, attempts, blocked_for_s = since.elapsed().as_secs_f64(),
+        now = now.unwrap_or("delivering"), "replica no longer blocked");
 }
 
 /// Compares a 2.0 response's written counts with what was sent, and counts

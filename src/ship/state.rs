@@ -51,6 +51,9 @@ struct Inner {
     backfill: Option<std::ops::Range<u64>>,
     /// Records of the request being sent, `[from, to)`.
     in_flight: Option<(u64, u64)>,
+    /// Since when (unix ms) the request in flight has been refused for a
+    /// reason that is not about its data, while it is.
+    blocked_since_ms: Option<i64>,
 }
 
 /// A snapshot for the status endpoint.
@@ -104,6 +107,11 @@ pub struct ReplicaStatus {
     pub stuck_attempts: u64,
     /// Sequence numbers `[from, to)` of the request being sent, if any.
     pub in_flight: Option<InFlightRange>,
+    /// While `state` is `"blocked"`: since when (unix ms) the replica has
+    /// refused the request in flight with an answer that is not about its
+    /// data (401, 403, 404, ...; the answer is in `last_error`). Nothing is
+    /// skipped meanwhile: the request is retried until it passes.
+    pub blocked_since_unix_ms: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<i64>,
     pub last_success_unix_ms: Option<i64>,
@@ -309,8 +317,12 @@ impl ReplicaState {
         self.pending_since_ms.store(0, Ordering::Relaxed);
     }
 
+    /// Sets what the shipper is doing; any phase but "blocked" (set by
+    /// [`Self::set_blocked`]) ends a blocked spell.
     pub(crate) fn set_phase(&self, phase: &'static str) {
-        self.inner().phase = phase;
+        let mut i = self.inner();
+        i.phase = phase;
+        Self::leave_blocked(&mut i, &self.name);
     }
 
     pub(crate) fn set_ok(&self) {
@@ -318,6 +330,7 @@ impl ReplicaState {
         let now = now_ms();
         i.last_success_ms = Some(now);
         i.phase = "ok";
+        Self::leave_blocked(&mut i, &self.name);
         metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(1.0);
         metrics::gauge!("walrelay_replica_last_success_timestamp_seconds", "replica" => self.name.clone())
             .set(now as f64 / 1000.0);
@@ -328,7 +341,40 @@ impl ReplicaState {
         i.phase = "retrying";
         i.last_error = Some(reason);
         i.last_error_ms = Some(now_ms());
+        Self::leave_blocked(&mut i, &self.name);
         metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
+    }
+
+    /// The replica answered the request in flight with a fault of
+    /// configuration or of the path (`reason`: "HTTP 401: body"); it is
+    /// retried until it passes, and shows as blocked until then.
+    pub(crate) fn set_blocked(&self, reason: String) {
+        let mut i = self.inner();
+        let now = now_ms();
+        i.phase = "blocked";
+        i.last_error = Some(reason);
+        i.last_error_ms = Some(now);
+        if i.blocked_since_ms.is_none() {
+            i.blocked_since_ms = Some(now);
+            metrics::gauge!("walrelay_replica_blocked", "replica" => self.name.clone()).set(1.0);
+        }
+        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
+    }
+
+    /// The replica answered the request in flight: it is not blocked any
+    /// more, whatever the answer said about the data.
+    pub(crate) fn set_unblocked(&self) {
+        let mut i = self.inner();
+        if i.phase == "blocked" {
+            i.phase = "sending";
+        }
+        Self::leave_blocked(&mut i, &self.name);
+    }
+
+    fn leave_blocked(i: &mut Inner, name: &str) {
+        if i.blocked_since_ms.take().is_some() {
+            metrics::gauge!("walrelay_replica_blocked", "replica" => name.to_owned()).set(0.0);
+        }
     }
 
     /// Sets the count of consecutive identical 5xx answers to the request
@@ -474,7 +520,7 @@ impl ReplicaState {
             catch_up: self.catch_up,
             cursor: delivered,
             backfill,
-            state: if lag_records == 0 && i.phase != "error" {
+            state: if lag_records == 0 && !matches!(i.phase, "error" | "blocked") {
                 "caught_up"
             } else {
                 i.phase
@@ -502,6 +548,7 @@ impl ReplicaState {
             unconfirmed_writes: self.unconfirmed_writes.load(Ordering::Relaxed),
             stuck_attempts: self.stuck_attempts.load(Ordering::Relaxed),
             in_flight: i.in_flight.map(|(from, to)| InFlightRange { from, to }),
+            blocked_since_unix_ms: i.blocked_since_ms,
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::env::{ReadableFile, Storage, WritableFile};
@@ -36,6 +36,8 @@ struct State {
 pub struct SimStorage {
     state: Arc<Mutex<State>>,
     fail_next_sync: Arc<AtomicBool>,
+    /// Reads still to fail with EIO (see [`SimStorage::fail_reads`]).
+    fail_reads: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -75,6 +77,18 @@ impl SimStorage {
     /// Makes the next `sync_data` on any file fail with EIO.
     pub fn fail_next_sync(&self) {
         self.fail_next_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` reads of any file fail with EIO (a bad sector, a
+    /// disk that went away), to prove that readers retry rather than take
+    /// an error for the end of what they read.
+    pub fn fail_reads(&self, n: u64) {
+        self.fail_reads.store(n, Ordering::SeqCst);
+    }
+
+    /// Reads that were set to fail and have not yet.
+    pub fn reads_left_to_fail(&self) -> u64 {
+        self.fail_reads.load(Ordering::SeqCst)
     }
 
     /// Flips one bit of a file's durable and written content.
@@ -133,10 +147,16 @@ impl WritableFile for SimWritable {
     }
 }
 
-struct SimReadable(Arc<Mutex<SimFile>>);
+struct SimReadable(Arc<Mutex<SimFile>>, Arc<AtomicU64>);
 
 impl ReadableFile for SimReadable {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let failing = self
+            .1
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let f = lock(&self.0);
         let off = offset as usize;
         if off >= f.written.len() {
@@ -174,7 +194,10 @@ impl Storage for SimStorage {
         }))
     }
     fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadableFile>> {
-        Ok(Arc::new(SimReadable(self.file(path)?)))
+        Ok(Arc::new(SimReadable(
+            self.file(path)?,
+            Arc::clone(&self.fail_reads),
+        )))
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         let st = lock(&self.state);
