@@ -3,15 +3,17 @@
 //!
 //! It sends the way a shipper does: in log order, one request at a time,
 //! consecutive records coalesced up to a sample and byte budget, with the
-//! shippers' retry semantics (5xx, 429 and connection errors retried with
-//! backoff for as long as it takes; a 4xx is a rejection, and a rejected
-//! multi-record request is re-sent record by record so only the records the
-//! receiver refuses are counted and skipped).
+//! shippers' status policy ([`crate::ship::policy`]): only 400, 409 and 422
+//! reject a record, and a rejected multi-record request is re-sent record by
+//! record so only the records the receiver refuses are counted and skipped;
+//! 413 splits; every other answer is retried with backoff for as long as it
+//! takes.
 //!
 //! Resume: progress goes to a state file, written (and fsync'd) before each
 //! request with its exact range and after it with the position reached.
 //! Run again with the same arguments, it re-sends the interrupted request on
-//! its own first — a 4xx for it then means the receiver already had it — and
+//! its own first — a 400, 409 or 422 for it then means the receiver already
+//! had it — and
 //! continues from there. `--restart` ignores the state.
 
 use std::io::{IsTerminal, Write};
