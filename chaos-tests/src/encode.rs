@@ -116,6 +116,16 @@ pub fn write_request_body(req: &prom_remote_write::v1::WriteRequest) -> Vec<u8> 
 /// status and the response body. For tests that send hand-made requests.
 pub async fn post_remote_write(url: &str, body: Vec<u8>) -> Result<(u16, String)> {
     let client = crate::http::client(std::time::Duration::from_secs(30))?;
+    post_remote_write_with(&client, url, body).await
+}
+
+/// [`post_remote_write`] on a given client: its kept-alive connections are
+/// reused from one request to the next.
+pub async fn post_remote_write_with(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+) -> Result<(u16, String)> {
     let resp = client
         .post(url)
         .header("Content-Type", "application/x-protobuf")

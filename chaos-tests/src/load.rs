@@ -199,6 +199,28 @@ impl LoadSpec {
         }
     }
 
+    /// The uncompressed WriteRequest a worker sends for samples `k0..` of
+    /// its series, the first stamped `ts0` (the body is this,
+    /// snappy-compressed). Scenarios size things with it, e.g. a proxy's
+    /// body limit against the relay's coalesced requests.
+    pub fn raw_request(&self, worker: u32, k0: u64, ts0: i64) -> Vec<u8> {
+        let mut raw = Vec::new();
+        let mut samples = Vec::new();
+        let labels = encoded_labels(self, worker);
+        let n = self.samples_per_series;
+        put_batch(
+            &mut raw,
+            &mut samples,
+            &labels,
+            worker,
+            k0,
+            ts0,
+            n,
+            self.step_ms,
+        );
+        raw
+    }
+
     fn validate(&self) -> Result<()> {
         if self.workers == 0 || self.series_per_worker == 0 || self.samples_per_series == 0 {
             bail!("workers, series_per_worker and samples_per_series must be > 0");

@@ -1,9 +1,15 @@
 //! A TCP fault-injection proxy in front of one upstream address.
 //!
 //! The mode applies to connections accepted while it is set. Changing the
-//! mode closes every connection accepted under the previous mode (so a
-//! client's kept-alive connection cannot bypass a new fault); the client sees
-//! a closed connection and reconnects into the new mode.
+//! mode with [`FaultProxy::set_mode`] closes every connection accepted under
+//! the previous mode at once (so a client's kept-alive connection cannot
+//! bypass a new fault); the client sees a closed connection and reconnects
+//! into the new mode. A request already forwarded is cut too: the upstream
+//! may have stored it without its answer reaching the client, an ambiguous
+//! failure of its own. [`FaultProxy::set_mode_between_requests`] avoids
+//! that, the way an ingress reloading its configuration does: a request
+//! already being forwarded completes, and the connection is closed when its
+//! client sends the next request, which is not forwarded.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -35,6 +41,12 @@ pub enum ProxyMode {
     /// connection included). With keep-alive clients, resetting only at
     /// accept time would spare every request after the first.
     DropRandom(f64),
+    /// Like an ingress with a body size limit (nginx `client_max_body_size`):
+    /// a request whose body is larger than `max_body` bytes is read whole
+    /// and answered with `status` (413) by the proxy; smaller ones are
+    /// forwarded unchanged. The connection stays open either way, so one
+    /// kept-alive connection carries both.
+    BodyLimit { max_body: usize, status: u16 },
 }
 
 impl ProxyMode {
@@ -52,7 +64,27 @@ impl ProxyMode {
         )
     }
 
-    /// The key used in [`ProxyStats`]: pass, delay, reset, stall, http, drop_random.
+    /// `BodyLimit` answering 413 Payload Too Large above `max_body` bytes.
+    pub fn body_limit(max_body: usize) -> ProxyMode {
+        ProxyMode::BodyLimit {
+            max_body,
+            status: 413,
+        }
+    }
+
+    /// Whether connections in this mode forward requests to the upstream.
+    fn forwards(&self) -> bool {
+        match self {
+            ProxyMode::Pass
+            | ProxyMode::Delay(_)
+            | ProxyMode::DropRandom(_)
+            | ProxyMode::BodyLimit { .. } => true,
+            ProxyMode::Reset | ProxyMode::Stall | ProxyMode::Http(..) => false,
+        }
+    }
+
+    /// The key used in [`ProxyStats`]: pass, delay, reset, stall, http,
+    /// drop_random, body_limit.
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyMode::Pass => "pass",
@@ -61,6 +93,7 @@ impl ProxyMode {
             ProxyMode::Stall => "stall",
             ProxyMode::Http(..) => "http",
             ProxyMode::DropRandom(_) => "drop_random",
+            ProxyMode::BodyLimit { .. } => "body_limit",
         }
     }
 }
@@ -72,6 +105,11 @@ pub struct ProxyStats {
     pub connections: BTreeMap<&'static str, u64>,
     /// Complete HTTP requests seen (forwarded or answered), by mode.
     pub requests: BTreeMap<&'static str, u64>,
+    /// Of those, the ones the proxy answered itself (`Http`, and the
+    /// refusals of `BodyLimit`), by mode.
+    pub answered: BTreeMap<&'static str, u64>,
+    /// Of those, the ones forwarded to the upstream, by mode.
+    pub forwarded: BTreeMap<&'static str, u64>,
     /// Connections reset on purpose (Reset, and DropRandom's share).
     pub resets: u64,
     /// Connections closed because the upstream could not be reached.
@@ -89,14 +127,34 @@ impl ProxyStats {
         self.requests.get(kind).copied().unwrap_or(0)
     }
 
+    pub fn answered(&self, kind: &str) -> u64 {
+        self.answered.get(kind).copied().unwrap_or(0)
+    }
+
+    pub fn forwarded(&self, kind: &str) -> u64 {
+        self.forwarded.get(kind).copied().unwrap_or(0)
+    }
+
     pub fn total_requests(&self) -> u64 {
         self.requests.values().sum()
     }
 }
 
+/// The current mode and how connections of older modes end.
+#[derive(Clone, Debug)]
+struct Switch {
+    /// Incremented at every mode change; a connection keeps the generation
+    /// it was accepted under.
+    gen: u64,
+    mode: ProxyMode,
+    /// Connections of a generation below this are closed at once; those of
+    /// a generation at or above it (but not `gen`) at their next request.
+    cut_below: u64,
+}
+
 struct State {
     upstream: SocketAddr,
-    mode: watch::Sender<(u64, ProxyMode)>,
+    mode: watch::Sender<Switch>,
     stats: Mutex<ProxyStats>,
     rng: Mutex<rand::rngs::StdRng>,
 }
@@ -104,6 +162,23 @@ struct State {
 impl State {
     fn stats(&self) -> std::sync::MutexGuard<'_, ProxyStats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the mode changed since generation `gen`.
+    fn switched_since(&self, gen: u64) -> bool {
+        self.mode.borrow().gen != gen
+    }
+
+    /// Counts one complete request, answered by the proxy or forwarded.
+    fn count_request(&self, kind: &'static str, answered: bool) {
+        let mut s = self.stats();
+        *s.requests.entry(kind).or_default() += 1;
+        let by = if answered {
+            &mut s.answered
+        } else {
+            &mut s.forwarded
+        };
+        *by.entry(kind).or_default() += 1;
     }
 }
 
@@ -131,7 +206,11 @@ impl FaultProxy {
             .await
             .context("bind the proxy")?;
         let addr = listener.local_addr()?;
-        let (tx, _) = watch::channel((0u64, ProxyMode::Pass));
+        let (tx, _) = watch::channel(Switch {
+            gen: 0,
+            mode: ProxyMode::Pass,
+            cut_below: 0,
+        });
         let state = Arc::new(State {
             upstream,
             mode: tx,
@@ -164,16 +243,30 @@ impl FaultProxy {
         self.state.upstream
     }
 
-    /// Switches the mode; connections accepted under the old mode are closed.
+    /// Switches the mode; connections accepted under the old mode are
+    /// closed at once, requests in flight included.
     pub fn set_mode(&self, mode: ProxyMode) {
-        self.state.mode.send_modify(|(gen, m)| {
-            *gen += 1;
-            *m = mode;
+        self.state.mode.send_modify(|s| {
+            s.gen += 1;
+            s.mode = mode;
+            s.cut_below = s.gen;
+        });
+    }
+
+    /// Switches the mode without cutting a request being forwarded: a
+    /// connection accepted under the old mode is closed when its client
+    /// sends the next request (not forwarded), or at once if the old mode
+    /// never forwards. No request is forwarded or answered under the old
+    /// mode once this returns, except those already being forwarded.
+    pub fn set_mode_between_requests(&self, mode: ProxyMode) {
+        self.state.mode.send_modify(|s| {
+            s.gen += 1;
+            s.mode = mode;
         });
     }
 
     pub fn mode(&self) -> ProxyMode {
-        self.state.mode.borrow().1.clone()
+        self.state.mode.borrow().mode.clone()
     }
 
     pub fn stats(&self) -> ProxyStats {
@@ -189,7 +282,7 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.accept.abort();
         // Tell every connection task to end.
-        self.state.mode.send_modify(|(gen, _)| *gen = u64::MAX);
+        self.state.mode.send_modify(|s| s.cut_below = u64::MAX);
     }
 }
 
@@ -200,15 +293,18 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         let _ = client.set_nodelay(true);
-        let (gen, mode) = state.mode.borrow().clone();
+        let Switch { gen, mode, .. } = state.mode.borrow().clone();
         let mut rx = state.mode.subscribe();
         let state = state.clone();
         *state.stats().connections.entry(mode.kind()).or_default() += 1;
+        // A forwarding connection watches for a change between requests
+        // itself (see `forward_requests`).
+        let forwards = mode.forwards();
         tokio::spawn(async move {
             let kind = mode.kind();
             tokio::select! {
-                _ = serve(client, mode, kind, &state) => {}
-                _ = rx.wait_for(|(g, _)| *g != gen) => {
+                _ = serve(client, mode, kind, &state, gen) => {}
+                _ = rx.wait_for(|s| s.cut_below > gen || (s.gen != gen && !forwards)) => {
                     state.stats().closed_by_mode_change += 1;
                 }
             }
@@ -221,11 +317,16 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn serve(client: TcpStream, mode: ProxyMode, kind: &'static str, state: &State) {
-    match mode {
+async fn serve(client: TcpStream, mode: ProxyMode, kind: &'static str, state: &State, gen: u64) {
+    let how = Forwarding {
+        gen,
+        ..Forwarding::default()
+    };
+    let how = match mode {
         ProxyMode::Reset => {
             state.stats().resets += 1;
             reset(client);
+            return;
         }
         ProxyMode::Stall => {
             let mut client = client;
@@ -237,20 +338,36 @@ async fn serve(client: TcpStream, mode: ProxyMode, kind: &'static str, state: &S
             }
             // The client closed its side; keep ours open, never answering.
             std::future::pending::<()>().await;
+            return;
         }
         ProxyMode::Http(status, retry_after, body) => {
             let _ = answer_http(client, status, retry_after, &body, kind, state).await;
+            return;
         }
-        ProxyMode::Pass => {
-            let _ = forward(client, Duration::ZERO, 0.0, kind, state).await;
-        }
-        ProxyMode::Delay(d) => {
-            let _ = forward(client, d, 0.0, kind, state).await;
-        }
-        ProxyMode::DropRandom(p) => {
-            let _ = forward(client, Duration::ZERO, p, kind, state).await;
-        }
-    }
+        ProxyMode::Pass => how,
+        ProxyMode::Delay(delay) => Forwarding { delay, ..how },
+        ProxyMode::DropRandom(drop_p) => Forwarding { drop_p, ..how },
+        ProxyMode::BodyLimit { max_body, status } => Forwarding {
+            body_limit: Some((max_body, status)),
+            ..how
+        },
+    };
+    let _ = forward(client, how, kind, state).await;
+}
+
+/// What [`forward`] does to the requests besides forwarding them.
+#[derive(Clone, Copy, Debug, Default)]
+struct Forwarding {
+    /// The generation of the mode the connection was accepted under.
+    gen: u64,
+    /// Slept before each chunk is forwarded, each way.
+    delay: Duration,
+    /// Probability of resetting the connection instead of forwarding a
+    /// request.
+    drop_p: f64,
+    /// `(max_body, status)`: a request with a larger body is answered with
+    /// `status` by the proxy instead of being forwarded.
+    body_limit: Option<(usize, u16)>,
 }
 
 fn reason(status: u16) -> &'static str {
@@ -258,10 +375,17 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
+        409 => "Conflict",
         413 => "Payload Too Large",
         415 => "Unsupported Media Type",
+        421 => "Misdirected Request",
+        422 => "Unprocessable Entity",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         502 => "Bad Gateway",
@@ -284,22 +408,11 @@ async fn answer_http(
         let Some(req) = read_request(&mut client, &mut buf).await? else {
             return Ok(());
         };
-        *state.stats().requests.entry(kind).or_default() += 1;
+        state.count_request(kind, true);
         buf.drain(..req.len);
-        let mut resp = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
-            reason(status),
-            body.len()
-        );
-        if let Some(s) = retry_after {
-            resp.push_str(&format!("Retry-After: {s}\r\n"));
-        }
-        if req.close {
-            resp.push_str("Connection: close\r\n");
-        }
-        resp.push_str("\r\n");
-        resp.push_str(body);
-        client.write_all(resp.as_bytes()).await?;
+        client
+            .write_all(response(status, retry_after, body, req.close).as_bytes())
+            .await?;
         if req.close {
             client.shutdown().await?;
             return Ok(());
@@ -307,10 +420,27 @@ async fn answer_http(
     }
 }
 
+/// A whole HTTP/1.1 answer with a plain-text `body`.
+fn response(status: u16, retry_after: Option<u32>, body: &str, close: bool) -> String {
+    let mut resp = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        reason(status),
+        body.len()
+    );
+    if let Some(s) = retry_after {
+        resp.push_str(&format!("Retry-After: {s}\r\n"));
+    }
+    if close {
+        resp.push_str("Connection: close\r\n");
+    }
+    resp.push_str("\r\n");
+    resp.push_str(body);
+    resp
+}
+
 async fn forward(
     client: TcpStream,
-    delay: Duration,
-    drop_p: f64,
+    how: Forwarding,
     kind: &'static str,
     state: &State,
 ) -> std::io::Result<()> {
@@ -328,15 +458,20 @@ async fn forward(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let (mut cr, mut cw) = client.into_split();
+    let (mut cr, cw) = client.into_split();
+    // Both directions write to the client: the upstream's answers, and the
+    // proxy's own (BodyLimit). HTTP/1 clients send a request only once the
+    // previous answer is complete (reqwest never pipelines), so the two never
+    // interleave within an answer.
+    let cw = tokio::sync::Mutex::new(cw);
     let (mut ur, mut uw) = upstream.into_split();
     let up = async {
-        forward_requests(&mut cr, &mut uw, delay, drop_p, kind, state).await?;
+        forward_requests(&mut cr, &mut uw, &cw, how, kind, state).await?;
         uw.shutdown().await
     };
     let down = async {
-        copy_chunks(&mut ur, &mut cw, delay).await?;
-        cw.shutdown().await
+        copy_chunks(&mut ur, &cw, how.delay).await?;
+        cw.lock().await.shutdown().await
     };
     tokio::try_join!(up, down)?;
     Ok(())
@@ -356,9 +491,10 @@ async fn write_delayed<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Copies `r` to `w` until `r` ends, holding `w`'s lock one chunk at a time.
 async fn copy_chunks<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     r: &mut R,
-    w: &mut W,
+    w: &tokio::sync::Mutex<W>,
     delay: Duration,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
@@ -367,27 +503,59 @@ async fn copy_chunks<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         if n == 0 {
             return Ok(());
         }
-        write_delayed(w, &buf[..n], delay).await?;
+        write_delayed(&mut *w.lock().await, &buf[..n], delay).await?;
     }
 }
 
-/// Forwards client bytes request by request (to count them); anything that
-/// does not parse as HTTP/1 is forwarded as it is.
+/// Forwards client bytes request by request (to count them, drop them or
+/// answer them: see [`Forwarding`]); anything that does not parse as HTTP/1
+/// is forwarded as it is.
 async fn forward_requests<W: AsyncWrite + Unpin>(
     r: &mut tokio::net::tcp::OwnedReadHalf,
     w: &mut W,
-    delay: Duration,
-    drop_p: f64,
+    client: &tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    how: Forwarding,
     kind: &'static str,
     state: &State,
 ) -> std::io::Result<()> {
+    let delay = how.delay;
     let mut buf = Vec::new();
     loop {
         match read_request(r, &mut buf).await {
             Ok(Some(req)) => {
-                let drop_it = drop_p > 0.0 && {
+                if state.switched_since(how.gen) {
+                    // The mode changed between requests: this one is not
+                    // forwarded, the connection ends, the client reconnects
+                    // into the new mode.
+                    state.stats().closed_by_mode_change += 1;
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "closed by a mode change",
+                    ));
+                }
+                if let Some((max_body, status)) = how.body_limit {
+                    if req.body_len > max_body {
+                        // The body was read whole, so the next request on
+                        // this connection starts right after it.
+                        buf.drain(..req.len);
+                        state.count_request(kind, true);
+                        let body = format!(
+                            "injected by chaos proxy: {status}: a body of {} bytes is over the \
+                             limit of {max_body}\n",
+                            req.body_len
+                        );
+                        let mut c = client.lock().await;
+                        c.write_all(response(status, None, &body, req.close).as_bytes())
+                            .await?;
+                        if req.close {
+                            return c.shutdown().await;
+                        }
+                        continue;
+                    }
+                }
+                let drop_it = how.drop_p > 0.0 && {
                     let mut rng = state.rng.lock().unwrap_or_else(|e| e.into_inner());
-                    rng.random::<f64>() < drop_p
+                    rng.random::<f64>() < how.drop_p
                 };
                 if drop_it {
                     state.stats().resets += 1;
@@ -401,12 +569,12 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
                 }
                 write_delayed(w, &buf[..req.len], delay).await?;
                 buf.drain(..req.len);
-                *state.stats().requests.entry(kind).or_default() += 1;
+                state.count_request(kind, false);
             }
             Ok(None) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 write_delayed(w, &buf, delay).await?;
-                return copy_chunks(r, w, delay).await;
+                return copy_chunks(r, &tokio::sync::Mutex::new(w), delay).await;
             }
             Err(e) => return Err(e),
         }
@@ -416,6 +584,8 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
 struct Request {
     /// Bytes of the whole request (head and body) at the start of the buffer.
     len: usize,
+    /// Bytes of the body (without the chunked framing).
+    body_len: usize,
     close: bool,
 }
 
@@ -479,11 +649,16 @@ async fn read_request<R: AsyncRead + Unpin>(
                 return Err(eof());
             }
         }
-        return Ok(Some(Request { len, close }));
+        return Ok(Some(Request {
+            len,
+            body_len: content_length,
+            close,
+        }));
     }
     // Chunked body: size line, data, CRLF; a zero size ends it, then
     // trailers up to an empty line.
     let mut pos = head_end;
+    let mut body_len = 0;
     loop {
         let line_end = loop {
             if let Some(p) = find(&buf[pos..], b"\r\n") {
@@ -512,7 +687,11 @@ async fn read_request<R: AsyncRead + Unpin>(
                 let empty = line_end == pos;
                 pos = line_end + 2;
                 if empty {
-                    return Ok(Some(Request { len: pos, close }));
+                    return Ok(Some(Request {
+                        len: pos,
+                        body_len,
+                        close,
+                    }));
                 }
             }
         }
@@ -522,6 +701,7 @@ async fn read_request<R: AsyncRead + Unpin>(
             }
         }
         pos += size + 2;
+        body_len += size;
     }
 }
 

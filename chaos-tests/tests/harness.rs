@@ -6,12 +6,14 @@
 
 use std::time::{Duration, Instant};
 
+use chaos_tests::encode::{post_remote_write_with, v1_series, write_request_body};
 use chaos_tests::load::{Load, LoadSpec, Outcome, RetryPolicy};
 use chaos_tests::process::Proc;
 use chaos_tests::prometheus::Prometheus;
 use chaos_tests::proxy::{FaultProxy, ProxyMode};
 use chaos_tests::verify::verify;
 use chaos_tests::AckLog;
+use prom_remote_write::v1::WriteRequest;
 
 fn base_spec(workers: u32, series: u32) -> LoadSpec {
     LoadSpec {
@@ -296,6 +298,180 @@ async fn fault_proxy_modes() {
     assert!(c.failed > 0, "{c:?}");
     assert!(proxy.stats().resets > 6, "{:?}", proxy.stats());
     verify(&prom, &ack).await.unwrap().assert_lossless();
+}
+
+/// A remote-write body of one series `{__name__="chaos_proxy_test", req=...}`
+/// with `samples` samples from `t0` on.
+fn proxy_test_body(req: &str, t0: i64, samples: usize) -> Vec<u8> {
+    let s: Vec<(f64, i64)> = (0..samples)
+        .map(|i| (i as f64 * 1.37 + t0 as f64, t0 + i as i64))
+        .collect();
+    write_request_body(&WriteRequest {
+        timeseries: vec![v1_series(
+            &[("__name__", "chaos_proxy_test"), ("req", req)],
+            &s,
+        )],
+        ..Default::default()
+    })
+}
+
+/// Samples of `chaos_proxy_test{req=...}` in Prometheus since `t0`.
+async fn proxy_test_samples(prom: &Prometheus, req: &str, t0: i64) -> usize {
+    let selector = format!("chaos_proxy_test{{req=\"{req}\"}}");
+    prom.raw_samples(&selector, t0, t0 + 60_000)
+        .await
+        .unwrap()
+        .values()
+        .map(Vec::len)
+        .sum()
+}
+
+/// 4. BodyLimit, an ingress's body size limit: bodies over the limit are
+/// answered 413 by the proxy, smaller ones forwarded, all on one kept-alive
+/// connection; a chunked body over the limit is read whole too, so what
+/// follows it on the connection is still read as the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_proxy_body_limit_refuses_large_bodies_and_forwards_small_ones_on_one_connection() {
+    let prom = Prometheus::start_server().await.unwrap();
+    let proxy = FaultProxy::start(prom.addr()).await.unwrap();
+    let limit = 2_000;
+    proxy.set_mode(ProxyMode::body_limit(limit));
+    let client = chaos_tests::client(Duration::from_secs(10)).unwrap();
+    let url = proxy.write_url();
+    let t0 = chaos_tests::now_ms() - 30_000;
+    let large = proxy_test_body("large", t0, 2_000);
+    assert!(large.len() > limit, "{} bytes", large.len());
+
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        let body = if i % 2 == 0 {
+            proxy_test_body("small", t0 + i, 1)
+        } else {
+            large.clone()
+        };
+        assert!(i % 2 == 1 || body.len() <= limit);
+        answers.push(post_remote_write_with(&client, &url, body).await.unwrap());
+    }
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, [204, 413, 204, 413, 204], "{answers:?}");
+    assert!(
+        answers[1].1.contains(&format!(
+            "{} bytes is over the limit of {limit}",
+            large.len()
+        )),
+        "{answers:?}"
+    );
+    let stats = proxy.stats();
+    assert_eq!(
+        (
+            stats.connections("body_limit"),
+            stats.answered("body_limit"),
+            stats.forwarded("body_limit"),
+            stats.requests("body_limit"),
+        ),
+        (1, 2, 3, 5),
+        "one kept-alive connection carried all five: {stats:?}"
+    );
+    assert_eq!(proxy_test_samples(&prom, "small", t0).await, 3);
+    assert_eq!(proxy_test_samples(&prom, "large", t0).await, 0);
+
+    // A chunked body over the limit, then (pipelined on the same
+    // connection) a request the upstream answers.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut req =
+        b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        req.extend_from_slice(format!("{:x}\r\n", 1_000).as_bytes());
+        req.extend_from_slice(&[b'z'; 1_000]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(
+        b"0\r\n\r\nGET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    raw.write_all(&req).await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(Duration::from_secs(10), raw.read_to_string(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = got
+        .find("HTTP/1.1 413 Payload Too Large")
+        .unwrap_or(usize::MAX);
+    let ready = got.find("HTTP/1.1 200 OK").unwrap_or(usize::MAX);
+    assert!(refused < ready && ready < usize::MAX, "{got}");
+    assert!(
+        got.contains("a body of 3000 bytes is over the limit"),
+        "{got}"
+    );
+}
+
+/// 5. A mode switched between requests lets a request already forwarded
+/// finish with the upstream's answer, and no later request on that
+/// connection is forwarded; a mode switched at once cuts it, although the
+/// upstream stored it (the ambiguous failure scenarios must avoid when they
+/// count refusals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_proxy_switching_between_requests_lets_a_forwarded_request_finish() {
+    let prom = Prometheus::start_server().await.unwrap();
+    let proxy = FaultProxy::start(prom.addr()).await.unwrap();
+    let client = chaos_tests::client(Duration::from_secs(10)).unwrap();
+    let url = proxy.write_url();
+    let t0 = chaos_tests::now_ms() - 30_000;
+
+    // Each switch lands while a request is held by a 1 s delay each way,
+    // after it was forwarded (counted once forwarded).
+    let in_flight = |req: &'static str| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            post_remote_write_with(&client, &url, proxy_test_body(req, t0, 1)).await
+        })
+    };
+    let wait_forwarded = |n: u64| {
+        let proxy = &proxy;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while proxy.stats().forwarded("delay") < n {
+                assert!(Instant::now() < deadline, "{:?}", proxy.stats());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+
+    proxy.set_mode(ProxyMode::Delay(Duration::from_secs(1)));
+    let graceful = in_flight("graceful");
+    wait_forwarded(1).await;
+    proxy.set_mode_between_requests(ProxyMode::http(503));
+    let answer = graceful.await.unwrap().unwrap();
+    assert_eq!(answer.0, 204, "{answer:?}");
+    // The kept-alive connection of the old mode is closed at the next
+    // request, which is not forwarded; whatever the client makes of that,
+    // from then on the new mode answers.
+    let next = post_remote_write_with(&client, &url, proxy_test_body("after", t0 + 1, 1)).await;
+    let next = match next {
+        Ok(a) => a,
+        Err(_) => post_remote_write_with(&client, &url, proxy_test_body("after", t0 + 1, 1))
+            .await
+            .unwrap(),
+    };
+    assert_eq!(next.0, 503, "{next:?}");
+    assert_eq!(proxy.stats().forwarded("delay"), 1, "{:?}", proxy.stats());
+
+    proxy.set_mode(ProxyMode::Delay(Duration::from_secs(1)));
+    let cut = in_flight("cut");
+    wait_forwarded(2).await;
+    proxy.set_mode(ProxyMode::http(503));
+    let answer = cut.await.unwrap();
+    assert!(answer.is_err(), "the request was not cut: {answer:?}");
+
+    assert_eq!(proxy_test_samples(&prom, "graceful", t0).await, 1);
+    assert_eq!(proxy_test_samples(&prom, "after", t0).await, 0);
+    // Stored, though its client saw the connection close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy_test_samples(&prom, "cut", t0).await == 0 {
+        assert!(Instant::now() < deadline, "the cut request was not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A background load can be stopped while things are being killed.
