@@ -6,6 +6,26 @@
 //! [`ReadItem::Gap`] naming the lost sequence range and the place on disk, and
 //! carries on with the next intact record. Each reader sees each gap once, so
 //! every shipper can account its own losses exactly.
+//!
+//! A reader is about the records at and after its position, and nothing
+//! before it:
+//!
+//! - It yields every intact record from its position on, in order, and never
+//!   one below its position.
+//! - Every gap starts at the reader's position and never ends before it
+//!   (`from <= to`), so the records and gaps a reader yields cover the log
+//!   from its position on exactly once. A shipper checkpoints a gap's end:
+//!   a gap ending behind its start would move a cursor backwards.
+//! - Damage whose records all lie before the position is not the reader's
+//!   gap. A reader opened inside a segment skips the frames before its
+//!   position by their headers, so a damaged frame header there stops it and
+//!   it resynchronises on a frame that may start below its position; that
+//!   damage is counted as a damaged place of the log (once, however many
+//!   readers find it) but yields no gap. A damaged segment header likewise
+//!   concerns only a reader that starts the segment.
+//! - Damage whose records reach the position is a gap from the position to
+//!   the next intact record; damage at the position that cost no record is
+//!   an empty gap there, so that it is seen.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -42,6 +62,10 @@ pub struct Gap {
 struct PendingDamage {
     file: PathBuf,
     offset: u64,
+    /// The first record the damaged bytes can have held (the end of the
+    /// intact frame before them): below the reader's position, the damage
+    /// began behind the reader.
+    from_seq: u64,
     reason: String,
     error_code: &'static str,
 }
@@ -179,11 +203,14 @@ impl WalReader {
         if let (false, Some(reason)) = (reuse, &seg.unreadable) {
             // The header is damaged, but frames carry their own checksums,
             // salted with the first sequence number the file name gives:
-            // whatever frames are intact are still read.
-            if self.damage.is_none() {
+            // whatever frames are intact are still read. It holds no record,
+            // so it concerns only a reader that starts the segment; recovery
+            // has counted it already.
+            if self.damage.is_none() && self.next_seq <= seg.first_seq {
                 self.damage = Some(PendingDamage {
                     file: seg.path.clone(),
                     offset: 0,
+                    from_seq: seg.first_seq,
                     reason: reason.clone(),
                     error_code: "bad_segment_header",
                 });
@@ -207,12 +234,7 @@ impl WalReader {
             Scan::Frame {
                 header, records, ..
             } => {
-                let mut gap = None;
-                // Damage right before this frame becomes a gap now, even an
-                // empty one (damage between frames that cost no record).
-                if header.first_seq > self.next_seq || self.damage.is_some() {
-                    gap = Some(self.gap_to(header.first_seq));
-                }
+                let gap = self.gap_before(header.first_seq);
                 let end = header.end_seq().min(durable_end);
                 self.pending.extend(
                     records
@@ -233,6 +255,7 @@ impl WalReader {
                     self.damage = Some(PendingDamage {
                         file: cursor.path().to_path_buf(),
                         offset,
+                        from_seq: cursor.passed_seq(),
                         reason,
                         error_code,
                     });
@@ -263,6 +286,7 @@ impl WalReader {
                     self.damage = Some(PendingDamage {
                         file: resumes_at.0,
                         offset: resumes_at.1,
+                        from_seq: self.next_seq,
                         reason: format!(
                             "records {}..{to} are missing: no segment holds them \
                              (a deleted or lost segment file, or a lost end of the log)",
@@ -271,6 +295,10 @@ impl WalReader {
                         error_code: "missing_records",
                     });
                 }
+                // `to` is past the position (the successor starts after it,
+                // and the durable end is past it), so pending damage, even
+                // damage that began behind the position, cost records
+                // `next_seq..to`: the segment ended before any intact frame.
                 if to > self.next_seq || self.damage.is_some() {
                     return Ok(Some(self.gap_to(to)));
                 }
@@ -280,17 +308,68 @@ impl WalReader {
         }
     }
 
+    /// What to yield before an intact frame whose first record is `first`:
+    /// the gap that pending damage (or a jump in sequence numbers) left
+    /// from the position on, or nothing.
+    fn gap_before(&mut self, first: u64) -> Option<ReadItem> {
+        match &self.damage {
+            // The damaged records were `from_seq..first`, all below the
+            // position: the reader was opened past them.
+            Some(d) if d.from_seq < self.next_seq && first <= self.next_seq => {
+                let d = self.damage.take()?;
+                if self.count_damage(&d) {
+                    tracing::error!(file = %d.file.display(), offset = d.offset, reason = %d.reason,
+                        from = d.from_seq, to = first, position = self.next_seq,
+                        "corruption found in the log, before this reader's position; \
+                         no record from its position on is lost");
+                }
+                None
+            }
+            // Damage right before this frame becomes a gap now, even an
+            // empty one (damage between frames that cost no record).
+            Some(_) => Some(self.gap_to(first)),
+            None if first > self.next_seq => Some(self.gap_to(first)),
+            None => None,
+        }
+    }
+
+    /// Counts a damaged place the first time any reader (or recovery) finds
+    /// it; true then, so that the finder logs it.
+    fn count_damage(&self, d: &PendingDamage) -> bool {
+        let first = self.shared.note_damage(&d.file, d.offset);
+        if first {
+            metrics::counter!("walrelay_wal_corruptions_total").increment(1);
+        }
+        first
+    }
+
     /// A gap from the current position to `to`, attributed to pending damage
-    /// if there is some, else to retention.
+    /// if there is some, else to retention. Never backwards: a `to` below
+    /// the position gives an empty gap at the position.
     fn gap_to(&mut self, to: u64) -> ReadItem {
         let from = self.next_seq;
-        self.next_seq = self.next_seq.max(to);
+        if to < from {
+            // The reader only asks for this when damage at its position is
+            // followed by a frame numbered below that position: bytes that
+            // pass both checksums yet were not written in this order (a
+            // frame image inside a payload, found by a resynchronisation).
+            // That comes from what is on disk, so it is logged and survived,
+            // not asserted: a gap ending behind its start would move a
+            // cursor backwards.
+            tracing::error!(
+                from,
+                to,
+                "a frame after damage is numbered below the reader's \
+                position; reported as an empty gap at the position"
+            );
+        }
+        let to = to.max(from);
+        self.next_seq = to;
         match self.damage.take() {
             Some(d) => {
-                if self.shared.note_damage(&d.file, d.offset) {
+                if self.count_damage(&d) {
                     tracing::error!(file = %d.file.display(), offset = d.offset, reason = %d.reason,
                         from, to, "corruption found in the log; the damaged records are skipped");
-                    metrics::counter!("walrelay_wal_corruptions_total").increment(1);
                 }
                 ReadItem::Gap(Gap {
                     from,

@@ -52,6 +52,10 @@ pub struct SegmentCursor {
     path: PathBuf,
     salt: u64,
     offset: u64,
+    /// One past the last record of the last intact frame passed (skipped or
+    /// read), or the segment's first sequence number before any: where the
+    /// records of damage found at `offset` would begin.
+    passed_seq: u64,
     limit: u64,
     buf: Vec<u8>,
 }
@@ -92,6 +96,7 @@ impl SegmentCursor {
             path: path.to_path_buf(),
             salt,
             offset: SEGMENT_HEADER_LEN as u64,
+            passed_seq: salt,
             limit,
             buf: Vec::new(),
         })
@@ -105,6 +110,14 @@ impl SegmentCursor {
         self.offset
     }
 
+    /// One past the last record of the last intact frame this cursor has
+    /// passed, or the segment's first sequence number before any. Damage
+    /// found next can only have held records from here on: a reader opened
+    /// further along tells by it whether damage lies behind its position.
+    pub fn passed_seq(&self) -> u64 {
+        self.passed_seq
+    }
+
     /// Raises (never lowers) the byte limit, as the writer makes more of the
     /// active segment durable.
     pub fn set_limit(&mut self, limit: u64) {
@@ -114,7 +127,9 @@ impl SegmentCursor {
     /// Skips whole frames that end at or before `seq`, reading only their
     /// headers. Stops at the first frame that holds `seq` or later, or at
     /// anything that is not a clean header (the next [`Self::read_next`] then
-    /// deals with it).
+    /// deals with it). Such damage may lie wholly before `seq`: its records
+    /// begin at [`Self::passed_seq`] and end where the next intact frame
+    /// begins, and only the reader can tell whether that reaches `seq`.
     ///
     /// # Errors
     /// I/O errors.
@@ -128,6 +143,7 @@ impl SegmentCursor {
             match decode_frame_header(self.salt, &hdr[..n]) {
                 Ok(h) if h.end_seq() <= seq && self.offset + h.total_len() as u64 <= self.limit => {
                     self.offset += h.total_len() as u64;
+                    self.passed_seq = h.end_seq();
                 }
                 _ => break,
             }
@@ -186,6 +202,7 @@ impl SegmentCursor {
             Decoded::Frame { header, body } => match decode_records(&header, body) {
                 Ok(records) => {
                     self.offset = offset + total as u64;
+                    self.passed_seq = header.end_seq();
                     Ok(Scan::Frame {
                         offset,
                         header,

@@ -105,6 +105,22 @@ impl SimStorage {
         }
     }
 
+    /// Overwrites bytes of a file's durable and written content in place
+    /// (as misdirected writes or a bad disk may).
+    pub fn overwrite(&self, path: &Path, offset: usize, bytes: &[u8]) {
+        let st = lock(&self.state);
+        if let Some(file) = st.files.get(path) {
+            let mut f = lock(file);
+            let f = &mut *f;
+            for content in [&mut f.written, &mut f.durable] {
+                let end = (offset + bytes.len()).min(content.len());
+                if offset < end {
+                    content[offset..end].copy_from_slice(&bytes[..end - offset]);
+                }
+            }
+        }
+    }
+
     /// The length of a file as the live system sees it.
     pub fn file_len(&self, path: &Path) -> Option<usize> {
         let st = lock(&self.state);
