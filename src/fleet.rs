@@ -359,6 +359,7 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
             max_backoff: c.retry_max_backoff,
             tls: r.tls.clone(),
             policy: r.status_policy.clone(),
+            max_blocked_attempts: None,
         },
     )
     .and_then(|s| s.with_headers(&r.headers, None))

@@ -275,6 +275,12 @@ async fn replay_of_a_segment_range_sends_headers_and_the_bearer_token() {
         stdout(&o)
     );
     assert!(stdout(&o).contains("HTTP 401"), "{}", stdout(&o));
+    // A 401 is not about the data: the run stops, skipping nothing.
+    assert!(
+        stdout(&o).contains("rejected: 0 records") && stdout(&o).contains("nothing was skipped"),
+        "{}",
+        stdout(&o)
+    );
 
     let o = replay(
         src.path(),

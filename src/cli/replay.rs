@@ -181,6 +181,9 @@ struct Report {
     total: Totals,
     gaps: Vec<GapInfo>,
     rejections: Vec<Rejection>,
+    /// Why the run stopped before the end: the target's answer, which is
+    /// not about the data (nothing was skipped; run again to resume).
+    blocked: Option<String>,
     elapsed_seconds: f64,
     samples_per_second: f64,
 }
@@ -301,7 +304,18 @@ struct Run {
     started: Instant,
     paced_samples: f64,
     progress: Progress,
+    /// The target's answer, when it kept refusing requests for a reason
+    /// that is not about the data: the run stops there, nothing skipped.
+    blocked: Option<String>,
+    /// One past the last record of the current request that is done
+    /// (delivered or refused on its own), while it goes one by one.
+    done_to: Option<u64>,
 }
+
+/// Blocked attempts in a row (401, 404, ...) after which a replay stops:
+/// run by hand, it says why at once rather than retry in silence; run again,
+/// it resumes where it stopped.
+const BLOCKED_ATTEMPTS_BEFORE_STOPPING: u64 = 5;
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise.
 struct Progress {
@@ -506,7 +520,11 @@ impl Run {
     /// and only a single one (or the interrupted request re-sent whole,
     /// which then was "already there"); 413 and timeouts split.
     async fn deliver(&mut self, records: Vec<Record>, resend: Resend) {
+        if self.blocked.is_some() {
+            return;
+        }
         let n = records.len() as u64;
+        let end = records.last().map_or(0, |r| r.seq + 1);
         let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
         let Some(sender) = self.sender.clone() else {
             // Dry run.
@@ -529,6 +547,7 @@ impl Run {
             }
             Err(e) if records.len() == 1 => {
                 self.run.skipped_records += 1;
+                self.done_to = Some(end);
                 self.progress_println(&format!(
                     "walrelay replay: record {seq} cannot be turned into a request and is skipped: {e}"
                 ));
@@ -546,20 +565,32 @@ impl Run {
                 self.run.requests += 1;
                 self.run.records += n;
                 self.run.samples += samples;
+                self.done_to = Some(end);
             }
             Outcome::Refused { .. } if resend == Resend::Exact => {
                 self.run.already_delivered_records += n;
+                self.done_to = Some(end);
             }
             Outcome::Refused { ambiguous, .. }
                 if records.len() == 1 && (ambiguous || resend == Resend::MaybeStored) =>
             {
                 self.run.already_delivered_records += 1;
+                self.done_to = Some(end);
             }
             Outcome::Refused { status, body, .. } if records.len() == 1 => {
                 self.reject(seq, samples, status, body);
+                self.done_to = Some(end);
             }
             Outcome::TooLarge { body } if records.len() == 1 => {
                 self.reject(seq, samples, 413, body);
+                self.done_to = Some(end);
+            }
+            Outcome::Blocked { reason } => {
+                self.progress_println(&format!(
+                    "walrelay replay: the target keeps refusing requests ({reason}); stopping, \
+                     nothing skipped"
+                ));
+                self.blocked = Some(reason);
             }
             Outcome::Refused { ambiguous, .. } => {
                 let each = if ambiguous {
@@ -625,7 +656,11 @@ impl Run {
                 } else {
                     Resend::MaybeStored
                 };
+                self.done_to = None;
                 self.deliver(records, resend).await;
+                if self.blocked.is_some() {
+                    return self.stop_blocked();
+                }
             }
             self.state.next_seq = self.state.next_seq.max(f.next);
             self.state.inflight = None;
@@ -645,12 +680,29 @@ impl Run {
                 next: consumed,
             });
             self.save()?;
+            self.done_to = None;
             self.deliver(records, Resend::No).await;
+            if self.blocked.is_some() {
+                return self.stop_blocked();
+            }
             self.state.next_seq = consumed;
             self.state.inflight = None;
             self.checkpoint()?;
         }
         self.state.done = true;
+        self.checkpoint()
+    }
+
+    /// The target keeps refusing for a reason that is not about the data:
+    /// saves where the run stopped without passing a record that was not
+    /// delivered. While nothing of the request in flight is done it stays
+    /// in flight (re-sent alone at the next run, as it was); once some of
+    /// its records went one by one, the next run starts after those.
+    fn stop_blocked(&mut self) -> Result<()> {
+        if let Some(done) = self.done_to {
+            self.state.next_seq = self.state.next_seq.max(done);
+            self.state.inflight = None;
+        }
         self.checkpoint()
     }
 
@@ -710,6 +762,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
                     max_backoff,
                     tls: Default::default(),
                     policy: Default::default(),
+                    max_blocked_attempts: Some(BLOCKED_ATTEMPTS_BEFORE_STOPPING),
                 },
             )
             .and_then(|s| s.with_headers(&headers, token.as_deref()))
@@ -796,6 +849,8 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
         started: Instant::now(),
         paced_samples: 0.0,
         progress,
+        blocked: None,
+        done_to: None,
         state,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -836,10 +891,11 @@ fn report(
         total: total.clone(),
         gaps: run.gaps.clone(),
         rejections: run.rejections.clone(),
+        blocked: run.blocked.clone(),
         elapsed_seconds: elapsed,
         samples_per_second: run.run.samples as f64 / elapsed.max(0.001),
     };
-    let ok = total.rejected_records == 0 && total.skipped_records == 0;
+    let ok = total.rejected_records == 0 && total.skipped_records == 0 && r.blocked.is_none();
     let mut out = common::stdout();
     if args.json {
         common::write_json_pretty(&mut out, &r)?;
@@ -919,6 +975,15 @@ fn report(
                 out,
                 "  rejected record {} (HTTP {}): {}",
                 rej.seq, rej.status, rej.body
+            )?;
+        }
+        if let Some(reason) = &r.blocked {
+            writeln!(
+                out,
+                "  stopped at record {}: the target refuses requests for a reason that is not \
+                 about the data ({reason}); nothing was skipped: fix it and run the same \
+                 command again to resume",
+                run.state.inflight.map_or(run.state.next_seq, |f| f.from)
             )?;
         }
         if let Some(p) = &r.state_file {

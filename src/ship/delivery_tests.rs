@@ -180,6 +180,7 @@ fn shipper(wal: &Wal, checkpoints: &Checkpoints, url: &str) -> (Shipper, Arc<Rep
             max_backoff: Duration::from_millis(100),
             tls: Default::default(),
             policy: Default::default(),
+            max_blocked_attempts: None,
         },
     )
     .unwrap();

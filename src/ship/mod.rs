@@ -728,6 +728,11 @@ impl Shipper {
                 self.split_and_deliver(records, "too_large", resend.part())
                     .await;
             }
+            Outcome::Blocked { .. } => {
+                // Shippers set no limit on blocked attempts, so this is not
+                // returned to them; were it, the records are sent again.
+                Box::pin(self.deliver(records, resend)).await;
+            }
             Outcome::TooSlow => {
                 // Smaller requests may get through where this one times out.
                 // Its attempts may have been stored.

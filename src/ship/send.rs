@@ -65,6 +65,12 @@ pub enum Outcome {
     /// Attempts kept timing out: the request is too slow for the replica as
     /// it is now. The caller splits it (only returned when it can).
     TooSlow,
+    /// The replica refused the request for a reason that is not about the
+    /// data ([`super::policy::Answer::Blocked`]) for
+    /// [`SenderOptions::max_blocked_attempts`] attempts in a row. Only for a
+    /// sender that was given that limit (`wal replay`, run by hand, stops
+    /// and says why); a shipper retries for ever. Nothing was stored.
+    Blocked { reason: String },
 }
 
 impl Outcome {
@@ -75,6 +81,7 @@ impl Outcome {
             Outcome::Refused { .. } => "4xx",
             Outcome::TooLarge { .. } => "413",
             Outcome::TooSlow => "timeout",
+            Outcome::Blocked { .. } => "blocked",
         }
     }
 }
@@ -96,6 +103,9 @@ pub struct SenderOptions {
     pub tls: ClientTlsOptions,
     /// Which answers refuse the data.
     pub policy: StatusPolicy,
+    /// Give up with [`Outcome::Blocked`] after this many blocked attempts
+    /// in a row; `None` (shippers): retry for ever.
+    pub max_blocked_attempts: Option<u64>,
 }
 
 /// A replica's HTTP client.
@@ -324,7 +334,16 @@ impl Sender {
                     tracing::debug!(replica = %state.name, %reason, wait_ms = wait.as_millis() as u64, samples,
                         "send failed; retrying");
                     if is_blocked {
-                        blocked = Some(log_blocked(state, &reason, blocked));
+                        let b = log_blocked(state, &reason, blocked);
+                        blocked = Some(b);
+                        if self
+                            .options
+                            .max_blocked_attempts
+                            .is_some_and(|max| b.1 >= max)
+                        {
+                            state.set_retrying(reason.clone());
+                            break Outcome::Blocked { reason };
+                        }
                         state.set_blocked(reason);
                     } else {
                         if let Some((since, attempts, _)) = blocked.take() {
