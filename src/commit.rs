@@ -11,7 +11,8 @@
 //! The disk budget is checked here, where the log's size is known exactly:
 //! with [`FullPolicy::Block`] a batch that would pass it is refused (429 for
 //! the senders, who retry); with [`FullPolicy::DropOldest`] the oldest
-//! segments are dropped first (see [`crate::retention`]).
+//! segments are dropped first (see [`crate::retention`]). With no replica
+//! configured nothing counts as delivered, so only a drop frees space.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -305,8 +306,12 @@ fn commit_batch(
 
 /// When every replica has everything, the only thing left on disk may be the
 /// active segment, which retention never deletes: seal it so it can go.
+/// Not when no replica is configured: then nobody has anything.
 fn free_fully_delivered(writer: &mut WalWriter, retention: &Retention) {
-    if retention.min_delivered() < writer.durable_seq() {
+    if retention
+        .min_delivered()
+        .is_none_or(|needed| needed < writer.durable_seq())
+    {
         return;
     }
     match writer.seal_active() {

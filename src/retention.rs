@@ -2,6 +2,11 @@
 //! explicit limit (disk budget with `drop-oldest`, or `--retention` age) the
 //! oldest segments whatever replicas still need them, with the loss counted
 //! per replica and the exact lost range logged.
+//!
+//! With no replica configured nothing counts as delivered: a relay started
+//! without replicas (a durable buffer replayed later, or one whose replicas
+//! a reload adds) keeps everything it acknowledged, and only a limit (or an
+//! operator) deletes it.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -38,20 +43,22 @@ impl Retention {
             .clone()
     }
 
-    /// The lowest position any replica still needs, on any of its streams
-    /// (the durable end when there are no replicas: nothing holds the log
-    /// back).
-    pub fn min_delivered(&self) -> u64 {
-        self.replicas()
-            .iter()
-            .map(|r| r.low_water())
-            .min()
-            .unwrap_or_else(|| self.wal.durable_end())
+    /// The lowest position any replica still needs, on any of its streams;
+    /// None when no replica is configured. No replica does not mean that
+    /// every replica has everything: nobody has received anything, and a
+    /// relay started without replicas (a durable buffer to replay later, or
+    /// one whose replicas a reload adds) must keep what it acknowledged.
+    pub fn min_delivered(&self) -> Option<u64> {
+        self.replicas().iter().map(|r| r.low_water()).min()
     }
 
-    /// Deletes the segments every replica has passed. Returns how many.
+    /// Deletes the segments every replica has passed; nothing when no
+    /// replica is configured (see [`Self::min_delivered`]). Returns how many.
     pub fn collect_delivered(&self) -> usize {
-        match self.wal.delete_before(self.min_delivered()) {
+        let Some(below) = self.min_delivered() else {
+            return 0;
+        };
+        match self.wal.delete_before(below) {
             Ok(deleted) => {
                 for s in &deleted {
                     tracing::debug!(segment = %s.path.display(), "deleted delivered segment");
@@ -67,9 +74,14 @@ impl Retention {
         }
     }
 
-    /// Forgets the tombstones of records every replica has passed.
+    /// Forgets the tombstones of records every replica has passed (all of
+    /// them when no replica is configured: a replica added later starts at
+    /// a position the log still holds).
     pub fn prune_tombstones(&self) {
-        self.wal.prune_tombstones(self.min_delivered());
+        let below = self
+            .min_delivered()
+            .unwrap_or_else(|| self.wal.durable_end());
+        self.wal.prune_tombstones(below);
     }
 
     /// Deletes the oldest sealed segment even if replicas still need it, and

@@ -162,7 +162,9 @@ pub async fn run(
     }
     if config.replicas.is_empty() {
         tracing::warn!(
-            "no replicas configured: records are acknowledged and kept only until retention"
+            "no replicas configured: acknowledged records are kept until a replica delivers \
+             them; only --retention or --max-disk-bytes with --full-policy drop-oldest \
+             delete them before that"
         );
     }
 
@@ -469,6 +471,8 @@ async fn housekeeping(
                 .set(s.lag_bytes as f64);
             metrics::gauge!("walrelay_replica_lag_seconds", "replica" => name).set(s.lag_seconds);
         }
+        // Lets tests (and curious operators) tell that retention has run.
+        metrics::counter!("walrelay_housekeeping_runs_total").increment(1);
     }
 }
 
