@@ -263,7 +263,15 @@ impl Fleet {
     /// `start_at` gives, stored before its shipper or retention see it.
     fn position(&self, name: &str, start_at: StartAt) -> anyhow::Result<Cursor> {
         let cursor = self.checkpoints.cursor(name)?;
-        if cursor.delivered.is_some() {
+        if let Some(delivered) = cursor.delivered {
+            // Cannot happen while the relay runs (see
+            // `server::raise_sequence_floor`); if it did, the replica would
+            // skip the records numbered below its position.
+            if delivered > self.wal.durable_end() {
+                tracing::error!(replica = %name, position = delivered,
+                    log_end = self.wal.durable_end(),
+                    "the replica's stored position is past the end of the log");
+            }
             return Ok(cursor);
         }
         let extent = self.wal.extent();

@@ -104,26 +104,7 @@ pub async fn run(
     // Each replica's position is loaded (or set, for a new replica) before
     // retention or the commit thread start: retention must never see a
     // position the replica does not really have.
-    // Never hand out again a sequence number a replica has passed: when the
-    // log lost records at its end that a replica had already received (a
-    // truncated tail, a volume restored from an older copy), new records
-    // would take their numbers and that replica would skip them as
-    // delivered. Done before new replicas take the head as their start.
-    for r in &config.replicas {
-        let cursor = checkpoints.cursor(&r.name)?;
-        let passed = cursor
-            .delivered
-            .into_iter()
-            .chain(cursor.inflight.map(|i| i.end))
-            .max()
-            .unwrap_or(0);
-        if passed > writer.next_seq() {
-            tracing::error!(replica = %r.name, position = passed, log_end = writer.next_seq(),
-                "the log ends before this replica's position: records it received are no \
-                 longer in the log; new records are numbered from its position on");
-            writer.skip_to(passed);
-        }
-    }
+    raise_sequence_floor(&checkpoints, &config, &mut writer)?;
     let extent = wal.extent();
     // A store holding no position at all beside a log holding records was
     // lost or recreated (not a new replica joining a running relay): then
@@ -395,6 +376,75 @@ fn make_durable(
     }
     sync(checkpoints_dir)?;
     sync(data_dir)
+}
+
+/// Never hands out again a sequence number that a replica's checkpoint has
+/// passed: when the log lost records at its end that a replica had already
+/// received (a torn or bit-rotten last frame cut at recovery, a volume
+/// restored from an older copy), new records would take their numbers and
+/// that replica would skip them as delivered.
+///
+/// Every checkpoint in the store counts, not only the configured replicas':
+/// a replica removed from the configuration and added back later (by a
+/// restart or a reload) resumes from its stored position, so the numbers
+/// below it must never name other records. Its live cursor, the end of its
+/// in-flight range, and its backfill's range and in-flight end all count.
+/// Done before new replicas take the head as their start.
+///
+/// While the relay runs, no stored position can pass the log's end: a
+/// shipper only checkpoints what it read from the durable log, a removed
+/// replica's checkpoint does not move, and `walrelay cursors set` is refused
+/// while the relay holds the data dir. So a replica added back by a reload
+/// finds its position within the log this floor made.
+///
+/// # Errors
+/// The checkpoint store cannot list its replicas, or a configured replica's
+/// position cannot be read (its shipper could not start either). An
+/// unconfigured replica whose position cannot be read is logged and left
+/// out: it cannot start again until the store is repaired, so it can skip
+/// nothing.
+fn raise_sequence_floor(
+    checkpoints: &Checkpoints,
+    config: &ServeConfig,
+    writer: &mut wal::WalWriter,
+) -> anyhow::Result<()> {
+    let mut names = checkpoints.replicas()?;
+    for r in &config.replicas {
+        if !names.contains(&r.name) {
+            names.push(r.name.clone());
+        }
+    }
+    for name in names {
+        let cursor = match checkpoints.cursor(&name) {
+            Ok(c) => c,
+            Err(e) if !config.replicas.iter().any(|r| r.name == name) => {
+                tracing::error!(replica = %name, error = %e,
+                    "cannot read the stored position of a replica that is not configured; \
+                     it does not raise the log's sequence numbers");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let backfill = cursor.backfill.as_ref();
+        let passed = [
+            cursor.delivered,
+            cursor.inflight.as_ref().map(|i| i.end),
+            backfill.map(|b| b.to),
+            backfill.and_then(|b| b.inflight.as_ref()).map(|i| i.end),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
+        if passed > writer.next_seq() {
+            tracing::error!(replica = %name, position = passed, log_end = writer.next_seq(),
+                configured = config.replicas.iter().any(|r| r.name == name),
+                "the log ends before this replica's position: records it received are no \
+                 longer in the log; new records are numbered from its position on");
+            writer.skip_to(passed);
+        }
+    }
+    Ok(())
 }
 
 /// Keeps segments small enough under a disk budget that the active segment

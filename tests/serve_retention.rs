@@ -2,7 +2,10 @@
 //! keep:
 //!
 //! - with no replica configured, nothing acknowledged is deleted (nobody has
-//!   delivered it; only `--retention` or `drop-oldest` could).
+//!   delivered it; only `--retention` or `drop-oldest` could);
+//! - a sequence number that a replica's checkpoint has passed is never
+//!   given to a new record, even when that replica is not configured while
+//!   the log lost its last records (a corrupt last frame cut at recovery).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli_common;
@@ -71,4 +74,88 @@ async fn a_relay_without_replicas_keeps_every_acknowledged_segment() {
     let v = json(&o);
     assert_eq!(v["records"], w.requests as u64, "{v:#}");
     assert_eq!(v["samples"], w.total_samples() as u64, "{v:#}");
+}
+
+/// The replica's entry in the relay's status.
+async fn replica(r: &Relay, name: &str) -> serde_json::Value {
+    let status = r.status().await.unwrap();
+    chaos_tests::relay::replica_status(&status, name).clone()
+}
+
+/// Waits until replica `name` has everything the relay holds.
+async fn caught_up(r: &Relay, name: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let st = replica(r, name).await;
+        if st["lag_records"] == 0 {
+            return st;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{name} did not catch up: {st:#}\n{}",
+            r.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn traffic(metric: &str, requests: usize) -> Traffic {
+    Traffic {
+        metric: metric.into(),
+        requests,
+        series: 5,
+        samples_per_series: 4,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_after_a_cut_tail_reach_a_replica_that_was_removed_and_added_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("relay");
+    // The replica: another relay, which counts what it receives.
+    let receiver = Relay::start_with_bin(BIN, tmp.path().join("receiver"), &[], &[])
+        .await
+        .unwrap();
+    let b = [("b", receiver.write_url())];
+    let b: Vec<(&str, &str)> = b.iter().map(|(n, u)| (*n, u.as_str())).collect();
+
+    // b receives records 0..10.
+    let mut relay = Relay::start_with_bin(BIN, &data, &b, &[]).await.unwrap();
+    let first = post_traffic(&relay, &traffic("before_cut_total", 10)).await;
+    let st = caught_up(&relay, "b").await;
+    assert_eq!(st["cursor"], 10, "{st:#}");
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+
+    // Bit rot in the last frame: recovery cuts it as a torn tail, so the
+    // log now ends before b's position.
+    let last = segments(&data).pop().unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0x55;
+    std::fs::write(&last, bytes).unwrap();
+
+    // Without b, five more records.
+    let mut relay = Relay::start_with_bin(BIN, &data, &[], &[]).await.unwrap();
+    let status = relay.status().await.unwrap();
+    assert!(
+        !status["recovery"]["truncated"].is_null(),
+        "the corrupt last frame was cut: {status:#}"
+    );
+    let after = post_traffic(&relay, &traffic("after_cut_total", 5)).await;
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+
+    // b back: it gets all five, none is taken for one it already has.
+    let relay = Relay::start_with_bin(BIN, &data, &b, &[]).await.unwrap();
+    let st = caught_up(&relay, "b").await;
+    assert_eq!(st["sent_records"], 5, "{st:#}\n{}", relay.log_tail(20));
+    assert_eq!(st["skipped_records"], 0, "{st:#}");
+    let received = receiver
+        .metric_sum("walrelay_ingest_samples_total", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        received as usize,
+        first.total_samples() + after.total_samples(),
+        "the replica received every record written"
+    );
 }
