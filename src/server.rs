@@ -96,11 +96,17 @@ pub async fn run(
             .with_context(|| format!("opening the log in {}", wal_dir.display()))?
     };
     report_recovery(&recovery);
+    load_tombstones(&wal);
     let checkpoints_dir = config.data_dir.join("checkpoints");
     let checkpoints = Checkpoints::open(&checkpoints_dir)?;
     make_durable(&config.data_dir, &checkpoints_dir)?;
 
-    let retention = Arc::new(Retention::new(wal.clone(), config.retention));
+    let retention = Arc::new(
+        Retention::new(wal.clone(), config.retention).with_budget_drops(
+            config.max_disk_bytes > 0
+                && config.full_policy == crate::config::FullPolicy::DropOldest,
+        ),
+    );
     // Each replica's position is loaded (or set, for a new replica) before
     // retention or the commit thread start: retention must never see a
     // position the replica does not really have.
@@ -481,6 +487,23 @@ fn report_recovery(r: &RecoveryReport) {
     }
 }
 
+/// Loads the tombstones earlier runs left (what limits deleted, for the
+/// replicas that have not passed it yet). A file that cannot be read costs
+/// only that accounting (those records are then counted as skipped): logged,
+/// and the start goes on.
+fn load_tombstones(wal: &Wal) {
+    match wal.load_tombstones() {
+        Ok((0, None)) => {}
+        Ok((n, None)) => tracing::info!(tombstones = n, "tombstones of dropped segments loaded"),
+        Ok((n, Some(why))) => tracing::warn!(tombstones = n, stopped = %why,
+            "tombstone file read only in part (an append cut by a crash, or damage); \
+             it is rewritten at the next drop"),
+        Err(e) => tracing::error!(error = %e,
+            "cannot read the tombstone file: records dropped before this start are counted \
+             as skipped, without their samples"),
+    }
+}
+
 /// Periodic work: retention, and gauges of the log and the replicas.
 async fn housekeeping(
     retention: Arc<Retention>,
@@ -492,11 +515,14 @@ async fn housekeeping(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // A drop under the disk budget waits for a segment's samples.
+            () = retention.count_wanted() => {}
             () = stop.cancelled() => return,
         }
         let r = Arc::clone(&retention);
         let _ = tokio::task::spawn_blocking(move || {
             r.collect_delivered();
+            r.count_ahead();
             r.enforce_age();
             r.prune_tombstones();
         })
