@@ -39,6 +39,7 @@
 //! behind across a restart still accounts the loss as dropped, with its
 //! reason and samples. They are pruned once every replica has passed them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -60,6 +61,9 @@ pub struct Retention {
     budget_drops: bool,
     /// Woken when a drop found the oldest segment's samples not counted.
     count_wanted: tokio::sync::Notify,
+    /// The last segment (first record + 1) a drop found not counted, so
+    /// that the batches refused meanwhile log it once.
+    not_counted_logged: AtomicU64,
 }
 
 impl Retention {
@@ -76,6 +80,7 @@ impl Retention {
             max_age,
             budget_drops: false,
             count_wanted: tokio::sync::Notify::new(),
+            not_counted_logged: AtomicU64::new(0),
         }
     }
 
@@ -242,9 +247,13 @@ impl Retention {
                     .increment(1);
             }
             Dropped::NotCounted => {
-                tracing::warn!(segment = %victim.path.display(), reason = reason.as_str(),
-                    "the samples of the oldest segment are not counted yet (it was written \
-                     before the restart); counting it now, the segment is dropped after that");
+                let key = victim.first_seq + 1;
+                if self.not_counted_logged.swap(key, Ordering::Relaxed) != key {
+                    tracing::warn!(segment = %victim.path.display(), reason = reason.as_str(),
+                        "the samples of the oldest segment are not counted yet (it was \
+                         written before the restart); counting it now, the segment is \
+                         dropped after that");
+                }
                 self.count_wanted.notify_one();
             }
             _ => {}
@@ -480,6 +489,51 @@ mod tests {
             wal.dropped_in(0, first),
             (expected(0, first), Some("disk_budget"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_budget_drop_before_a_segment_is_counted_refuses_the_batch_instead_of_decoding() {
+        use crate::commit::{Budget, CommitError, Committer};
+        use crate::config::FullPolicy;
+
+        let storage = Arc::new(Watched::default());
+        let (mut w, wal) = open(Arc::clone(&storage) as Arc<dyn Storage>);
+        // Written before a restart: the samples are not known.
+        fill(&mut w, &wal, 3);
+        let end = wal.segments()[1].first_seq;
+        let retention = Arc::new(Retention::new(wal.clone(), None).with_budget_drops(true));
+        retention.set_replicas(replica_at(0));
+        let budget = Budget {
+            max_disk_bytes: wal.extent().bytes,
+            policy: FullPolicy::DropOldest,
+        };
+        let (committer, thread) =
+            Committer::start(w, wal.clone(), Arc::clone(&retention), budget).unwrap();
+        let append = || committer.append(meta(1), bytes::Bytes::from(vec![5u8; 900]));
+
+        let refused = append().await;
+        assert!(
+            matches!(refused, Err(CommitError::BudgetFull { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(storage.segment_reads.load(Ordering::SeqCst), 0);
+        tokio::time::timeout(Duration::from_secs(30), retention.count_wanted())
+            .await
+            .expect("housekeeping is woken to count");
+        // Housekeeping's pass.
+        retention.count_ahead();
+        assert!(storage.segment_reads.load(Ordering::SeqCst) > 0);
+        append().await.unwrap();
+        assert_eq!(
+            wal.dropped_in(0, end),
+            (expected(0, end), Some("disk_budget"))
+        );
+
+        committer.stop();
+        drop(committer);
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
     }
 
     #[test]
