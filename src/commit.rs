@@ -11,7 +11,11 @@
 //! The disk budget is checked here, where the log's size is known exactly:
 //! with [`FullPolicy::Block`] a batch that would pass it is refused (429 for
 //! the senders, who retry); with [`FullPolicy::DropOldest`] the oldest
-//! segments are dropped first (see [`crate::retention`]).
+//! segments are dropped first (see [`crate::retention`]: a drop never reads
+//! the segment it deletes, and costs one small fsync for its tombstone; a
+//! segment whose samples are not counted yet, right after a restart, is not
+//! dropped and the batch gets the retryable 429 meanwhile). With no replica
+//! configured nothing counts as delivered, so only a drop frees space.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use wal_format::{RecordMeta, RecordRef};
 
 use crate::config::FullPolicy;
 use crate::retention::Retention;
-use crate::wal::{Wal, WalError, WalWriter};
+use crate::wal::{DropReason, Wal, WalError, WalWriter};
 
 /// Most bytes written in one group commit before syncing.
 const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -247,7 +251,7 @@ fn commit_batch(
         }
         if have + bytes as u64 > budget.max_disk_bytes && budget.policy == FullPolicy::DropOldest {
             while wal.extent().bytes + bytes as u64 > budget.max_disk_bytes {
-                if !retention.drop_oldest("disk_budget") {
+                if !retention.drop_oldest(DropReason::DiskBudget) {
                     break;
                 }
             }
@@ -305,8 +309,12 @@ fn commit_batch(
 
 /// When every replica has everything, the only thing left on disk may be the
 /// active segment, which retention never deletes: seal it so it can go.
+/// Not when no replica is configured: then nobody has anything.
 fn free_fully_delivered(writer: &mut WalWriter, retention: &Retention) {
-    if retention.min_delivered() < writer.durable_seq() {
+    if retention
+        .min_delivered()
+        .is_none_or(|needed| needed < writer.durable_seq())
+    {
         return;
     }
     match writer.seal_active() {

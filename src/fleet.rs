@@ -19,6 +19,15 @@
 //! own checkpoint. A removed replica's backfill checkpoint stays with its
 //! cursor.
 //!
+//! A replica that cannot be started at a reload (its stored position cannot
+//! be read, or its client cannot be built after its old shipper stopped)
+//! stays in the published list without a shipper: its state shows phase
+//! `error` with the reason, and its stored position (or, when that cannot be
+//! read, the position its old shipper had, else the oldest record) keeps
+//! holding the segments it still needs, exactly as a running replica's
+//! would, until it is removed from the configuration. The next reload (or a
+//! restart) tries to start it again; the reload reports it as changed.
+//!
 //! Stopping drains: the shipper is asked to stop between requests, so the
 //! request it is sending is answered and checkpointed first and nothing is
 //! sent twice. A replica that does not answer within [`DRAIN_TIMEOUT`] (it
@@ -87,7 +96,9 @@ struct Running {
     drain: CancellationToken,
     /// Stop now.
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// None for a replica that could not be started (see the module
+    /// documentation): only its state is kept.
+    task: Option<JoinHandle<()>>,
 }
 
 /// Modification times of a replica's TLS files (CA, certificate, key).
@@ -104,14 +115,17 @@ fn tls_files(c: &ShipperConfig) -> Vec<Option<SystemTime>> {
 
 impl Running {
     /// Whether this shipper is what `c` would start: the same settings and
-    /// unchanged TLS files.
+    /// unchanged TLS files, and it runs (one that could not be started is
+    /// started again).
     fn is(&self, c: &ShipperConfig) -> bool {
-        self.config == *c && self.tls_files == tls_files(c)
+        self.task.is_some() && self.config == *c && self.tls_files == tls_files(c)
     }
 
     async fn shut_down(self) {
         self.drain.cancel();
-        let mut task = self.task;
+        let Some(mut task) = self.task else {
+            return;
+        };
         if tokio::time::timeout(DRAIN_TIMEOUT, &mut task)
             .await
             .is_err()
@@ -208,8 +222,11 @@ impl Fleet {
                 changes.unchanged.push(name);
                 continue;
             }
+            let mut previous = None;
             if let Some(i) = old.iter().position(|r| r.config.replica.name == name) {
-                old.swap_remove(i).shut_down().await;
+                let r = old.swap_remove(i);
+                previous = Some(Arc::clone(&r.state));
+                r.shut_down().await;
                 changes.changed.push(name.clone());
             } else {
                 changes.added.push(name.clone());
@@ -217,18 +234,23 @@ impl Fleet {
             // Read after the old shipper stopped: its last checkpoint, and
             // any backfill it left, are what the new one continues from.
             // A failure here (the checkpoint store) leaves this replica
-            // without a shipper but the others tracked: the reload reports
-            // it, and the next reload (or a restart) starts it.
+            // without a shipper but still holding its segments, and the
+            // others tracked: the reload reports it, and the next reload
+            // (or a restart) starts it.
             let started = self.position(&name, c.start_at).and_then(|cursor| {
                 let sender = match sender {
                     Some(s) => s,
                     None => self::sender(&c)?,
                 };
-                Ok(self.spawn_with(c, cursor, sender))
+                Ok(self.spawn_with(c.clone(), cursor, sender))
             });
             match started {
                 Ok(r) => next.push(r),
-                Err(e) => failed.push(format!("replica {name}: {e:#}")),
+                Err(e) => {
+                    let why = format!("replica {name}: {e:#}");
+                    next.push(self.not_started(c, previous.as_deref(), &why));
+                    failed.push(why);
+                }
             }
         }
         for r in old {
@@ -255,7 +277,9 @@ impl Fleet {
             r.stop.cancel();
         }
         for r in running.drain(..) {
-            let _ = r.task.await;
+            if let Some(task) = r.task {
+                let _ = task.await;
+            }
         }
     }
 
@@ -263,7 +287,15 @@ impl Fleet {
     /// `start_at` gives, stored before its shipper or retention see it.
     fn position(&self, name: &str, start_at: StartAt) -> anyhow::Result<Cursor> {
         let cursor = self.checkpoints.cursor(name)?;
-        if cursor.delivered.is_some() {
+        if let Some(delivered) = cursor.delivered {
+            // Cannot happen while the relay runs (see
+            // `server::raise_sequence_floor`); if it did, the replica would
+            // skip the records numbered below its position.
+            if delivered > self.wal.durable_end() {
+                tracing::error!(replica = %name, position = delivered,
+                    log_end = self.wal.durable_end(),
+                    "the replica's stored position is past the end of the log");
+            }
             return Ok(cursor);
         }
         let extent = self.wal.extent();
@@ -297,12 +329,12 @@ impl Fleet {
                 "live-first backfill found in the checkpoint store; it resumes");
         }
         let state = Arc::new(
-            ReplicaState::new(&r.name, &r.display_url(), cursor.delivered.unwrap_or(0))
-                .with_rate_limits(limits)
-                .with_protocol(r.protocol.as_str())
-                .with_catch_up(r.catch_up.as_str())
-                // Before retention sees the replica: the gap's segments stay.
-                .with_backfill(cursor.backfill.map(|b| b.from..b.to)),
+            replica_state(
+                &c,
+                cursor.delivered.unwrap_or(0),
+                cursor.backfill.map(|b| b.from..b.to),
+            )
+            .with_rate_limits(limits),
         );
         let shipper = Shipper::new(
             Arc::clone(&state),
@@ -323,7 +355,39 @@ impl Fleet {
             state,
             drain,
             stop,
-            task,
+            task: Some(task),
+        }
+    }
+
+    /// A replica that could not be started: no shipper, but a state that
+    /// says why and holds its position, so that retention keeps what it
+    /// needs. The position is its stored cursor; if that cannot be read,
+    /// the one its old shipper had (`previous`); failing both, the oldest
+    /// record of the log (nothing it might need goes).
+    fn not_started(&self, c: ShipperConfig, previous: Option<&ReplicaState>, why: &str) -> Running {
+        let (delivered, backfill) = match self.checkpoints.cursor(&c.replica.name) {
+            Ok(Cursor {
+                delivered: Some(delivered),
+                backfill,
+                ..
+            }) => (delivered, backfill.map(|b| b.from..b.to)),
+            _ => match previous {
+                Some(s) => (s.delivered(), s.backfill()),
+                None => (self.wal.extent().first_seq, None),
+            },
+        };
+        let state = replica_state(&c, delivered, backfill);
+        state.set_error(format!(
+            "not started: {why}; its position still holds the segments it needs; \
+             the next reload or a restart starts it again"
+        ));
+        Running {
+            tls_files: tls_files(&c),
+            config: c,
+            state: Arc::new(state),
+            drain: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            task: None,
         }
     }
 
@@ -333,6 +397,20 @@ impl Fleet {
         self.retention.set_replicas(states.clone());
         *self.states.write().unwrap_or_else(|p| p.into_inner()) = states;
     }
+}
+
+/// A replica's state at `delivered`, with the backfill still to do set
+/// before retention can see it (so the gap's segments stay).
+fn replica_state(
+    c: &ShipperConfig,
+    delivered: u64,
+    backfill: Option<std::ops::Range<u64>>,
+) -> ReplicaState {
+    let r = &c.replica;
+    ReplicaState::new(&r.name, &r.display_url(), delivered)
+        .with_protocol(r.protocol.as_str())
+        .with_catch_up(r.catch_up.as_str())
+        .with_backfill(backfill)
 }
 
 /// The HTTP client of one replica, with its TLS, credentials, headers and
@@ -365,4 +443,102 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
     .and_then(|s| s.with_headers(&r.headers, None))
     .map(|s| s.with_auth(auth))
     .map_err(|e| anyhow::anyhow!("replica {name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use wal_format::{PayloadEncoding, PayloadKind, RecordMeta, RecordRef};
+
+    use super::*;
+    use crate::wal::{RealStorage, WalOptions};
+
+    fn config(name: &str, url: &str) -> ShipperConfig {
+        ShipperConfig {
+            replica: crate::config::parse_replica(&format!("{name}={url}")).unwrap(),
+            batch: BatchLimits {
+                max_samples: 10_000,
+                max_bytes: 1 << 20,
+            },
+            send_timeout: Duration::from_secs(1),
+            retry_min_backoff: Duration::from_millis(10),
+            retry_max_backoff: Duration::from_millis(100),
+            start_at: StartAt::Head,
+        }
+    }
+
+    /// A log of `segments` sealed segments plus the active one.
+    fn log(dir: &Path, segments: usize) -> Wal {
+        let options = WalOptions {
+            segment_bytes: 1024,
+            ..WalOptions::default()
+        };
+        let (mut w, wal, _) = crate::wal::open(Arc::new(RealStorage), dir, options).unwrap();
+        let payload = vec![7u8; 900];
+        while wal.segments().len() <= segments {
+            let meta = RecordMeta {
+                receive_time_ms: 1,
+                min_sample_ts: 1,
+                max_sample_ts: 1,
+                samples: 3,
+                kind: PayloadKind::RemoteWriteV1,
+                encoding: PayloadEncoding::Identity,
+            };
+            w.append(&[RecordRef {
+                meta,
+                payload: &payload,
+            }])
+            .unwrap();
+            w.sync().unwrap();
+        }
+        wal
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_cannot_start_at_a_reload_is_shown_in_error_and_keeps_its_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wal = log(&tmp.path().join("wal"), 4);
+        let before = wal.segments().len();
+        // b was a replica once: its checkpoint is in the store, damaged (a
+        // backfill value of the wrong size), so its position cannot be read.
+        let store = tmp.path().join("checkpoints");
+        {
+            let db = sled::open(&store).unwrap();
+            db.insert("replica/b/delivered", &0u64.to_le_bytes()[..])
+                .unwrap();
+            db.insert("replica/b/backfill", &[1u8, 2, 3][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let checkpoints = Checkpoints::open(&store).unwrap();
+        assert!(checkpoints.cursor("b").is_err());
+        checkpoints.set("a", wal.durable_end()).unwrap();
+        let retention = Arc::new(Retention::new(wal.clone(), None));
+        let fleet = Fleet::new(wal.clone(), checkpoints, Arc::clone(&retention));
+        let a = config("a", "http://127.0.0.1:9/api/v1/write");
+        fleet.start(vec![a.clone()]).await.unwrap();
+
+        let err = fleet
+            .apply(vec![a, config("b", "http://127.0.0.1:9/api/v1/write")])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("replica b"), "{err:#}");
+        let states = fleet.states();
+        let b = states.iter().find(|s| s.name == "b").expect("b is listed");
+        let status = b.status(wal.durable_end(), 0);
+        assert_eq!(status.state, "error");
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not started")),
+            "{status:?}"
+        );
+        // a has everything; b's segments must stay all the same.
+        assert_eq!(retention.collect_delivered(), 0);
+        assert_eq!(wal.segments().len(), before);
+        fleet.stop_all().await;
+    }
 }

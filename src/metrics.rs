@@ -267,6 +267,10 @@ fn describe() {
         "walrelay_replica_stuck_attempts",
         "Consecutive attempts of the request in flight that the replica answered with the same 5xx status and body (0 once it is delivered or fails otherwise)."
     );
+    describe_counter!(
+        "walrelay_housekeeping_runs_total",
+        "Passes of the housekeeping task (retention, gauges), about one a second."
+    );
     describe_gauge!(
         "walrelay_replica_blocked",
         "1 while the replica refuses the request in flight for a reason that is not about its data (401, 403, 404, ...): it is retried, nothing is skipped; 0 otherwise."

@@ -96,34 +96,21 @@ pub async fn run(
             .with_context(|| format!("opening the log in {}", wal_dir.display()))?
     };
     report_recovery(&recovery);
+    load_tombstones(&wal);
     let checkpoints_dir = config.data_dir.join("checkpoints");
     let checkpoints = Checkpoints::open(&checkpoints_dir)?;
     make_durable(&config.data_dir, &checkpoints_dir)?;
 
-    let retention = Arc::new(Retention::new(wal.clone(), config.retention));
+    let retention = Arc::new(
+        Retention::new(wal.clone(), config.retention).with_budget_drops(
+            config.max_disk_bytes > 0
+                && config.full_policy == crate::config::FullPolicy::DropOldest,
+        ),
+    );
     // Each replica's position is loaded (or set, for a new replica) before
     // retention or the commit thread start: retention must never see a
     // position the replica does not really have.
-    // Never hand out again a sequence number a replica has passed: when the
-    // log lost records at its end that a replica had already received (a
-    // truncated tail, a volume restored from an older copy), new records
-    // would take their numbers and that replica would skip them as
-    // delivered. Done before new replicas take the head as their start.
-    for r in &config.replicas {
-        let cursor = checkpoints.cursor(&r.name)?;
-        let passed = cursor
-            .delivered
-            .into_iter()
-            .chain(cursor.inflight.map(|i| i.end))
-            .max()
-            .unwrap_or(0);
-        if passed > writer.next_seq() {
-            tracing::error!(replica = %r.name, position = passed, log_end = writer.next_seq(),
-                "the log ends before this replica's position: records it received are no \
-                 longer in the log; new records are numbered from its position on");
-            writer.skip_to(passed);
-        }
-    }
+    raise_sequence_floor(&checkpoints, &config, &mut writer)?;
     let extent = wal.extent();
     // A store holding no position at all beside a log holding records was
     // lost or recreated (not a new replica joining a running relay): then
@@ -162,7 +149,9 @@ pub async fn run(
     }
     if config.replicas.is_empty() {
         tracing::warn!(
-            "no replicas configured: records are acknowledged and kept only until retention"
+            "no replicas configured: acknowledged records are kept until a replica delivers \
+             them; only --retention or --max-disk-bytes with --full-policy drop-oldest \
+             delete them before that"
         );
     }
 
@@ -395,6 +384,75 @@ fn make_durable(
     sync(data_dir)
 }
 
+/// Never hands out again a sequence number that a replica's checkpoint has
+/// passed: when the log lost records at its end that a replica had already
+/// received (a torn or bit-rotten last frame cut at recovery, a volume
+/// restored from an older copy), new records would take their numbers and
+/// that replica would skip them as delivered.
+///
+/// Every checkpoint in the store counts, not only the configured replicas':
+/// a replica removed from the configuration and added back later (by a
+/// restart or a reload) resumes from its stored position, so the numbers
+/// below it must never name other records. Its live cursor, the end of its
+/// in-flight range, and its backfill's range and in-flight end all count.
+/// Done before new replicas take the head as their start.
+///
+/// While the relay runs, no stored position can pass the log's end: a
+/// shipper only checkpoints what it read from the durable log, a removed
+/// replica's checkpoint does not move, and `walrelay cursors set` is refused
+/// while the relay holds the data dir. So a replica added back by a reload
+/// finds its position within the log this floor made.
+///
+/// # Errors
+/// The checkpoint store cannot list its replicas, or a configured replica's
+/// position cannot be read (its shipper could not start either). An
+/// unconfigured replica whose position cannot be read is logged and left
+/// out: it cannot start again until the store is repaired, so it can skip
+/// nothing.
+fn raise_sequence_floor(
+    checkpoints: &Checkpoints,
+    config: &ServeConfig,
+    writer: &mut wal::WalWriter,
+) -> anyhow::Result<()> {
+    let mut names = checkpoints.replicas()?;
+    for r in &config.replicas {
+        if !names.contains(&r.name) {
+            names.push(r.name.clone());
+        }
+    }
+    for name in names {
+        let cursor = match checkpoints.cursor(&name) {
+            Ok(c) => c,
+            Err(e) if !config.replicas.iter().any(|r| r.name == name) => {
+                tracing::error!(replica = %name, error = %e,
+                    "cannot read the stored position of a replica that is not configured; \
+                     it does not raise the log's sequence numbers");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let backfill = cursor.backfill.as_ref();
+        let passed = [
+            cursor.delivered,
+            cursor.inflight.as_ref().map(|i| i.end),
+            backfill.map(|b| b.to),
+            backfill.and_then(|b| b.inflight.as_ref()).map(|i| i.end),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
+        if passed > writer.next_seq() {
+            tracing::error!(replica = %name, position = passed, log_end = writer.next_seq(),
+                configured = config.replicas.iter().any(|r| r.name == name),
+                "the log ends before this replica's position: records it received are no \
+                 longer in the log; new records are numbered from its position on");
+            writer.skip_to(passed);
+        }
+    }
+    Ok(())
+}
+
 /// Keeps segments small enough under a disk budget that the active segment
 /// (never deleted) cannot hold most of it.
 fn effective_segment_bytes(config: &ServeConfig) -> u64 {
@@ -429,6 +487,23 @@ fn report_recovery(r: &RecoveryReport) {
     }
 }
 
+/// Loads the tombstones earlier runs left (what limits deleted, for the
+/// replicas that have not passed it yet). A file that cannot be read costs
+/// only that accounting (those records are then counted as skipped): logged,
+/// and the start goes on.
+fn load_tombstones(wal: &Wal) {
+    match wal.load_tombstones() {
+        Ok((0, None)) => {}
+        Ok((n, None)) => tracing::info!(tombstones = n, "tombstones of dropped segments loaded"),
+        Ok((n, Some(why))) => tracing::warn!(tombstones = n, stopped = %why,
+            "tombstone file read only in part (an append cut by a crash, or damage); \
+             it is rewritten at the next drop"),
+        Err(e) => tracing::error!(error = %e,
+            "cannot read the tombstone file: records dropped before this start are counted \
+             as skipped, without their samples"),
+    }
+}
+
 /// Periodic work: retention, and gauges of the log and the replicas.
 async fn housekeeping(
     retention: Arc<Retention>,
@@ -440,11 +515,14 @@ async fn housekeeping(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            // A drop under the disk budget waits for a segment's samples.
+            () = retention.count_wanted() => {}
             () = stop.cancelled() => return,
         }
         let r = Arc::clone(&retention);
         let _ = tokio::task::spawn_blocking(move || {
             r.collect_delivered();
+            r.count_ahead();
             r.enforce_age();
             r.prune_tombstones();
         })
@@ -469,6 +547,8 @@ async fn housekeeping(
                 .set(s.lag_bytes as f64);
             metrics::gauge!("walrelay_replica_lag_seconds", "replica" => name).set(s.lag_seconds);
         }
+        // Lets tests (and curious operators) tell that retention has run.
+        metrics::counter!("walrelay_housekeeping_runs_total").increment(1);
     }
 }
 

@@ -12,7 +12,15 @@
 //!   are fsync'd when created). A failed fsync poisons the writer for good.
 //! - [`WalReader`] reads from any sequence number up to the *durable* end and
 //!   can wait for more, so many shippers trail one writer.
-//! - [`Wal::delete_before`] removes whole segments from the old end.
+//! - [`Wal::delete_before`] removes whole segments from the old end (those
+//!   every replica has), [`Wal::drop_segment`] one exact segment under a
+//!   limit, after making its [`tombstone`] durable. Deletions are serialised
+//!   by one lock, so what a deletion accounted is what it deleted.
+//! - When a dropping limit is configured ([`Wal::track_samples`]), the log
+//!   keeps the sample count of each record of each segment in memory (4
+//!   bytes a record): the writer notes them as it appends, and
+//!   [`Wal::count_samples`] reads them from a segment written before a
+//!   restart. A drop then never has to decode the segment it deletes.
 
 pub mod env;
 pub mod reader;
@@ -22,12 +30,14 @@ pub mod segment;
 pub mod sim;
 #[cfg(test)]
 mod tests;
+pub mod tombstone;
 mod writer;
 
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::watch;
 use wal_format::Compression;
@@ -35,6 +45,7 @@ use wal_format::Compression;
 pub use env::{RealStorage, Storage};
 pub use reader::{Gap, ReadItem, WalReader};
 pub use recovery::{open, open_read_only, RecoveryReport};
+pub use tombstone::{DropReason, Tombstone};
 pub use writer::WalWriter;
 
 /// Errors of the log's I/O layer.
@@ -164,13 +175,35 @@ pub struct Durable {
     pub end_seq: u64,
 }
 
-/// What a segment deleted under a limit held: the samples of each record,
-/// so that every reader that finds the records gone can account exactly the
-/// samples it lost.
+/// The samples of each record of one segment, from record `from` on. Only
+/// `from` equal to the segment's first record means all of them are known
+/// (a segment the writer continued after a restart knows only the records
+/// it appended).
 #[derive(Debug, Clone)]
-struct Tombstone {
-    samples: Vec<u32>,
-    reason: &'static str,
+struct SegmentSamples {
+    from: u64,
+    counts: Vec<u32>,
+}
+
+/// What [`Wal::drop_segment`] did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Dropped {
+    /// The segment holding records `segment.first_seq..end` is deleted, and
+    /// its tombstone (`samples` in all) was durable before.
+    Deleted {
+        segment: SegmentMeta,
+        end: u64,
+        samples: u64,
+    },
+    /// No such segment any more (another deletion took it first): nothing
+    /// was done.
+    Gone,
+    /// It is the segment being written: nothing was done.
+    Active,
+    /// The samples of its records are not known yet ([`Wal::count_samples`]
+    /// must read them first): nothing was done.
+    NotCounted,
 }
 
 /// State shared by the writer, readers and retention.
@@ -179,7 +212,17 @@ struct Shared {
     storage: Arc<dyn Storage>,
     segments: RwLock<BTreeMap<u64, SegmentMeta>>,
     durable: watch::Sender<Durable>,
-    tombstones: std::sync::Mutex<BTreeMap<u64, Tombstone>>,
+    /// Held by every deletion of segments, from choosing what to delete to
+    /// the directory sync: what one deletion accounted is what it deleted.
+    deleting: Mutex<()>,
+    /// Tombstones by first record, for the readers.
+    tombstones: Mutex<BTreeMap<u64, Tombstone>>,
+    /// Their file; locked before `tombstones` when both are.
+    tombstone_file: Mutex<tombstone::TombstoneFile>,
+    /// Whether the writer notes the samples of each record it appends.
+    track_samples: AtomicBool,
+    /// Samples of each record, by segment; locked after `segments`.
+    samples: Mutex<BTreeMap<u64, SegmentSamples>>,
     /// Damaged places already reported (file, offset): each is counted once
     /// however many readers cross it.
     damage_seen: std::sync::Mutex<std::collections::HashSet<(PathBuf, u64)>>,
@@ -266,8 +309,41 @@ impl Shared {
     fn segments_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, SegmentMeta>> {
         self.segments.write().unwrap_or_else(|p| p.into_inner())
     }
-    fn tombstones(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Tombstone>> {
+    fn tombstones(&self) -> MutexGuard<'_, BTreeMap<u64, Tombstone>> {
         self.tombstones.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn tombstone_file(&self) -> MutexGuard<'_, tombstone::TombstoneFile> {
+        self.tombstone_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+    fn deleting(&self) -> MutexGuard<'_, ()> {
+        self.deleting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn samples(&self) -> MutexGuard<'_, BTreeMap<u64, SegmentSamples>> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes the samples of records `first..` just appended to `segment`
+    /// (when tracking them).
+    fn note_samples(&self, segment: u64, first: u64, samples: impl Iterator<Item = u32>) {
+        if !self.track_samples.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut all = self.samples();
+        let s = all.entry(segment).or_insert_with(|| SegmentSamples {
+            from: first,
+            counts: Vec::new(),
+        });
+        if s.from + s.counts.len() as u64 != first {
+            // Not a continuation (cannot happen: a segment's records are
+            // contiguous); what is known is what follows.
+            *s = SegmentSamples {
+                from: first,
+                counts: Vec::new(),
+            };
+        }
+        s.counts.extend(samples);
     }
     fn new(
         dir: &Path,
@@ -280,7 +356,11 @@ impl Shared {
             storage,
             segments: RwLock::new(segments),
             durable: watch::Sender::new(Durable { end_seq }),
-            tombstones: std::sync::Mutex::new(BTreeMap::new()),
+            deleting: Mutex::new(()),
+            tombstones: Mutex::new(BTreeMap::new()),
+            tombstone_file: Mutex::new(tombstone::TombstoneFile::new(dir)),
+            track_samples: AtomicBool::new(false),
+            samples: Mutex::new(BTreeMap::new()),
             damage_seen: std::sync::Mutex::new(std::collections::HashSet::new()),
             tail: std::sync::Mutex::new(TailCache::default()),
         }
@@ -367,6 +447,7 @@ impl Wal {
     /// # Errors
     /// I/O errors removing files or syncing the directory.
     pub fn delete_before(&self, seq: u64) -> Result<Vec<SegmentMeta>, WalError> {
+        let _deleting = self.shared.deleting();
         let victims: Vec<SegmentMeta> = {
             let segs = self.shared.segments();
             let firsts: Vec<u64> = segs.keys().copied().collect();
@@ -381,12 +462,166 @@ impl Wal {
         Ok(victims)
     }
 
-    /// Records that records `first..first + samples.len()` (with these
-    /// sample counts) are being deleted under a limit, before deleting them.
-    pub fn add_tombstone(&self, first: u64, samples: Vec<u32>, reason: &'static str) {
-        self.shared
-            .tombstones()
-            .insert(first, Tombstone { samples, reason });
+    /// Deletes exactly the segment whose first record is `first_seq`,
+    /// whatever readers still need it (a limit: the disk budget's
+    /// `drop-oldest`, or the retention age), after making its tombstone
+    /// durable: the samples of each of its records and `reason`, so that
+    /// every reader that finds them gone accounts exactly what it lost.
+    /// Does nothing unless the segment is still there, sealed, and its
+    /// samples are known (see [`Dropped`]); never reads the segment.
+    ///
+    /// # Errors
+    /// I/O errors writing the tombstone (nothing is deleted then), removing
+    /// the file or syncing the directory.
+    pub fn drop_segment(&self, first_seq: u64, reason: DropReason) -> Result<Dropped, WalError> {
+        let _deleting = self.shared.deleting();
+        let (segment, end) = {
+            let segs = self.shared.segments();
+            let Some(segment) = segs.get(&first_seq) else {
+                return Ok(Dropped::Gone);
+            };
+            match segs.range(first_seq + 1..).next() {
+                Some((&end, _)) if segment.sealed => (segment.clone(), end),
+                _ => return Ok(Dropped::Active),
+            }
+        };
+        let samples = match self.shared.samples().get(&first_seq) {
+            Some(s) if s.from == first_seq => {
+                let n = (end - first_seq) as usize;
+                s.counts[..s.counts.len().min(n)].to_vec()
+            }
+            _ => return Ok(Dropped::NotCounted),
+        };
+        let stone = Tombstone {
+            end,
+            samples,
+            reason,
+        };
+        {
+            let mut file = self.shared.tombstone_file();
+            file.add(self.shared.storage.as_ref(), first_seq, &stone, || {
+                let mut all = self.shared.tombstones().clone();
+                all.insert(first_seq, stone.clone());
+                all
+            })?;
+            let samples = stone.total_samples();
+            self.shared.tombstones().insert(first_seq, stone);
+            self.remove_segments(std::slice::from_ref(&segment))?;
+            Ok(Dropped::Deleted {
+                segment,
+                end,
+                samples,
+            })
+        }
+    }
+
+    /// Makes the writer note the samples of every record it appends from
+    /// now on (call before the first append), so that [`Self::drop_segment`]
+    /// knows them. Costs 4 bytes of memory a record kept in the log.
+    pub fn track_samples(&self) {
+        self.shared.track_samples.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Self::track_samples`] was called.
+    pub fn tracks_samples(&self) -> bool {
+        self.shared.track_samples.load(Ordering::Relaxed)
+    }
+
+    /// Sealed segments whose samples are not all known, oldest first.
+    pub fn uncounted_segments(&self) -> Vec<SegmentMeta> {
+        let segs = self.shared.segments();
+        let samples = self.shared.samples();
+        segs.values()
+            .filter(|s| s.sealed)
+            .filter(|s| {
+                samples
+                    .get(&s.first_seq)
+                    .is_none_or(|c| c.from != s.first_seq)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Reads the samples of every record of the sealed segment `seg`
+    /// (one written before a restart) and keeps them for
+    /// [`Self::drop_segment`]. Records that cannot be read (damage, an
+    /// unreadable header, an I/O error part-way) count as holding none, and
+    /// that is logged: a segment that can never be read must still be
+    /// droppable. Returns false when the segment is no longer in the log or
+    /// is the active one.
+    ///
+    /// # Errors
+    /// None so far; reserved for I/O errors that should stop the caller.
+    pub fn count_samples(&self, seg: &SegmentMeta) -> Result<bool, WalError> {
+        if !seg.sealed {
+            return Ok(false);
+        }
+        let first = seg.first_seq;
+        let mut counts: Vec<u32> = Vec::new();
+        let mut unread = seg.unreadable.clone();
+        if unread.is_none() {
+            let storage = self.shared.storage.as_ref();
+            match segment::SegmentCursor::open(storage, &seg.path, first, seg.len) {
+                Err(WalError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    return Ok(false);
+                }
+                Err(e) => unread = Some(e.to_string()),
+                Ok(mut c) => loop {
+                    match c.read_next() {
+                        Ok(segment::Scan::Frame { records, .. }) => {
+                            for r in records {
+                                let i = r.seq.saturating_sub(first) as usize;
+                                if counts.len() <= i {
+                                    counts.resize(i + 1, 0);
+                                }
+                                counts[i] = r.meta.samples;
+                            }
+                        }
+                        Ok(segment::Scan::Damage { .. }) => {}
+                        Ok(segment::Scan::End) => break,
+                        Err(e) => {
+                            unread = Some(e.to_string());
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        if let Some(why) = unread {
+            tracing::error!(segment = %seg.path.display(), error = %why,
+                "cannot read all samples of a segment: if a limit deletes it, the records \
+                 not read are accounted with no samples");
+        }
+        let segs = self.shared.segments();
+        if !segs.get(&first).is_some_and(|s| s.sealed) {
+            return Ok(false);
+        }
+        self.shared.samples().insert(
+            first,
+            SegmentSamples {
+                from: first,
+                counts,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Loads the tombstones left by earlier runs (see [`tombstone`]): their
+    /// count, and why reading stopped early if it did (damage or an append
+    /// cut by a crash; the next write rewrites the file without it).
+    ///
+    /// # Errors
+    /// I/O errors reading the file, or a header that is not a tombstone
+    /// file's: no tombstone is loaded then, and the next write replaces the
+    /// file.
+    pub fn load_tombstones(&self) -> Result<(usize, Option<String>), WalError> {
+        let mut file = self.shared.tombstone_file();
+        let Some(decoded) = file.load(self.shared.storage.as_ref())? else {
+            return Ok((0, None));
+        };
+        let n = decoded.stones.len();
+        self.shared.tombstones().extend(decoded.stones);
+        Ok((n, decoded.stopped))
     }
 
     /// The samples of records `from..to` that were deleted under a limit,
@@ -396,51 +631,41 @@ impl Wal {
         let mut samples = 0u64;
         let mut reason = None;
         for (&first, stone) in t.range(..to) {
-            let end = first + stone.samples.len() as u64;
-            if end <= from {
+            if stone.end <= from {
                 continue;
             }
-            let lo = from.max(first) - first;
-            let hi = to.min(end) - first;
-            samples += stone.samples[lo as usize..hi as usize]
-                .iter()
-                .map(|&n| u64::from(n))
-                .sum::<u64>();
-            reason = Some(stone.reason);
+            samples += stone.samples_in(first, from, to);
+            reason = Some(stone.reason.as_str());
         }
         (samples, reason)
     }
 
-    /// Forgets tombstones no reader can still need.
-    pub fn prune_tombstones(&self, below: u64) {
-        self.shared
-            .tombstones()
-            .retain(|&first, stone| first + stone.samples.len() as u64 > below);
+    /// The tombstones kept, by first record.
+    pub fn tombstones(&self) -> BTreeMap<u64, Tombstone> {
+        self.shared.tombstones().clone()
     }
 
-    /// Deletes the oldest sealed segment, whatever readers still need it
-    /// (the disk budget's `drop-oldest` policy). Returns it, or None when
-    /// only the active segment is left.
+    /// Forgets the tombstones of records below `below` (that no reader can
+    /// still need), on disk too.
     ///
     /// # Errors
-    /// I/O errors removing the file or syncing the directory.
-    pub fn delete_oldest(&self) -> Result<Option<(SegmentMeta, u64)>, WalError> {
-        let victim = {
-            let segs = self.shared.segments();
-            let mut it = segs.values();
-            match (it.next(), it.next()) {
-                (Some(first), Some(second)) if first.sealed => {
-                    Some((first.clone(), second.first_seq))
-                }
-                _ => None,
+    /// I/O errors rewriting the file (the pruned tombstones are then still
+    /// on disk, which is harmless).
+    pub fn prune_tombstones(&self, below: u64) -> Result<(), WalError> {
+        let mut file = self.shared.tombstone_file();
+        let kept = {
+            let mut t = self.shared.tombstones();
+            let before = t.len();
+            t.retain(|_, stone| stone.end > below);
+            if t.len() == before {
+                return Ok(());
             }
+            t.clone()
         };
-        if let Some((seg, _)) = &victim {
-            self.remove_segments(std::slice::from_ref(seg))?;
-        }
-        Ok(victim)
+        file.rewrite(self.shared.storage.as_ref(), &kept)
     }
 
+    /// Removes `victims` (with the deletion lock held).
     fn remove_segments(&self, victims: &[SegmentMeta]) -> Result<(), WalError> {
         if victims.is_empty() {
             return Ok(());
@@ -448,6 +673,7 @@ impl Wal {
         for seg in victims {
             // Out of the list first, so no new reader opens it.
             self.shared.segments_mut().remove(&seg.first_seq);
+            self.shared.samples().remove(&seg.first_seq);
             match self.shared.storage.remove(&seg.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -208,6 +208,11 @@ impl WalWriter {
         }
         active.len += self.buf.len() as u64;
         active.dirty = true;
+        self.shared.note_samples(
+            active.first_seq,
+            first,
+            records.iter().map(|r| r.meta.samples),
+        );
         self.next_seq = first + records.len() as u64;
         Ok(first..self.next_seq)
     }

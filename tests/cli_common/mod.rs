@@ -107,7 +107,9 @@ pub fn request(t: &Traffic, base_ts: i64, i: usize) -> (v1::WriteRequest, Vec<Sa
 }
 
 /// Starts `walrelay serve` on `dir` (with `replicas` and `extra` flags),
-/// POSTs the traffic, and stops it with SIGTERM.
+/// POSTs the traffic, and stops it with SIGTERM. Without replicas the
+/// relay deletes nothing it acknowledged, so the log holds all of it
+/// however long the relay ran (no timing involved).
 pub async fn write_log(
     dir: &Path,
     t: &Traffic,
