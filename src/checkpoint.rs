@@ -107,11 +107,32 @@ pub struct Checkpoints {
     /// cache durable, so every flush is followed by an fdatasync of this
     /// handle. It is opened before any write so that Linux reports a
     /// writeback error to it even if sled's own flusher met it first.
-    data_file: Arc<Option<std::fs::File>>,
+    data_file: Arc<Option<Box<dyn SyncTarget>>>,
     /// Set when an fdatasync failed: the store stops for good.
     failed: Arc<std::sync::atomic::AtomicBool>,
     dir: PathBuf,
     path: String,
+}
+
+/// What makes the bytes sled has written durable: an fdatasync of sled's
+/// data file. A trait so that tests can fail or hold a sync on demand.
+trait SyncTarget: Send + Sync {
+    fn sync(&self) -> std::io::Result<()>;
+}
+
+impl SyncTarget for std::fs::File {
+    fn sync(&self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+}
+
+/// Opens sled's data file (`<store>/db`) for fdatasync.
+fn open_data_file(path: &Path) -> std::io::Result<Box<dyn SyncTarget>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path.join("db"))?;
+    Ok(Box::new(file))
 }
 
 fn key(replica: &str, field: &str) -> String {
@@ -159,16 +180,20 @@ impl Checkpoints {
     /// [`CheckpointError::Store`] when sled cannot open it (held by another
     /// process, damaged, no permission).
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        Self::open_with(path, open_data_file)
+    }
+
+    /// [`Self::open`] with the sync target opened by `open_target`.
+    fn open_with(
+        path: &Path,
+        open_target: impl FnOnce(&Path) -> std::io::Result<Box<dyn SyncTarget>>,
+    ) -> Result<Self, CheckpointError> {
         let p = path.display().to_string();
         let db = open_db(path).map_err(|source| CheckpointError::Store {
             path: p.clone(),
             source,
         })?;
-        let data_file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path.join("db"))
-            .ok();
+        let data_file = open_target(path).ok();
         Ok(Self {
             db: Arc::new(Mutex::new(Some(db))),
             data_file: Arc::new(data_file),
@@ -444,7 +469,7 @@ impl Checkpoints {
         let Some(file) = self.data_file.as_ref() else {
             return Ok(());
         };
-        match file.sync_data() {
+        match file.sync() {
             Ok(()) => Ok(()),
             Err(e) if out_of_space(&e) => Err(self.err(sled::Error::Io(e))),
             Err(e) => {
