@@ -28,7 +28,58 @@
 //! Keys are `replica/<name>/delivered`, `replica/<name>/inflight`,
 //! `replica/<name>/backfill` and `replica/<name>/backfill_inflight`, values
 //! little-endian u64s (one, or two for a range). Every change is flushed
-//! (fsync'd) before the call returns.
+//! and synced before the call returns (see below).
+//!
+//! ## When a change is reported durable
+//!
+//! sled's own `flush` only issues `sync_file_range`, which makes neither the
+//! file size nor the disk cache durable, so every change is followed by an
+//! fdatasync of sled's data file through a handle of our own. The rule:
+//!
+//! **A position is reported durable (the call returns Ok) only if a sync
+//! that began after it was written succeeded, and no sync error was
+//! consumed elsewhere in between. After a failed sync, nothing is reported
+//! durable until the whole stored state has been rewritten and synced.**
+//!
+//! Why: Linux reports a writeback error once per open file description, and
+//! may have marked the pages whose writeback failed clean; a later fdatasync
+//! then succeeds although those pages never reached the disk. So a retried
+//! sync proves nothing about what an earlier failed one covered, and a sync
+//! error is evidence for every write made before it was seen, not only for
+//! the caller that happened to issue the sync. (Retrying the same change
+//! does not write it again either: sled skips a write whose value equals
+//! the current one.) How the rule is kept:
+//!
+//! - Our handle is opened before sled opens the file and is used only to
+//!   sync, so sled's own handle consuming an error does not hide it from
+//!   ours, and only our syncs consume errors on ours.
+//! - Each write is flushed under the database lock and then numbered (its
+//!   *generation*). Syncs are serialised; each notes the last generation
+//!   written when it starts, and on success every generation up to that one
+//!   is durable. A caller whose generation is already covered by such a
+//!   sync returns without syncing again: the shippers share syncs (group
+//!   commit).
+//! - A sync that fails for lack of space marks every generation written
+//!   until the failure is seen as lost (read under the database lock, so a
+//!   write that raced with the failing sync, whose writeback error it may
+//!   have consumed, is included). Callers holding a lost generation get
+//!   [`CheckpointError::NotDurable`] and retry. Under the same lock a flag
+//!   is set: the next write first writes every key of the store again with
+//!   its current value, so the sync that covers that write covers the whole
+//!   state. The keys are written again one by one (a compare-and-swap of each
+//!   value with itself, since a batch or an insert of an unchanged value
+//!   writes nothing); the values do not change, so which of these writes a
+//!   crash keeps does not matter, and the caller's change follows as its own
+//!   atomic batch.
+//! - Any other sync error (EIO) stops the store for good, as for the log
+//!   writer: every later call fails with [`CheckpointError::SyncFailed`] and
+//!   the gauge `walrelay_checkpoint_store_failed` is 1 until a restart.
+//!
+//! What this cannot control is how sled treats its own pages that never
+//! reached the disk: after a power loss its recovery stops at the first
+//! torn message of its log and comes back with the state from before it
+//! (older positions, shipped again, never skipped; each change is one
+//! batch, so never a mix of old and new), or it reports the store damaged.
 //!
 //! A full disk must not stop the store for good. sled 0.34 keeps the first
 //! I/O error it meets and fails every later call with it for as long as the
@@ -61,6 +112,20 @@ pub enum CheckpointError {
         "checkpoint store {path}: fsync failed ({cause}); the store has stopped, restart the relay"
     )]
     SyncFailed { path: String, cause: String },
+    /// An fsync of the store's data file failed for lack of space after
+    /// this change was written, so it may not be on disk. Recoverable: the
+    /// caller retries, which writes the change (and the whole store) again
+    /// and syncs it.
+    #[error("checkpoint store {path}: not durable, an fsync after this change failed ({cause})")]
+    NotDurable { path: String, cause: String },
+    /// sled's data file could not be opened for fsync: the store is not
+    /// opened, rather than running without durability.
+    #[error("checkpoint store {path}: cannot open its data file {file} for fsync: {source}")]
+    DataFile {
+        path: String,
+        file: String,
+        source: std::io::Error,
+    },
     /// A stored value has the wrong size: the store is damaged.
     #[error("checkpoint store: value of {key} has {len} bytes, expected {expected}")]
     BadValue {
@@ -100,18 +165,80 @@ pub enum Stream {
 /// The checkpoint store.
 #[derive(Clone)]
 pub struct Checkpoints {
-    /// None after an out-of-space error closed it: reopened on the next call.
-    db: Arc<Mutex<Option<sled::Db>>>,
-    /// sled's data file, opened once: sled's own `flush` only issues
-    /// `sync_file_range`, which makes neither the file size nor the disk
-    /// cache durable, so every flush is followed by an fdatasync of this
-    /// handle. It is opened before any write so that Linux reports a
-    /// writeback error to it even if sled's own flusher met it first.
-    data_file: Arc<Option<std::fs::File>>,
-    /// Set when an fdatasync failed: the store stops for good.
+    store: Arc<Mutex<Store>>,
+    /// Held for the whole of a sync: syncs are serialised (the module doc
+    /// says why). Taken before `store` when both are needed.
+    syncs: Arc<Mutex<Syncs>>,
+    /// sled's data file, opened once, before sled (the module doc says
+    /// why); every write is followed by a sync of it.
+    data_file: Arc<dyn SyncTarget>,
+    /// Set when an fdatasync failed other than for lack of space: the
+    /// store stops for good.
     failed: Arc<std::sync::atomic::AtomicBool>,
     dir: PathBuf,
     path: String,
+}
+
+/// The database and what has been written to it, under one lock.
+struct Store {
+    /// None after an out-of-space error closed it: reopened on the next call.
+    db: Option<sled::Db>,
+    /// The generation of the last write flushed to sled's file.
+    written: u64,
+    /// A sync failed: the next write first writes every key again.
+    rewrite: bool,
+}
+
+/// What the syncs so far have shown.
+struct Syncs {
+    /// Every generation up to this one is covered by a successful sync that
+    /// began after it was written.
+    synced: u64,
+    /// Every generation up to this one was written before a failed sync
+    /// was seen: it is never reported durable, whatever `synced` says.
+    lost: u64,
+    /// Why the last sync failed, for the callers whose generation it lost.
+    cause: String,
+}
+
+/// What makes the bytes sled has written durable: an fdatasync of sled's
+/// data file. A trait so that tests can fail or hold a sync on demand.
+trait SyncTarget: Send + Sync {
+    fn sync(&self) -> std::io::Result<()>;
+}
+
+impl SyncTarget for std::fs::File {
+    fn sync(&self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+}
+
+/// Opens (creating) sled's data file, `<store>/db`, for fdatasync.
+fn open_data_file(path: &Path) -> std::io::Result<Box<dyn SyncTarget>> {
+    std::fs::create_dir_all(path)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path.join("db"))?;
+    Ok(Box::new(file))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes every key of `db` again with its current value. An insert or a
+/// batch of an unchanged value is skipped by sled; a compare-and-swap of a
+/// value with itself is written.
+fn rewrite_all(db: &sled::Db) -> sled::Result<()> {
+    for kv in db.iter() {
+        let (k, v) = kv?;
+        // Cannot conflict: writers hold the database lock.
+        let _ = db.compare_and_swap(&k, Some(&v), Some(v.clone()))?;
+    }
+    Ok(())
 }
 
 fn key(replica: &str, field: &str) -> String {
@@ -156,22 +283,41 @@ impl Checkpoints {
     /// Opens (creating) the store at `path`.
     ///
     /// # Errors
-    /// [`CheckpointError::Store`] when sled cannot open it (held by another
-    /// process, damaged, no permission).
+    /// [`CheckpointError::DataFile`] when sled's data file cannot be opened
+    /// for fsync, [`CheckpointError::Store`] when sled cannot open the store
+    /// (held by another process, damaged, no permission).
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        Self::open_with(path, open_data_file)
+    }
+
+    /// [`Self::open`] with the sync target opened by `open_target`.
+    fn open_with(
+        path: &Path,
+        open_target: impl FnOnce(&Path) -> std::io::Result<Box<dyn SyncTarget>>,
+    ) -> Result<Self, CheckpointError> {
         let p = path.display().to_string();
+        // Before sled: its own first writes are then covered too.
+        let data_file = open_target(path).map_err(|source| CheckpointError::DataFile {
+            path: p.clone(),
+            file: path.join("db").display().to_string(),
+            source,
+        })?;
         let db = open_db(path).map_err(|source| CheckpointError::Store {
             path: p.clone(),
             source,
         })?;
-        let data_file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path.join("db"))
-            .ok();
         Ok(Self {
-            db: Arc::new(Mutex::new(Some(db))),
-            data_file: Arc::new(data_file),
+            store: Arc::new(Mutex::new(Store {
+                db: Some(db),
+                written: 0,
+                rewrite: false,
+            })),
+            syncs: Arc::new(Mutex::new(Syncs {
+                synced: 0,
+                lost: 0,
+                cause: String::new(),
+            })),
+            data_file: Arc::from(data_file),
             failed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             dir: path.to_path_buf(),
             path: p,
@@ -191,14 +337,27 @@ impl Checkpoints {
         &self,
         f: impl FnOnce(&sled::Db) -> sled::Result<T>,
     ) -> Result<T, CheckpointError> {
+        self.with_store(|db, _| f(db))
+    }
+
+    fn stopped(&self) -> Result<(), CheckpointError> {
         if self.failed() {
             return Err(CheckpointError::SyncFailed {
                 path: self.path.clone(),
                 cause: "an earlier fsync failed".into(),
             });
         }
-        let mut slot = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let db = match slot.take() {
+        Ok(())
+    }
+
+    /// [`Self::with_db`], with the rest of the state under the same lock.
+    fn with_store<T>(
+        &self,
+        f: impl FnOnce(&sled::Db, &mut Store) -> sled::Result<T>,
+    ) -> Result<T, CheckpointError> {
+        self.stopped()?;
+        let mut store = lock(&self.store);
+        let db = match store.db.take() {
             Some(db) => db,
             None => {
                 let db = open_db(&self.dir).map_err(|e| self.err(e))?;
@@ -206,14 +365,14 @@ impl Checkpoints {
                 db
             }
         };
-        let result = f(&db);
+        let result = f(&db, &mut store);
         match &result {
             Err(sled::Error::Io(e)) if out_of_space(e) => {
                 tracing::warn!(path = %self.path, error = %e,
                     "checkpoint store out of space; it will be reopened at the next attempt");
                 drop(db);
             }
-            _ => *slot = Some(db),
+            _ => store.db = Some(db),
         }
         result.map_err(|e| self.err(e))
     }
@@ -303,12 +462,12 @@ impl Checkpoints {
         stream: Stream,
         range: Range<u64>,
     ) -> Result<(), CheckpointError> {
-        let v = range_value(&range);
-        self.with_db(|db| {
-            db.insert(inflight_key(replica, stream), v)?;
-            db.flush()
-        })?;
-        self.sync()
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            inflight_key(replica, stream).as_bytes(),
+            range_value(&range),
+        );
+        self.apply(batch)
     }
 
     /// Records that everything below `delivered` is done and clears the
@@ -424,13 +583,23 @@ impl Checkpoints {
         self.apply(batch)
     }
 
-    /// Applies `batch` atomically and flushes it.
+    /// Applies `batch` atomically, flushes it and syncs it; after a failed
+    /// sync, writes the whole store again first.
     fn apply(&self, batch: sled::Batch) -> Result<(), CheckpointError> {
-        self.with_db(|db| {
+        let generation = self.with_store(|db, store| {
+            if store.rewrite {
+                rewrite_all(db)?;
+            }
             db.apply_batch(batch)?;
-            db.flush()
+            db.flush()?;
+            if store.rewrite {
+                tracing::info!(path = %self.path, "checkpoint store written again in full after a failed fsync");
+                store.rewrite = false;
+            }
+            store.written += 1;
+            Ok(store.written)
         })?;
-        self.sync()
+        self.sync(generation)
     }
 
     /// True once an fsync of the store failed.
@@ -438,26 +607,55 @@ impl Checkpoints {
         self.failed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Makes what sled flushed durable. Out of space is retried by the
-    /// caller (nothing is claimed durable); any other error stops the store.
-    fn sync(&self) -> Result<(), CheckpointError> {
-        let Some(file) = self.data_file.as_ref() else {
-            return Ok(());
-        };
-        match file.sync_data() {
-            Ok(()) => Ok(()),
-            Err(e) if out_of_space(&e) => Err(self.err(sled::Error::Io(e))),
-            Err(e) => {
-                self.failed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                metrics::gauge!("walrelay_checkpoint_store_failed").set(1.0);
-                tracing::error!(path = %self.path, error = %e, "checkpoint store fsync failed; it has stopped");
-                Err(CheckpointError::SyncFailed {
-                    path: self.path.clone(),
-                    cause: e.to_string(),
-                })
-            }
+    /// Makes the write of `generation` durable, with a sync of its own
+    /// unless one that began after it already succeeded. Out of space is
+    /// retried by the caller (nothing written so far is claimed durable);
+    /// any other error stops the store.
+    fn sync(&self, generation: u64) -> Result<(), CheckpointError> {
+        let mut syncs = lock(&self.syncs);
+        self.stopped()?;
+        // `lost` first: a later sync does not see the error of the pages
+        // an earlier failed one lost.
+        if generation <= syncs.lost {
+            return Err(CheckpointError::NotDurable {
+                path: self.path.clone(),
+                cause: syncs.cause.clone(),
+            });
         }
+        if generation <= syncs.synced {
+            return Ok(());
+        }
+        let start = lock(&self.store).written;
+        let e = match self.data_file.sync() {
+            Ok(()) => {
+                syncs.synced = start;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        {
+            // Every write until now may have lost pages to this error.
+            let mut store = lock(&self.store);
+            syncs.lost = store.written;
+            store.rewrite = true;
+        }
+        syncs.cause = e.to_string();
+        if out_of_space(&e) {
+            tracing::warn!(path = %self.path, error = %e,
+                "checkpoint store fsync failed for lack of space; the store will be written again in full");
+            return Err(CheckpointError::NotDurable {
+                path: self.path.clone(),
+                cause: syncs.cause.clone(),
+            });
+        }
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("walrelay_checkpoint_store_failed").set(1.0);
+        tracing::error!(path = %self.path, error = %e, "checkpoint store fsync failed; it has stopped");
+        Err(CheckpointError::SyncFailed {
+            path: self.path.clone(),
+            cause: syncs.cause.clone(),
+        })
     }
 }
 
@@ -481,6 +679,280 @@ fn open_db(path: &Path) -> sled::Result<sled::Db> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use std::collections::{BTreeSet, VecDeque};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// One scripted sync: held until released if `hold`, then failing with
+    /// `errno` or succeeding.
+    struct Step {
+        hold: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
+        errno: Option<i32>,
+    }
+
+    /// A sync target that follows a script of steps, then succeeds; counts
+    /// its syncs.
+    #[derive(Clone, Default)]
+    struct Script(Arc<ScriptInner>);
+
+    #[derive(Default)]
+    struct ScriptInner {
+        steps: Mutex<VecDeque<Step>>,
+        calls: AtomicUsize,
+    }
+
+    /// A sync held in the middle: it has started once `wait_started`
+    /// returns and returns once released.
+    struct Held {
+        started: mpsc::Receiver<()>,
+        release: mpsc::Sender<()>,
+    }
+
+    impl Held {
+        fn wait_started(&self) {
+            self.started.recv().unwrap();
+        }
+
+        fn release(&self) {
+            self.release.send(()).unwrap();
+        }
+    }
+
+    impl Script {
+        fn fail(&self, errno: i32) {
+            self.push(Step {
+                hold: None,
+                errno: Some(errno),
+            });
+        }
+
+        /// The next unscripted sync is held, then fails with `errno` (or
+        /// succeeds).
+        fn hold(&self, errno: Option<i32>) -> Held {
+            let (started_tx, started) = mpsc::channel();
+            let (release, release_rx) = mpsc::channel();
+            self.push(Step {
+                hold: Some((started_tx, release_rx)),
+                errno,
+            });
+            Held { started, release }
+        }
+
+        fn push(&self, step: Step) {
+            self.0.steps.lock().unwrap().push_back(step);
+        }
+
+        fn calls(&self) -> usize {
+            self.0.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl SyncTarget for Script {
+        fn sync(&self) -> std::io::Result<()> {
+            self.0.calls.fetch_add(1, Ordering::SeqCst);
+            let step = self.0.steps.lock().unwrap().pop_front();
+            let Some(step) = step else {
+                return Ok(());
+            };
+            if let Some((started, release)) = step.hold {
+                // Either can fail only when the test has already failed
+                // and dropped its end: then carry on, do not hang.
+                let _ = started.send(());
+                let _ = release.recv();
+            }
+            match step.errno {
+                Some(errno) => Err(std::io::Error::from_raw_os_error(errno)),
+                None => Ok(()),
+            }
+        }
+    }
+
+    fn open_scripted(path: &Path) -> (Checkpoints, Script) {
+        let script = Script::default();
+        let target = script.clone();
+        let cp = Checkpoints::open_with(path, move |_| Ok(Box::new(target))).unwrap();
+        (cp, script)
+    }
+
+    /// Polls `cond` until it holds; the deadline only keeps a broken test
+    /// from hanging.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn watch(cp: &Checkpoints) -> sled::Subscriber {
+        cp.with_db(|db| Ok(db.watch_prefix("replica/"))).unwrap()
+    }
+
+    /// The keys written (inserted or removed) since the last call: sled
+    /// hands the events over before the write returns. Polled, because
+    /// `next_timeout` sticks at the event of a skipped (unchanged) write.
+    fn keys_written(sub: &mut sled::Subscriber) -> BTreeSet<String> {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut keys = BTreeSet::new();
+        while let Poll::Ready(Some(event)) = std::pin::Pin::new(&mut *sub).poll(&mut cx) {
+            let (sled::Event::Insert { key, .. } | sled::Event::Remove { key }) = event;
+            keys.insert(String::from_utf8_lossy(&key).into_owned());
+        }
+        keys
+    }
+
+    fn set_of(keys: &[&str]) -> BTreeSet<String> {
+        keys.iter().map(|k| (*k).to_owned()).collect()
+    }
+
+    #[test]
+    fn after_a_sync_fails_for_lack_of_space_the_next_write_rewrites_the_whole_store_before_its_sync(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        let (cp, script) = open_scripted(&path);
+        cp.set("a", 10).unwrap();
+        cp.begin_send("a", 10..20).unwrap();
+        cp.set("b", 5).unwrap();
+        cp.split("b", 5..50).unwrap();
+        let mut sub = watch(&cp);
+        script.fail(libc::ENOSPC);
+        assert!(cp.complete("a", 20).is_err());
+        keys_written(&mut sub);
+        std::thread::scope(|s| {
+            // The retry's sync is held so that what was written before it
+            // can be looked at. Held inside the scope: a failed assertion
+            // drops it and so releases the sync instead of hanging.
+            let held = script.hold(None);
+            let retry = s.spawn(|| cp.complete("a", 20));
+            held.wait_started();
+            let written = keys_written(&mut sub);
+            let every_key = set_of(&[
+                "replica/a/delivered",
+                "replica/b/delivered",
+                "replica/b/backfill",
+            ]);
+            assert!(
+                written.is_superset(&every_key),
+                "before the first sync after the failure only {written:?} was written"
+            );
+            held.release();
+            retry.join().unwrap().unwrap();
+        });
+        // Recovered: the next change is written alone and reported durable.
+        cp.begin_send("a", 20..30).unwrap();
+        assert_eq!(keys_written(&mut sub), set_of(&["replica/a/inflight"]));
+        drop((sub, cp));
+        let cp = Checkpoints::open(&path).unwrap();
+        assert_eq!(cp.cursor("a").unwrap().inflight, Some(20..30));
+        assert_eq!(cp.cursor("b").unwrap().backfill.unwrap().from, 5);
+    }
+
+    /// B writes and its sync is held; A writes meanwhile (that sync may
+    /// consume the writeback error of A's pages too); then B's sync fails
+    /// with `errno`. B's and A's results.
+    fn write_during_a_failing_sync(
+        cp: &Checkpoints,
+        script: &Script,
+        errno: i32,
+    ) -> [Result<(), CheckpointError>; 2] {
+        std::thread::scope(|s| {
+            let held = script.hold(Some(errno));
+            let b = s.spawn(|| cp.set("b", 2));
+            held.wait_started();
+            let a = s.spawn(|| cp.set("a", 2));
+            wait_until("A's write is in the store", || {
+                cp.cursor("a").unwrap().delivered == Some(2)
+            });
+            held.release();
+            [b.join().unwrap(), a.join().unwrap()]
+        })
+    }
+
+    #[test]
+    fn a_write_made_while_another_callers_sync_fails_is_not_made_durable_by_its_own_later_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, script) = open_scripted(&dir.path().join("cp"));
+        cp.set("a", 1).unwrap();
+        cp.set("b", 1).unwrap();
+        let [b, a] = write_during_a_failing_sync(&cp, &script, libc::ENOSPC);
+        assert!(b.is_err());
+        assert!(
+            a.is_err(),
+            "a write made during a failed sync was reported durable"
+        );
+        // A retries: durable once the whole store is rewritten and synced.
+        let mut sub = watch(&cp);
+        cp.set("a", 2).unwrap();
+        assert!(keys_written(&mut sub).contains("replica/b/delivered"));
+        cp.set("b", 2).unwrap();
+    }
+
+    #[test]
+    fn a_sync_covers_every_write_made_before_it_started_and_none_made_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, script) = open_scripted(&dir.path().join("cp"));
+        std::thread::scope(|s| {
+            let held = script.hold(None);
+            let c = s.spawn(|| cp.set("c", 1));
+            held.wait_started();
+            // A and B write while C's sync runs: it does not cover them.
+            let a = s.spawn(|| cp.set("a", 1));
+            let b = s.spawn(|| cp.set("b", 1));
+            wait_until("A's and B's writes are in the store", || {
+                cp.replicas().unwrap().len() == 3
+            });
+            held.release();
+            for t in [c, a, b] {
+                t.join().unwrap().unwrap();
+            }
+        });
+        // One sync for C, one for A and B together.
+        assert_eq!(script.calls(), 2);
+    }
+
+    #[test]
+    fn an_io_error_from_a_sync_stops_the_store_for_good_even_for_a_write_that_raced_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, script) = open_scripted(&dir.path().join("cp"));
+        for r in write_during_a_failing_sync(&cp, &script, libc::EIO) {
+            assert!(
+                matches!(r, Err(CheckpointError::SyncFailed { .. })),
+                "{r:?}"
+            );
+        }
+        assert!(cp.failed());
+        // Syncs succeed again, but the store stays stopped.
+        assert!(matches!(
+            cp.set("a", 3),
+            Err(CheckpointError::SyncFailed { .. })
+        ));
+        assert!(cp.cursor("a").is_err());
+    }
+
+    #[test]
+    fn a_store_whose_data_file_cannot_be_opened_for_fsync_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Checkpoints::open_with(&dir.path().join("cp"), |_| {
+            Err(std::io::Error::from_raw_os_error(libc::EMFILE))
+        });
+        let Err(e) = r else {
+            panic!("opened although fsync of its data file is impossible");
+        };
+        assert!(e.to_string().contains("data file"), "{e}");
+    }
+
+    #[test]
+    fn a_data_file_that_is_a_directory_fails_the_open_naming_the_data_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        std::fs::create_dir_all(path.join("db")).unwrap();
+        let e = Checkpoints::open(&path).err().unwrap();
+        assert!(e.to_string().contains("data file"), "{e}");
+    }
 
     #[test]
     fn inflight_range_survives_reopen_until_completed() {
