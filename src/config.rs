@@ -160,7 +160,7 @@ pub struct ServeArgs {
     /// Most decoded bytes coalesced into one request to a replica. [default: 8MiB]
     #[arg(long, env = "WALRELAY_MAX_BYTES_PER_SEND")]
     pub max_bytes_per_send: Option<String>,
-    /// Timeout of one request to a replica. [default: 30s]
+    /// A request to a replica not answered within this is slow: later ones are made smaller; it is given up after 4 times this. [default: 30s]
     #[arg(long, env = "WALRELAY_SEND_TIMEOUT")]
     pub send_timeout: Option<String>,
     /// First retry delay after a failed send. [default: 100ms]

@@ -361,16 +361,19 @@ async fn fault_proxy_body_limit_refuses_large_bodies_and_forwards_small_ones_on_
         )),
         "{answers:?}"
     );
+    // How many connections the client used is its pool's business (a
+    // connection returned to the pool a moment after the answer may miss
+    // the next request); the raw connection below shows a 413 followed by
+    // another request on one connection.
     let stats = proxy.stats();
     assert_eq!(
         (
-            stats.connections("body_limit"),
             stats.answered("body_limit"),
             stats.forwarded("body_limit"),
             stats.requests("body_limit"),
         ),
-        (1, 2, 3, 5),
-        "one kept-alive connection carried all five: {stats:?}"
+        (2, 3, 5),
+        "{stats:?}"
     );
     assert_eq!(proxy_test_samples(&prom, "small", t0).await, 3);
     assert_eq!(proxy_test_samples(&prom, "large", t0).await, 0);
@@ -420,10 +423,13 @@ async fn fault_proxy_switching_between_requests_lets_a_forwarded_request_finish(
     let t0 = chaos_tests::now_ms() - 30_000;
 
     // Each switch lands while a request is held by a 1 s delay each way,
-    // after it was forwarded (counted once forwarded).
+    // after it was forwarded (counted once forwarded). Each goes on a
+    // client of its own, so on a new connection: a pooled one that a mode
+    // change has just closed could fail it before it is forwarded.
     let in_flight = |req: &'static str| {
-        let (client, url) = (client.clone(), url.clone());
+        let url = url.clone();
         tokio::spawn(async move {
+            let client = chaos_tests::client(Duration::from_secs(10)).unwrap();
             post_remote_write_with(&client, &url, proxy_test_body(req, t0, 1)).await
         })
     };

@@ -661,9 +661,10 @@ async fn replica_latency_and_packet_loss() {
 /// request (up to 20000 samples) took longer than the timeout and was re-sent
 /// unchanged forever (25 samples reached b in 20 s), and when the latency
 /// ended its re-send was refused as out of order and the records b already
-/// held were counted as rejected. Now a timed-out request is split, the
-/// shipper's batch limits shrink (and grow back on success), and a refusal
-/// after an attempt that may have been stored counts as "assumed delivered".
+/// held were counted as rejected. Now a request answered after the send
+/// timeout is still awaited (up to 4 times it) and the shipper's batch
+/// limits shrink (growing back on success), so requests get small enough;
+/// one given up is split, and its parts go record by record if refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_slower_than_the_send_timeout_keeps_receiving() {
     let _serial = SERIAL.lock().await;

@@ -561,7 +561,7 @@ impl Run {
             }
         };
         match outcome {
-            Outcome::Delivered => {
+            Outcome::Delivered { .. } => {
                 self.run.requests += 1;
                 self.run.records += n;
                 self.run.samples += samples;

@@ -668,8 +668,14 @@ impl Shipper {
             }
         };
         match outcome {
-            Outcome::Delivered => {
-                self.grow();
+            Outcome::Delivered { slow } => {
+                // Answered, but only after the send timeout: smaller
+                // requests from now on, so that none has to be given up.
+                if slow {
+                    self.shrink();
+                } else {
+                    self.grow();
+                }
                 // Checkpointed with the next request's range, or when idle.
                 self.unflushed = Some(range.end);
                 self.set_position(range.end);
@@ -817,7 +823,7 @@ impl Shipper {
             .send_with_retries(&self.state, body, splittable)
             .await;
         self.state.set_in_flight(None);
-        if matches!(outcome, Outcome::Delivered) {
+        if matches!(outcome, Outcome::Delivered { .. }) {
             self.state.add_sent(records.len() as u64, samples);
             // Counted once delivered: a request that is retried or split
             // would otherwise count its losses more than once.

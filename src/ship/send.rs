@@ -46,8 +46,9 @@ impl Body {
 /// these (see [`super::policy`]) is retried for as long as it takes.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The replica answered 2xx.
-    Delivered,
+    /// The replica answered 2xx. `slow`: only after the send timeout (see
+    /// [`PATIENCE`]), so later requests should be smaller.
+    Delivered { slow: bool },
     /// The replica refused the data (400, 409, 422, or a status the
     /// operator listed for it): a retry would get the same answer.
     /// `ambiguous` is true when an earlier attempt of this very request may
@@ -77,7 +78,7 @@ impl Outcome {
     /// A stable label for `walrelay_replica_requests_total`.
     fn label(&self) -> &'static str {
         match self {
-            Outcome::Delivered => "2xx",
+            Outcome::Delivered { .. } => "2xx",
             Outcome::Refused { .. } => "4xx",
             Outcome::TooLarge { .. } => "413",
             Outcome::TooSlow => "timeout",
@@ -92,6 +93,14 @@ const STUCK_WARN_ATTEMPTS: u64 = 10;
 
 /// Consecutive timeouts after which a splittable request is given back.
 const TIMEOUTS_BEFORE_SPLIT: u32 = 1;
+
+/// An attempt not answered within the send timeout is slow, but it is only
+/// given up after this many times the send timeout. A request given up may
+/// still be stored by the replica, and then nothing but a re-send of exactly
+/// it can tell: its parts, refused as out of order, must go record by
+/// record (see [`super::policy`]). Waiting for the answer of a slow replica
+/// keeps that rare; the caller makes the next requests smaller instead.
+pub const PATIENCE: u32 = 4;
 
 /// Settings of a replica's HTTP client.
 #[derive(Debug, Clone)]
@@ -161,7 +170,7 @@ impl Sender {
         let tls = crate::tls::client_config(&options.tls).map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
-            .timeout(options.timeout)
+            .timeout(options.timeout * PATIENCE)
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
             .redirect(redirect_policy())
@@ -259,7 +268,22 @@ impl Sender {
         let mut blocked: Option<(Instant, u64, Instant)> = None;
         let outcome = loop {
             let started = Instant::now();
-            let attempt = self.attempt(&body).await;
+            let attempt = {
+                let pending = self.attempt(&body);
+                tokio::pin!(pending);
+                tokio::select! {
+                    a = &mut pending => a,
+                    () = tokio::time::sleep(self.options.timeout) => {
+                        // Slow, not given up: an answer may still come.
+                        state.set_retrying(format!(
+                            "timeout: no answer within {:?}; waiting for it up to {:?}",
+                            self.options.timeout,
+                            self.options.timeout * PATIENCE
+                        ));
+                        pending.await
+                    }
+                }
+            };
             metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => state.name.clone())
                 .record(started.elapsed().as_secs_f64());
             match attempt {
@@ -269,7 +293,7 @@ impl Sender {
                     }
                     metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => outcome.label())
                         .increment(1);
-                    if matches!(outcome, Outcome::Delivered) {
+                    if matches!(outcome, Outcome::Delivered { .. }) {
                         state.set_ok();
                     } else {
                         // Answered: whatever it says, the path works again.
@@ -284,7 +308,9 @@ impl Sender {
                     metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => "2xx")
                         .increment(1);
                     state.set_ok();
-                    break Outcome::Delivered;
+                    break Outcome::Delivered {
+                        slow: started.elapsed() > self.options.timeout,
+                    };
                 }
                 Attempt::Retry {
                     reason,
