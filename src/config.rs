@@ -20,6 +20,18 @@ use crate::auth::ReplicaAuthConfig;
 use crate::ship::StatusPolicy;
 use crate::tls::{ClientTlsOptions, ServerTlsFiles};
 
+/// Default `--max-decoded-bytes`: vmagent's default cap. Senders send far
+/// less (Prometheus ~0.5 MiB, the OpenTelemetry Collector up to ~3 MB per
+/// request), and each allowed byte is memory a request may hold.
+pub const DEFAULT_MAX_DECODED_BYTES: u64 = 32 << 20;
+
+/// Default `--max-inflight-decoded-bytes`: with validation's working memory
+/// on top (see `docs/configuration.md`, "Memory") and the relay's own base,
+/// it fits the StatefulSet's 1 GiB memory limit, and holds five maximal
+/// requests (16 MiB body + 32 MiB decoded) or hundreds of typical ones at
+/// once.
+pub const DEFAULT_MAX_INFLIGHT_DECODED_BYTES: u64 = 256 << 20;
+
 /// Errors in the configuration: each names the setting and the bad value.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -111,9 +123,12 @@ pub struct ServeArgs {
     /// Largest request body accepted, compressed (e.g. 16MiB). [default: 16MiB]
     #[arg(long, env = "WALRELAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<String>,
-    /// Largest decoded (decompressed) request accepted. [default: 64MiB]
+    /// Largest decoded (decompressed) request accepted. [default: 32MiB]
     #[arg(long, env = "WALRELAY_MAX_DECODED_BYTES")]
     pub max_decoded_bytes: Option<String>,
+    /// Memory for write requests in flight (body plus declared decoded size); one that does not fit waits up to 1s, then 503. At least max-body-bytes + max-decoded-bytes. [default: 256MiB]
+    #[arg(long, env = "WALRELAY_MAX_INFLIGHT_DECODED_BYTES")]
+    pub max_inflight_decoded_bytes: Option<String>,
     /// Requests handled at once; more are answered 503. [default: 512]
     #[arg(long, env = "WALRELAY_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
@@ -230,6 +245,7 @@ struct FileConfig {
     admin_listen: Option<SocketAddr>,
     max_body_bytes: Option<toml::Value>,
     max_decoded_bytes: Option<toml::Value>,
+    max_inflight_decoded_bytes: Option<toml::Value>,
     max_concurrent_requests: Option<usize>,
     max_series_per_request: Option<usize>,
     max_labels_per_series: Option<usize>,
@@ -414,6 +430,9 @@ pub struct ServeConfig {
     pub admin_listen: Option<SocketAddr>,
     pub max_body_bytes: usize,
     pub max_decoded_bytes: usize,
+    /// Memory budget of write requests in flight (see
+    /// [`crate::ingest::budget`]).
+    pub max_inflight_decoded_bytes: u64,
     pub max_concurrent_requests: usize,
     pub max_series_per_request: usize,
     pub max_labels_per_series: usize,
@@ -735,7 +754,7 @@ impl ServeArgs {
             "max-decoded-bytes",
             &self.max_decoded_bytes,
             &file.max_decoded_bytes,
-            64 << 20,
+            DEFAULT_MAX_DECODED_BYTES,
         )?;
         if max_decoded_bytes > wal_format::MAX_RECORD_PAYLOAD as u64 {
             return Err(invalid(
@@ -743,6 +762,31 @@ impl ServeArgs {
                 format!(
                     "{max_decoded_bytes} is over the log's record limit of {} bytes",
                     wal_format::MAX_RECORD_PAYLOAD
+                ),
+            ));
+        }
+        let max_body_bytes = bytes(
+            "max-body-bytes",
+            &self.max_body_bytes,
+            &file.max_body_bytes,
+            16 << 20,
+        )?;
+        let max_inflight_decoded_bytes = bytes(
+            "max-inflight-decoded-bytes",
+            &self.max_inflight_decoded_bytes,
+            &file.max_inflight_decoded_bytes,
+            DEFAULT_MAX_INFLIGHT_DECODED_BYTES,
+        )?;
+        // A request within the limits reserves up to its body plus its
+        // decoded size: a smaller budget would refuse it for ever (413), and
+        // senders drop what is refused with 413.
+        let largest_request = max_body_bytes.saturating_add(max_decoded_bytes);
+        if max_inflight_decoded_bytes < largest_request {
+            return Err(invalid(
+                "max-inflight-decoded-bytes",
+                format!(
+                    "{max_inflight_decoded_bytes} is less than one request within the limits \
+                     may need: max-body-bytes + max-decoded-bytes = {largest_request}"
                 ),
             ));
         }
@@ -795,13 +839,9 @@ impl ServeArgs {
             basic_auth_users_file,
             tls,
             admin_listen: self.admin_listen.or(file.admin_listen),
-            max_body_bytes: bytes(
-                "max-body-bytes",
-                &self.max_body_bytes,
-                &file.max_body_bytes,
-                16 << 20,
-            )? as usize,
+            max_body_bytes: max_body_bytes as usize,
             max_decoded_bytes: max_decoded_bytes as usize,
+            max_inflight_decoded_bytes,
             max_concurrent_requests: self
                 .max_concurrent_requests
                 .or(file.max_concurrent_requests)
@@ -1234,6 +1274,41 @@ mod tests {
             ..Default::default()
         };
         assert!(args.resolve().unwrap_err().to_string().contains("NAME=URL"));
+    }
+
+    #[test]
+    fn the_memory_budget_defaults_to_256mib_and_must_hold_one_largest_request() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert_eq!(c.max_decoded_bytes, 32 << 20);
+        assert_eq!(c.max_inflight_decoded_bytes, 256 << 20);
+        let c = resolve_file("max_inflight_decoded_bytes = \"1GiB\"\n").unwrap();
+        assert_eq!(c.max_inflight_decoded_bytes, 1 << 30);
+        // 16 MiB body + 32 MiB decoded = 48 MiB: the least that serves
+        // every request within the limits.
+        let args = ServeArgs {
+            max_inflight_decoded_bytes: Some("48MiB".into()),
+            ..Default::default()
+        };
+        assert_eq!(args.resolve().unwrap().max_inflight_decoded_bytes, 48 << 20);
+        let args = ServeArgs {
+            max_inflight_decoded_bytes: Some("47MiB".into()),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(
+            e.contains("max-inflight-decoded-bytes")
+                && e.contains("max-body-bytes + max-decoded-bytes"),
+            "{e}"
+        );
+        let args = ServeArgs {
+            max_inflight_decoded_bytes: Some("47MiB".into()),
+            max_decoded_bytes: Some("8MiB".into()),
+            ..Default::default()
+        };
+        assert!(
+            args.resolve().is_ok(),
+            "smaller limits need a smaller budget"
+        );
     }
 
     #[test]

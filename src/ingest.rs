@@ -4,18 +4,26 @@
 //! The order of checks is the order a receiver must use so that nothing it
 //! refuses is stored and every refusal is cheap: method (405), authentication
 //! (401), concurrency (503), headers before the body is touched (415), declared
-//! and actual body size (413), snappy with its declared decoded length checked
-//! against the limit before allocating (413/400), protobuf that decodes as the
-//! declared message and passes the label rules a replica would apply (400).
-//! Only then is the decoded message appended to the log; the 204 goes out after
-//! the fsync that covers it. A store that cannot take it answers 429 (disk
-//! budget) or 503 (disk full, writer failed, shutting down) with Retry-After.
+//! body size (413); then the memory the request will hold (its body and the
+//! decoded size its snappy header declares) is reserved from the shared
+//! budget before the rest of the body is read (503 after a short wait, see
+//! [`budget`]); actual body size (413), snappy with its declared decoded
+//! length checked against the limit before allocating (413/400), protobuf
+//! that decodes as the declared message and passes the label rules a replica
+//! would apply (400), large requests on a bounded blocking pool (see
+//! [`pool`]). Only then is the decoded message appended to the log; the 204
+//! goes out after the fsync that covers it. A store that cannot take it
+//! answers 429 (disk budget) or 503 (disk full, writer failed, shutting
+//! down) with Retry-After.
+
+pub mod budget;
+pub mod pool;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -23,12 +31,15 @@ use prom_remote_write::content::{
     check_content_encoding, parse_content_type, HEADER_EXEMPLARS_WRITTEN,
     HEADER_HISTOGRAMS_WRITTEN, HEADER_SAMPLES_WRITTEN,
 };
-use prom_remote_write::{decode, Limits, Protocol};
+use prom_remote_write::{decode, DecodeError, Limits, Protocol};
 use tokio::sync::Semaphore;
+use tokio::time::Instant as Deadline;
 use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
 
 use crate::auth::{Authenticator, Denied};
 use crate::commit::{CommitError, Committer};
+use budget::{MemoryBudget, Refused, Reservation};
+use pool::DecodePool;
 
 /// Settings and shared handles of the ingest path.
 pub struct Ingest {
@@ -37,8 +48,21 @@ pub struct Ingest {
     pub max_body_bytes: usize,
     pub limits: Limits,
     pub permits: Arc<Semaphore>,
+    /// Memory of the requests in flight (`--max-inflight-decoded-bytes`).
+    pub budget: MemoryBudget,
+    /// Where large requests are decompressed and validated.
+    pub pool: Arc<DecodePool>,
     /// How long a client may take to send its body (then 408).
     pub body_read_timeout: Duration,
+}
+
+/// A body read in full, with the memory reserved for it.
+struct Received {
+    body: Bytes,
+    /// The decoded size the snappy header declares, when it is readable
+    /// and within the limit (else decompression refuses the body).
+    declared: Option<usize>,
+    reservation: Reservation,
 }
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -96,6 +120,8 @@ impl Ingest {
             return (self.unauthorized(denied), 0);
         }
         let Ok(_slot) = self.permits.try_acquire().map(InFlight::new) else {
+            metrics::counter!("walrelay_ingest_overloaded_total", "reason" => "concurrency")
+                .increment(1);
             return (
                 retry_later(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -117,69 +143,48 @@ impl Ingest {
         if let Err(e) = check_content_encoding(header(CONTENT_ENCODING)) {
             return (text(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()), 0);
         }
-        if let Some(len) = header(CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
+        let content_length = header(CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+        let waits_for_continue = req
+            .headers()
+            .get(hyper::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if let Some(len) = content_length {
             if len > self.max_body_bytes as u64 {
-                // Answered with the body unread, the connection is closed
-                // while the client may still be sending; the unread bytes
-                // make the kernel reset it, the 413 is lost, and the sender
-                // sees a network error, which remote-write senders retry
-                // for ever. So a body up to twice the limit is read and
-                // discarded first (a client waiting for 100-continue sends
-                // none).
-                let waits_for_continue = req
-                    .headers()
-                    .get(hyper::header::EXPECT)
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-                if len <= 2 * self.max_body_bytes as u64 && !waits_for_continue {
-                    discard_body(req.into_body()).await;
-                }
-                return (self.body_too_large(), 0);
+                let r = self.body_too_large();
+                let r = self
+                    .refuse_unread(req.into_body(), content_length, waits_for_continue, r)
+                    .await;
+                return (r, 0);
             }
         }
-        let body = match self.read_body(req.into_body()).await {
+        let received = match self.read_body(req.into_body(), content_length).await {
             Ok(b) => b,
             Err(r) => return (r, 0),
         };
-        metrics::counter!("walrelay_ingest_bytes_total").increment(body.len() as u64);
-        let decoded = match decode::decompress_snappy(&body, self.limits.max_decoded_bytes) {
-            Ok(d) => d,
-            Err(e) => return (decode_error(&e), 0),
+        metrics::counter!("walrelay_ingest_bytes_total").increment(received.body.len() as u64);
+        // The rest runs in a task of its own, which owns the reservation: a
+        // client that goes away drops this handler, but not the decoding or
+        // the append already under way, whose memory stays counted until
+        // they are done.
+        let job = Job {
+            received,
+            protocol,
+            limits: self.limits,
+            committer: self.committer.clone(),
+            pool: Arc::clone(&self.pool),
         };
-        let summary = match decode::validate(protocol, &decoded, &self.limits) {
-            Ok(s) => s,
-            Err(e) => return (decode_error(&e), 0),
-        };
-        let meta = RecordMeta {
-            receive_time_ms: now_ms(),
-            min_sample_ts: summary.min_ts,
-            max_sample_ts: summary.max_ts,
-            samples: u32::try_from(summary.samples + summary.histograms).unwrap_or(u32::MAX),
-            kind: match protocol {
-                Protocol::V1 => PayloadKind::RemoteWriteV1,
-                Protocol::V2 => PayloadKind::RemoteWriteV2,
-            },
-            encoding: PayloadEncoding::Identity,
-        };
-        let samples = summary.samples + summary.histograms;
-        match self.committer.append(meta, Bytes::from(decoded)).await {
-            Ok(_seq) => {
-                let mut r = Response::new(Full::new(Bytes::new()));
-                *r.status_mut() = StatusCode::NO_CONTENT;
-                if protocol == Protocol::V2 {
-                    let h = r.headers_mut();
-                    h.insert(HEADER_SAMPLES_WRITTEN, HeaderValue::from(summary.samples));
-                    h.insert(
-                        HEADER_HISTOGRAMS_WRITTEN,
-                        HeaderValue::from(summary.histograms),
-                    );
-                    h.insert(
-                        HEADER_EXEMPLARS_WRITTEN,
-                        HeaderValue::from(summary.exemplars),
-                    );
-                }
-                (r, samples)
+        match tokio::spawn(job.run()).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::error!(error = %e, "a write request's processing failed unexpectedly");
+                (
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal error while processing the request; nothing was stored",
+                    ),
+                    0,
+                )
             }
-            Err(e) => (commit_error(&e), 0),
         }
     }
 
@@ -208,24 +213,256 @@ impl Ingest {
         )
     }
 
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, HttpResponse> {
-        let limited = Limited::new(body, self.max_body_bytes);
-        match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
-            Err(_) => Err(text(
-                StatusCode::REQUEST_TIMEOUT,
-                "timed out reading the request body",
-            )),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
-            Ok(Err(e))
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                Err(self.body_too_large())
+    /// Reads the body: first its snappy header (the declared decoded size),
+    /// then, with the memory for the body and the decoded size reserved, the
+    /// rest. A body of unknown length (chunked) reserves the largest body
+    /// allowed, given back once its length is known.
+    async fn read_body(
+        &self,
+        mut body: Incoming,
+        content_length: Option<u64>,
+    ) -> Result<Received, HttpResponse> {
+        let deadline = Deadline::now() + self.body_read_timeout;
+        let mut chunks = Vec::new();
+        let mut len = 0usize;
+        let mut ended = false;
+        let declared = loop {
+            if let Some(header) = snappy_header(&chunks) {
+                break header;
             }
-            Ok(Err(e)) => Err(text(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            )),
+            match self.next_chunk(&mut body, deadline).await? {
+                Some(c) if len + c.len() > self.max_body_bytes => return Err(self.body_too_large()),
+                Some(c) => {
+                    len += c.len();
+                    chunks.push(c);
+                }
+                None => {
+                    ended = true;
+                    break snappy_header(&chunks).flatten();
+                }
+            }
+        };
+        // Over the limit (or unreadable): decompression refuses it before
+        // allocating anything, so only the body is held.
+        let declared = declared.filter(|&d| d <= self.limits.max_decoded_bytes);
+        let body_bytes = content_length.unwrap_or(self.max_body_bytes as u64);
+        let needed = body_bytes.saturating_add(declared.unwrap_or(0) as u64);
+        let mut reservation = match self.budget.reserve(needed).await {
+            Ok(r) => r,
+            Err(refused) => {
+                let r = budget_refusal(&refused);
+                // The body was asked for (a client waiting for
+                // 100-continue got it), so the client is sending.
+                return Err(if ended {
+                    r
+                } else {
+                    self.refuse_unread(body, content_length, false, r).await
+                });
+            }
+        };
+        let body = if ended && chunks.len() <= 1 {
+            chunks.pop().unwrap_or_default()
+        } else {
+            // Allocated once at its final size; a chunked body's buffer is
+            // only address space until written.
+            let mut buf = Vec::with_capacity(body_bytes as usize);
+            for c in chunks {
+                buf.extend_from_slice(&c);
+            }
+            while !ended {
+                match self.next_chunk(&mut body, deadline).await? {
+                    Some(c) if len + c.len() > self.max_body_bytes => {
+                        return Err(self.body_too_large())
+                    }
+                    Some(c) => {
+                        len += c.len();
+                        buf.extend_from_slice(&c);
+                    }
+                    None => ended = true,
+                }
+            }
+            Bytes::from(buf)
+        };
+        if content_length.is_none() {
+            reservation.shrink_to((len + declared.unwrap_or(0)) as u64);
+        }
+        Ok(Received {
+            body,
+            declared,
+            reservation,
+        })
+    }
+
+    /// Answers `r` to a request whose body is not read to its end.
+    ///
+    /// Answered with the body unread, the connection is closed while the
+    /// client may still be sending; the unread bytes make the kernel reset
+    /// it, the answer is lost, and the sender sees a network error (which
+    /// remote-write senders retry for ever, even for a 413). So a body up
+    /// to twice the limit is read and discarded first (a client waiting for
+    /// 100-continue has sent none).
+    async fn refuse_unread(
+        &self,
+        body: Incoming,
+        content_length: Option<u64>,
+        waits_for_continue: bool,
+        r: HttpResponse,
+    ) -> HttpResponse {
+        let within = content_length.is_none_or(|n| n <= 2 * self.max_body_bytes as u64);
+        if within && !waits_for_continue {
+            discard_body(body).await;
+        }
+        r
+    }
+
+    /// The next piece of the body; `None` at its end.
+    async fn next_chunk(
+        &self,
+        body: &mut Incoming,
+        deadline: Deadline,
+    ) -> Result<Option<Bytes>, HttpResponse> {
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return Err(text(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "timed out reading the request body",
+                    ))
+                }
+                Ok(None) => return Ok(None),
+                Ok(Some(Ok(frame))) => {
+                    // Trailers carry nothing ingest uses.
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(text(
+                        StatusCode::BAD_REQUEST,
+                        format!("cannot read the request body: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// A request's work after its body is read, in a task that owns its memory
+/// reservation.
+struct Job {
+    received: Received,
+    protocol: Protocol,
+    limits: Limits,
+    committer: Committer,
+    pool: Arc<DecodePool>,
+}
+
+impl Job {
+    async fn run(self) -> (HttpResponse, u64) {
+        let Job {
+            received,
+            protocol,
+            limits,
+            committer,
+            pool,
+        } = self;
+        let Received {
+            body,
+            declared,
+            reservation: _reservation,
+        } = received;
+        let size = declared.unwrap_or(body.len());
+        let checked = pool
+            .run(size, move || -> Result<_, DecodeError> {
+                let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
+                // Not needed any more: validation's working memory takes its
+                // place.
+                drop(body);
+                let summary = decode::validate(protocol, &decoded, &limits)?;
+                Ok((decoded, summary))
+            })
+            .await;
+        let (decoded, summary) = match checked {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return (decode_error(&e), 0),
+            Err(e) => {
+                tracing::error!(error = %e, "a write request's validation failed unexpectedly");
+                return (
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("{e}; nothing was stored"),
+                    ),
+                    0,
+                );
+            }
+        };
+        let meta = RecordMeta {
+            receive_time_ms: now_ms(),
+            min_sample_ts: summary.min_ts,
+            max_sample_ts: summary.max_ts,
+            samples: u32::try_from(summary.samples + summary.histograms).unwrap_or(u32::MAX),
+            kind: match protocol {
+                Protocol::V1 => PayloadKind::RemoteWriteV1,
+                Protocol::V2 => PayloadKind::RemoteWriteV2,
+            },
+            encoding: PayloadEncoding::Identity,
+        };
+        let samples = summary.samples + summary.histograms;
+        match committer.append(meta, Bytes::from(decoded)).await {
+            Ok(_seq) => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                if protocol == Protocol::V2 {
+                    let h = r.headers_mut();
+                    h.insert(HEADER_SAMPLES_WRITTEN, HeaderValue::from(summary.samples));
+                    h.insert(
+                        HEADER_HISTOGRAMS_WRITTEN,
+                        HeaderValue::from(summary.histograms),
+                    );
+                    h.insert(
+                        HEADER_EXEMPLARS_WRITTEN,
+                        HeaderValue::from(summary.exemplars),
+                    );
+                }
+                (r, samples)
+            }
+            Err(e) => (commit_error(&e), 0),
+        }
+    }
+}
+
+/// The decoded size a snappy body declares, from its first pieces: `None`
+/// while the header is incomplete, `Some(None)` when it is not a valid
+/// header (decompression then refuses the body).
+fn snappy_header(chunks: &[Bytes]) -> Option<Option<usize>> {
+    // A header is a varint of at most 5 bytes (snappy's lengths are 32-bit).
+    let mut head = [0u8; 5];
+    let mut n = 0;
+    for b in chunks.iter().flat_map(|c| c.iter()).take(head.len()) {
+        head[n] = *b;
+        n += 1;
+    }
+    let complete = head[..n].iter().any(|b| *b < 0x80);
+    if !complete && n < head.len() {
+        return None;
+    }
+    Some(snap::raw::decompress_len(&head[..n]).ok())
+}
+
+/// The answer to a request that got no memory reservation.
+fn budget_refusal(refused: &Refused) -> HttpResponse {
+    match refused {
+        Refused::OverBudget { .. } => {
+            metrics::counter!("walrelay_ingest_refused_total", "reason" => "over_memory_budget")
+                .increment(1);
+            text(StatusCode::PAYLOAD_TOO_LARGE, refused.to_string())
+        }
+        Refused::Busy { .. } => {
+            metrics::counter!("walrelay_ingest_overloaded_total", "reason" => "memory")
+                .increment(1);
+            retry_later(StatusCode::SERVICE_UNAVAILABLE, 1, refused.to_string())
         }
     }
 }

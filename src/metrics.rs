@@ -74,6 +74,10 @@ fn register_at_zero() {
     metrics::gauge!("walrelay_wal_writer_failed").set(0.0);
     metrics::gauge!("walrelay_checkpoint_store_failed").set(0.0);
     metrics::gauge!("walrelay_ingest_requests_in_flight").set(0.0);
+    metrics::gauge!("walrelay_ingest_inflight_bytes").set(0.0);
+    for reason in ["concurrency", "memory"] {
+        metrics::counter!("walrelay_ingest_overloaded_total", "reason" => reason).increment(0);
+    }
     for result in ["success", "failure"] {
         metrics::counter!("walrelay_config_reloads_total", "result" => result).increment(0);
     }
@@ -190,6 +194,20 @@ fn describe() {
     describe_counter!(
         "walrelay_ingest_refused_total",
         "Requests refused as bad input, by reason."
+    );
+    describe_gauge!(
+        "walrelay_ingest_inflight_bytes",
+        Unit::Bytes,
+        "Memory reserved by write requests in flight: body plus declared decoded size."
+    );
+    describe_gauge!(
+        "walrelay_ingest_inflight_bytes_limit",
+        Unit::Bytes,
+        "--max-inflight-decoded-bytes: the most walrelay_ingest_inflight_bytes can reach."
+    );
+    describe_counter!(
+        "walrelay_ingest_overloaded_total",
+        "Write requests answered 503 because the relay was at a limit, by which: concurrency (--max-concurrent-requests) or memory (--max-inflight-decoded-bytes)."
     );
     describe_histogram!(
         "walrelay_ingest_duration_seconds",
