@@ -363,3 +363,22 @@ mod tests {
         assert_eq!(fmt_time(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
     }
 }
+
+/// A half-open range of sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SeqRange {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl SeqRange {
+    pub fn len(&self) -> u64 {
+        self.to.saturating_sub(self.from)
+    }
+}
+
+impl std::fmt::Display for SeqRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{} ({} records)", self.from, self.to, self.len())
+    }
+}

@@ -12,6 +12,7 @@ mod common;
 mod cursors;
 mod dump;
 mod inspect;
+mod journal;
 mod matcher;
 mod repair;
 mod replay;

@@ -21,17 +21,19 @@
 //! replica already has.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use wal_format::{segment_file_name, SegmentHeader};
 
+use super::common::SeqRange;
 use super::common::{self, DataDir};
-use super::verify::{self, Analysis, SegmentReport, SeqRange};
+use super::journal::{self, damaged_dir, sync_dir, JournalEntry};
+use super::verify::{self, Analysis, SegmentReport};
 use crate::checkpoint::Checkpoints;
 
 /// `walrelay wal repair`
@@ -64,90 +66,11 @@ struct Action {
     detail: String,
 }
 
-/// A line of `damaged/repairs.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct JournalEntry {
-    time: String,
-    time_unix_ms: i64,
-    action: String,
-    file: PathBuf,
-    #[serde(default)]
-    moved_to: Option<PathBuf>,
-    #[serde(default)]
-    lost_from: Option<u64>,
-    #[serde(default)]
-    lost_to: Option<u64>,
-    detail: String,
-}
-
-/// The sequence ranges earlier repairs recorded as lost.
-pub struct Journal {
-    /// Merged, sorted ranges with when they were recorded.
-    ranges: Vec<(SeqRange, String)>,
-}
-
-const JOURNAL: &str = "repairs.jsonl";
-
-fn damaged_dir(wal_dir: &Path) -> PathBuf {
-    wal_dir.join("damaged")
-}
-
-impl Journal {
-    /// Reads the journal (empty when there is none).
-    ///
-    /// # Errors
-    /// The journal exists but cannot be read.
-    pub fn read(wal_dir: &Path) -> Result<Journal> {
-        let path = damaged_dir(wal_dir).join(JOURNAL);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Journal { ranges: Vec::new() })
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let mut ranges: Vec<(SeqRange, String)> = Vec::new();
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.with_context(|| format!("reading {}", path.display()))?;
-            let Ok(e) = serde_json::from_str::<JournalEntry>(&line) else {
-                continue;
-            };
-            if let (Some(from), Some(to)) = (e.lost_from, e.lost_to) {
-                ranges.push((SeqRange { from, to }, e.time));
-            }
-        }
-        ranges.sort_by_key(|(r, _)| r.from);
-        let mut merged: Vec<(SeqRange, String)> = Vec::new();
-        for (r, t) in ranges {
-            match merged.last_mut() {
-                Some((m, _)) if r.from <= m.to => m.to = m.to.max(r.to),
-                _ => merged.push((r, t)),
-            }
-        }
-        Ok(Journal { ranges: merged })
-    }
-
-    /// A note when `lost` lies within ranges recorded by an earlier repair.
-    pub fn covering(&self, lost: SeqRange) -> Option<String> {
-        self.ranges
-            .iter()
-            .find(|(r, _)| r.from <= lost.from && lost.to <= r.to)
-            .map(|(_, t)| format!("recorded by wal repair at {t}"))
-    }
-}
-
 fn append_journal(wal_dir: &Path, actions: &[Action]) -> Result<()> {
-    let dir = damaged_dir(wal_dir);
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(JOURNAL);
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
     let now = common::now_ms();
-    for a in actions {
-        let e = JournalEntry {
+    let entries: Vec<JournalEntry> = actions
+        .iter()
+        .map(|a| JournalEntry {
             time: common::fmt_time(now),
             time_unix_ms: now,
             action: a.action.to_owned(),
@@ -156,19 +79,9 @@ fn append_journal(wal_dir: &Path, actions: &[Action]) -> Result<()> {
             lost_from: a.lost.map(|l| l.from),
             lost_to: a.lost.map(|l| l.to),
             detail: a.detail.clone(),
-        };
-        let mut line = serde_json::to_vec(&e)?;
-        line.push(b'\n');
-        f.write_all(&line)?;
-    }
-    f.sync_all()?;
-    sync_dir(&dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync of directory {}", dir.display()))
+        })
+        .collect();
+    journal::append(wal_dir, &entries)
 }
 
 /// `base`, or `base.1`, `base.2`... whichever does not exist yet.

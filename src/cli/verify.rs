@@ -22,8 +22,9 @@ use prom_remote_write::{decode, Limits, Protocol};
 use serde::Serialize;
 use wal_format::{decode_frame_header, PayloadEncoding, PayloadKind, Record, FRAME_HEADER_LEN};
 
+use super::common::SeqRange;
 use super::common::{self, DataDir, Table};
-use super::repair::Journal;
+use super::journal::Journal;
 use super::scan::{self, Event, SegmentFile};
 
 /// `walrelay wal verify`
@@ -38,25 +39,6 @@ pub struct VerifyArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-}
-
-/// A half-open range of sequence numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct SeqRange {
-    pub from: u64,
-    pub to: u64,
-}
-
-impl SeqRange {
-    pub fn len(&self) -> u64 {
-        self.to.saturating_sub(self.from)
-    }
-}
-
-impl std::fmt::Display for SeqRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}..{} ({} records)", self.from, self.to, self.len())
-    }
 }
 
 /// One damaged place.

@@ -28,10 +28,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use wal_format::{parse_segment_file_name, segment_file_name, SegmentHeader, FORMAT_VERSION};
+use wal_format::parse_segment_file_name;
 
 use super::env::Storage;
-use super::segment::{read_header, Scan, SegmentCursor};
+use super::segment::{read_header, Active, Scan, SegmentCursor};
 use super::writer::WalWriter;
 use super::{SegmentMeta, Shared, Wal, WalError, WalOptions};
 
@@ -242,16 +242,6 @@ fn sealed_segment(
     })
 }
 
-/// The active segment as recovery leaves it: its metadata and its length.
-pub(super) struct Active {
-    pub first_seq: u64,
-    pub path: PathBuf,
-    pub len: u64,
-    /// Damage was found inside it: seal it and append to a new segment, so
-    /// the damaged file is never written again.
-    pub seal: bool,
-}
-
 /// Scans the last segment in full, cuts a torn tail, and returns it as the
 /// segment to append to, with the next sequence number.
 fn recover_last(
@@ -407,42 +397,4 @@ fn recover_last(
         }),
         next_seq,
     ))
-}
-
-/// Creates a new segment file starting at `first_seq` and makes it and its
-/// directory entry durable.
-///
-/// # Errors
-/// [`WalError::NoSpace`] and other I/O errors; [`WalError::SyncFailed`] when
-/// an fsync fails.
-pub(super) fn create_segment(
-    storage: &dyn Storage,
-    dir: &Path,
-    first_seq: u64,
-) -> Result<(Box<dyn super::env::WritableFile>, PathBuf, u64), WalError> {
-    let path = dir.join(segment_file_name(first_seq));
-    let mut file = storage
-        .create_new(&path)
-        .map_err(|e| WalError::write(&path, e))?;
-    let mut buf = Vec::with_capacity(wal_format::SEGMENT_HEADER_LEN);
-    SegmentHeader {
-        version: FORMAT_VERSION,
-        first_seq,
-    }
-    .encode(&mut buf);
-    if let Err(e) = file.append(&buf) {
-        // Leave no half-made segment behind: the next attempt recreates it.
-        drop(file);
-        let _ = storage.remove(&path);
-        return Err(WalError::write(&path, e));
-    }
-    file.sync_data().map_err(|e| WalError::SyncFailed {
-        path: path.clone(),
-        source: e,
-    })?;
-    storage.sync_dir(dir).map_err(|e| WalError::SyncFailed {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
-    Ok((file, path, buf.len() as u64))
 }

@@ -1,4 +1,4 @@
-//! One segment file, read frame by frame.
+//! One segment file: created with its header, and read frame by frame.
 //!
 //! The on-disk layout is specified in `wal-format/SPEC.md`; this module only
 //! walks it. [`SegmentCursor`] reads frames sequentially up to a byte limit
@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wal_format::{
-    decode_frame, decode_frame_header, decode_records, find_next_frame, CorruptReason, Decoded,
-    FrameHeader, HeaderStatus, Record, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    decode_frame, decode_frame_header, decode_records, find_next_frame, segment_file_name,
+    CorruptReason, Decoded, FrameHeader, HeaderStatus, Record, SegmentHeader, FORMAT_VERSION,
+    FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 
 use super::env::{ReadableFile, Storage};
@@ -303,4 +304,52 @@ impl SegmentCursor {
             .map_err(|e| WalError::io("read frame", &self.path, e))?;
         Ok(n == total && matches!(decode_frame(self.salt, &buf), Decoded::Frame { .. }))
     }
+}
+
+/// The active segment as recovery leaves it: its metadata and its length.
+pub(super) struct Active {
+    pub first_seq: u64,
+    pub path: PathBuf,
+    pub len: u64,
+    /// Damage was found inside it: seal it and append to a new segment, so
+    /// the damaged file is never written again.
+    pub seal: bool,
+}
+
+/// Creates a new segment file starting at `first_seq` and makes it and its
+/// directory entry durable.
+///
+/// # Errors
+/// [`WalError::NoSpace`] and other I/O errors; [`WalError::SyncFailed`] when
+/// an fsync fails.
+pub(super) fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+) -> Result<(Box<dyn super::env::WritableFile>, PathBuf, u64), WalError> {
+    let path = dir.join(segment_file_name(first_seq));
+    let mut file = storage
+        .create_new(&path)
+        .map_err(|e| WalError::write(&path, e))?;
+    let mut buf = Vec::with_capacity(wal_format::SEGMENT_HEADER_LEN);
+    SegmentHeader {
+        version: FORMAT_VERSION,
+        first_seq,
+    }
+    .encode(&mut buf);
+    if let Err(e) = file.append(&buf) {
+        // Leave no half-made segment behind: the next attempt recreates it.
+        drop(file);
+        let _ = storage.remove(&path);
+        return Err(WalError::write(&path, e));
+    }
+    file.sync_data().map_err(|e| WalError::SyncFailed {
+        path: path.clone(),
+        source: e,
+    })?;
+    storage.sync_dir(dir).map_err(|e| WalError::SyncFailed {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    Ok((file, path, buf.len() as u64))
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use wal_format::{encode_frame, RecordRef};
 
 use super::env::WritableFile;
-use super::recovery::{create_segment, Active};
+use super::segment::{create_segment, Active};
 use super::{Durable, SegmentMeta, Shared, WalError, WalOptions};
 
 /// Frame and record header bytes per record, an upper bound used to decide
