@@ -59,6 +59,9 @@
 pub mod content;
 pub mod decode;
 pub mod encode;
+mod pb;
+mod stream;
+mod symbols;
 pub mod translate;
 pub mod v1;
 pub mod v2;
