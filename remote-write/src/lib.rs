@@ -56,6 +56,7 @@
 //! # }
 //! ```
 
+mod canon;
 pub mod content;
 pub mod decode;
 pub mod encode;

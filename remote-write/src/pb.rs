@@ -535,6 +535,15 @@ impl Iterator for Packed<'_> {
     }
 }
 
+/// The last value of the singular scalar field `tag` of `msg` (the last
+/// occurrence wins), or 0.
+pub(crate) fn last(msg: &[u8], tag: u32) -> u64 {
+    Fields::new(msg)
+        .filter(|&(t, _)| t == tag)
+        .last()
+        .map_or(0, |(_, v)| v.u64())
+}
+
 /// Number of elements of a repeated varint field in `fields` with `tag`.
 pub(crate) fn count_varints(fields: Fields<'_>, tag: u32) -> usize {
     fields

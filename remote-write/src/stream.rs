@@ -93,15 +93,7 @@ fn validate_v1(buf: &[u8], limits: &Limits) -> Result<Summary, DecodeError> {
 
 /// The last `timestamp` of a `Sample` (same field in 1.0 and 2.0).
 fn sample_ts(sample: &[u8]) -> i64 {
-    last_varint(sample, 2) as i64
-}
-
-/// The last value of the singular varint field `tag`, or 0.
-fn last_varint(msg: &[u8], tag: u32) -> u64 {
-    Fields::new(msg)
-        .filter(|&(t, _)| t == tag)
-        .last()
-        .map_or(0, |(_, v)| v.u64())
+    pb::last(sample, 2) as i64
 }
 
 /// The name and value of a 1.0 `Label` (last occurrences, "" if none).
@@ -209,10 +201,16 @@ fn histograms(i: usize, s: &[u8], tag: u32, summary: &mut Summary) -> Result<(),
     Ok(())
 }
 
-fn validate_v2(buf: &[u8], symbols: &Symbols<'_>, limits: &Limits) -> Result<Summary, DecodeError> {
-    if symbols.get(0).is_some_and(|s| !s.is_empty()) {
-        return Err(DecodeError::FirstSymbolNotEmpty);
+/// `symbols[0]` is `""` when there are symbols.
+pub(crate) fn check_first_symbol(symbols: &Symbols<'_>) -> Result<(), DecodeError> {
+    match symbols.get(0) {
+        Some(s) if !s.is_empty() => Err(DecodeError::FirstSymbolNotEmpty),
+        _ => Ok(()),
     }
+}
+
+fn validate_v2(buf: &[u8], symbols: &Symbols<'_>, limits: &Limits) -> Result<Summary, DecodeError> {
+    check_first_symbol(symbols)?;
     let mut summary = Summary::default();
     let mut scratch = Scratch::default();
     let series = Fields::new(buf).filter(|&(tag, _)| tag == 5);
@@ -224,12 +222,12 @@ fn validate_v2(buf: &[u8], symbols: &Symbols<'_>, limits: &Limits) -> Result<Sum
 
 /// The references of a `labels_refs` field (tag 1 in a 2.0 series and
 /// exemplar), packed or not, in order, as prost's `uint32`.
-fn refs(msg: &[u8]) -> impl Iterator<Item = u32> + '_ {
+pub(crate) fn refs(msg: &[u8]) -> impl Iterator<Item = u32> + '_ {
     pb::repeated_varints(Fields::new(msg), 1).map(|r| r as u32)
 }
 
 /// Checks a `labels_refs` list: even length, every reference in range.
-fn check_refs(
+pub(crate) fn check_refs(
     i: usize,
     field: &'static str,
     msg: &[u8],
@@ -369,6 +367,31 @@ fn unsorted_duplicate_v2<'a>(
         }
     }
     smallest
+}
+
+/// What a 2.0 request that [`pb::check`] accepted carries (as
+/// [`crate::translate::count_v2`] counts the decoded request).
+pub(crate) fn summarize_v2(buf: &[u8]) -> Summary {
+    let mut summary = Summary::default();
+    for (_, s) in Fields::new(buf).filter(|&(tag, _)| tag == 5) {
+        let mut counts = Counts::default();
+        for (tag, v) in Fields::new(s.bytes()) {
+            match tag {
+                2 => {
+                    counts.samples += 1;
+                    summary.observe_ts(sample_ts(v.bytes()));
+                }
+                3 => {
+                    counts.histograms += 1;
+                    summary.observe_ts(pb::last(v.bytes(), 15) as i64);
+                }
+                4 => counts.exemplars += 1,
+                _ => {}
+            }
+        }
+        counts.add_to(&mut summary);
+    }
+    summary
 }
 
 /// A native histogram (1.0 and 2.0 alike) read where it lies.
