@@ -695,10 +695,11 @@ pub(crate) fn check_labels(
     labels: &mut [(&str, &str)],
     limits: &Limits,
 ) -> Result<(), DecodeError> {
-    let mut rules = LabelRules::begin(series, labels.len(), limits)?;
+    let mut rules = LabelRules::new(series, limits);
     for &(name, value) in labels.iter() {
-        rules.label(name.as_bytes(), value.as_bytes())?;
+        rules.label(name.as_bytes(), value.as_bytes());
     }
+    rules.check()?;
     let duplicate = match rules.duplicate_if_sorted() {
         Some(d) => d,
         None => {
@@ -713,13 +714,18 @@ pub(crate) fn check_labels(
 }
 
 /// The label rules of one series, fed its labels in order; the checks and
-/// their order are [`check_labels`']: the count, then each label (empty
-/// name, name and value lengths), then a name given twice (the smallest such
-/// name, as found after sorting), then `__name__`. Names compare as bytes,
-/// which for UTF-8 is the order of `str`.
+/// their order are [`check_labels`']: the number of labels, then each label
+/// (empty name, name and value lengths), then a name given twice (the
+/// smallest such name, as found after sorting), then `__name__`. Names
+/// compare as bytes, which for UTF-8 is the order of `str`. A label never
+/// fails at once: the first failure is kept for [`LabelRules::check`],
+/// since the number of labels, checked first, is known only at the end.
 pub(crate) struct LabelRules<'a, 'l> {
     series: usize,
     limits: &'l Limits,
+    count: usize,
+    /// The first label that broke a rule.
+    failed: Option<DecodeError>,
     has_name: bool,
     sorted: bool,
     previous: Option<&'a [u8]>,
@@ -728,48 +734,42 @@ pub(crate) struct LabelRules<'a, 'l> {
 }
 
 impl<'a, 'l> LabelRules<'a, 'l> {
-    /// Rules for a series with `count` labels.
-    pub(crate) fn begin(
-        series: usize,
-        count: usize,
-        limits: &'l Limits,
-    ) -> Result<Self, DecodeError> {
-        if count == 0 {
-            return Err(DecodeError::NoLabels { series });
-        }
-        if limits.max_labels_per_series != 0 && count > limits.max_labels_per_series {
-            return Err(DecodeError::TooManyLabels {
-                series,
-                count,
-                limit: limits.max_labels_per_series,
-            });
-        }
-        Ok(LabelRules {
+    pub(crate) fn new(series: usize, limits: &'l Limits) -> Self {
+        LabelRules {
             series,
             limits,
+            count: 0,
+            failed: None,
             has_name: false,
             sorted: true,
             previous: None,
             duplicate: None,
-        })
+        }
+    }
+
+    /// Labels seen.
+    pub(crate) fn count(&self) -> usize {
+        self.count
     }
 
     /// The next label; `name` and `value` are UTF-8.
     #[inline]
-    pub(crate) fn label(&mut self, name: &'a [u8], value: &[u8]) -> Result<(), DecodeError> {
+    pub(crate) fn label(&mut self, name: &'a [u8], value: &[u8]) {
+        self.count += 1;
+        if self.failed.is_some() {
+            return;
+        }
         let (series, limits) = (self.series, self.limits);
         if name.is_empty() {
-            return Err(DecodeError::EmptyLabelName { series });
-        }
-        if limits.max_label_name_len != 0 && name.len() > limits.max_label_name_len {
-            return Err(DecodeError::LabelNameTooLong {
+            self.failed = Some(DecodeError::EmptyLabelName { series });
+        } else if limits.max_label_name_len != 0 && name.len() > limits.max_label_name_len {
+            self.failed = Some(DecodeError::LabelNameTooLong {
                 series,
                 len: name.len(),
                 limit: limits.max_label_name_len,
             });
-        }
-        if limits.max_label_value_len != 0 && value.len() > limits.max_label_value_len {
-            return Err(DecodeError::LabelValueTooLong {
+        } else if limits.max_label_value_len != 0 && value.len() > limits.max_label_value_len {
+            self.failed = Some(DecodeError::LabelValueTooLong {
                 series,
                 name: String::from_utf8_lossy(name).into_owned(),
                 len: value.len(),
@@ -787,7 +787,22 @@ impl<'a, 'l> LabelRules<'a, 'l> {
             }
         }
         self.previous = Some(name);
-        Ok(())
+    }
+
+    /// The number of labels, then the first label that broke a rule.
+    pub(crate) fn check(&mut self) -> Result<(), DecodeError> {
+        let (series, limits, count) = (self.series, self.limits, self.count);
+        if count == 0 {
+            return Err(DecodeError::NoLabels { series });
+        }
+        if limits.max_labels_per_series != 0 && count > limits.max_labels_per_series {
+            return Err(DecodeError::TooManyLabels {
+                series,
+                count,
+                limit: limits.max_labels_per_series,
+            });
+        }
+        self.failed.take().map_or(Ok(()), Err)
     }
 
     /// When the labels were in order: `Some` of the name given twice, if
@@ -796,8 +811,9 @@ impl<'a, 'l> LabelRules<'a, 'l> {
         self.sorted.then_some(self.duplicate)
     }
 
-    /// The last rules, given the smallest name given twice.
-    pub(crate) fn finish(self, duplicate: Option<&[u8]>) -> Result<(), DecodeError> {
+    /// The last rules (after [`LabelRules::check`]), given the smallest name
+    /// given twice.
+    pub(crate) fn finish(&self, duplicate: Option<&[u8]>) -> Result<(), DecodeError> {
         if let Some(name) = duplicate {
             return Err(DecodeError::DuplicateLabelName {
                 series: self.series,

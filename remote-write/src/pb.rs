@@ -119,6 +119,47 @@ impl fmt::Display for PbError {
 
 type PbResult<T> = Result<T, PbError>;
 
+/// Why [`read_varint`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VarintError {
+    /// The buffer ends inside it.
+    Truncated,
+    /// More than 10 bytes, or a tenth byte over 1 (more than 64 bits).
+    Invalid,
+}
+
+/// A varint at `*pos`, as prost reads it (at most 10 bytes, the tenth at
+/// most 1); `*pos` ends after the bytes read, also on failure.
+#[inline(always)]
+pub(crate) fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, VarintError> {
+    match buf.get(*pos) {
+        Some(&b) if b < 0x80 => {
+            *pos += 1;
+            Ok(u64::from(b))
+        }
+        _ => read_varint_slow(buf, pos),
+    }
+}
+
+#[inline(never)]
+fn read_varint_slow(buf: &[u8], pos: &mut usize) -> Result<u64, VarintError> {
+    let mut value: u64 = 0;
+    for i in 0..10 {
+        let Some(&b) = buf.get(*pos) else {
+            return Err(VarintError::Truncated);
+        };
+        *pos += 1;
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            if i == 9 && b >= 2 {
+                return Err(VarintError::Invalid);
+            }
+            return Ok(value);
+        }
+    }
+    Err(VarintError::Invalid)
+}
+
 fn err<T>(kind: PbErrorKind) -> PbResult<T> {
     Err(PbError::new(kind))
 }
@@ -183,24 +224,10 @@ impl<'a> Cursor<'a> {
         self.buf.len() - self.pos
     }
 
-    /// `prost::encoding::decode_varint`: at most 10 bytes, the tenth at most 1.
-    #[inline]
+    /// `prost::encoding::decode_varint`.
+    #[inline(always)]
     pub fn varint(&mut self) -> PbResult<u64> {
-        let mut value: u64 = 0;
-        for i in 0..10 {
-            let Some(&b) = self.buf.get(self.pos) else {
-                return err(PbErrorKind::InvalidVarint);
-            };
-            self.pos += 1;
-            value |= u64::from(b & 0x7f) << (7 * i);
-            if b < 0x80 {
-                if i == 9 && b >= 2 {
-                    return err(PbErrorKind::InvalidVarint);
-                }
-                return Ok(value);
-            }
-        }
-        err(PbErrorKind::InvalidVarint)
+        read_varint(self.buf, &mut self.pos).or_else(|_| err(PbErrorKind::InvalidVarint))
     }
 
     /// `prost::encoding::decode_key`.
@@ -431,21 +458,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// The length-delimited value whose length prefix is at `at`, and the
-    /// fields after it to the end of `buf`.
-    pub fn at_len_prefix_value(buf: &'a [u8], at: usize) -> (&'a [u8], Self) {
-        let mut c = Cursor::new(buf, at);
-        let value = match c.len_end() {
-            Ok(end) => {
-                let v = &buf[c.pos..end];
-                c.pos = end;
-                v
-            }
-            Err(_) => &[],
-        };
-        (value, Fields { c, end: buf.len() })
-    }
-
+    #[inline(always)]
     fn value(&mut self, tag: u32, wt: u8) -> Option<Value<'a>> {
         let c = &mut self.c;
         Some(match wt {
@@ -456,12 +469,15 @@ impl<'a> Fields<'a> {
                 Value::I64(u64::from_le_bytes(b.try_into().ok()?))
             }
             WT_LEN => {
-                let end = c.len_end().ok()?;
-                let b = &c.buf[c.pos..end];
-                c.pos = end;
+                let len = c.varint().ok()? as usize;
+                let b = c.buf.get(c.pos..c.pos.checked_add(len)?)?;
+                c.pos += len;
                 Value::Len(b)
             }
             _ => {
+                if wt == WT_EGROUP || wt > WT_I32 {
+                    return None;
+                }
                 c.skip_field(wt, tag, RECURSION_LIMIT).ok()?;
                 Value::Other
             }
@@ -477,8 +493,12 @@ impl<'a> Iterator for Fields<'a> {
         if self.c.pos >= self.end {
             return None;
         }
-        let field = match self.c.key() {
-            Ok((tag, wt)) => self.value(tag, wt).map(|v| (tag, v)),
+        // The key's checks were made by `check`.
+        let field = match self.c.varint() {
+            Ok(key) => {
+                let tag = (key >> 3) as u32;
+                self.value(tag, (key & 7) as u8).map(|v| (tag, v))
+            }
             Err(_) => None,
         };
         if field.is_none() {
@@ -491,14 +511,49 @@ impl<'a> Iterator for Fields<'a> {
 
 /// The elements of a repeated varint field, packed or not, in order, from
 /// its occurrences in `fields` with tag `tag`.
-pub(crate) fn repeated_varints<'a>(fields: Fields<'a>, tag: u32) -> impl Iterator<Item = u64> + 'a {
-    fields.filter(move |&(t, _)| t == tag).flat_map(|(_, v)| {
-        let (packed, single) = match v {
-            Value::Len(b) => (b, None),
-            other => (&[][..], Some(other.u64())),
-        };
-        single.into_iter().chain(Packed(Cursor::new(packed, 0)))
-    })
+pub(crate) fn repeated_varints(fields: Fields<'_>, tag: u32) -> RepeatedVarints<'_> {
+    RepeatedVarints {
+        fields,
+        tag,
+        packed: Cursor::new(&[], 0),
+    }
+}
+
+/// The varints of one packed run.
+pub(crate) fn packed_varints(run: &[u8]) -> RepeatedVarints<'_> {
+    RepeatedVarints {
+        fields: Fields::new(&[]),
+        tag: 0,
+        packed: Cursor::new(run, 0),
+    }
+}
+
+/// See [`repeated_varints`].
+pub(crate) struct RepeatedVarints<'a> {
+    fields: Fields<'a>,
+    tag: u32,
+    /// The rest of the packed run being read.
+    packed: Cursor<'a>,
+}
+
+impl Iterator for RepeatedVarints<'_> {
+    type Item = u64;
+
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        loop {
+            if self.packed.pos < self.packed.buf.len() {
+                return self.packed.varint().ok();
+            }
+            let (tag, v) = self.fields.next()?;
+            if tag == self.tag {
+                match v {
+                    Value::Len(b) => self.packed = Cursor::new(b, 0),
+                    other => return Some(other.u64()),
+                }
+            }
+        }
+    }
 }
 
 /// The elements of a repeated `double` field, packed or not, in order.
@@ -520,21 +575,6 @@ fn b8(b: &[u8]) -> impl Iterator<Item = [u8; 8]> + '_ {
         .map(|c| <[u8; 8]>::try_from(c).unwrap_or([0; 8]))
 }
 
-/// The varints of a packed run.
-struct Packed<'a>(Cursor<'a>);
-
-impl Iterator for Packed<'_> {
-    type Item = u64;
-
-    #[inline]
-    fn next(&mut self) -> Option<u64> {
-        if self.0.pos >= self.0.buf.len() {
-            return None;
-        }
-        self.0.varint().ok()
-    }
-}
-
 /// The last value of the singular scalar field `tag` of `msg` (the last
 /// occurrence wins), or 0.
 pub(crate) fn last(msg: &[u8], tag: u32) -> u64 {
@@ -548,12 +588,18 @@ pub(crate) fn last(msg: &[u8], tag: u32) -> u64 {
 pub(crate) fn count_varints(fields: Fields<'_>, tag: u32) -> usize {
     fields
         .filter(|&(t, _)| t == tag)
-        .map(|(_, v)| match v {
-            // Every byte without the continuation bit ends one varint.
-            Value::Len(b) => b.iter().filter(|&&x| x < 0x80).count(),
-            _ => 1,
-        })
+        .map(|(_, v)| varints_in(v))
         .sum()
+}
+
+/// Number of elements in one occurrence of a repeated varint field.
+#[inline]
+pub(crate) fn varints_in(v: Value<'_>) -> usize {
+    match v {
+        // Every byte without the continuation bit ends one varint.
+        Value::Len(b) => b.iter().filter(|&&x| x < 0x80).count(),
+        _ => 1,
+    }
 }
 
 /// Number of elements of a repeated `double` field in `fields` with `tag`.

@@ -109,6 +109,11 @@ fn label_v1(label: &[u8]) -> (&[u8], &[u8]) {
     (name, value)
 }
 
+/// Where `inner`, a part of `outer`, starts in it.
+fn offset_in(outer: &[u8], inner: &[u8]) -> usize {
+    inner.as_ptr() as usize - outer.as_ptr() as usize
+}
+
 /// What a series holds, counted in one walk.
 #[derive(Default)]
 struct Counts {
@@ -133,11 +138,14 @@ fn series_v1(
     summary: &mut Summary,
     scratch: &mut Scratch,
 ) -> Result<(), DecodeError> {
-    let mut labels = 0usize;
+    let mut rules = LabelRules::new(i, limits);
     let mut counts = Counts::default();
     for (tag, v) in Fields::new(s) {
         match tag {
-            1 => labels += 1,
+            1 => {
+                let (name, value) = label_v1(v.bytes());
+                rules.label(name, value);
+            }
             2 => {
                 counts.samples += 1;
                 summary.observe_ts(sample_ts(v.bytes()));
@@ -147,38 +155,48 @@ fn series_v1(
             _ => {}
         }
     }
-    let mut rules = LabelRules::begin(i, labels, limits)?;
-    for (tag, v) in Fields::new(s) {
-        if tag == 1 {
-            let (name, value) = label_v1(v.bytes());
-            rules.label(name, value)?;
-        }
-    }
+    rules.check()?;
     let duplicate = match rules.duplicate_if_sorted() {
         Some(d) => d,
-        None => unsorted_duplicate_v1(s, &mut scratch.entries),
+        None => unsorted_duplicate_v1(s, rules.count(), &mut scratch.entries),
     };
     rules.finish(duplicate)?;
-    histograms(i, s, 4, summary)?;
+    if counts.histograms > 0 {
+        histograms(i, s, 4, summary)?;
+    }
     counts.add_to(summary);
     Ok(())
 }
 
 /// The smallest label name given twice in a 1.0 series, by sorting the
-/// positions of its labels by name.
-fn unsorted_duplicate_v1<'a>(s: &'a [u8], positions: &mut Vec<u32>) -> Option<&'a [u8]> {
+/// positions of the names' fields (a `u32` per label).
+fn unsorted_duplicate_v1<'a>(
+    s: &'a [u8],
+    labels: usize,
+    positions: &mut Vec<u32>,
+) -> Option<&'a [u8]> {
     positions.clear();
-    let mut fields = Fields::new(s);
-    loop {
-        let at = fields.pos();
-        match fields.next() {
-            Some((1, _)) => positions.push(at as u32),
-            Some(_) => {}
-            None => break,
+    positions.reserve_exact(labels);
+    for (tag, label) in Fields::new(s) {
+        if tag == 1 {
+            // The key of the label's last name (every label here has one).
+            let label = label.bytes();
+            let mut fields = Fields::new(label);
+            let mut name_at = None;
+            loop {
+                let at = fields.pos();
+                match fields.next() {
+                    Some((1, _)) => name_at = Some(at),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            let at = name_at.map_or(u32::MAX, |at| (offset_in(s, label) + at) as u32);
+            positions.push(at);
         }
     }
     let name = |at: u32| match Fields::from_pos(s, at as usize).next() {
-        Some((_, v)) => label_v1(v.bytes()).0,
+        Some((_, v)) => v.bytes(),
         None => &[],
     };
     positions.sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
@@ -279,10 +297,16 @@ fn series_v2(
     scratch: &mut Scratch,
 ) -> Result<(), DecodeError> {
     let mut counts = Counts::default();
+    let (mut refs_len, mut refs_fields, mut packed_refs): (usize, usize, &[u8]) = (0, 0, &[]);
     // help_ref and unit_ref of the metadata, if any (its occurrences merge).
     let mut metadata: Option<(u32, u32)> = None;
     for (tag, v) in Fields::new(s) {
         match tag {
+            1 => {
+                refs_len += pb::varints_in(v);
+                refs_fields += 1;
+                packed_refs = v.bytes();
+            }
             2 => {
                 counts.samples += 1;
                 summary.observe_ts(sample_ts(v.bytes()));
@@ -302,27 +326,48 @@ fn series_v2(
             _ => {}
         }
     }
-    check_refs(i, "labels_refs", s, symbols)?;
-    let symbol = |r: u32| symbols.get(r).unwrap_or_default();
-    let mut rules = LabelRules::begin(i, count_varints(Fields::new(s), 1) / 2, limits)?;
-    for (name, value) in pairs(s) {
-        rules.label(symbol(name), symbol(value))?;
+    if !refs_len.is_multiple_of(2) {
+        return Err(DecodeError::OddLabelRefs {
+            series: i,
+            field: "labels_refs",
+            len: refs_len,
+        });
     }
+    // Every reference is checked before the label rules (`check_refs`, then
+    // `check_labels`): the rules keep their first failure meanwhile.
+    let mut rules = LabelRules::new(i, limits);
+    // Senders write the references as one packed run: read it directly.
+    let mut refs = match refs_fields {
+        1 if !packed_refs.is_empty() => pb::packed_varints(packed_refs),
+        _ => pb::repeated_varints(Fields::new(s), 1),
+    }
+    .map(|r| r as u32);
+    while let (Some(name), Some(value)) = (refs.next(), refs.next()) {
+        in_range(i, "labels_refs", name, symbols)?;
+        in_range(i, "labels_refs", value, symbols)?;
+        let symbol = |r: u32| symbols.get(r).unwrap_or_default();
+        rules.label(symbol(name), symbol(value));
+    }
+    rules.check()?;
     let duplicate = match rules.duplicate_if_sorted() {
         Some(d) => d,
         None => unsorted_duplicate_v2(s, symbols, scratch),
     };
     rules.finish(duplicate)?;
-    for (tag, e) in Fields::new(s) {
-        if tag == 4 {
-            check_refs(i, "exemplar labels_refs", e.bytes(), symbols)?;
+    if counts.exemplars > 0 {
+        for (tag, e) in Fields::new(s) {
+            if tag == 4 {
+                check_refs(i, "exemplar labels_refs", e.bytes(), symbols)?;
+            }
         }
     }
     if let Some((help, unit)) = metadata {
         in_range(i, "help_ref", help, symbols)?;
         in_range(i, "unit_ref", unit, symbols)?;
     }
-    histograms(i, s, 3, summary)?;
+    if counts.histograms > 0 {
+        histograms(i, s, 3, summary)?;
+    }
     counts.add_to(summary);
     Ok(())
 }

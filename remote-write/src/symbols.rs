@@ -12,7 +12,7 @@
 //! symbols are at least 2 bytes, so a request of `n` bytes holds at most
 //! `n / 2` of them, which stride 32 indexes in `n / 16` bytes).
 
-use crate::pb::Fields;
+use crate::pb::{Cursor, Fields};
 
 /// Tag of `Request.symbols`.
 const SYMBOLS_TAG: u32 = 4;
@@ -79,11 +79,14 @@ impl<'a> Symbols<'a> {
         }
         let at = *self.index.get((r >> self.shift) as usize)? as usize;
         let mut k = r & ((1 << self.shift) - 1);
-        let (first, rest) = Fields::at_len_prefix_value(self.buf, at);
+        let mut c = Cursor::new(self.buf, at);
+        let len = c.varint().ok()? as usize;
+        let end = c.pos.checked_add(len)?;
+        let first = self.buf.get(c.pos..end)?;
         if k == 0 {
             return Some(first);
         }
-        for (tag, v) in rest {
+        for (tag, v) in Fields::from_pos(self.buf, end) {
             if tag == SYMBOLS_TAG {
                 k -= 1;
                 if k == 0 {

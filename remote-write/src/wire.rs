@@ -19,7 +19,7 @@
 use std::mem::size_of;
 
 use crate::content::Protocol;
-use crate::pb::utf8;
+use crate::pb::{read_varint, utf8, VarintError};
 use crate::{v1, v2};
 
 /// Counts gathered by [`scan`].
@@ -57,24 +57,15 @@ impl<'a> Reader<'a> {
         self.pos >= self.buf.len()
     }
 
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, String> {
-        let mut value: u64 = 0;
-        for i in 0..10 {
-            let Some(&b) = self.buf.get(self.pos) else {
-                return Err(format!("truncated varint at byte {}", self.pos));
-            };
-            self.pos += 1;
-            if i == 9 && b > 1 {
-                return Err(format!("invalid varint ending at byte {}", self.pos));
-            }
-            value |= u64::from(b & 0x7f) << (7 * i);
-            if b < 0x80 {
-                return Ok(value);
-            }
-        }
-        Err(format!("invalid varint ending at byte {}", self.pos))
+        read_varint(self.buf, &mut self.pos).map_err(|e| match e {
+            VarintError::Truncated => format!("truncated varint at byte {}", self.pos),
+            VarintError::Invalid => format!("invalid varint ending at byte {}", self.pos),
+        })
     }
 
+    #[inline]
     fn key(&mut self) -> Result<(u32, u8), String> {
         let at = self.pos;
         let key = self.varint()?;
@@ -104,6 +95,7 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    #[inline]
     fn bytes(&mut self) -> Result<&'a [u8], String> {
         let len = self.varint()?;
         let start = self.pos;

@@ -946,3 +946,23 @@ fn a_created_timestamp_given_twice_counts_by_its_last_value() {
     let dropped = v2_to_v1_bytes(&CheckedV2::new(&buf).unwrap(), &mut out).unwrap();
     assert_eq!(dropped.created_timestamps, 0);
 }
+
+#[test]
+fn every_reference_is_checked_before_the_label_rules() {
+    // Pair 0 has an empty name; pair 2 refers past the table: the reference
+    // is the answer, as `check_refs` runs before `check_labels`.
+    let req = v2::Request {
+        symbols: ["", "__name__", "m"].map(String::from).to_vec(),
+        timeseries: vec![v2::TimeSeries {
+            labels_refs: vec![0, 2, 1, 2, 9, 2],
+            ..Default::default()
+        }],
+    };
+    let buf = req.encode_to_vec();
+    answers(Protocol::V2, &buf, &Limits::default());
+    let e = validate(Protocol::V2, &buf, &Limits::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "series 0: labels_refs reference 9 out of range (3 symbols)"
+    );
+}
