@@ -17,12 +17,17 @@
 //!    ([`DecodeError::TooLarge`], HTTP 413).
 //! 2. [`validate`] first walks the protobuf wire format without allocating:
 //!    it counts the series ([`Limits::max_series`], [`DecodeError::TooManySeries`])
-//!    and estimates the memory prost will need, refusing bodies that would
-//!    expand more than [`MAX_EXPANSION`] times ([`DecodeError::ExpandsTooMuch`]):
-//!    a protobuf "bomb" of empty elements would otherwise allocate
-//!    gigabytes. Legitimate requests stay well below the factor.
-//! 3. prost decodes the declared message ([`DecodeError::Protobuf`]:
-//!    truncation, wrong wire types, invalid UTF-8 in strings...).
+//!    and estimates the memory prost would need, refusing bodies that would
+//!    expand more than [`MAX_EXPANSION`] times ([`DecodeError::ExpandsTooMuch`]).
+//!    The relay no longer decodes with prost, but keeps the check so that
+//!    every body gets the answer it always got.
+//! 3. The declared message must be one prost would decode
+//!    ([`DecodeError::Protobuf`]: truncation, wrong wire types, invalid
+//!    UTF-8 in strings..., worded as prost words them). It is not decoded:
+//!    `crate::pb` walks it as prost would, and the rules below are applied to
+//!    the bytes (`crate::stream`), reading each field where it lies (the last
+//!    occurrence of a singular field wins, repeated scalars come packed or
+//!    not, as prost reads them).
 //! 4. For 2.0: `symbols[0]` is `""` when there are symbols, every
 //!    `labels_refs` has an even length, and every reference (labels,
 //!    exemplar labels, `help_ref`, `unit_ref`) is within `symbols`.
@@ -45,6 +50,24 @@
 //! schema numbers, custom-bucket bounds.
 //!
 //! Series indices in error messages are 0-based positions in the request.
+//!
+//! # Memory
+//!
+//! Validation allocates nothing per series, label, sample, exemplar,
+//! histogram, bucket or metadata entry. Measured (`benches/hotpath.rs`,
+//! peak heap bytes during validation / decoded bytes, 8 MiB bodies): 0 for
+//! 2.0 tiny series, 1.0 series with exemplars, histograms of 1000 buckets
+//! (1.0 and 2.0) and metadata-only bodies (at most 32 bytes: the index of a
+//! 2.0 symbol table of 3 symbols), where decoding into owned structs took 9
+//! to 47 bytes per byte. The 2.0 symbol index is at most 1/16 byte per byte
+//! (0.094 with its growth, for a body of empty symbols). Only a series
+//! whose label names are not sorted needs memory that grows with it: 4
+//! bytes per label (1.0: at most 0.8 byte per byte, 0.5 measured) or per
+//! distinct 2.0 name reference (0.93 measured for a body that is one such
+//! series). The constant is thus below 1 byte per decoded byte for any body,
+//! and about 0 for the shapes senders send, on top of the decoded body
+//! itself. `tests/streaming.rs` proves the answers equal to those of the
+//! owned-struct validation (`validate_owned`, feature `reference`).
 
 use prost::Message;
 
@@ -453,8 +476,8 @@ pub fn decode_v2(decoded: &[u8]) -> Result<v2::Request, DecodeError> {
 /// against every rule of this module and `limits`.
 ///
 /// The body is read where it lies, never decoded into owned structs (see
-/// [`crate::stream`] for the memory this takes: at most 1/16 byte per byte
-/// of body for requests with sorted labels).
+/// "Memory" in the module docs: no memory that grows with the body for
+/// requests with sorted labels, less than a byte per byte for any).
 ///
 /// # Errors
 /// The first rule the body breaks, as described in the module docs. A body
