@@ -23,6 +23,8 @@
 //! - `shapes/*`: validation of the request shapes of the memory table below,
 //!   1 MiB each, on the bytes (`streaming`) and by decoding into owned
 //!   structs (`prost`, how it was done before).
+//! - `reencode/*`: a shipper's build of a request from 2.0 records of such
+//!   shapes (translation to 1.0, merging two), the same two ways.
 //!
 //! Before the timings, a table of **memory per decoded byte** (printed when
 //! no group is named, or with `-- memory`): for each shape of issue 15 (2.0
@@ -717,10 +719,43 @@ fn validate_shapes(c: &mut Criterion) {
     g.finish();
 }
 
+/// A shipper's re-encoding of 2.0 records (1 MiB each): on the bytes and
+/// by decoding into owned structs.
+fn reencode_shapes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reencode");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let v2 = shapes(1 << 20)
+        .into_iter()
+        .filter(|s| s.protocol == Protocol::V2);
+    for shape in v2.take(2) {
+        let ways = [
+            (ReplicaProtocol::V1, 1, "to_v1"),
+            (ReplicaProtocol::V2, 2, "merge_2"),
+        ];
+        for (protocol, n, what) in ways {
+            let records: Vec<Record> = (0..n).map(|i| record(i, &shape.body)).collect();
+            let bodies: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+            g.throughput(Throughput::Bytes(n * shape.body.len() as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("{what}/streaming"), shape.id),
+                |b| {
+                    let mut builder = BodyBuilder::default();
+                    b.iter(|| builder.build(&records, protocol).unwrap());
+                },
+            );
+            g.bench_function(BenchmarkId::new(format!("{what}/prost"), shape.id), |b| {
+                b.iter(|| build_owned(&bodies, protocol));
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     validate,
     validate_shapes,
+    reencode_shapes,
     encode,
     commit,
     ship,
