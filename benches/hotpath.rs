@@ -20,26 +20,45 @@
 //! - `checkpoint/*`: one shipped request's checkpoint writes: `begin_send` +
 //!   `complete` (two flushes), `complete_and_begin` (what a busy shipper
 //!   does: one flush), next to one raw fdatasync.
+//! - `shapes/*`: validation of the request shapes of the memory table below,
+//!   1 MiB each, on the bytes (`streaming`) and by decoding into owned
+//!   structs (`prost`, how it was done before).
+//! - `reencode/*`: a shipper's build of a request from 2.0 records of such
+//!   shapes (translation to 1.0, merging two), the same two ways.
+//!
+//! Before the timings, a table of **memory per decoded byte** (printed when
+//! no group is named, or with `-- memory`): for each shape of issue 15 (2.0
+//! with millions of tiny series, 1.0 with exemplars, histograms with many
+//! buckets, metadata only, and the worst shapes for the streaming
+//! validation), the peak of heap bytes allocated (a counting global
+//! allocator, this thread only) during validation, and during a shipper's
+//! re-encoding (2.0 to 1.0 translation, merging two 2.0 records), divided by
+//! the decoded size: on the bytes (`now`) and by decoding into owned structs
+//! (`owned`, how it was done before).
 //!
 //! Throughput is in samples (elements) so stages compare directly.
 //! Run: `cargo bench --bench hotpath -- --noplot` (a group: append its name,
 //! e.g. `-- validate`). `WALRELAY_BENCH_DIR` picks the disk for the groups
 //! that write.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, unsafe_code)]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::io::Write;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chaos_tests::encode::{encode_labels, put_timeseries, snappy_compress};
+use chaos_tests::encode::{encode_labels, put_timeseries, put_varint, snappy_compress};
 use chaos_tests::load::{encode_value, LoadSpec};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use prom_remote_write::{decode, Limits, Protocol};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use prom_remote_write::{decode, encode as rw_encode, translate, Limits, Protocol};
 use wal_format::{Compression, PayloadEncoding, PayloadKind, Record, RecordMeta, RecordRef};
 use walrelay::checkpoint::Checkpoints;
 use walrelay::commit::{Budget, Committer};
 use walrelay::config::FullPolicy;
+use walrelay::config::ReplicaProtocol;
 use walrelay::retention::Retention;
 use walrelay::ship::payload::{build_v1, BodyBuilder};
 use walrelay::wal::{open, ReadItem, RealStorage, WalOptions};
@@ -98,10 +117,15 @@ fn validate(c: &mut Criterion) {
     g.bench_function("protobuf_and_rules", |b| {
         b.iter(|| decode::validate(Protocol::V1, &raw, &limits).unwrap());
     });
-    // The full path (prost decode into owned structs), which the fast path
-    // above skips for plain requests: kept to show the difference.
-    g.bench_function("protobuf_and_rules_prost", |b| {
+    // Without the one-pass fast path: the streaming path every other shape
+    // takes.
+    g.bench_function("protobuf_and_rules_streaming", |b| {
         b.iter(|| decode::validate_without_fast_path(Protocol::V1, &raw, &limits).unwrap());
+    });
+    // Decoding into owned structs, as before the streaming path: kept to
+    // show the difference.
+    g.bench_function("protobuf_and_rules_prost", |b| {
+        b.iter(|| decode::validate_v1(&decode::decode_v1(&raw).unwrap(), &limits).unwrap());
     });
     g.bench_function("both", |b| {
         b.iter(|| {
@@ -295,5 +319,454 @@ fn checkpoint(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, validate, encode, commit, ship, checkpoint);
-criterion_main!(benches);
+// ---------------------------------------------------------------------------
+// Memory per decoded byte.
+
+/// Counts the heap bytes live on threads that asked for it, and their peak.
+struct Counting;
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static PEAK: AtomicI64 = AtomicI64::new(0);
+
+thread_local! {
+    static TRACK: Cell<bool> = const { Cell::new(false) };
+}
+
+fn tracking() -> bool {
+    TRACK.try_with(Cell::get).unwrap_or(false)
+}
+
+fn grow(n: usize) {
+    let live = LIVE.fetch_add(n as i64, Ordering::Relaxed) + n as i64;
+    PEAK.fetch_max(live, Ordering::Relaxed);
+}
+
+// SAFETY: forwards to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if tracking() {
+            grow(layout.size());
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if tracking() {
+            grow(layout.size());
+        }
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if tracking() {
+            // Counted as a new block before the old one is freed.
+            grow(new_size);
+            LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if tracking() {
+            LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The peak of heap bytes allocated while `f` runs (its result dropped).
+fn peak_bytes<T>(f: impl FnOnce() -> T) -> u64 {
+    LIVE.store(0, Ordering::Relaxed);
+    PEAK.store(0, Ordering::Relaxed);
+    TRACK.with(|t| t.set(true));
+    drop(f());
+    TRACK.with(|t| t.set(false));
+    PEAK.load(Ordering::Relaxed).max(0) as u64
+}
+
+fn key(out: &mut Vec<u8>, tag: u64, wire_type: u64) {
+    put_varint(out, (tag << 3) | wire_type);
+}
+
+fn len_field(out: &mut Vec<u8>, tag: u64, body: &[u8]) {
+    key(out, tag, 2);
+    put_varint(out, body.len() as u64);
+    out.extend_from_slice(body);
+}
+
+fn label(name: &str, value: &str) -> Vec<u8> {
+    let mut l = vec![];
+    len_field(&mut l, 1, name.as_bytes());
+    if !value.is_empty() {
+        len_field(&mut l, 2, value.as_bytes());
+    }
+    l
+}
+
+/// Repeats `unit` after `head` until `size` bytes.
+fn repeat_to(head: Vec<u8>, unit: &[u8], size: usize) -> Vec<u8> {
+    let mut out = head;
+    while out.len() + unit.len() <= size {
+        out.extend_from_slice(unit);
+    }
+    out
+}
+
+/// 2.0 symbols, as the start of a request.
+fn symbols(strings: &[&str]) -> Vec<u8> {
+    let mut out = vec![];
+    for s in strings {
+        len_field(&mut out, 4, s.as_bytes());
+    }
+    out
+}
+
+/// An integer histogram with `buckets` buckets of one observation each, in
+/// one span: 1.0 and 2.0 alike.
+fn many_bucket_histogram(buckets: u64) -> Vec<u8> {
+    let mut h = vec![];
+    key(&mut h, 1, 0);
+    put_varint(&mut h, buckets); // count_int
+    key(&mut h, 6, 0);
+    put_varint(&mut h, 0); // zero_count_int
+    let mut span = vec![];
+    key(&mut span, 2, 0);
+    put_varint(&mut span, buckets);
+    len_field(&mut h, 11, &span);
+    let mut deltas = vec![2u8]; // sint64 1, then 0s
+    deltas.resize(buckets as usize, 0);
+    len_field(&mut h, 12, &deltas);
+    key(&mut h, 15, 0);
+    put_varint(&mut h, 1_700_000_000_000);
+    h
+}
+
+struct Shape {
+    id: &'static str,
+    name: &'static str,
+    protocol: Protocol,
+    body: Vec<u8>,
+}
+
+/// The shapes of issue 15, and the worst ones for the streaming path, of
+/// about `size` decoded bytes.
+fn shapes(size: usize) -> Vec<Shape> {
+    let v2_tiny = {
+        let mut s = vec![];
+        len_field(&mut s, 1, &[1, 2]);
+        let mut unit = vec![];
+        len_field(&mut unit, 5, &s);
+        repeat_to(symbols(&["", "__name__", "a"]), &unit, size)
+    };
+    let v1_exemplars = {
+        let mut s = vec![];
+        len_field(&mut s, 1, &label("__name__", "a"));
+        len_field(&mut s, 3, &[]);
+        let mut unit = vec![];
+        len_field(&mut unit, 1, &s);
+        repeat_to(vec![], &unit, size)
+    };
+    let histogram_series = |labels_field: &[u8], histogram_tag: u64| {
+        let mut s = labels_field.to_vec();
+        len_field(&mut s, histogram_tag, &many_bucket_histogram(1000));
+        s
+    };
+    let v1_histograms = {
+        let mut l = vec![];
+        len_field(&mut l, 1, &label("__name__", "h"));
+        let mut unit = vec![];
+        len_field(&mut unit, 1, &histogram_series(&l, 4));
+        repeat_to(vec![], &unit, size)
+    };
+    let v2_histograms = {
+        let mut l = vec![];
+        len_field(&mut l, 1, &[1, 2]);
+        let mut unit = vec![];
+        len_field(&mut unit, 5, &histogram_series(&l, 3));
+        repeat_to(symbols(&["", "__name__", "h"]), &unit, size)
+    };
+    let v1_metadata = {
+        let mut m = vec![];
+        key(&mut m, 1, 0);
+        put_varint(&mut m, 1);
+        len_field(&mut m, 2, b"m");
+        len_field(&mut m, 4, b"h");
+        let mut unit = vec![];
+        len_field(&mut unit, 3, &m);
+        repeat_to(vec![], &unit, size)
+    };
+    // Worst cases of the streaming path: one series whose labels are not in
+    // order (1.0: 5-byte labels; 2.0: distinct name references), and a
+    // table of empty symbols.
+    let v1_unsorted = {
+        let mut s = vec![];
+        len_field(&mut s, 1, &label("__name__", "m"));
+        let mut n = 0u32;
+        while s.len() < size - 16 {
+            n += 1;
+            // Distinct 4-letter names in decreasing order: "~~~~", "~~~}", ...
+            let name: String = (0..4)
+                .rev()
+                .map(|i| (b'~' - ((n / 94u32.pow(i)) % 94) as u8) as char)
+                .collect();
+            len_field(&mut s, 1, &label(&name, ""));
+        }
+        let mut out = vec![];
+        len_field(&mut out, 1, &s);
+        out
+    };
+    let v2_unsorted = {
+        let count = (size / 8) as u32;
+        let mut strings: Vec<String> = vec![String::new(), "__name__".into(), "m".into()];
+        strings.extend((0..count).map(|i| format!("{:x}", u32::MAX - i)));
+        let refs_of: Vec<&str> = strings.iter().map(String::as_str).collect();
+        let mut refs = vec![];
+        put_varint(&mut refs, 1);
+        put_varint(&mut refs, 2);
+        for r in 3..3 + count as u64 {
+            put_varint(&mut refs, r);
+            put_varint(&mut refs, 0);
+        }
+        let mut s = vec![];
+        len_field(&mut s, 1, &refs);
+        let mut out = symbols(&refs_of);
+        len_field(&mut out, 5, &s);
+        out
+    };
+    let v2_empty_symbols = {
+        let mut s = vec![];
+        len_field(&mut s, 1, &[1, 2]);
+        let mut tail = vec![];
+        len_field(&mut tail, 5, &s);
+        let mut out = repeat_to(
+            symbols(&["", "__name__", "a"]),
+            &[0x22, 0x00],
+            size - tail.len(),
+        );
+        out.extend(tail);
+        out
+    };
+    vec![
+        Shape {
+            id: "v2_tiny_series",
+            name: "2.0 tiny series (labels_refs [1,2])",
+            protocol: Protocol::V2,
+            body: v2_tiny,
+        },
+        Shape {
+            id: "v1_exemplars",
+            name: "1.0 series with one empty exemplar",
+            protocol: Protocol::V1,
+            body: v1_exemplars,
+        },
+        Shape {
+            id: "v1_histograms",
+            name: "1.0 histograms, 1000 buckets",
+            protocol: Protocol::V1,
+            body: v1_histograms,
+        },
+        Shape {
+            id: "v2_histograms",
+            name: "2.0 histograms, 1000 buckets",
+            protocol: Protocol::V2,
+            body: v2_histograms,
+        },
+        Shape {
+            id: "v1_metadata",
+            name: "1.0 metadata only",
+            protocol: Protocol::V1,
+            body: v1_metadata,
+        },
+        Shape {
+            id: "v1_unsorted",
+            name: "1.0 one series, unsorted labels",
+            protocol: Protocol::V1,
+            body: v1_unsorted,
+        },
+        Shape {
+            id: "v2_unsorted",
+            name: "2.0 one series, unsorted labels",
+            protocol: Protocol::V2,
+            body: v2_unsorted,
+        },
+        Shape {
+            id: "v2_empty_symbols",
+            name: "2.0 empty symbols",
+            protocol: Protocol::V2,
+            body: v2_empty_symbols,
+        },
+    ]
+}
+
+fn validate_owned(protocol: Protocol, body: &[u8], limits: &Limits) {
+    match protocol {
+        Protocol::V1 => decode::validate_v1(&decode::decode_v1(body).unwrap(), limits).unwrap(),
+        Protocol::V2 => decode::validate_v2(&decode::decode_v2(body).unwrap(), limits).unwrap(),
+    };
+}
+
+fn record(seq: u64, body: &[u8]) -> Record {
+    Record {
+        seq,
+        meta: RecordMeta {
+            kind: PayloadKind::RemoteWriteV2,
+            ..meta(1)
+        },
+        payload: Bytes::copy_from_slice(body),
+    }
+}
+
+/// The shipper's 2.0 re-encoding as it was: decode, translate or merge,
+/// encode, compress.
+fn build_owned(bodies: &[&[u8]], protocol: ReplicaProtocol) -> Vec<u8> {
+    let mut raw = vec![];
+    let decoded = || bodies.iter().map(|b| decode::decode_v2(b).unwrap());
+    match protocol {
+        ReplicaProtocol::V1 => {
+            for req in decoded() {
+                let (v1, _) = translate::v2_to_v1(&req).unwrap();
+                prost::Message::encode(&v1, &mut raw).unwrap();
+            }
+        }
+        ReplicaProtocol::V2 => {
+            let merged = rw_encode::merge_v2(decoded().collect()).unwrap();
+            prost::Message::encode(&merged, &mut raw).unwrap();
+        }
+    }
+    snappy_compress(&raw).unwrap()
+}
+
+fn per_byte(bytes: u64, of: usize) -> String {
+    let r = bytes as f64 / of as f64;
+    if r < 0.01 {
+        format!("{r:.5} ({bytes} B)")
+    } else {
+        format!("{r:.3}")
+    }
+}
+
+/// The table of memory per decoded byte.
+fn memory_report() {
+    const SIZE: usize = 8 << 20;
+    let limits = Limits {
+        max_decoded_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    println!(
+        "memory per decoded byte (peak heap bytes allocated / decoded bytes), {} MiB bodies",
+        SIZE >> 20
+    );
+    println!("| shape | validate: now | validate: owned |");
+    println!("|---|---|---|");
+    for shape in shapes(SIZE) {
+        let (p, body) = (shape.protocol, &shape.body);
+        let now = peak_bytes(|| decode::validate(p, body, &limits).unwrap());
+        let owned = peak_bytes(|| validate_owned(p, body, &limits));
+        println!(
+            "| {} | {} | {} |",
+            shape.name,
+            per_byte(now, body.len()),
+            per_byte(owned, body.len())
+        );
+    }
+    println!();
+    println!("shipper, 2.0 records re-encoded (peak heap bytes / decoded bytes of the records; the request built is counted: raw, snappy buffer, body)");
+    println!("| records | request | now | owned | raw request / records |");
+    println!("|---|---|---|---|---|");
+    for shape in shapes(SIZE)
+        .into_iter()
+        .filter(|s| s.protocol == Protocol::V2)
+    {
+        for (protocol, n) in [(ReplicaProtocol::V1, 1), (ReplicaProtocol::V2, 2)] {
+            let records: Vec<Record> = (0..n).map(|i| record(i, &shape.body)).collect();
+            let decoded = n as usize * shape.body.len();
+            let now = peak_bytes(|| BodyBuilder::default().build(&records, protocol).unwrap());
+            let bodies: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+            let owned = peak_bytes(|| build_owned(&bodies, protocol));
+            let built = BodyBuilder::default().build(&records, protocol).unwrap();
+            let raw = snap::raw::decompress_len(&built.body).unwrap();
+            let request = match protocol {
+                ReplicaProtocol::V1 => "1.0 translation".to_string(),
+                ReplicaProtocol::V2 => format!("2.0 merge of {n}"),
+            };
+            println!(
+                "| {} | {request} | {} | {} | {:.2} |",
+                shape.name,
+                per_byte(now, decoded),
+                per_byte(owned, decoded),
+                raw as f64 / decoded as f64
+            );
+        }
+    }
+    println!();
+}
+
+/// Validation speed per shape, on the bytes and by decoding.
+fn validate_shapes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("shapes");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let limits = Limits::default();
+    for shape in shapes(1 << 20) {
+        let (p, body) = (shape.protocol, &shape.body);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("streaming", shape.id), |b| {
+            b.iter(|| decode::validate(p, body, &limits).unwrap());
+        });
+        g.bench_function(BenchmarkId::new("prost", shape.id), |b| {
+            b.iter(|| validate_owned(p, body, &limits));
+        });
+    }
+    g.finish();
+}
+
+/// A shipper's re-encoding of 2.0 records (1 MiB each): on the bytes and
+/// by decoding into owned structs.
+fn reencode_shapes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("reencode");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let v2 = shapes(1 << 20)
+        .into_iter()
+        .filter(|s| s.protocol == Protocol::V2);
+    for shape in v2.take(2) {
+        let ways = [
+            (ReplicaProtocol::V1, 1, "to_v1"),
+            (ReplicaProtocol::V2, 2, "merge_2"),
+        ];
+        for (protocol, n, what) in ways {
+            let records: Vec<Record> = (0..n).map(|i| record(i, &shape.body)).collect();
+            let bodies: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+            g.throughput(Throughput::Bytes(n * shape.body.len() as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("{what}/streaming"), shape.id),
+                |b| {
+                    let mut builder = BodyBuilder::default();
+                    b.iter(|| builder.build(&records, protocol).unwrap());
+                },
+            );
+            g.bench_function(BenchmarkId::new(format!("{what}/prost"), shape.id), |b| {
+                b.iter(|| build_owned(&bodies, protocol));
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    validate,
+    validate_shapes,
+    reencode_shapes,
+    encode,
+    commit,
+    ship,
+    checkpoint
+);
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter.as_deref().is_none_or(|f| f == "memory") {
+        memory_report();
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -4,7 +4,11 @@ use std::collections::HashMap;
 
 use prost::Message;
 
-use crate::decode::{check_first_symbol, DecodeError};
+use crate::canon::{self, nested, put_double, put_key, put_packed, put_uint, put_varint};
+use crate::decode::{check_first_symbol, DecodeError, Summary};
+use crate::pb::{self, Fields, WT_LEN};
+use crate::stream::{self, refs};
+use crate::translate::{series_metadata, CheckedV2};
 use crate::{v1, v2};
 
 /// Compresses `buf` as one snappy block (the remote-write body format).
@@ -79,37 +83,24 @@ pub fn merge_v2(parts: Vec<v2::Request>) -> Result<v2::Request, DecodeError> {
     for part in parts {
         check_first_symbol(&part.symbols)?;
         // Old reference -> new reference, for every symbol of this part.
-        let n_symbols = part.symbols.len();
-        let remap: Vec<u32> = part
-            .symbols
-            .into_iter()
-            .map(|s| match index.get(&s) {
-                Some(&r) => r,
-                None => {
-                    let r = out.symbols.len() as u32;
-                    out.symbols.push(s.clone());
-                    index.insert(s, r);
-                    r
-                }
-            })
-            .collect();
+        let remap = Remap {
+            new: part
+                .symbols
+                .into_iter()
+                .map(|s| match index.get(&s) {
+                    Some(&r) => r,
+                    None => {
+                        let r = out.symbols.len() as u32;
+                        out.symbols.push(s.clone());
+                        index.insert(s, r);
+                        r
+                    }
+                })
+                .collect(),
+        };
         for (i, mut ts) in part.timeseries.into_iter().enumerate() {
             let series = series_base + i;
-            let map = |field: &'static str, r: u32| -> Result<u32, DecodeError> {
-                // An empty table is allowed when nothing refers to it but 0.
-                if r == 0 && remap.is_empty() {
-                    return Ok(0);
-                }
-                remap
-                    .get(r as usize)
-                    .copied()
-                    .ok_or(DecodeError::SymbolRefOutOfRange {
-                        series,
-                        field,
-                        reference: r,
-                        symbols: n_symbols,
-                    })
-            };
+            let map = |field: &'static str, r: u32| remap.map(series, field, r);
             for r in &mut ts.labels_refs {
                 *r = map("labels_refs", *r)?;
             }
@@ -127,6 +118,150 @@ pub fn merge_v2(parts: Vec<v2::Request>) -> Result<v2::Request, DecodeError> {
         series_base = out.timeseries.len();
     }
     Ok(out)
+}
+
+/// [`merge_v2`] on encoded requests: appends to `out` the encoding of the
+/// request `merge_v2` makes of the decoded `parts`, byte for byte, without
+/// decoding them, and returns what it carries.
+///
+/// Memory beyond `out`: one hash map entry per distinct symbol of the parts
+/// (a borrowed slice and its new reference, about 30 bytes) and 4 bytes per
+/// symbol of the largest part, whatever the number of series.
+///
+/// # Errors
+/// As [`merge_v2`]; `out` is then as it was.
+pub fn merge_v2_bytes(parts: &[CheckedV2<'_>], out: &mut Vec<u8>) -> Result<Summary, DecodeError> {
+    let start = out.len();
+    let result = merge_into(parts, out);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+/// Old reference -> new reference for one part's symbols.
+struct Remap {
+    new: Vec<u32>,
+}
+
+impl Remap {
+    /// Maps `r` as [`merge_v2`] does, `series` and `field` naming it in an
+    /// error.
+    fn map(&self, series: usize, field: &'static str, r: u32) -> Result<u32, DecodeError> {
+        // An empty table is allowed when nothing refers to it but 0.
+        if r == 0 && self.new.is_empty() {
+            return Ok(0);
+        }
+        self.new
+            .get(r as usize)
+            .copied()
+            .ok_or(DecodeError::SymbolRefOutOfRange {
+                series,
+                field,
+                reference: r,
+                symbols: self.new.len(),
+            })
+    }
+
+    /// For references already checked.
+    fn get(&self, r: u32) -> u32 {
+        self.new.get(r as usize).copied().unwrap_or(0)
+    }
+}
+
+fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Vec<u8>) -> Result<Summary, DecodeError> {
+    // The symbols come first: "", then each new string in order of first
+    // appearance, written as they are found.
+    let mut index: HashMap<&'a [u8], u32> = HashMap::from([(&b""[..], 0)]);
+    put_key(out, 4, WT_LEN);
+    put_varint(out, 0);
+    let mut remap = Remap { new: Vec::new() };
+    let mut series_base = 0;
+    for part in parts {
+        stream::check_first_symbol(&part.symbols)?;
+        remap.new.clear();
+        for (_, s) in Fields::new(part.buf).filter(|&(tag, _)| tag == 4) {
+            let s = s.bytes();
+            let next = index.len() as u32;
+            let r = *index.entry(s).or_insert_with(|| {
+                put_key(out, 4, WT_LEN);
+                put_varint(out, s.len() as u64);
+                out.extend_from_slice(s);
+                next
+            });
+            remap.new.push(r);
+        }
+        for (i, s) in part.series().enumerate() {
+            let series = series_base + i;
+            for r in refs(s) {
+                remap.map(series, "labels_refs", r)?;
+            }
+            for (tag, e) in Fields::new(s) {
+                if tag == 4 {
+                    for r in refs(e.bytes()) {
+                        remap.map(series, "exemplar labels_refs", r)?;
+                    }
+                }
+            }
+            if let Some((_, help, unit)) = series_metadata(s) {
+                remap.map(series, "help_ref", help)?;
+                remap.map(series, "unit_ref", unit)?;
+            }
+        }
+        series_base += part.series().count();
+    }
+    let mut summary = Summary::default();
+    for part in parts {
+        remap.new.clear();
+        let symbols = Fields::new(part.buf).filter(|&(tag, _)| tag == 4);
+        remap
+            .new
+            .extend(symbols.map(|(_, s)| index.get(s.bytes()).copied().unwrap_or(0)));
+        for s in part.series() {
+            series_v2(out, s, &remap);
+        }
+        summary.merge(&part.summary());
+    }
+    Ok(summary)
+}
+
+/// A 2.0 series as prost encodes it, its references mapped.
+fn series_v2(out: &mut Vec<u8>, s: &[u8], remap: &Remap) {
+    let mapped = |msg| move || refs(msg).map(|r| u64::from(remap.get(r)));
+    let _ = nested::<()>(out, 5, |out| {
+        put_packed(out, 1, mapped(s));
+        for (tag, v) in Fields::new(s) {
+            if tag == 2 {
+                canon::sample(out, 2, v.bytes());
+            }
+        }
+        for (tag, v) in Fields::new(s) {
+            if tag == 3 {
+                canon::histogram(out, 3, v.bytes());
+            }
+        }
+        for (tag, e) in Fields::new(s) {
+            if tag == 4 {
+                let e = e.bytes();
+                let _ = nested::<()>(out, 4, |out| {
+                    put_packed(out, 1, mapped(e));
+                    put_double(out, 2, f64::from_bits(pb::last(e, 2)));
+                    put_uint(out, 3, pb::last(e, 3));
+                    Ok(())
+                });
+            }
+        }
+        if let Some((r#type, help, unit)) = series_metadata(s) {
+            let _ = nested::<()>(out, 5, |out| {
+                put_uint(out, 1, canon::int32(r#type));
+                put_uint(out, 3, u64::from(remap.get(help)));
+                put_uint(out, 4, u64::from(remap.get(unit)));
+                Ok(())
+            });
+        }
+        put_uint(out, 6, pb::last(s, 6));
+        Ok(())
+    });
 }
 
 #[cfg(test)]

@@ -16,7 +16,11 @@
 
 use std::collections::HashMap;
 
+use crate::canon::{self, nested, put_double, put_str, put_uint};
 use crate::decode::{check_first_symbol, resolve_pairs, symbol, DecodeError, Summary};
+use crate::pb::{self, Fields};
+use crate::stream::{self, refs};
+use crate::symbols::Symbols;
 use crate::{v1, v2, METRIC_NAME_LABEL};
 
 /// What [`v2_to_v1`] could not carry over.
@@ -27,6 +31,217 @@ pub struct Dropped {
     /// Series metadata that conflicted with the metadata already taken for
     /// the same metric family.
     pub metadata: u64,
+}
+
+/// An encoded 2.0 request that prost would decode, read where it lies: what
+/// [`v2_to_v1_bytes`] and [`crate::encode::merge_v2_bytes`] take, instead of
+/// a decoded [`v2::Request`] (whose structs can take 27 times the bytes).
+#[derive(Debug)]
+pub struct CheckedV2<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) symbols: Symbols<'a>,
+}
+
+impl<'a> CheckedV2<'a> {
+    /// Checks `buf` as `v2::Request::decode` would, and indexes its
+    /// symbol table (at most 1/16 byte per byte of `buf`).
+    ///
+    /// # Errors
+    /// [`DecodeError::Protobuf`], worded as for [`crate::decode::decode_v2`],
+    /// when prost would not decode it; [`DecodeError::TooLarge`] for 4 GiB
+    /// or more.
+    pub fn new(buf: &'a [u8]) -> Result<Self, DecodeError> {
+        if buf.len() > u32::MAX as usize {
+            return Err(DecodeError::TooLarge {
+                declared: buf.len() as u64,
+                limit: u32::MAX as usize,
+            });
+        }
+        let symbols = stream::check_v2(buf)?;
+        Ok(CheckedV2 { buf, symbols })
+    }
+
+    /// The encoded request.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    /// What it carries, as [`count_v2`] counts it.
+    pub fn summary(&self) -> Summary {
+        stream::summarize_v2(self.buf)
+    }
+
+    /// Its series, in order.
+    pub(crate) fn series(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        Fields::new(self.buf)
+            .filter(|&(tag, _)| tag == 5)
+            .map(|(_, v)| v.bytes())
+    }
+
+    /// Symbol `r` for series `series`'s `field`.
+    pub(crate) fn symbol(
+        &self,
+        series: usize,
+        field: &'static str,
+        r: u32,
+    ) -> Result<&'a [u8], DecodeError> {
+        self.symbols.get(r).ok_or(DecodeError::SymbolRefOutOfRange {
+            series,
+            field,
+            reference: r,
+            symbols: self.symbols.len(),
+        })
+    }
+}
+
+/// The (name, value) strings of a `labels_refs` field whose references are
+/// in range.
+fn pairs<'r, 'a: 'r>(
+    req: &'r CheckedV2<'a>,
+    msg: &'a [u8],
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'r {
+    let mut strings = refs(msg).map(|r| req.symbols.get(r).unwrap_or_default());
+    std::iter::from_fn(move || Some((strings.next()?, strings.next()?)))
+}
+
+/// Translates an encoded 2.0 request into the encoded 1.0 `WriteRequest`
+/// that [`v2_to_v1`] and prost's encoding would give, appended to `out`,
+/// without decoding either into owned structs: the memory it needs beyond
+/// `out` is the metadata of the request (one entry per metric family that
+/// has some), whatever the number of series.
+///
+/// # Errors
+/// As [`v2_to_v1`]; `out` is then as it was.
+pub fn v2_to_v1_bytes(req: &CheckedV2<'_>, out: &mut Vec<u8>) -> Result<Dropped, DecodeError> {
+    let start = out.len();
+    let result = translate_into(req, out);
+    if result.is_err() {
+        out.truncate(start);
+    }
+    result
+}
+
+/// 1.0 metadata: (type, family, help, unit).
+type Metadata<'a> = (u64, &'a [u8], &'a [u8], &'a [u8]);
+
+fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Vec<u8>) -> Result<Dropped, DecodeError> {
+    stream::check_first_symbol(&req.symbols)?;
+    let mut dropped = Dropped::default();
+    let mut families: HashMap<&'a [u8], usize> = HashMap::new();
+    let mut metadata: Vec<Metadata<'a>> = Vec::new();
+    for (i, s) in req.series().enumerate() {
+        stream::check_refs(i, "labels_refs", s, &req.symbols)?;
+        for (tag, e) in Fields::new(s) {
+            if tag == 4 {
+                stream::check_refs(i, "exemplar labels_refs", e.bytes(), &req.symbols)?;
+            }
+        }
+        if pb::last(s, 6) != 0 {
+            dropped.created_timestamps += 1;
+        }
+        if let Some((r#type, help, unit)) = series_metadata(s) {
+            let help = req.symbol(i, "help_ref", help)?;
+            let unit = req.symbol(i, "unit_ref", unit)?;
+            let empty = canon::int32(r#type) == 0 && help.is_empty() && unit.is_empty();
+            if !empty {
+                let family = family(req, s);
+                let md = (canon::int32(r#type), family, help, unit);
+                match families.get(family) {
+                    Some(&idx) => {
+                        if metadata[idx] != md {
+                            dropped.metadata += 1;
+                        }
+                    }
+                    None => {
+                        families.insert(family, metadata.len());
+                        metadata.push(md);
+                    }
+                }
+            }
+        }
+        let _ = nested::<()>(out, 1, |out| {
+            for (name, value) in pairs(req, s) {
+                label(out, 1, name, value);
+            }
+            for (tag, v) in Fields::new(s) {
+                if tag == 2 {
+                    canon::sample(out, 2, v.bytes());
+                }
+            }
+            for (tag, e) in Fields::new(s) {
+                if tag == 4 {
+                    exemplar(req, out, e.bytes());
+                }
+            }
+            for (tag, h) in Fields::new(s) {
+                if tag == 3 {
+                    canon::histogram(out, 4, h.bytes());
+                }
+            }
+            Ok(())
+        });
+    }
+    for (r#type, family, help, unit) in metadata {
+        let _ = nested::<()>(out, 3, |out| {
+            put_uint(out, 1, r#type);
+            put_str(out, 2, family);
+            put_str(out, 4, help);
+            put_str(out, 5, unit);
+            Ok(())
+        });
+    }
+    Ok(dropped)
+}
+
+/// The metadata of a 2.0 series, if it has some: (type, help_ref,
+/// unit_ref), its occurrences merged.
+pub(crate) fn series_metadata(s: &[u8]) -> Option<(u64, u32, u32)> {
+    let mut md = None;
+    for (tag, v) in Fields::new(s) {
+        if tag == 5 {
+            let m = md.get_or_insert((0, 0, 0));
+            for (t, f) in Fields::new(v.bytes()) {
+                match t {
+                    1 => m.0 = f.u64(),
+                    3 => m.1 = f.u64() as u32,
+                    4 => m.2 = f.u64() as u32,
+                    _ => {}
+                }
+            }
+        }
+    }
+    md
+}
+
+/// [`pairs_family`] on the bytes of a series whose references are in range.
+fn family<'a>(req: &CheckedV2<'a>, s: &[u8]) -> &'a [u8] {
+    let mut refs = refs(s);
+    while let (Some(name), Some(value)) = (refs.next(), refs.next()) {
+        if req.symbols.get(name) == Some(METRIC_NAME_LABEL.as_bytes()) {
+            return req.symbols.get(value).unwrap_or_default();
+        }
+    }
+    &[]
+}
+
+fn label(out: &mut Vec<u8>, tag: u32, name: &[u8], value: &[u8]) {
+    let _ = nested::<()>(out, tag, |out| {
+        put_str(out, 1, name);
+        put_str(out, 2, value);
+        Ok(())
+    });
+}
+
+/// A 2.0 exemplar as a 1.0 one (references in range).
+fn exemplar<'a>(req: &CheckedV2<'a>, out: &mut Vec<u8>, e: &'a [u8]) {
+    let _ = nested::<()>(out, 3, |out| {
+        for (name, value) in pairs(req, e) {
+            label(out, 1, name, value);
+        }
+        put_double(out, 2, f64::from_bits(pb::last(e, 2)));
+        put_uint(out, 3, pb::last(e, 3));
+        Ok(())
+    });
 }
 
 /// Translates a 2.0 request into a 1.0 `WriteRequest`.

@@ -264,3 +264,77 @@ impl TimeSeries {
             .map(|l| l.value.as_str())
     }
 }
+
+/// The fields of these messages as [`crate::pb`] reads them: the same tags,
+/// wire types and (for error messages) names as the derives above. 2.0
+/// shares [`SAMPLE`], [`HISTOGRAM`] and [`BUCKET_SPAN`].
+pub(crate) mod schema {
+    use crate::pb::{field as f, Kind, Schema};
+
+    pub(crate) static WRITE_REQUEST: Schema = Schema {
+        name: "WriteRequest",
+        fields: &[
+            f(1, "timeseries", Kind::Message(&TIME_SERIES)),
+            f(3, "metadata", Kind::Message(&METRIC_METADATA)),
+        ],
+    };
+    static TIME_SERIES: Schema = Schema {
+        name: "TimeSeries",
+        fields: &[
+            f(1, "labels", Kind::Message(&LABEL)),
+            f(2, "samples", Kind::Message(&SAMPLE)),
+            f(3, "exemplars", Kind::Message(&EXEMPLAR)),
+            f(4, "histograms", Kind::Message(&HISTOGRAM)),
+        ],
+    };
+    static LABEL: Schema = Schema {
+        name: "Label",
+        fields: &[f(1, "name", Kind::String), f(2, "value", Kind::String)],
+    };
+    pub(crate) static SAMPLE: Schema = Schema {
+        name: "Sample",
+        fields: &[f(1, "value", Kind::Double), f(2, "timestamp", Kind::Varint)],
+    };
+    static EXEMPLAR: Schema = Schema {
+        name: "Exemplar",
+        fields: &[
+            f(1, "labels", Kind::Message(&LABEL)),
+            f(2, "value", Kind::Double),
+            f(3, "timestamp", Kind::Varint),
+        ],
+    };
+    pub(crate) static HISTOGRAM: Schema = Schema {
+        name: "Histogram",
+        fields: &[
+            f(1, "count", Kind::Varint),
+            f(2, "count", Kind::Double),
+            f(3, "sum", Kind::Double),
+            f(4, "schema", Kind::Varint),
+            f(5, "zero_threshold", Kind::Double),
+            f(6, "zero_count", Kind::Varint),
+            f(7, "zero_count", Kind::Double),
+            f(8, "negative_spans", Kind::Message(&BUCKET_SPAN)),
+            f(9, "negative_deltas", Kind::RepeatedVarint),
+            f(10, "negative_counts", Kind::RepeatedDouble),
+            f(11, "positive_spans", Kind::Message(&BUCKET_SPAN)),
+            f(12, "positive_deltas", Kind::RepeatedVarint),
+            f(13, "positive_counts", Kind::RepeatedDouble),
+            f(14, "reset_hint", Kind::Varint),
+            f(15, "timestamp", Kind::Varint),
+            f(16, "custom_values", Kind::RepeatedDouble),
+        ],
+    };
+    pub(crate) static BUCKET_SPAN: Schema = Schema {
+        name: "BucketSpan",
+        fields: &[f(1, "offset", Kind::Varint), f(2, "length", Kind::Varint)],
+    };
+    static METRIC_METADATA: Schema = Schema {
+        name: "MetricMetadata",
+        fields: &[
+            f(1, "r#type", Kind::Varint),
+            f(2, "metric_family_name", Kind::String),
+            f(4, "help", Kind::String),
+            f(5, "unit", Kind::String),
+        ],
+    };
+}

@@ -232,3 +232,45 @@ impl Histogram {
         matches!(self.count, Some(histogram::Count::CountFloat(_)))
     }
 }
+
+/// The fields of these messages as [`crate::pb`] reads them (see
+/// [`crate::v1`]'s `schema`, whose sample, histogram and span it shares).
+pub(crate) mod schema {
+    use crate::pb::{field as f, Kind, Schema};
+    use crate::v1::schema::{HISTOGRAM, SAMPLE};
+
+    pub(crate) static REQUEST: Schema = Schema {
+        name: "Request",
+        fields: &[
+            f(4, "symbols", Kind::String),
+            f(5, "timeseries", Kind::Message(&TIME_SERIES)),
+        ],
+    };
+    static TIME_SERIES: Schema = Schema {
+        name: "TimeSeries",
+        fields: &[
+            f(1, "labels_refs", Kind::RepeatedVarint),
+            f(2, "samples", Kind::Message(&SAMPLE)),
+            f(3, "histograms", Kind::Message(&HISTOGRAM)),
+            f(4, "exemplars", Kind::Message(&EXEMPLAR)),
+            f(5, "metadata", Kind::Message(&METADATA)),
+            f(6, "created_timestamp", Kind::Varint),
+        ],
+    };
+    static EXEMPLAR: Schema = Schema {
+        name: "Exemplar",
+        fields: &[
+            f(1, "labels_refs", Kind::RepeatedVarint),
+            f(2, "value", Kind::Double),
+            f(3, "timestamp", Kind::Varint),
+        ],
+    };
+    static METADATA: Schema = Schema {
+        name: "Metadata",
+        fields: &[
+            f(1, "r#type", Kind::Varint),
+            f(3, "help_ref", Kind::Varint),
+            f(4, "unit_ref", Kind::Varint),
+        ],
+    };
+}

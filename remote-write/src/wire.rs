@@ -19,6 +19,7 @@
 use std::mem::size_of;
 
 use crate::content::Protocol;
+use crate::pb::{read_varint, utf8, VarintError};
 use crate::{v1, v2};
 
 /// Counts gathered by [`scan`].
@@ -56,24 +57,15 @@ impl<'a> Reader<'a> {
         self.pos >= self.buf.len()
     }
 
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, String> {
-        let mut value: u64 = 0;
-        for i in 0..10 {
-            let Some(&b) = self.buf.get(self.pos) else {
-                return Err(format!("truncated varint at byte {}", self.pos));
-            };
-            self.pos += 1;
-            if i == 9 && b > 1 {
-                return Err(format!("invalid varint ending at byte {}", self.pos));
-            }
-            value |= u64::from(b & 0x7f) << (7 * i);
-            if b < 0x80 {
-                return Ok(value);
-            }
-        }
-        Err(format!("invalid varint ending at byte {}", self.pos))
+        read_varint(self.buf, &mut self.pos).map_err(|e| match e {
+            VarintError::Truncated => format!("truncated varint at byte {}", self.pos),
+            VarintError::Invalid => format!("invalid varint ending at byte {}", self.pos),
+        })
     }
 
+    #[inline]
     fn key(&mut self) -> Result<(u32, u8), String> {
         let at = self.pos;
         let key = self.varint()?;
@@ -103,6 +95,7 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    #[inline]
     fn bytes(&mut self) -> Result<&'a [u8], String> {
         let len = self.varint()?;
         let start = self.pos;
@@ -292,29 +285,29 @@ fn scan_histogram(buf: &[u8], shape: &mut Shape) -> Result<(), String> {
 
 /// The common case of a 1.0 request, validated without decoding it into
 /// owned structs: series made only of labels and float samples, every field
-/// with its expected wire type and nothing else. Returns the summary when
-/// the request is valid, and `None` for anything else (metadata, exemplars,
-/// histograms, unknown fields, a protobuf or a rule error), in which case
-/// the caller runs the full path ([`crate::decode::validate`]'s prost
-/// decode), which alone produces the exact error.
+/// with its expected wire type and nothing else, label names in order.
+/// Returns the summary when the request is valid, and `None` for anything
+/// else (metadata, exemplars, histograms, unknown fields, labels out of
+/// order, a protobuf or a rule error), in which case the caller runs the
+/// full path ([`crate::decode::validate_without_fast_path`]), which alone
+/// produces the exact error.
 ///
 /// It accepts exactly what the full path accepts for such requests: the
 /// same wire-level rules as prost (key, varint and length checks, UTF-8
 /// strings, the last occurrence of a singular field wins) and the same
 /// label rules as [`crate::decode::check_labels`], on the raw bytes
-/// ([`fast_label_rules`]); `tests/fast_path.rs` compares the two paths. The full path's
-/// allocation guards (series limit, expansion estimate) are there to bound
-/// what prost would allocate; this walk allocates nothing per element, and
-/// a request it accepts needs at most about 10 times its size in prost
-/// structs (a series is at least 17 bytes for 144 bytes of struct, a label
-/// 5 for 48, a sample 2 for 16), well under [`crate::decode::MAX_EXPANSION`].
-/// The series limit is still applied.
+/// ([`FastLabels`]); `tests/fast_path.rs` compares the two paths. It
+/// allocates nothing. The full path's expansion estimate (which bounded
+/// what prost would have allocated) cannot refuse a request this accepts:
+/// such a request needs at most about 10 times its size in prost structs (a
+/// series is at least 17 bytes for 144 bytes of struct, a label 5 for 48, a
+/// sample 2 for 16), well under [`crate::decode::MAX_EXPANSION`]. The
+/// series limit is applied.
 pub(crate) fn validate_v1_fast(
     buf: &[u8],
     limits: &crate::decode::Limits,
 ) -> Option<crate::decode::Summary> {
     let mut summary = crate::decode::Summary::default();
-    let mut labels: Vec<(&[u8], &[u8])> = Vec::with_capacity(16);
     let mut r = Fast { buf, pos: 0 };
     while r.more() {
         // Only one-byte keys: a key written in more bytes than it needs is
@@ -326,11 +319,14 @@ pub(crate) fn validate_v1_fast(
             buf: r.len_delimited()?,
             pos: 0,
         };
-        labels.clear();
+        let mut labels = FastLabels::default();
         let mut samples = 0u64;
         while s.more() {
             match s.byte()? {
-                KEY_1_LEN => labels.push(fast_label(s.len_delimited()?)?),
+                KEY_1_LEN => {
+                    let (name, value) = fast_label(s.len_delimited()?)?;
+                    labels.label(name, value, limits)?;
+                }
                 KEY_2_LEN => {
                     summary.observe_ts(fast_sample_ts(s.len_delimited()?)?);
                     samples += 1;
@@ -338,9 +334,7 @@ pub(crate) fn validate_v1_fast(
                 _ => return None,
             }
         }
-        if !fast_label_rules(&mut labels, limits) {
-            return None;
-        }
+        labels.finish(limits)?;
         summary.series += 1;
         summary.samples += samples;
     }
@@ -350,49 +344,53 @@ pub(crate) fn validate_v1_fast(
     Some(summary)
 }
 
-/// The rules of [`crate::decode::check_labels`] on raw label bytes (true:
-/// all hold): at least one label, none with an empty name, no name twice, a
+/// The rules of [`crate::decode::check_labels`] on raw label bytes, label
+/// by label, in place: at least one label, none with an empty name, a
 /// non-empty `__name__`, the optional limits, and every name and value valid
-/// UTF-8 (as prost requires of strings). Names compare as bytes, which for
-/// UTF-8 is the order of `str`.
-#[inline]
-fn fast_label_rules(labels: &mut [(&[u8], &[u8])], limits: &crate::decode::Limits) -> bool {
-    if labels.is_empty()
-        || (limits.max_labels_per_series != 0 && labels.len() > limits.max_labels_per_series)
-    {
-        return false;
-    }
-    let mut has_name = false;
-    let mut increasing = true;
-    let mut prev: &[u8] = &[];
-    for &(name, value) in labels.iter() {
+/// UTF-8 (as prost requires of strings). Names must be in strictly
+/// increasing order (so none is given twice), checked against the previous
+/// one: labels in another order (senders sort them, so this is rare) are
+/// left to the full path, which sorts them without keeping a copy of each
+/// label here. Names compare as bytes, which for UTF-8 is the order of
+/// `str`. `None`: a rule does not hold, or the order.
+#[derive(Default)]
+struct FastLabels<'a> {
+    count: usize,
+    has_name: bool,
+    previous: &'a [u8],
+}
+
+impl<'a> FastLabels<'a> {
+    #[inline]
+    fn label(
+        &mut self,
+        name: &'a [u8],
+        value: &[u8],
+        limits: &crate::decode::Limits,
+    ) -> Option<()> {
         if name.is_empty()
             || (limits.max_label_name_len != 0 && name.len() > limits.max_label_name_len)
             || (limits.max_label_value_len != 0 && value.len() > limits.max_label_value_len)
             || !utf8(name)
             || !utf8(value)
+            || (self.count > 0 && name <= self.previous)
         {
-            return false;
+            return None;
         }
         if name == crate::METRIC_NAME_LABEL.as_bytes() && !value.is_empty() {
-            has_name = true;
+            self.has_name = true;
         }
-        increasing &= prev < name;
-        prev = name;
+        self.previous = name;
+        self.count += 1;
+        Some(())
     }
-    if !increasing {
-        // Senders sort labels by name, so this is rare.
-        labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        if labels.windows(2).any(|w| w[0].0 == w[1].0) {
-            return false;
-        }
-    }
-    has_name
-}
 
-#[inline]
-fn utf8(b: &[u8]) -> bool {
-    b.is_ascii() || std::str::from_utf8(b).is_ok()
+    #[inline]
+    fn finish(&self, limits: &crate::decode::Limits) -> Option<()> {
+        let too_many =
+            limits.max_labels_per_series != 0 && self.count > limits.max_labels_per_series;
+        (self.count > 0 && !too_many && self.has_name).then_some(())
+    }
 }
 
 /// Field 1, length-delimited.

@@ -8,6 +8,8 @@ use prom_remote_write::encode::{concat_v1, encode_v1, encode_v2, snappy_compress
 use prom_remote_write::translate::{count_v1, count_v2, v2_to_v1};
 use prom_remote_write::{v1, v2, Protocol};
 
+mod common;
+
 const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
 
 /// Any f64, with the special values well represented.
@@ -220,47 +222,14 @@ fn v2_from(
         symbols.push(s.to_string());
         (symbols.len() - 1) as u32
     };
-    let mut timeseries = vec![];
-    for (i, ts) in series.iter().enumerate() {
-        let labels_refs = ts
-            .labels
-            .iter()
-            .flat_map(|l| [sym(&l.name), sym(&l.value)])
-            .collect();
-        let exemplars = ts
-            .exemplars
-            .iter()
-            .map(|e| v2::Exemplar {
-                labels_refs: e
-                    .labels
-                    .iter()
-                    .flat_map(|l| [sym(&l.name), sym(&l.value)])
-                    .collect(),
-                value: e.value,
-                timestamp: e.timestamp,
-            })
-            .collect();
-        let metadata = md.get(i).map(|(t, h, u)| v2::Metadata {
-            r#type: *t,
-            help_ref: sym(h),
-            unit_ref: sym(u),
-        });
-        timeseries.push(v2::TimeSeries {
-            labels_refs,
-            samples: ts
-                .samples
-                .iter()
-                .map(|s| v2::Sample {
-                    value: s.value,
-                    timestamp: s.timestamp,
-                })
-                .collect(),
-            histograms: ts.histograms.iter().map(histogram_v1_to_v2).collect(),
-            exemplars,
-            metadata,
-            created_timestamp: created.get(i).copied().unwrap_or(0),
-        });
-    }
+    let timeseries = series
+        .iter()
+        .enumerate()
+        .map(|(i, ts)| {
+            let md = md.get(i).map(|(t, h, u)| (*t, h.as_str(), u.as_str()));
+            common::v2_series_from(ts, &mut sym, md, created.get(i).copied().unwrap_or(0))
+        })
+        .collect();
     v2::Request {
         symbols,
         timeseries,
@@ -276,38 +245,6 @@ fn wire_bits(x: f64) -> u64 {
         0
     } else {
         x.to_bits()
-    }
-}
-
-/// In memory, so that -0.0 survives (it would not through the wire).
-fn histogram_v1_to_v2(h: &v1::Histogram) -> v2::Histogram {
-    let span = |s: &v1::BucketSpan| v2::BucketSpan {
-        offset: s.offset,
-        length: s.length,
-    };
-    v2::Histogram {
-        count: h.count.map(|c| match c {
-            v1::histogram::Count::CountInt(n) => v2::histogram::Count::CountInt(n),
-            v1::histogram::Count::CountFloat(f) => v2::histogram::Count::CountFloat(f),
-        }),
-        sum: h.sum,
-        schema: h.schema,
-        zero_threshold: h.zero_threshold,
-        zero_count: h.zero_count.map(|z| match z {
-            v1::histogram::ZeroCount::ZeroCountInt(n) => v2::histogram::ZeroCount::ZeroCountInt(n),
-            v1::histogram::ZeroCount::ZeroCountFloat(f) => {
-                v2::histogram::ZeroCount::ZeroCountFloat(f)
-            }
-        }),
-        negative_spans: h.negative_spans.iter().map(span).collect(),
-        negative_deltas: h.negative_deltas.clone(),
-        negative_counts: h.negative_counts.clone(),
-        positive_spans: h.positive_spans.iter().map(span).collect(),
-        positive_deltas: h.positive_deltas.clone(),
-        positive_counts: h.positive_counts.clone(),
-        reset_hint: h.reset_hint,
-        timestamp: h.timestamp,
-        custom_values: h.custom_values.clone(),
     }
 }
 

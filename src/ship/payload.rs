@@ -10,16 +10,36 @@
 //! 2.0 records; see [`same_request`]): each 2.0 message indexes its own
 //! symbol table, so the records cannot be concatenated. They are merged into
 //! one request with one rebuilt symbol table
-//! ([`prom_remote_write::encode::merge_v2`]) rather than sent one record per
-//! request: a shipper has one request in flight (log order, see the module
-//! above), so one request per record would cap a 2.0 replica at one sender
-//! batch per round trip, and the decode/encode this costs is small next to
-//! the network and the replica's own work.
+//! ([`prom_remote_write::encode::merge_v2_bytes`]) rather than sent one
+//! record per request: a shipper has one request in flight (log order, see
+//! the module above), so one request per record would cap a 2.0 replica at
+//! one sender batch per round trip.
+//!
+//! # Memory and CPU
+//!
+//! Translation and merging read the records where they lie and write the
+//! request straight into the builder's buffer
+//! ([`prom_remote_write::translate::v2_to_v1_bytes`]): a record is never
+//! decoded into owned structs, which took about 27 bytes of memory per byte
+//! of a record of millions of tiny series. Beyond the request itself (the
+//! uncompressed buffer, and the snappy buffer, about 1.2 times it), they
+//! need an index of the symbols (at most 1/16 byte per byte of record), one
+//! entry per metric family with metadata (translation) or per distinct
+//! symbol (merging), whatever the number of series. The request itself can
+//! be larger than its records: 1.0 spells out every label that 2.0 refers to
+//! by number (about 3 times for a record of one-label series).
+//!
+//! Building a request of a few MiB takes milliseconds, and the shippers run
+//! on the async runtime's workers: a build of more than
+//! [`BLOCK_IN_PLACE_BYTES`] of records runs in [`tokio::task::block_in_place`]
+//! when on a multi-threaded runtime, so that the worker's other tasks (the
+//! other replicas' shippers, ingest, health) move to another thread instead
+//! of waiting for it.
 
 use bytes::Bytes;
 use prom_remote_write::decode::Summary;
-use prom_remote_write::{encode, translate, v2, Dropped, Protocol};
-use prost::Message;
+use prom_remote_write::translate::CheckedV2;
+use prom_remote_write::{encode, translate, Dropped, Protocol};
 use wal_format::{PayloadEncoding, PayloadKind, Record};
 
 use crate::config::ReplicaProtocol;
@@ -74,6 +94,10 @@ pub struct Built {
     pub sent: Option<Summary>,
 }
 
+/// Records above this many bytes are built in
+/// [`tokio::task::block_in_place`] (a millisecond or more of CPU).
+pub const BLOCK_IN_PLACE_BYTES: usize = 1 << 20;
+
 /// The snappy-compressed 1.0 request body for `records`.
 ///
 /// # Errors
@@ -113,12 +137,28 @@ impl BodyBuilder {
     }
 
     /// The request for `records` to a replica speaking `protocol`: 2.0 when
-    /// the replica speaks 2.0 and the records are 2.0, else 1.0.
+    /// the replica speaks 2.0 and the records are 2.0, else 1.0. Off the
+    /// async worker when large (see the module docs).
     ///
     /// # Errors
     /// A record's payload cannot be decoded, or a 2.0 request would mix
     /// kinds (see [`same_request`]).
     pub fn build(
+        &mut self,
+        records: &[Record],
+        protocol: ReplicaProtocol,
+    ) -> Result<Built, PayloadError> {
+        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if bytes > BLOCK_IN_PLACE_BYTES && multi_thread {
+            tokio::task::block_in_place(|| self.build_here(records, protocol))
+        } else {
+            self.build_here(records, protocol)
+        }
+    }
+
+    fn build_here(
         &mut self,
         records: &[Record],
         protocol: ReplicaProtocol,
@@ -183,15 +223,14 @@ fn append_v1(records: &[Record], raw: &mut Vec<u8>) -> Result<Dropped, PayloadEr
         match r.meta.kind {
             PayloadKind::RemoteWriteV1 => raw.extend_from_slice(&bytes),
             PayloadKind::RemoteWriteV2 => {
-                let v2_error = |e: &dyn std::fmt::Display| PayloadError::V2 {
+                let v2_error = |e: prom_remote_write::DecodeError| PayloadError::V2 {
                     seq: r.seq,
                     message: e.to_string(),
                 };
-                let req = v2::Request::decode(&*bytes).map_err(|e| v2_error(&e))?;
-                let (v1, d) = translate::v2_to_v1(&req).map_err(|e| v2_error(&e))?;
+                let req = CheckedV2::new(&bytes).map_err(v2_error)?;
+                let d = translate::v2_to_v1_bytes(&req, raw).map_err(v2_error)?;
                 dropped.created_timestamps += d.created_timestamps;
                 dropped.metadata += d.metadata;
-                v1.encode(raw).map_err(|e| v2_error(&e))?;
             }
         }
     }
@@ -202,11 +241,11 @@ fn append_v1(records: &[Record], raw: &mut Vec<u8>) -> Result<Dropped, PayloadEr
 /// it carries.
 fn append_v2(records: &[Record], raw: &mut Vec<u8>) -> Result<Summary, PayloadError> {
     let seq = records.first().map_or(0, |r| r.seq);
-    let v2_error = |seq: u64, e: &dyn std::fmt::Display| PayloadError::V2 {
+    let v2_error = |seq: u64, e: prom_remote_write::DecodeError| PayloadError::V2 {
         seq,
         message: e.to_string(),
     };
-    let mut parts = Vec::with_capacity(records.len());
+    let mut plains = Vec::with_capacity(records.len());
     for r in records {
         if r.meta.kind != PayloadKind::RemoteWriteV2 {
             return Err(PayloadError::MixedKinds {
@@ -214,25 +253,27 @@ fn append_v2(records: &[Record], raw: &mut Vec<u8>) -> Result<Summary, PayloadEr
                 last: records.last().map_or(0, |r| r.seq),
             });
         }
-        let bytes = plain(r)?;
-        let req = v2::Request::decode(&*bytes).map_err(|e| v2_error(r.seq, &e))?;
-        if records.len() == 1 {
-            // One record needs no merge: its bytes go exactly as the
-            // sender wrote them.
-            raw.extend_from_slice(&bytes);
-            return Ok(translate::count_v2(&req));
-        }
-        parts.push(req);
+        plains.push((r.seq, plain(r)?));
     }
-    let req = encode::merge_v2(parts).map_err(|e| v2_error(seq, &e))?;
-    req.encode(raw).map_err(|e| v2_error(seq, &e))?;
-    Ok(translate::count_v2(&req))
+    let parts = plains
+        .iter()
+        .map(|(seq, bytes)| CheckedV2::new(bytes).map_err(|e| v2_error(*seq, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let [one] = parts.as_slice() {
+        // One record needs no merge: its bytes go exactly as the sender
+        // wrote them.
+        raw.extend_from_slice(one.bytes());
+        return Ok(one.summary());
+    }
+    encode::merge_v2_bytes(&parts, raw).map_err(|e| v2_error(seq, e))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use prom_remote_write::{v2, Summary};
+    use prost::Message;
     use wal_format::RecordMeta;
 
     fn record(seq: u64, len: usize) -> Record {
@@ -397,5 +438,136 @@ mod tests {
             .build(&[v2_record(0, "a", 1), record(1, 10)], ReplicaProtocol::V2)
             .unwrap_err();
         assert!(matches!(e, PayloadError::MixedKinds { .. }), "{e}");
+    }
+
+    /// The request as it was built before the records were read where they
+    /// lie: each 2.0 record decoded into owned structs, translated or
+    /// merged, and encoded by prost.
+    fn built_the_decoding_way(records: &[Record], protocol: ReplicaProtocol) -> Vec<u8> {
+        let decode = |r: &Record| prom_remote_write::decode::decode_v2(&r.payload).unwrap();
+        let mut raw = Vec::new();
+        match request_protocol(protocol, records[0].meta.kind) {
+            Protocol::V1 => {
+                for r in records {
+                    match r.meta.kind {
+                        PayloadKind::RemoteWriteV1 => raw.extend_from_slice(&r.payload),
+                        PayloadKind::RemoteWriteV2 => {
+                            let (v1, _) = translate::v2_to_v1(&decode(r)).unwrap();
+                            v1.encode(&mut raw).unwrap();
+                        }
+                    }
+                }
+            }
+            Protocol::V2 if records.len() == 1 => raw.extend_from_slice(&records[0].payload),
+            Protocol::V2 => {
+                let parts = records.iter().map(decode).collect();
+                encode::merge_v2(parts).unwrap().encode(&mut raw).unwrap();
+            }
+        }
+        raw
+    }
+
+    fn v2_record_with_metadata(seq: u64, family: &str, help: &str) -> Record {
+        let mut r = v2_record(seq, family, 1000 + seq as i64);
+        let mut req = v2::Request::decode(&r.payload[..]).unwrap();
+        req.symbols.push(help.to_string());
+        let help_ref = req.symbols.len() as u32 - 1;
+        for ts in &mut req.timeseries {
+            ts.metadata = Some(v2::Metadata {
+                r#type: v2::MetricType::Counter as i32,
+                help_ref,
+                unit_ref: 0,
+            });
+        }
+        r.payload = Bytes::from(req.encode_to_vec());
+        r
+    }
+
+    #[test]
+    fn bodies_are_those_the_decoding_way_built() {
+        let batches: Vec<Vec<Record>> = vec![
+            vec![v2_record(1, "a", 1000)],
+            vec![v2_record(1, "a", 1000), v2_record(2, "b", 2000)],
+            vec![record(0, 10), v2_record(1, "a", 1000), record(2, 200)],
+            vec![
+                v2_record_with_metadata(1, "a", "A"),
+                v2_record_with_metadata(2, "a", "other help: dropped in 1.0"),
+                v2_record_with_metadata(3, "b", "B"),
+            ],
+            vec![record(0, 10), record(1, 20)],
+        ];
+        for records in &batches {
+            for protocol in [ReplicaProtocol::V1, ReplicaProtocol::V2] {
+                if request_protocol(protocol, records[0].meta.kind) == Protocol::V2
+                    && records
+                        .iter()
+                        .any(|r| r.meta.kind != PayloadKind::RemoteWriteV2)
+                {
+                    continue;
+                }
+                let built = BodyBuilder::default().build(records, protocol).unwrap();
+                assert_eq!(
+                    unsnappy(&built.body),
+                    built_the_decoding_way(records, protocol),
+                    "{protocol:?}, records {:?}",
+                    records.iter().map(|r| r.seq).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_2_0_record_that_prost_refuses_is_an_error_naming_it() {
+        let mut bad = v2_record(5, "a", 1000);
+        bad.payload = Bytes::from_static(&[0x2a, 0x05, 0x0a]);
+        for protocol in [ReplicaProtocol::V1, ReplicaProtocol::V2] {
+            let e = BodyBuilder::default()
+                .build(&[v2_record(4, "a", 1000), bad.clone()], protocol)
+                .unwrap_err();
+            assert!(matches!(e, PayloadError::V2 { seq: 5, .. }), "{e}");
+        }
+    }
+
+    /// A build above `BLOCK_IN_PLACE_BYTES` moves off the async worker on a
+    /// multi-threaded runtime; on a current-thread runtime (the replay
+    /// command's) it must not try to (`block_in_place` would panic).
+    #[test]
+    fn a_large_build_runs_on_either_runtime_flavor() {
+        let records: Vec<Record> = (0..3)
+            .map(|i| record(i, BLOCK_IN_PLACE_BYTES / 2))
+            .collect();
+        let build = || {
+            let built = BodyBuilder::default()
+                .build(&records, ReplicaProtocol::V1)
+                .unwrap();
+            unsnappy(&built.body).len()
+        };
+        let want = build();
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        assert_eq!(multi.block_on(async { build() }), want);
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(current.block_on(async { build() }), want);
+    }
+
+    #[test]
+    fn the_summary_of_a_2_0_request_is_what_it_carries() {
+        let records = [v2_record(1, "a", 1000), v2_record(2, "b", 3000)];
+        let sent = BodyBuilder::default()
+            .build(&records, ReplicaProtocol::V2)
+            .unwrap()
+            .sent
+            .unwrap();
+        let mut want = Summary::default();
+        for r in &records {
+            want.merge(&translate::count_v2(
+                &prom_remote_write::decode::decode_v2(&r.payload).unwrap(),
+            ));
+        }
+        assert_eq!(sent, want);
     }
 }

@@ -97,3 +97,81 @@ impl V2Builder {
         self.req.timeseries.len() - 1
     }
 }
+
+/// A 2.0 series carrying what the 1.0 `ts` carries, its strings interned by
+/// `sym`, with metadata (type, help, unit) and a created timestamp.
+pub fn v2_series_from(
+    ts: &v1::TimeSeries,
+    sym: &mut dyn FnMut(&str) -> u32,
+    metadata: Option<(i32, &str, &str)>,
+    created_timestamp: i64,
+) -> v2::TimeSeries {
+    let mut refs = |labels: &[v1::Label]| -> Vec<u32> {
+        labels
+            .iter()
+            .flat_map(|l| [sym(&l.name), sym(&l.value)])
+            .collect()
+    };
+    let labels_refs = refs(&ts.labels);
+    let exemplars = ts
+        .exemplars
+        .iter()
+        .map(|e| v2::Exemplar {
+            labels_refs: refs(&e.labels),
+            value: e.value,
+            timestamp: e.timestamp,
+        })
+        .collect();
+    let metadata = metadata.map(|(t, h, u)| v2::Metadata {
+        r#type: t,
+        help_ref: sym(h),
+        unit_ref: sym(u),
+    });
+    v2::TimeSeries {
+        labels_refs,
+        samples: ts
+            .samples
+            .iter()
+            .map(|s| v2::Sample {
+                value: s.value,
+                timestamp: s.timestamp,
+            })
+            .collect(),
+        histograms: ts.histograms.iter().map(histogram_v1_to_v2).collect(),
+        exemplars,
+        metadata,
+        created_timestamp,
+    }
+}
+
+/// In memory, so that -0.0 survives (it would not through the wire).
+pub fn histogram_v1_to_v2(h: &v1::Histogram) -> v2::Histogram {
+    let span = |s: &v1::BucketSpan| v2::BucketSpan {
+        offset: s.offset,
+        length: s.length,
+    };
+    v2::Histogram {
+        count: h.count.map(|c| match c {
+            v1::histogram::Count::CountInt(n) => v2::histogram::Count::CountInt(n),
+            v1::histogram::Count::CountFloat(f) => v2::histogram::Count::CountFloat(f),
+        }),
+        sum: h.sum,
+        schema: h.schema,
+        zero_threshold: h.zero_threshold,
+        zero_count: h.zero_count.map(|z| match z {
+            v1::histogram::ZeroCount::ZeroCountInt(n) => v2::histogram::ZeroCount::ZeroCountInt(n),
+            v1::histogram::ZeroCount::ZeroCountFloat(f) => {
+                v2::histogram::ZeroCount::ZeroCountFloat(f)
+            }
+        }),
+        negative_spans: h.negative_spans.iter().map(span).collect(),
+        negative_deltas: h.negative_deltas.clone(),
+        negative_counts: h.negative_counts.clone(),
+        positive_spans: h.positive_spans.iter().map(span).collect(),
+        positive_deltas: h.positive_deltas.clone(),
+        positive_counts: h.positive_counts.clone(),
+        reset_hint: h.reset_hint,
+        timestamp: h.timestamp,
+        custom_values: h.custom_values.clone(),
+    }
+}
