@@ -220,6 +220,12 @@ pub async fn run(
                 max_labels_per_series: config.max_labels_per_series,
                 max_label_name_len: config.max_label_name_length,
                 max_label_value_len: config.max_label_value_length,
+                // A stored 2.0 record is translated for 1.0 replicas, each
+                // series spelling out its labels: bounded like the request
+                // itself, so that no record can run a shipper out of memory.
+                max_translated_bytes: config
+                    .max_decoded_bytes
+                    .saturating_mul(TRANSLATION_EXPANSION),
             },
             body_read_timeout: config.body_read_timeout,
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
@@ -294,6 +300,12 @@ pub async fn run(
     tracing::info!("walrelay stopped");
     Ok(())
 }
+
+/// How many times `--max-decoded-bytes` the label names and values of a 2.0
+/// request's 1.0 translation may take. Ordinary 2.0 requests expand about
+/// 3x (measured on tiny series, the worst of the usual shapes); one long
+/// symbol referenced by millions of series would expand without limit.
+const TRANSLATION_EXPANSION: usize = 4;
 
 /// Reloads on every SIGHUP until shutdown.
 async fn reload_on_sighup(app: Arc<App>, shutdown: CancellationToken) {

@@ -112,6 +112,13 @@ pub struct Limits {
     pub max_label_name_len: usize,
     /// Longest label value, in bytes; 0 = unlimited (default).
     pub max_label_value_len: usize,
+    /// Most bytes of label names and values a 2.0 request may expand to
+    /// when translated to 1.0 (each series and exemplar spells out the
+    /// strings its references name); 0 = unlimited (default). A 2.0 request
+    /// is small however often it references one long symbol, its 1.0
+    /// translation is not: the relay keeps such a record from ever reaching
+    /// a 1.0 replica's shipper (see [`DecodeError::TranslationTooLarge`]).
+    pub max_translated_bytes: usize,
 }
 
 impl Default for Limits {
@@ -122,6 +129,7 @@ impl Default for Limits {
             max_labels_per_series: 0,
             max_label_name_len: 0,
             max_label_value_len: 0,
+            max_translated_bytes: 0,
         }
     }
 }
@@ -201,6 +209,16 @@ pub enum DecodeError {
         estimated: u64,
         /// Allowed bytes for this body.
         limit: u64,
+    },
+    /// A 2.0 request whose 1.0 translation would spell out more label bytes
+    /// than [`Limits::max_translated_bytes`]. Checked once the rest of the
+    /// request is valid.
+    #[error("its remote-write 1.0 translation would hold {bytes} bytes of label names and values, more than the {limit} allowed")]
+    TranslationTooLarge {
+        /// Label bytes of the translation.
+        bytes: u64,
+        /// [`Limits::max_translated_bytes`].
+        limit: usize,
     },
     /// More series than [`Limits::max_series`].
     #[error("{count} series exceed the limit of {limit} per request")]
@@ -381,6 +399,7 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => "too_large",
             DecodeError::ExpandsTooMuch { .. } => "expands_too_much",
             DecodeError::TooManySeries { .. } => "too_many_series",
+            DecodeError::TranslationTooLarge { .. } => "translation_too_large",
             DecodeError::Snappy(_) => "snappy",
             DecodeError::Protobuf(_) => "protobuf",
             DecodeError::FirstSymbolNotEmpty => "first_symbol_not_empty",
@@ -409,6 +428,7 @@ impl DecodeError {
             DecodeError::TooLarge { .. }
                 | DecodeError::ExpandsTooMuch { .. }
                 | DecodeError::TooManySeries { .. }
+                | DecodeError::TranslationTooLarge { .. }
         )
     }
 }
@@ -623,12 +643,21 @@ pub fn validate_v2(req: &v2::Request, limits: &Limits) -> Result<Summary, Decode
     check_first_symbol(&req.symbols)?;
     let mut summary = Summary::default();
     let mut labels: Vec<(&str, &str)> = Vec::new();
+    let mut translated = 0u64;
+    let len_of = |r: u32| req.symbols.get(r as usize).map_or(0, |s| s.len() as u64);
     for (i, ts) in req.timeseries.iter().enumerate() {
         labels.clear();
         resolve_pairs(&req.symbols, i, "labels_refs", &ts.labels_refs, &mut labels)?;
+        translated = labels.iter().fold(translated, |t, (n, v)| {
+            t.saturating_add((n.len() + v.len()) as u64)
+        });
         check_labels(i, &mut labels, limits)?;
         for e in &ts.exemplars {
             check_refs(&req.symbols, i, "exemplar labels_refs", &e.labels_refs)?;
+            translated = e
+                .labels_refs
+                .iter()
+                .fold(translated, |t, &r| t.saturating_add(len_of(r)));
         }
         if let Some(m) = &ts.metadata {
             symbol(&req.symbols, i, "help_ref", m.help_ref)?;
@@ -646,7 +675,18 @@ pub fn validate_v2(req: &v2::Request, limits: &Limits) -> Result<Summary, Decode
         summary.histograms += ts.histograms.len() as u64;
         summary.exemplars += ts.exemplars.len() as u64;
     }
+    check_translated(translated, limits)?;
     Ok(summary)
+}
+
+/// [`Limits::max_translated_bytes`] against the label bytes a 2.0
+/// request's 1.0 translation spells out.
+pub(crate) fn check_translated(bytes: u64, limits: &Limits) -> Result<(), DecodeError> {
+    let limit = limits.max_translated_bytes;
+    if limit != 0 && bytes > limit as u64 {
+        return Err(DecodeError::TranslationTooLarge { bytes, limit });
+    }
+    Ok(())
 }
 
 pub(crate) fn check_first_symbol(symbols: &[String]) -> Result<(), DecodeError> {

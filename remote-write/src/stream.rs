@@ -241,10 +241,13 @@ fn validate_v2(buf: &[u8], symbols: &Symbols<'_>, limits: &Limits) -> Result<Sum
     check_first_symbol(symbols)?;
     let mut summary = Summary::default();
     let mut scratch = Scratch::default();
+    let mut translated = 0u64;
     let series = Fields::new(buf).filter(|&(tag, _)| tag == 5);
     for (i, (_, s)) in series.enumerate() {
-        series_v2(i, s.bytes(), symbols, limits, &mut summary, &mut scratch)?;
+        let t = series_v2(i, s.bytes(), symbols, limits, &mut summary, &mut scratch)?;
+        translated = translated.saturating_add(t);
     }
+    crate::decode::check_translated(translated, limits)?;
     Ok(summary)
 }
 
@@ -298,6 +301,8 @@ fn pairs(s: &[u8]) -> impl Iterator<Item = (u32, u32)> + '_ {
     std::iter::from_fn(move || Some((refs.next()?, refs.next()?)))
 }
 
+/// Checks one 2.0 series; returns the bytes of label names and values its
+/// 1.0 translation spells out (its labels and its exemplars' labels).
 fn series_v2(
     i: usize,
     s: &[u8],
@@ -305,7 +310,8 @@ fn series_v2(
     limits: &Limits,
     summary: &mut Summary,
     scratch: &mut Scratch,
-) -> Result<(), DecodeError> {
+) -> Result<u64, DecodeError> {
+    let mut translated = 0u64;
     let mut counts = Counts::default();
     let (mut refs_len, mut refs_fields, mut packed_refs): (usize, usize, &[u8]) = (0, 0, &[]);
     // help_ref and unit_ref of the metadata, if any (its occurrences merge).
@@ -356,7 +362,9 @@ fn series_v2(
         in_range(i, "labels_refs", name, symbols)?;
         in_range(i, "labels_refs", value, symbols)?;
         let symbol = |r: u32| symbols.get(r).unwrap_or_default();
-        rules.label(symbol(name), symbol(value));
+        let (n, v) = (symbol(name), symbol(value));
+        translated = translated.saturating_add((n.len() + v.len()) as u64);
+        rules.label(n, v);
     }
     rules.check()?;
     let duplicate = match rules.duplicate_if_sorted() {
@@ -368,6 +376,10 @@ fn series_v2(
         for (tag, e) in Fields::new(s) {
             if tag == 4 {
                 check_refs(i, "exemplar labels_refs", e.bytes(), symbols)?;
+                for r in self::refs(e.bytes()) {
+                    let len = symbols.get(r).unwrap_or_default().len();
+                    translated = translated.saturating_add(len as u64);
+                }
             }
         }
     }
@@ -379,7 +391,7 @@ fn series_v2(
         histograms(i, s, 3, summary)?;
     }
     counts.add_to(summary);
-    Ok(())
+    Ok(translated)
 }
 
 /// The smallest label name given twice in a 2.0 series whose references

@@ -237,3 +237,44 @@ fn one_series_of_a_million_labels_takes_less_memory_than_its_bytes() {
         }
     }
 }
+
+/// A 2.0 request referencing one long symbol from every series is small;
+/// its 1.0 translation spells the symbol out for each series. Over
+/// `max_translated_bytes` it is refused as too large (413), so no such
+/// record is ever stored for a 1.0 replica's shipper to expand.
+#[test]
+fn a_2_0_request_whose_1_0_translation_explodes_is_refused_as_too_large() {
+    let long = vec![b'x'; 64 << 10];
+    let mut body = [b"".as_slice(), b"__name__", &long]
+        .iter()
+        .fold(vec![], |mut out, s| {
+            field(&mut out, 4, s);
+            out
+        });
+    let mut series = vec![];
+    field(&mut series, 1, &[1, 2]);
+    let mut unit = vec![];
+    field(&mut unit, 5, &series);
+    for _ in 0..10_000 {
+        body.extend_from_slice(&unit);
+    }
+    // 10,000 series of a 64 KiB value: about 655 MB of labels in 1.0, from
+    // a body of about 125 KiB.
+    let limits = Limits {
+        max_translated_bytes: 128 << 20,
+        ..Limits::default()
+    };
+    let e = validate(Protocol::V2, &body, &limits).unwrap_err();
+    assert!(
+        matches!(e, DecodeError::TranslationTooLarge { bytes, limit }
+            if bytes == 10_000 * (8 + (64 << 10)) && limit == 128 << 20),
+        "{e}"
+    );
+    assert!(e.is_too_large(), "answered 413: {e}");
+    // Within the limit it is an ordinary request.
+    let roomy = Limits {
+        max_translated_bytes: 1 << 30,
+        ..Limits::default()
+    };
+    assert!(validate(Protocol::V2, &body, &roomy).is_ok());
+}

@@ -711,6 +711,7 @@ fn tight() -> Limits {
         max_labels_per_series: 4,
         max_label_name_len: 2,
         max_label_value_len: 3,
+        max_translated_bytes: 12,
         ..Limits::default()
     }
 }
