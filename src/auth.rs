@@ -2,7 +2,9 @@
 //! auth against a users file of bcrypt hashes), and the ones the relay
 //! presents to a replica. Every secret lives in a file, is re-read when the
 //! file changes (see [`crate::watch`]) and is never logged: [`Secret`]'s
-//! `Debug` prints nothing of it.
+//! `Debug` prints nothing of it. A file that becomes missing, empty or bad
+//! holds no credential (nothing accepted, nothing sent) until it loads
+//! again; see `CredentialFile`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
