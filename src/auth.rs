@@ -2,9 +2,11 @@
 //! auth against a users file of bcrypt hashes), and the ones the relay
 //! presents to a replica. Every secret lives in a file, is re-read when the
 //! file changes (see [`crate::watch`]) and is never logged: [`Secret`]'s
-//! `Debug` prints nothing of it.
+//! `Debug` prints nothing of it. A file that becomes missing, empty or bad
+//! holds no credential (nothing accepted, nothing sent) until it loads
+//! again; see `CredentialFile`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,14 +76,156 @@ pub fn read_secret(path: &Path) -> Result<Secret, AuthError> {
     Ok(Secret(s.to_owned()))
 }
 
-fn reloading_secret(what: &'static str, path: &Path) -> Result<Reloading<Secret>, AuthError> {
-    Reloading::new(what, vec![path.to_path_buf()], RELOAD_INTERVAL, |p| {
-        read_secret(&p[0])
-    })
+/// Which credential a file holds, for logs and the
+/// `walrelay_auth_credentials_file_ok` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    IngestBearerToken,
+    IngestUsers,
+    ReplicaBearerToken,
+    ReplicaPassword,
+}
+
+impl Purpose {
+    /// The `used_for` label, and what the logs call it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::IngestBearerToken => "ingest_bearer_token",
+            Purpose::IngestUsers => "ingest_basic_auth_users",
+            Purpose::ReplicaBearerToken => "replica_bearer_token",
+            Purpose::ReplicaPassword => "replica_basic_auth_password",
+        }
+    }
+
+    /// What a file that holds no credential means for the traffic.
+    fn consequence(self) -> &'static str {
+        match self {
+            Purpose::IngestBearerToken => {
+                "every request presenting a bearer token is refused (401) until the file holds one"
+            }
+            Purpose::IngestUsers => {
+                "every request presenting basic auth is refused (401) until the file holds users"
+            }
+            Purpose::ReplicaBearerToken | Purpose::ReplicaPassword => {
+                "no credentials are sent to the replica until the file holds them \
+                 (it answers 401 and is shown blocked; nothing is skipped)"
+            }
+        }
+    }
+}
+
+/// `walrelay_auth_credentials_file_ok`: 1 while a credentials file loads,
+/// 0 while it is missing, empty or bad. Which watcher last set a series:
+/// when a replica is removed or its shipper replaced, its watcher is
+/// dropped, and only the last one to set the series may reset it to 1 (a
+/// file no longer used is no longer a problem), not an older one dropped
+/// after its replacement started.
+static GAUGE_OWNERS: Mutex<BTreeMap<Labels, u64>> = Mutex::new(BTreeMap::new());
+static NEXT_GAUGE_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The labels of one series.
+type Labels = Vec<(&'static str, String)>;
+
+/// One credentials file's series of `walrelay_auth_credentials_file_ok`.
+struct FileGauge {
+    labels: Labels,
+    owner: u64,
+}
+
+impl FileGauge {
+    fn new(purpose: Purpose, path: &Path, replica: Option<&str>) -> Self {
+        let mut labels = vec![
+            ("file", path.display().to_string()),
+            ("used_for", purpose.as_str().to_owned()),
+        ];
+        labels.extend(replica.map(|r| ("replica", r.to_owned())));
+        Self {
+            labels,
+            owner: NEXT_GAUGE_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn set(&self, ok: bool) {
+        let mut owners = GAUGE_OWNERS.lock().unwrap_or_else(|p| p.into_inner());
+        owners.insert(self.labels.clone(), self.owner);
+        metrics::gauge!("walrelay_auth_credentials_file_ok", &self.labels).set(if ok {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}
+
+impl Drop for FileGauge {
+    fn drop(&mut self) {
+        let mut owners = GAUGE_OWNERS.lock().unwrap_or_else(|p| p.into_inner());
+        if owners.get(&self.labels) == Some(&self.owner) {
+            owners.remove(&self.labels);
+            metrics::gauge!("walrelay_auth_credentials_file_ok", &self.labels).set(1.0);
+        }
+    }
+}
+
+/// A credentials file, re-read when it changes (see [`crate::watch`]).
+///
+/// Unlike a certificate, whose previous version is kept while a new file
+/// does not load, a credentials file that becomes missing, empty or bad
+/// holds *no* credential: emptying or deleting the file is how an operator
+/// revokes what it held, so the previous content must not stay in force.
+/// That is logged as an error and shown by
+/// `walrelay_auth_credentials_file_ok` = 0 (the `WalrelayConfigReloadFailed`
+/// alert). At startup (and at a reload that builds a new one) a file that
+/// does not load is an error instead.
+struct CredentialFile<T> {
+    value: Reloading<Option<T>>,
+}
+
+impl<T: Send + Sync + 'static> CredentialFile<T> {
+    /// # Errors
+    /// The file does not load now (the error of `read`).
+    fn new(
+        purpose: Purpose,
+        path: &Path,
+        replica: Option<&str>,
+        read: fn(&Path) -> Result<T, AuthError>,
+    ) -> Result<Self, AuthError> {
+        // Strictly once: a file that is bad from the start stops the start.
+        read(path)?;
+        let gauge = FileGauge::new(purpose, path, replica);
+        gauge.set(true);
+        let replica = replica.map(str::to_owned);
+        let value = Reloading::new(
+            purpose.as_str(),
+            vec![path.to_path_buf()],
+            RELOAD_INTERVAL,
+            move |p| {
+                let loaded = match read(&p[0]) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        tracing::error!(used_for = purpose.as_str(), replica = replica.as_deref(),
+                            error = %e, "a credentials file is missing, empty or bad: {}",
+                            purpose.consequence());
+                        None
+                    }
+                };
+                gauge.set(loaded.is_some());
+                Ok::<_, std::convert::Infallible>(loaded)
+            },
+        );
+        match value {
+            Ok(value) => Ok(Self { value }),
+            Err(never) => match never {},
+        }
+    }
+
+    /// The credential now, `None` while the file holds none.
+    fn get(&self) -> Arc<Option<T>> {
+        self.value.get()
+    }
 }
 
 /// The users of basic auth: name to bcrypt hash.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Users(HashMap<String, String>);
 
 impl std::fmt::Debug for Users {
@@ -146,7 +290,11 @@ pub fn parse_users(path: &Path, text: &str) -> Result<Users, AuthError> {
     Ok(Users(users))
 }
 
-fn read_users(path: &Path) -> Result<Users, AuthError> {
+/// Reads and parses a users file ([`parse_users`]).
+///
+/// # Errors
+/// The file cannot be read or does not parse.
+pub fn read_users(path: &Path) -> Result<Users, AuthError> {
     let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
         path: path.to_path_buf(),
         source,
@@ -162,8 +310,8 @@ const VERIFIED_CACHE_MAX: usize = 1024;
 /// Which credentials senders must present. With both a bearer token and
 /// users, either one is accepted.
 pub struct Authenticator {
-    bearer: Option<Reloading<Secret>>,
-    users: Option<Reloading<Users>>,
+    bearer: Option<CredentialFile<Secret>>,
+    users: Option<CredentialFile<Users>>,
     verified: Mutex<HashSet<[u8; 32]>>,
 }
 
@@ -184,17 +332,10 @@ impl Authenticator {
         users_file: Option<&Path>,
     ) -> Result<Self, AuthError> {
         let bearer = bearer_token_file
-            .map(|p| reloading_secret("ingest bearer token", p))
+            .map(|p| CredentialFile::new(Purpose::IngestBearerToken, p, None, read_secret))
             .transpose()?;
         let users = users_file
-            .map(|p| {
-                Reloading::new(
-                    "basic auth users file",
-                    vec![p.to_path_buf()],
-                    RELOAD_INTERVAL,
-                    |p| read_users(&p[0]),
-                )
-            })
+            .map(|p| CredentialFile::new(Purpose::IngestUsers, p, None, read_users))
             .transpose()?;
         Ok(Self {
             bearer,
@@ -214,6 +355,18 @@ impl Authenticator {
 
     pub fn is_enabled(&self) -> bool {
         self.bearer.is_some() || self.users.is_some()
+    }
+
+    /// Checks the files for a change now (at most once a second, as a
+    /// request does): after a reload, so a file emptied since the last
+    /// request is reported without waiting for one.
+    pub fn refresh(&self) {
+        if let Some(b) = &self.bearer {
+            b.get();
+        }
+        if let Some(u) = &self.users {
+            u.get();
+        }
     }
 
     /// What a sender must present, for the message of a 401.
@@ -251,9 +404,11 @@ impl Authenticator {
         let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            return match &self.bearer {
-                Some(token)
-                    if constant_time_eq(rest.as_bytes(), token.get().expose().as_bytes()) =>
+            // A file that holds no token (emptied, deleted) accepts none.
+            let token = self.bearer.as_ref().map(CredentialFile::get);
+            return match token.as_deref() {
+                Some(Some(token))
+                    if constant_time_eq(rest.as_bytes(), token.expose().as_bytes()) =>
                 {
                     Ok(())
                 }
@@ -262,7 +417,12 @@ impl Authenticator {
         }
         if scheme.eq_ignore_ascii_case("basic") {
             if let Some(users) = &self.users {
-                return self.check_basic(&users.get(), rest).await;
+                // A file that holds no users (emptied, deleted) knows no one.
+                let users = users.get();
+                let none = Users::default();
+                return self
+                    .check_basic(users.as_ref().as_ref().unwrap_or(&none), rest)
+                    .await;
             }
         }
         Err(Denied::Wrong)
@@ -342,27 +502,39 @@ pub struct ReplicaAuth {
 }
 
 enum ReplicaAuthKind {
-    Bearer(Reloading<Secret>),
+    Bearer(CredentialFile<Secret>),
     Basic {
         username: String,
-        password: Reloading<Secret>,
+        password: CredentialFile<Secret>,
     },
 }
 
 impl ReplicaAuth {
+    /// The credentials of replica `replica` (its name labels the metric).
+    ///
     /// # Errors
     /// The secret's file cannot be read or is empty.
-    pub fn new(config: &ReplicaAuthConfig) -> Result<Arc<Self>, AuthError> {
+    pub fn new(replica: &str, config: &ReplicaAuthConfig) -> Result<Arc<Self>, AuthError> {
         let kind = match config {
             ReplicaAuthConfig::Bearer { token_file } => {
-                ReplicaAuthKind::Bearer(reloading_secret("replica bearer token", token_file)?)
+                ReplicaAuthKind::Bearer(CredentialFile::new(
+                    Purpose::ReplicaBearerToken,
+                    token_file,
+                    Some(replica),
+                    read_secret,
+                )?)
             }
             ReplicaAuthConfig::Basic {
                 username,
                 password_file,
             } => ReplicaAuthKind::Basic {
                 username: username.clone(),
-                password: reloading_secret("replica basic auth password", password_file)?,
+                password: CredentialFile::new(
+                    Purpose::ReplicaPassword,
+                    password_file,
+                    Some(replica),
+                    read_secret,
+                )?,
             },
         };
         Ok(Arc::new(Self { kind }))
@@ -370,14 +542,17 @@ impl ReplicaAuth {
 
     /// The `Authorization` header for the next request, marked sensitive
     /// (hyper and reqwest then keep it out of their debug output). None
-    /// when the secret is not a valid header value (it was checked at
-    /// startup; a bad reloaded file is refused by its reload already, so
-    /// this only guards against control characters in a new file).
+    /// while the file holds no secret (emptied or deleted: the previous
+    /// one is not sent, the replica answers 401 and is shown blocked), or
+    /// when the secret is not a valid header value (control characters).
     pub fn header(&self) -> Option<HeaderValue> {
         let raw = match &self.kind {
-            ReplicaAuthKind::Bearer(token) => format!("Bearer {}", token.get().expose()),
+            ReplicaAuthKind::Bearer(token) => {
+                format!("Bearer {}", token.get().as_ref().as_ref()?.expose())
+            }
             ReplicaAuthKind::Basic { username, password } => {
-                let pair = format!("{username}:{}", password.get().expose());
+                let password = password.get();
+                let pair = format!("{username}:{}", password.as_ref().as_ref()?.expose());
                 format!(
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode(pair)
@@ -467,6 +642,96 @@ mod tests {
         assert_eq!(a.challenges().len(), 2);
     }
 
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    /// Waits (files are checked at most once a [`RELOAD_INTERVAL`]) until
+    /// `cond` holds.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + 10 * RELOAD_INTERVAL;
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `a` answers `want` to `headers`.
+    async fn until_answer(a: &Authenticator, headers: &HeaderMap, want: Result<(), Denied>) {
+        let deadline = std::time::Instant::now() + 10 * RELOAD_INTERVAL;
+        while a.check(headers).await != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{headers:?}: not {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_emptied_or_deleted_credentials_file_accepts_nobody_until_it_holds_some_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok\n").unwrap();
+        let users = dir.path().join("users");
+        std::fs::write(&users, format!("alice:{}\n", hash("right"))).unwrap();
+        let a = Authenticator::new(Some(&token), Some(&users)).unwrap();
+        assert_eq!(a.check(&bearer("tok")).await, Ok(()));
+        let alice = basic("alice", "right");
+        assert_eq!(a.check(&alice).await, Ok(()));
+
+        std::fs::write(&token, "\n").unwrap();
+        until_answer(&a, &bearer("tok"), Err(Denied::Wrong)).await;
+        // An empty token is no token either.
+        assert_eq!(a.check(&bearer("")).await, Err(Denied::Wrong));
+        // The other scheme's file is fine: it still passes.
+        assert_eq!(a.check(&alice).await, Ok(()));
+        std::fs::write(&token, "tok\n").unwrap();
+        until_answer(&a, &bearer("tok"), Ok(())).await;
+        std::fs::remove_file(&token).unwrap();
+        until_answer(&a, &bearer("tok"), Err(Denied::Wrong)).await;
+
+        // A users file emptied: basic auth knows no one, even a password
+        // verified (and remembered) before.
+        std::fs::write(&users, "# nobody\n").unwrap();
+        until_answer(&a, &alice, Err(Denied::Wrong)).await;
+        std::fs::write(&users, format!("alice:{}\n", hash("right"))).unwrap();
+        until_answer(&a, &alice, Ok(())).await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_token_file_is_emptied_is_sent_no_stale_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "replica-tok\n").unwrap();
+        let a = ReplicaAuth::new(
+            "r",
+            &ReplicaAuthConfig::Bearer {
+                token_file: token.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(a.header().unwrap().to_str().unwrap(), "Bearer replica-tok");
+        std::fs::write(&token, "").unwrap();
+        eventually("the emptied token is still sent", || a.header().is_none()).await;
+        std::fs::write(&token, "new-tok\n").unwrap();
+        eventually("the new token is not sent", || {
+            a.header()
+                .is_some_and(|h| h.to_str().unwrap() == "Bearer new-tok")
+        })
+        .await;
+        std::fs::remove_file(&token).unwrap();
+        eventually("the deleted token is still sent", || a.header().is_none()).await;
+        // At a start (or a reload building it) an empty file is an error.
+        std::fs::write(&token, "").unwrap();
+        let e = ReplicaAuth::new("r", &ReplicaAuthConfig::Bearer { token_file: token })
+            .err()
+            .unwrap();
+        assert!(matches!(e, AuthError::Empty { .. }), "{e}");
+    }
+
     #[test]
     fn secrets_do_not_show_in_debug_output() {
         let s = Secret("hunter2".into());
@@ -480,10 +745,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "open sesame\n").unwrap();
-        let a = ReplicaAuth::new(&ReplicaAuthConfig::Basic {
-            username: "Aladdin".into(),
-            password_file: pw,
-        })
+        let a = ReplicaAuth::new(
+            "r",
+            &ReplicaAuthConfig::Basic {
+                username: "Aladdin".into(),
+                password_file: pw,
+            },
+        )
         .unwrap();
         let h = a.header().unwrap();
         assert_eq!(h.to_str().unwrap(), "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");

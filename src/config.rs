@@ -32,22 +32,54 @@ pub const DEFAULT_MAX_DECODED_BYTES: u64 = 32 << 20;
 /// once.
 pub const DEFAULT_MAX_INFLIGHT_DECODED_BYTES: u64 = 256 << 20;
 
-/// Errors in the configuration: each names the setting and the bad value.
+/// Errors in the configuration: each names the setting and the bad value,
+/// never a secret: URLs are shown without their userinfo, query and
+/// fragment ([`redact_url`]), and a file that does not parse is shown by
+/// its line and column, not by its text (which may hold a header value).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// The TOML file cannot be read (missing, no permission).
     #[error("cannot read config file {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The TOML file does not parse, or a key has the wrong type or is
+    /// unknown. `message` is the parser's, with any value it quotes left
+    /// out ([`toml_message`]).
+    #[error("config file {path} line {line} column {column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A setting has a bad value.
     #[error("{setting}: {message}")]
     Invalid {
         setting: &'static str,
         message: String,
     },
+}
+
+impl ConfigError {
+    /// What an HTTP client is told of this error (a refused `POST
+    /// /-/reload`): which file or setting, and the line of a file that does
+    /// not parse, but no value from the configuration. The whole reason
+    /// goes to the log.
+    pub fn summary(&self) -> String {
+        match self {
+            ConfigError::Read { path, .. } => {
+                format!("cannot read the config file {}", path.display())
+            }
+            ConfigError::Parse { path, line, .. } => format!(
+                "the config file {} does not parse (line {line})",
+                path.display()
+            ),
+            ConfigError::Invalid { setting, .. } => format!("setting {setting} is invalid"),
+        }
+    }
 }
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
@@ -120,6 +152,15 @@ pub struct ServeArgs {
     /// Second address serving only metrics, health, readiness and status, plain HTTP without auth. [default: unset]
     #[arg(long, env = "WALRELAY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Serve POST /-/reload on --listen, to clients with the credentials ingest asks for (never on --admin-listen), at most one reload a second. SIGHUP reloads either way. [default: false]
+    #[arg(
+        long,
+        env = "WALRELAY_ENABLE_RELOAD_ENDPOINT",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    pub enable_reload_endpoint: Option<bool>,
     /// Largest request body accepted, compressed (e.g. 16MiB). [default: 16MiB]
     #[arg(long, env = "WALRELAY_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<String>,
@@ -243,6 +284,7 @@ struct FileConfig {
     tls_key_file: Option<PathBuf>,
     tls_client_ca_file: Option<PathBuf>,
     admin_listen: Option<SocketAddr>,
+    enable_reload_endpoint: Option<bool>,
     max_body_bytes: Option<toml::Value>,
     max_decoded_bytes: Option<toml::Value>,
     max_inflight_decoded_bytes: Option<toml::Value>,
@@ -372,7 +414,7 @@ impl CatchUp {
 }
 
 /// A replica to ship to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
     pub name: String,
     pub url: String,
@@ -395,26 +437,70 @@ pub struct ReplicaConfig {
 }
 
 impl ReplicaConfig {
-    /// The URL without its userinfo (`user:password@`), for logs, status
-    /// and errors.
+    /// The URL without its userinfo, query and fragment, for logs, status
+    /// and errors ([`redact_url`]).
     pub fn display_url(&self) -> String {
         redact_url(&self.url)
     }
 }
 
-/// `url` without a password or user name in it.
+/// Debug output names the replica and shows its URL redacted and only the
+/// names of its headers: a configuration printed for debugging must not
+/// carry a password, an API key in a query or a header's value.
+impl std::fmt::Debug for ReplicaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaConfig")
+            .field("name", &self.name)
+            .field("url", &self.display_url())
+            .field("max_samples_per_second", &self.max_samples_per_second)
+            .field("max_bytes_per_second", &self.max_bytes_per_second)
+            .field("protocol", &self.protocol)
+            .field("tls", &self.tls)
+            .field("auth", &self.auth)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .field("catch_up", &self.catch_up)
+            .field("status_policy", &self.status_policy)
+            .finish()
+    }
+}
+
+/// `url` as it may be shown: without a user name or password, a query
+/// (`?api_key=...`) or a fragment, any of which can hold a secret. A URL
+/// that does not parse is cut the same way by its text.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            if !u.username().is_empty() || u.password().is_some() {
-                // Only fails for URLs that cannot have userinfo at all.
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
-            }
+        // Without a host ("user:pw@host" parses with "user" as the scheme)
+        // the userinfo is not recognised as such.
+        Ok(mut u) if u.has_host() => {
+            // Only fails for URLs that cannot have userinfo at all.
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
             u.to_string()
         }
-        Err(_) => "(unparsable URL)".to_owned(),
+        _ => redact_url_text(url),
     }
+}
+
+/// [`redact_url`] for a string that is not a URL: everything from the first
+/// `?` or `#` is cut, and the authority loses what precedes its last `@`.
+fn redact_url_text(text: &str) -> String {
+    let text = text.split(['?', '#']).next().unwrap_or("");
+    let (scheme, rest) = match text.find("://") {
+        Some(i) => text.split_at(i + 3),
+        None => ("", text),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..authority_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    format!("{scheme}{rest}")
 }
 
 /// The resolved settings of `walrelay serve`.
@@ -428,6 +514,9 @@ pub struct ServeConfig {
     /// HTTPS on the main listener.
     pub tls: Option<ServerTlsFiles>,
     pub admin_listen: Option<SocketAddr>,
+    /// `POST /-/reload` is served on the main address (with the ingest
+    /// credentials); off by default.
+    pub enable_reload_endpoint: bool,
     pub max_body_bytes: usize,
     pub max_decoded_bytes: usize,
     /// Memory budget of write requests in flight (see
@@ -510,9 +599,11 @@ fn toml_bytes(v: &toml::Value) -> Result<String, String> {
 /// # Errors
 /// A message naming the bad value.
 pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
+    // The value is not echoed: without a '=' it may be a bare URL with a
+    // password in it.
     let (name, url) = s
         .split_once('=')
-        .ok_or_else(|| format!("replica {s:?} must be NAME=URL"))?;
+        .ok_or_else(|| "a replica must be NAME=URL (this one has no '=')".to_owned())?;
     let name = name.trim();
     let url = url.trim();
     if name.is_empty()
@@ -520,14 +611,20 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     {
+        // A bare URL with a query has a '=' too: its text before it is
+        // shown as a URL would be.
         return Err(format!(
-            "replica name {name:?} must be non-empty letters, digits, '-', '_' or '.'"
+            "replica name {:?} must be non-empty letters, digits, '-', '_' or '.'",
+            redact_url(name)
         ));
     }
+    let shown = redact_url(url);
     let parsed =
-        reqwest::Url::parse(url).map_err(|e| format!("replica {name}: URL {url:?}: {e}"))?;
+        reqwest::Url::parse(url).map_err(|e| format!("replica {name}: URL {shown:?}: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("replica {name}: URL {url:?} must be http or https"));
+        return Err(format!(
+            "replica {name}: URL {shown:?} must be http or https"
+        ));
     }
     Ok(ReplicaConfig {
         name: name.to_owned(),
@@ -725,7 +822,7 @@ impl ServeArgs {
             .clone()
             .or(file.basic_auth_users_file.clone());
         if let Some(path) = &basic_auth_users_file {
-            crate::auth::Authenticator::new(None, Some(path))
+            crate::auth::read_users(path)
                 .map_err(|e| invalid("basic-auth-users-file", e.to_string()))?;
         }
         let tls = server_tls(
@@ -839,6 +936,10 @@ impl ServeArgs {
             basic_auth_users_file,
             tls,
             admin_listen: self.admin_listen.or(file.admin_listen),
+            enable_reload_endpoint: self
+                .enable_reload_endpoint
+                .or(file.enable_reload_endpoint)
+                .unwrap_or(false),
             max_body_bytes: max_body_bytes as usize,
             max_decoded_bytes: max_decoded_bytes as usize,
             max_inflight_decoded_bytes,
@@ -995,10 +1096,42 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    toml::from_str(&text).map_err(|e| {
+        // The error's own display quotes the offending line, which may
+        // hold a secret (a header value, a URL's password): only its
+        // position is kept.
+        let at = e.span().map_or(0, |s| s.start).min(text.len());
+        let before = text.get(..at).unwrap_or("");
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: before.matches('\n').count() + 1,
+            column: before.get(line_start..).map_or(0, |l| l.chars().count()) + 1,
+            message: toml_message(e.message()),
+        }
     })
+}
+
+/// The parser's message without the value it quotes: serde's "invalid
+/// type: string \"hunter2\", expected usize" becomes "invalid type: string,
+/// expected usize" (a secret typed into the wrong key, or a header value
+/// written as a number, must not reach the log). Other messages (syntax,
+/// unknown keys) quote no value.
+pub fn toml_message(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        let Some(rest) = message.strip_prefix(prefix) else {
+            continue;
+        };
+        let expected = rest.find(", expected").map_or("", |i| &rest[i..]);
+        // "string \"x\"", "integer `1`": the kind is the first word; an
+        // unknown variant's value is all there is.
+        let kind = match prefix {
+            "unknown variant " => "",
+            _ => rest.split([' ', ',']).next().unwrap_or(""),
+        };
+        return format!("{prefix}{kind}{expected}").replace(" ,", ",");
+    }
+    message.to_owned()
 }
 
 /// Reads a secret from a file, trimming the trailing newline editors add.
@@ -1219,12 +1352,117 @@ mod tests {
     }
 
     #[test]
-    fn urls_lose_their_userinfo_for_display() {
+    fn urls_lose_their_userinfo_query_and_fragment_for_display() {
         assert_eq!(
             redact_url("https://user:secret@x:1/api/v1/write"),
             "https://x:1/api/v1/write"
         );
         assert_eq!(redact_url("http://x:1/w"), "http://x:1/w");
+        assert_eq!(
+            redact_url("https://u:pw@x:1/push?api_key=k3y&tenant=t#frag"),
+            "https://x:1/push"
+        );
+        // Not a URL: cut by its text all the same.
+        assert_eq!(
+            redact_url("ht tp://u:p@w@host:1/path?api_key=k3y"),
+            "ht tp://host:1/path"
+        );
+        assert_eq!(redact_url("u:p@host/w?k=v#f"), "host/w");
+    }
+
+    /// Every secret a test puts in a configuration contains this.
+    const SECRET: &str = "s3cret";
+
+    #[test]
+    fn a_refused_replica_url_is_named_without_its_password_or_query() {
+        for replica in [
+            "a=ftp://user:pw-s3cret@x:1/w?api_key=key-s3cret",
+            "a=http://user:pw-s3cret@[::1/w?api_key=key-s3cret",
+            "http://user:pw-s3cret@x:1/w?api_key=key-s3cret",
+        ] {
+            let e = ServeArgs {
+                replicas: vec![replica.into()],
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("replica:") && !e.contains(SECRET), "{e}");
+        }
+        let e = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"http://u:pw-s3cret@x:1/?k=key-s3cret\"\n\
+             tls_ca_file = \"/ca\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("https://") && !e.contains(SECRET), "{e}");
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_named_by_its_line_not_its_text() {
+        let replica = "[[replica]]\nname = \"a\"\nurl = \"http://x:1/\"\n[replica.headers]\n";
+        for (toml, line) in [
+            // Syntax: an unterminated string.
+            (format!("{replica}X-Key = \"hdr-s3cret\n"), 5),
+            // Types: a header value written as a number, a string where a
+            // number goes.
+            (format!("{replica}X-Key = 1234567890\n"), 5),
+            ("\nmax_concurrent_requests = \"s3cret\"\n".to_owned(), 2),
+            ("full_policy = \"s3cret\"\n".to_owned(), 1),
+        ] {
+            let e = resolve_file(&toml).unwrap_err();
+            let (shown, summary) = (e.to_string(), e.summary());
+            assert!(shown.contains(&format!("line {line} ")), "{toml}: {shown}");
+            assert!(summary.contains(&format!("line {line}")), "{summary}");
+            for text in [&shown, &summary] {
+                assert!(
+                    !text.contains(SECRET) && !text.contains("1234567890"),
+                    "{toml}: {text}"
+                );
+            }
+        }
+        // The rest of the parser's message stays: what was expected.
+        let e = resolve_file("max_concurrent_requests = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with("invalid type: string, expected usize"), "{e}");
+        let e = resolve_file("typo = 1\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `typo`"), "{e}");
+    }
+
+    #[test]
+    fn a_replica_in_debug_output_shows_no_url_secret_and_no_header_value() {
+        let c = resolve_file(
+            "[[replica]]\nname = \"a\"\nurl = \"http://u:pw-s3cret@x:1/w?k=key-s3cret#f-s3cret\"\n\
+             [replica.headers]\nX-Key = \"hdr-s3cret\"\n",
+        )
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("X-Key") && debug.contains("http://x:1/w"),
+            "{debug}"
+        );
+        assert!(!debug.contains(SECRET), "{debug}");
+    }
+
+    #[test]
+    fn the_reload_endpoint_is_off_unless_asked_for() {
+        assert!(
+            !ServeArgs::default()
+                .resolve()
+                .unwrap()
+                .enable_reload_endpoint
+        );
+        assert!(
+            resolve_file("enable_reload_endpoint = true\n")
+                .unwrap()
+                .enable_reload_endpoint
+        );
+        let flag_off = ServeArgs {
+            enable_reload_endpoint: Some(false),
+            ..Default::default()
+        };
+        assert!(!flag_off.resolve().unwrap().enable_reload_endpoint);
     }
 
     #[test]

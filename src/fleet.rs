@@ -426,7 +426,7 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
     let auth = r
         .auth
         .as_ref()
-        .map(ReplicaAuth::new)
+        .map(|a| ReplicaAuth::new(name, a))
         .transpose()
         .with_context(|| format!("replica {name}: credentials"))?;
     Sender::new(

@@ -188,7 +188,9 @@ impl Ingest {
         }
     }
 
-    fn unauthorized(&self, denied: Denied) -> HttpResponse {
+    /// The 401 for a request without the credentials ingest asks for, with
+    /// one challenge per accepted scheme (also `POST /-/reload`'s).
+    pub fn unauthorized(&self, denied: Denied) -> HttpResponse {
         let what = match denied {
             Denied::Missing => "missing",
             Denied::Wrong => "wrong",

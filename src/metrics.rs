@@ -188,6 +188,10 @@ fn describe() {
         "Configuration reloads (SIGHUP, POST /-/reload), by result."
     );
     describe_gauge!(
+        "walrelay_auth_credentials_file_ok",
+        "1 while a credentials file (file, used_for, replica) holds credentials, 0 while it is missing, empty or bad: then nothing it held is accepted (ingest) or sent (replica)."
+    );
+    describe_gauge!(
         "walrelay_ingest_requests_in_flight",
         "Write requests being handled now (at most --max-concurrent-requests)."
     );

@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -74,6 +74,48 @@ pub type ReloadSource = Arc<dyn Fn() -> Result<ServeConfig, ConfigError> + Send 
 struct Reload {
     source: Option<ReloadSource>,
     running: Mutex<ServeConfig>,
+    /// `--enable-reload-endpoint`: `POST /-/reload` is served (with the
+    /// ingest credentials) on the main address.
+    endpoint_enabled: bool,
+    /// Held by the reload under way, so reloads run one at a time; it holds
+    /// when the endpoint last finished one, for [`RELOAD_ENDPOINT_INTERVAL`].
+    gate: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// Least time between two reloads by `POST /-/reload`: a reload re-reads
+/// every file and may restart shippers, and a client that may reload must
+/// not be able to keep the relay doing only that. SIGHUP is not limited
+/// (it needs the pod), only serialised with the others.
+const RELOAD_ENDPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a reload was refused. The whole reason (which never holds a secret:
+/// URLs are redacted, a file that does not parse is named by its line) goes
+/// to the log; an HTTP client gets [`ReloadError::summary`].
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("this relay was started without a configuration to reload")]
+    NoSource,
+    #[error("reading the configuration: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0:#}")]
+    Apply(anyhow::Error),
+}
+
+impl ReloadError {
+    /// What `POST /-/reload` answers: which file or setting, the line of a
+    /// file that does not parse, no text of the configuration.
+    fn summary(&self) -> String {
+        match self {
+            ReloadError::NoSource => self.to_string(),
+            ReloadError::Task(_) => "the configuration could not be read".to_owned(),
+            ReloadError::Config(e) => e.summary(),
+            ReloadError::Apply(_) => {
+                "a replica could not be started with the new settings".to_owned()
+            }
+        }
+    }
 }
 
 /// Runs the relay until `shutdown` is cancelled. With `reload_source`,
@@ -237,6 +279,8 @@ pub async fn run(
         reload: Reload {
             source: reload_source,
             running: Mutex::new(config.clone()),
+            endpoint_enabled: config.enable_reload_endpoint,
+            gate: tokio::sync::Mutex::new(None),
         },
         recovery,
         instance: config.instance_name.clone(),
@@ -253,6 +297,18 @@ pub async fn run(
     if let Some(a) = &admin_listener {
         tracing::info!(admin_listen = %a.local_addr()?,
             "serving /metrics, /-/healthy, /-/ready and /api/v1/status on the admin address too");
+    }
+    if config.enable_reload_endpoint && !app.ingest.auth.is_enabled() {
+        let mtls = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        if !mtls {
+            tracing::warn!(
+                "--enable-reload-endpoint without ingest credentials: any client that can \
+                 reach --listen can reload the configuration (at most once a second)"
+            );
+        }
     }
 
     metrics::gauge!("walrelay_config_last_reload_successful").set(1.0);
@@ -311,7 +367,10 @@ const TRANSLATION_EXPANSION: usize = 4;
 async fn reload_on_sighup(app: Arc<App>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; reload with POST /-/reload");
+        tracing::error!(
+            "cannot install the SIGHUP handler; reload with POST /-/reload \
+             (--enable-reload-endpoint) or restart"
+        );
         return;
     };
     loop {
@@ -324,13 +383,22 @@ async fn reload_on_sighup(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-/// Re-reads the configuration and applies its replicas. A file that does
-/// not parse or validate, or a replica whose client cannot be built, is
-/// refused with the reason logged: the running configuration stays as it
-/// was and `walrelay_config_last_reload_successful` is 0 until a reload
-/// succeeds.
-async fn reload(app: &App) -> Result<Changes, String> {
+/// Re-reads the configuration and applies its replicas, after the reload
+/// under way if there is one. A file that does not parse or validate, or a
+/// replica whose client cannot be built, is refused with the reason logged:
+/// the running configuration stays as it was and
+/// `walrelay_config_last_reload_successful` is 0 until a reload succeeds.
+async fn reload(app: &App) -> Result<Changes, ReloadError> {
+    let _turn = app.reload.gate.lock().await;
+    reload_now(app).await
+}
+
+/// [`reload`], for a caller that holds the gate.
+async fn reload_now(app: &App) -> Result<Changes, ReloadError> {
     let result = try_reload(app).await;
+    // The ingest credentials files are re-read by themselves when they
+    // change; checked here too, so a reload reports one that went bad.
+    app.ingest.auth.refresh();
     let ok = result.is_ok();
     metrics::gauge!("walrelay_config_last_reload_successful").set(if ok { 1.0 } else { 0.0 });
     metrics::counter!("walrelay_config_reloads_total", "result" => if ok { "success" } else { "failure" })
@@ -348,19 +416,16 @@ async fn reload(app: &App) -> Result<Changes, String> {
     result
 }
 
-async fn try_reload(app: &App) -> Result<Changes, String> {
+async fn try_reload(app: &App) -> Result<Changes, ReloadError> {
     let Some(source) = app.reload.source.clone() else {
-        return Err("this relay was started without a configuration to reload".into());
+        return Err(ReloadError::NoSource);
     };
-    let config = tokio::task::spawn_blocking(move || source())
-        .await
-        .map_err(|e| format!("reading the configuration: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let config = tokio::task::spawn_blocking(move || source()).await??;
     let changes = app
         .fleet
         .apply(ShipperConfig::all(&config))
         .await
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(ReloadError::Apply)?;
     let mut running = app.reload.running.lock().unwrap_or_else(|p| p.into_inner());
     if restart_only(&running) != restart_only(&config) {
         tracing::warn!(
@@ -716,7 +781,7 @@ async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpR
     match req.uri().path() {
         "/api/v1/write" | "/" if endpoints == Endpoints::Admin => text(
             StatusCode::NOT_FOUND,
-            "the admin address serves GET /metrics, /-/healthy, /-/ready, /api/v1/status and POST /-/reload only",
+            "the admin address serves GET /metrics, /-/healthy, /-/ready and /api/v1/status only",
         ),
         "/api/v1/write" => app.ingest.handle(req).await,
         "/metrics" => {
@@ -755,33 +820,74 @@ async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpR
             }
         }
         "/api/v1/status" => status(app),
-        "/-/reload" if req.method() != hyper::Method::POST => {
-            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST /-/reload");
-            r.headers_mut()
-                .insert("Allow", HeaderValue::from_static("POST"));
-            r
-        }
-        // As Prometheus': 200 when applied, 500 with the reason when
-        // refused (the running configuration is kept).
-        "/-/reload" => match reload(app).await {
-            Ok(changes) => {
-                let mut r = Response::new(Full::new(Bytes::from(
-                    serde_json::json!({ "status": "success", "replicas": changes }).to_string(),
-                )));
-                r.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                r
-            }
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reload refused, running configuration kept: {e}"),
-            ),
-        },
+        "/-/reload" => reload_endpoint(app, endpoints, &req).await,
         "/" => text(
             StatusCode::OK,
             "walrelay: POST /api/v1/write, /-/reload; GET /metrics, /-/healthy, /-/ready, /api/v1/status",
         ),
         other => text(StatusCode::NOT_FOUND, format!("no such endpoint: {other}")),
+    }
+}
+
+/// `POST /-/reload`, as Prometheus' with `--web.enable-lifecycle`: off
+/// unless `--enable-reload-endpoint` (403), never on the admin address,
+/// which has no credentials (404); the credentials ingest asks for (401;
+/// client certificates were checked at the handshake); one reload at a time
+/// and one a second (429 with `Retry-After`). Then 200 with the changes, or
+/// 500 with a summary of why it was refused (the running configuration is
+/// kept; the reason is in the log).
+async fn reload_endpoint(app: &App, endpoints: Endpoints, req: &Request<Incoming>) -> HttpResponse {
+    if endpoints == Endpoints::Admin {
+        return text(
+            StatusCode::NOT_FOUND,
+            "the admin address does not serve /-/reload: it asks for no credentials",
+        );
+    }
+    if !app.reload.endpoint_enabled {
+        return text(
+            StatusCode::FORBIDDEN,
+            "POST /-/reload is off: start the relay with --enable-reload-endpoint, or reload with SIGHUP",
+        );
+    }
+    if req.method() != hyper::Method::POST {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "use POST /-/reload");
+        r.headers_mut()
+            .insert("Allow", HeaderValue::from_static("POST"));
+        return r;
+    }
+    if let Err(denied) = app.ingest.auth.check(req.headers()).await {
+        return app.ingest.unauthorized(denied);
+    }
+    let too_soon = |why: &str| {
+        let mut r = text(StatusCode::TOO_MANY_REQUESTS, why);
+        r.headers_mut()
+            .insert("Retry-After", HeaderValue::from_static("1"));
+        r
+    };
+    let Ok(mut last) = app.reload.gate.try_lock() else {
+        return too_soon("a reload is under way; retry later");
+    };
+    if last.is_some_and(|t| t.elapsed() < RELOAD_ENDPOINT_INTERVAL) {
+        return too_soon("at most one reload a second; retry later");
+    }
+    let result = reload_now(app).await;
+    *last = Some(Instant::now());
+    match result {
+        Ok(changes) => {
+            let mut r = Response::new(Full::new(Bytes::from(
+                serde_json::json!({ "status": "success", "replicas": changes }).to_string(),
+            )));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "reload refused, running configuration kept: {}; the reason is in the relay's log",
+                e.summary()
+            ),
+        ),
     }
 }
 

@@ -7,7 +7,9 @@
 //! each file at most once per interval, done by whoever asks for the value
 //! (no background task). A new file that does not load is logged (its path
 //! and the error, never its content) and the previous value is kept: a
-//! half-written certificate must not take the relay down.
+//! half-written certificate must not take the relay down. (Credentials
+//! files load to "no credential" instead, so that emptying one revokes
+//! what it held: see [`crate::auth`].)
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

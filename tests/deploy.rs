@@ -473,6 +473,22 @@ async fn every_metric_of_the_dashboard_and_alerts_is_exposed_by_a_shipping_relay
         relay.log_tail(40)
     );
     exposed.extend(exposed_names(&text));
+    drop(relay);
+
+    // Phase 4: credentials files have a series each
+    // (walrelay_auth_credentials_file_ok) only when they are configured.
+    let dir4 = tempfile::tempdir().unwrap();
+    let token = dir4.path().join("token");
+    std::fs::write(&token, "deploy-token\n").unwrap();
+    let relay = Relay::start_with_bin(
+        BIN,
+        dir4.path().join("data"),
+        &[],
+        &["--bearer-token-file", token.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    exposed.extend(exposed_names(&relay.metrics_text().await.unwrap()));
 
     // Only an fsync failure sets walrelay_wal_writer_failed, which no
     // filesystem here produces: check that the relay declares it instead.

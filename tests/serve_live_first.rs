@@ -87,7 +87,14 @@ fn config_file(dir: &Path, url: &str, catch_up: &str) -> PathBuf {
 async fn relay(dir: &Path, url: &str, catch_up: &str) -> Relay {
     let config = config_file(dir, url, catch_up);
     let data = dir.join("data");
-    Relay::start_with_bin(BIN, &data, &[], &["--config", config.to_str().unwrap()])
+    // The reload endpoint for the test that reloads (no ingest
+    // credentials: it asks for none).
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--enable-reload-endpoint",
+    ];
+    Relay::start_with_bin(BIN, &data, &[], &args)
         .await
         .expect("walrelay starts")
 }

@@ -2,6 +2,9 @@
 //! a TOML file, no `--replica` flags, so the file's replicas are the ones in
 //! force), against real Prometheus 2.42 replicas and the load generator:
 //!
+//! - `POST /-/reload` is enabled (`--enable-reload-endpoint`) and asks for
+//!   the ingest credentials (basic auth here, which the load generator
+//!   sends from its URL);
 //! - under load, `POST /-/reload` changes replica a (its headers and rate
 //!   limit) and adds replica b: a loses nothing and is sent nothing twice
 //!   (Prometheus would refuse a re-sent sample with 400, and the relay counts
@@ -90,11 +93,23 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("walrelay.toml");
     write_config(&config, &[("a", &a_url, "")]);
+    let users = dir.path().join("users");
+    std::fs::write(
+        &users,
+        format!("sender:{}\n", bcrypt::hash("pw", 4).unwrap()),
+    )
+    .unwrap();
     let r = Relay::start_with_bin(
         BIN,
         &dir.path().join("data"),
         &[],
-        &["--config", config.to_str().unwrap()],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--basic-auth-users-file",
+            users.to_str().unwrap(),
+            "--enable-reload-endpoint",
+        ],
     )
     .await
     .expect("walrelay starts");
@@ -102,6 +117,11 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     assert_eq!(reload_succeeded(&r).await, 1.0);
     let http = reqwest::Client::new();
     let reload_url = format!("{}/-/reload", r.url());
+    let reload = || http.post(&reload_url).basic_auth("sender", Some("pw"));
+    // reqwest sends a URL's user and password as basic auth.
+    let write_url = format!("http://sender:pw@{}/api/v1/write", r.addr());
+    let resp = http.post(&reload_url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401, "a reload without credentials");
 
     // Under load: a changes (a header and a rate limit far above the load),
     // b is added.
@@ -112,7 +132,7 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
         interval: Duration::from_millis(20),
         ..LoadSpec::default()
     };
-    let during = Load::start(spec(8), &r.write_url()).unwrap();
+    let during = Load::start(spec(8), &write_url).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     write_config(
         &config,
@@ -125,7 +145,7 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
             ("b", &b.write_url(), ""),
         ],
     );
-    let resp = http.post(&reload_url).send().await.unwrap();
+    let resp = reload().send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let changes: Value = resp.json().await.unwrap();
     assert_eq!(changes["replicas"]["changed"], serde_json::json!(["a"]));
@@ -138,7 +158,7 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     );
     let during = during.join().await.unwrap();
     // Written entirely after b was added.
-    let after = Load::run(spec(2), &r.write_url()).await.unwrap();
+    let after = Load::run(spec(2), &write_url).await.unwrap();
     wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
     for (replica, load) in [(&a, &during), (&a, &after), (&b, &after)] {
         let v = verify(replica, load).await.unwrap();
@@ -178,7 +198,7 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let resp = http.post(&reload_url).send().await.unwrap();
+    let resp = reload().send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 500);
     let reason = resp.text().await.unwrap();
     assert!(
@@ -203,7 +223,7 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     sighup(&r);
     until(&r, "b removed", |s| names(s) == ["a"]).await;
     assert_eq!(reload_succeeded(&r).await, 1.0);
-    let last = Load::run(spec(2), &r.write_url()).await.unwrap();
+    let last = Load::run(spec(2), &write_url).await.unwrap();
     wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
     verify(&a, &last).await.unwrap().assert_lossless();
 }

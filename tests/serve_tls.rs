@@ -380,7 +380,11 @@ async fn a_replica_behind_tls_with_its_own_ca_receives_everything_and_a_wrong_ca
     // The same replica trusted through the wrong CA: nothing is delivered,
     // and the status says why.
     let wrong_cfg = config("wrong", &wrong.ca);
-    let mut args = vec!["--config", wrong_cfg.to_str().unwrap()];
+    let mut args = vec![
+        "--config",
+        wrong_cfg.to_str().unwrap(),
+        "--enable-reload-endpoint",
+    ];
     args.extend(fast_retry);
     let misconfigured = Relay::start_with_bin(BIN, dir.path().join("wrong-relay"), &[], &args)
         .await

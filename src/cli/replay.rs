@@ -130,11 +130,17 @@ struct InFlight {
     next: u64,
 }
 
-/// The state file.
+/// The state file (mode 0600: it names the target).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     version: u32,
+    /// The target, redacted ([`crate::config::redact_url`]): for people.
     url: String,
+    /// SHA-256 of the target's full URL, hex: what a re-run is matched by,
+    /// since two targets may differ only in what the redaction removes.
+    /// Absent in a version 1 file, whose `url` is the full URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url_sha256: Option<String>,
     /// The selection arguments as given: a re-run must match them.
     args: String,
     /// The selection as resolved by the first run (a relative --since stays
@@ -195,6 +201,30 @@ fn selection_fingerprint(a: &ReplayArgs) -> String {
         "from_seq={:?} to_seq={:?} segments={:?} since={:?} until={:?}",
         a.from_seq, a.to_seq, a.segments, a.since, a.until
     )
+}
+
+/// The state's version: 2 stores the URL redacted, with a digest of it.
+const STATE_VERSION: u32 = 2;
+
+fn url_digest(url: &str) -> String {
+    use std::fmt::Write as _;
+    ring::digest::digest(&ring::digest::SHA256, url.as_bytes())
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
+}
+
+impl State {
+    /// Whether this state belongs to a replay to `url` (the full URL).
+    fn is_for(&self, url: &str) -> bool {
+        match &self.url_sha256 {
+            Some(digest) => *digest == url_digest(url),
+            None => self.url == url,
+        }
+    }
 }
 
 fn default_state_file(dir: &DataDir, url: &str) -> PathBuf {
@@ -258,7 +288,15 @@ fn save_state(path: &Path, st: &mut State) -> Result<()> {
     st.updated = common::fmt_time(common::now_ms());
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // A leftover from an older version may have been made 0644.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(&serde_json::to_vec_pretty(st)?)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -715,11 +753,13 @@ impl Run {
 
 fn parse_headers(list: &[String]) -> Result<Vec<(String, String)>> {
     list.iter()
-        .map(|h| {
+        .enumerate()
+        .map(|(i, h)| {
             h.split_once('=')
                 .or_else(|| h.split_once(':'))
                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| anyhow!("--header {h:?}: expected NAME=VALUE"))
+                // Not echoed: it may be a secret value.
+                .ok_or_else(|| anyhow!("--header number {}: expected NAME=VALUE", i + 1))
         })
         .collect()
 }
@@ -731,8 +771,10 @@ fn parse_headers(list: &[String]) -> Result<Vec<(String, String)>> {
 pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     let dir = DataDir::open(&args.data_dir)?;
     let url = reqwest::Url::parse(&args.to)
-        .map_err(|e| anyhow!("--to {:?}: {e}", args.to))?
+        .map_err(|e| anyhow!("--to {:?}: {e}", crate::config::redact_url(&args.to)))?
         .to_string();
+    // What is printed and stored: no password, no query, no fragment.
+    let shown = crate::config::redact_url(&url);
     let headers = parse_headers(&args.headers)?;
     let token = args
         .bearer_token_file
@@ -766,7 +808,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
                 },
             )
             .and_then(|s| s.with_headers(&headers, token.as_deref()))
-            .map_err(|e| anyhow!("--to {url}: {e}"))?,
+            .map_err(|e| anyhow!("--to {shown}: {e}"))?,
         )
     };
     let (wal, _) = dir.open_wal()?;
@@ -780,14 +822,28 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     } else {
         load_state(&state_path)?
     };
-    let (state, resumed_at) = match previous {
-        Some(st) if st.url != url || st.args != fingerprint => bail!(
+    let previous = match previous {
+        Some(st) if !st.is_for(&url) || st.args != fingerprint => bail!(
             "state file {} belongs to another replay ({} with {}); pass --restart to start \
              this one over, or --state-file for a separate one",
             state_path.display(),
-            st.url,
+            crate::config::redact_url(&st.url),
             st.args
         ),
+        Some(mut st) => {
+            if st.url_sha256.is_none() && !args.dry_run {
+                // A version 1 file holds the full URL: rewritten redacted
+                // (and 0600) at once.
+                st.version = STATE_VERSION;
+                st.url = shown.clone();
+                st.url_sha256 = Some(url_digest(&url));
+                save_state(&state_path, &mut st)?;
+            }
+            Some(st)
+        }
+        None => None,
+    };
+    let (state, resumed_at) = match previous {
         Some(st) if st.done && !args.dry_run => {
             let mut out = common::stdout();
             writeln!(
@@ -812,8 +868,9 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
             let t = |s: &Option<String>| s.as_deref().map(common::parse_time).transpose();
             (
                 State {
-                    version: 1,
-                    url: url.clone(),
+                    version: STATE_VERSION,
+                    url: shown.clone(),
+                    url_sha256: Some(url_digest(&url)),
                     args: fingerprint,
                     start,
                     end,
@@ -838,7 +895,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     let progress = Progress::new(state.next_seq, state.end);
     let mut run = Run {
         sender,
-        replica: Arc::new(ReplicaState::new("replay", &url, state.next_seq)),
+        replica: Arc::new(ReplicaState::new("replay", &shown, state.next_seq)),
         state_path: (!args.dry_run).then(|| state_path.clone()),
         run: Totals::default(),
         gaps: Vec::new(),

@@ -396,8 +396,13 @@ impl Sender {
             Protocol::V2 => prom_remote_write::content::CONTENT_TYPE_V2,
         };
         let mut headers = self.extra_headers.clone();
-        if let Some(value) = self.auth.as_ref().and_then(|a| a.header()) {
-            headers.insert(reqwest::header::AUTHORIZATION, value);
+        if let Some(auth) = &self.auth {
+            // A credentials file that holds nothing now sends nothing: not
+            // an `Authorization` among the extra headers either.
+            match auth.header() {
+                Some(value) => headers.insert(reqwest::header::AUTHORIZATION, value),
+                None => headers.remove(reqwest::header::AUTHORIZATION),
+            };
         }
         let resp = self
             .client
@@ -453,7 +458,8 @@ impl Sender {
             Ok(b) => String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)])
                 .trim()
                 .to_owned(),
-            Err(e) => format!("(body unreadable: {e})"),
+            // reqwest names the URL in its errors, password and query included.
+            Err(e) => format!("(body unreadable: {})", e.without_url()),
         };
         let code = status.as_u16();
         let reason = format!("HTTP {code}: {text}");
