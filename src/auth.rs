@@ -677,9 +677,14 @@ mod tests {
             let a = Arc::clone(&a);
             async move { a.check(&basic("alice", "wrong")).await }
         });
-        while a.password_checks.available_permits() == 1 {
-            tokio::task::yield_now().await;
-        }
+        let started = async {
+            while a.password_checks_run() == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), started)
+            .await
+            .expect("the check never started");
         task.abort();
         let _ = task.await;
         assert_eq!(
