@@ -6,13 +6,15 @@
 //! holds no credential (nothing accepted, nothing sent) until it loads
 //! again; see `CredentialFile`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use tokio::sync::Semaphore;
 
 use crate::watch::Reloading;
 
@@ -304,22 +306,54 @@ pub fn read_users(path: &Path) -> Result<Users, AuthError> {
 
 /// Successful basic-auth checks remembered, as digests of user, hash and
 /// password: bcrypt costs tens of milliseconds by design, and a sender
-/// presents the same password with every request. Cleared when full.
+/// presents the same password with every request. Only a right password
+/// adds an entry, so no client without credentials can grow it; when full,
+/// expired entries go, and if none has, all of them.
 const VERIFIED_CACHE_MAX: usize = 1024;
+
+/// How long a successful check is remembered. Long enough that a sender
+/// pays bcrypt once every few minutes rather than per request, short
+/// enough that a password stops being known in memory soon after its last
+/// use. A changed hash in the users file is checked afresh at once (the
+/// hash is part of the key).
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
+
+/// The cost of the dummy hash an unknown user is checked against when the
+/// users file holds no hash to copy the cost from.
+const DUMMY_COST: u32 = 10;
+
+/// Salt and digest (bcrypt's base64, 22 + 31 characters) of the dummy hash:
+/// any valid pair does, since no password is expected to match it (and a
+/// match is refused anyway).
+const DUMMY_SALT_AND_DIGEST: &str = "R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW";
 
 /// Which credentials senders must present. With both a bearer token and
 /// users, either one is accepted.
 pub struct Authenticator {
     bearer: Option<CredentialFile<Secret>>,
     users: Option<CredentialFile<Users>>,
-    verified: Mutex<HashSet<[u8; 32]>>,
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    verified_ttl: Duration,
+    /// bcrypt checks running at once (`--max-concurrent-password-checks`):
+    /// a flood of wrong passwords must not take every core.
+    password_checks: Arc<Semaphore>,
+    /// bcrypt checks run, for tests (the metric is process-wide).
+    checks_run: Arc<AtomicU64>,
 }
 
-/// Why a request was refused (the message of the 401).
+/// Why a request was refused (the message of the 401, or 503 for `Busy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
     Missing,
     Wrong,
+    /// A password had to be checked and every slot for bcrypt is taken:
+    /// retryable, not an answer about the credential.
+    Busy,
+}
+
+/// Default `--max-concurrent-password-checks`: one bcrypt check per core.
+pub fn default_password_check_limit() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 impl Authenticator {
@@ -337,20 +371,36 @@ impl Authenticator {
         let users = users_file
             .map(|p| CredentialFile::new(Purpose::IngestUsers, p, None, read_users))
             .transpose()?;
-        Ok(Self {
-            bearer,
-            users,
-            verified: Mutex::new(HashSet::new()),
-        })
+        Ok(Self::with(bearer, users))
     }
 
     /// No credentials required.
     pub fn open() -> Self {
+        Self::with(None, None)
+    }
+
+    fn with(bearer: Option<CredentialFile<Secret>>, users: Option<CredentialFile<Users>>) -> Self {
         Self {
-            bearer: None,
-            users: None,
-            verified: Mutex::new(HashSet::new()),
+            bearer,
+            users,
+            verified: Mutex::new(HashMap::new()),
+            verified_ttl: VERIFIED_TTL,
+            password_checks: Arc::new(Semaphore::new(default_password_check_limit())),
+            checks_run: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// At most `limit` bcrypt checks at once (at least one); a request
+    /// needing one more is refused with [`Denied::Busy`].
+    #[must_use]
+    pub fn with_password_check_limit(mut self, limit: usize) -> Self {
+        self.password_checks = Arc::new(Semaphore::new(limit.max(1)));
+        self
+    }
+
+    /// bcrypt checks run so far (unknown users' included).
+    pub fn password_checks_run(&self) -> u64 {
+        self.checks_run.load(Ordering::Relaxed)
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -393,7 +443,8 @@ impl Authenticator {
     /// Checks the request's `Authorization` header.
     ///
     /// # Errors
-    /// The credential is missing or wrong.
+    /// The credential is missing or wrong, or checking a password would
+    /// take one bcrypt check more than allowed at once.
     pub async fn check(&self, headers: &HeaderMap) -> Result<(), Denied> {
         if !self.is_enabled() {
             return Ok(());
@@ -428,38 +479,109 @@ impl Authenticator {
         Err(Denied::Wrong)
     }
 
+    /// A known user's password is checked against its hash, an unknown
+    /// user's against a dummy hash of the same cost: both cost one bcrypt
+    /// check, so the time of a refusal does not tell which names exist.
     async fn check_basic(&self, users: &Users, encoded: &str) -> Result<(), Denied> {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(encoded)
             .map_err(|_| Denied::Wrong)?;
         let decoded = String::from_utf8(decoded).map_err(|_| Denied::Wrong)?;
         let (user, password) = decoded.split_once(':').ok_or(Denied::Wrong)?;
-        let hash = users.0.get(user).ok_or(Denied::Wrong)?.clone();
+        let (hash, known) = match users.0.get(user) {
+            Some(hash) => (hash.clone(), true),
+            None => (dummy_hash(users.dummy_cost()), false),
+        };
         let key = cache_key(user, &hash, password);
-        if self.verified_lock().contains(&key) {
+        if known && self.remembered(&key) {
             return Ok(());
         }
-        let password = password.to_owned();
-        // bcrypt is slow on purpose: off the async threads.
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(false);
-        if !ok {
+        let matched = self.bcrypt_verify(password.to_owned(), hash).await?;
+        if !(known && matched) {
             return Err(Denied::Wrong);
         }
-        let mut cache = self.verified_lock();
-        if cache.len() >= VERIFIED_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(key);
+        self.remember(key);
         Ok(())
     }
 
-    fn verified_lock(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+    /// One bcrypt check, on the blocking pool and within the limit of
+    /// checks at once. The permit goes into the blocking task: a client
+    /// that hangs up does not stop its check, and must not free its slot
+    /// before the check is done.
+    async fn bcrypt_verify(&self, password: String, hash: String) -> Result<bool, Denied> {
+        let Ok(permit) = Arc::clone(&self.password_checks).try_acquire_owned() else {
+            return Err(Denied::Busy);
+        };
+        let checks_run = Arc::clone(&self.checks_run);
+        let matched = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _running = RunningCheck::new();
+            checks_run.fetch_add(1, Ordering::Relaxed);
+            bcrypt::verify(password, &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        let result = if matched { "accepted" } else { "refused" };
+        metrics::counter!("walrelay_auth_password_checks_total", "result" => result).increment(1);
+        Ok(matched)
+    }
+
+    fn remembered(&self, key: &[u8; 32]) -> bool {
+        let ttl = self.verified_ttl;
+        self.verified_lock()
+            .get(key)
+            .is_some_and(|at| at.elapsed() < ttl)
+    }
+
+    fn remember(&self, key: [u8; 32]) {
+        let ttl = self.verified_ttl;
+        let mut cache = self.verified_lock();
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.retain(|_, at| at.elapsed() < ttl);
+        }
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, Instant::now());
+    }
+
+    fn verified_lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Instant>> {
         self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `walrelay_auth_password_checks_in_flight` up while a bcrypt check runs.
+struct RunningCheck;
+
+impl RunningCheck {
+    fn new() -> Self {
+        metrics::gauge!("walrelay_auth_password_checks_in_flight").increment(1.0);
+        RunningCheck
+    }
+}
+
+impl Drop for RunningCheck {
+    fn drop(&mut self) {
+        metrics::gauge!("walrelay_auth_password_checks_in_flight").decrement(1.0);
+    }
+}
+
+impl Users {
+    /// The highest bcrypt cost among the users' hashes: checking an
+    /// unknown user at that cost takes as long as the slowest known one.
+    fn dummy_cost(&self) -> u32 {
+        self.0
+            .values()
+            .filter_map(|h| h.parse::<bcrypt::HashParts>().ok())
+            .map(|p| p.get_cost())
+            .max()
+            .unwrap_or(DUMMY_COST)
+    }
+}
+
+/// A bcrypt hash of cost `cost` that no password is known to match.
+fn dummy_hash(cost: u32) -> String {
+    format!("$2b${cost:02}${DUMMY_SALT_AND_DIGEST}")
 }
 
 /// The hash is part of the key, so a password changed in the users file is
@@ -475,13 +597,25 @@ fn cache_key(user: &str, hash: &str, password: &str) -> [u8; 32] {
     key
 }
 
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a guessed token was right.
+/// SHA-256 of `bytes`.
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+/// Compares the SHA-256 digests of `a` and `b`, every byte of them: the
+/// work is the same whatever the lengths and contents, so response timing
+/// tells neither how long the token is nor how much of a guess was right
+/// (the digests of a guess say nothing of the token).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    digests_eq(&digest(a), &digest(b))
+}
+
+/// Fixed-size arrays: there is no length to differ, and no early exit.
+fn digests_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 /// How the relay authenticates to one replica.
@@ -730,6 +864,113 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, AuthError::Empty { .. }), "{e}");
+    }
+
+    fn alice(dir: &Path, cost: u32) -> Authenticator {
+        let users = dir.join("users");
+        let hash = bcrypt::hash("right", cost).unwrap();
+        std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+        Authenticator::new(None, Some(&users)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unknown_user_costs_one_bcrypt_check_like_a_known_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = alice(dir.path(), 4);
+        assert_eq!(a.check(&basic("alice", "wrong")).await, Err(Denied::Wrong));
+        assert_eq!(a.password_checks_run(), 1);
+        assert_eq!(a.check(&basic("mallory", "x")).await, Err(Denied::Wrong));
+        assert_eq!(a.password_checks_run(), 2, "an unknown user skipped bcrypt");
+    }
+
+    #[test]
+    fn the_dummy_hash_is_bcrypt_at_the_users_highest_cost() {
+        let users = Users(HashMap::from([
+            ("a".to_owned(), hash("x")),
+            ("b".to_owned(), bcrypt::hash("y", 6).unwrap()),
+        ]));
+        let dummy = dummy_hash(users.dummy_cost());
+        let parts: bcrypt::HashParts = dummy.parse().unwrap();
+        assert_eq!(parts.get_cost(), 6);
+        assert_eq!(dummy.len(), 60);
+        assert!(!bcrypt::verify("", &dummy).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_remembered_password_is_checked_again_only_after_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = alice(dir.path(), 4);
+        for _ in 0..5 {
+            assert_eq!(a.check(&basic("alice", "right")).await, Ok(()));
+        }
+        assert_eq!(
+            a.password_checks_run(),
+            1,
+            "a known sender paid bcrypt again"
+        );
+        a.verified_ttl = Duration::ZERO;
+        assert_eq!(a.check(&basic("alice", "right")).await, Ok(()));
+        assert_eq!(
+            a.password_checks_run(),
+            2,
+            "an expired entry was still trusted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_password_check_beyond_the_limit_is_refused_as_busy_without_bcrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = alice(dir.path(), 4).with_password_check_limit(1);
+        let held = Arc::clone(&a.password_checks).try_acquire_owned().unwrap();
+        assert_eq!(a.check(&basic("alice", "right")).await, Err(Denied::Busy));
+        assert_eq!(a.check(&basic("nobody", "x")).await, Err(Denied::Busy));
+        assert_eq!(a.password_checks_run(), 0);
+        drop(held);
+        assert_eq!(a.check(&basic("alice", "right")).await, Ok(()));
+        // Remembered now: no slot needed.
+        let _held = Arc::clone(&a.password_checks).try_acquire_owned().unwrap();
+        assert_eq!(a.check(&basic("alice", "right")).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_keeps_its_slot_until_its_check_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        // Cost 13: the check (half a second or more) outlasts the abort
+        // and the look at the slot below.
+        let a = Arc::new(alice(dir.path(), 13).with_password_check_limit(1));
+        let task = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.check(&basic("alice", "wrong")).await }
+        });
+        let started = async {
+            while a.password_checks_run() == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), started)
+            .await
+            .expect("the check never started");
+        task.abort();
+        let _ = task.await;
+        assert_eq!(
+            a.password_checks.available_permits(),
+            0,
+            "the slot was freed while bcrypt still ran"
+        );
+        assert_eq!(a.check(&basic("alice", "x")).await, Err(Denied::Busy));
+    }
+
+    #[test]
+    fn tokens_are_compared_by_digest_whatever_their_lengths() {
+        assert!(constant_time_eq(b"token", b"token"));
+        assert!(!constant_time_eq(b"token", b"tokeN"));
+        assert!(!constant_time_eq(b"tok", b"token"), "a prefix");
+        assert!(!constant_time_eq(b"", b"token"));
+        assert!(constant_time_eq(b"", b""));
+        // What is compared has one length whatever the inputs'.
+        let (short, long) = (digest(b"t"), digest(&[b't'; 4096]));
+        assert_eq!(short.len(), long.len());
+        assert!(!digests_eq(&short, &long));
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub const DEFAULT_MAX_DECODED_BYTES: u64 = 32 << 20;
 /// once.
 pub const DEFAULT_MAX_INFLIGHT_DECODED_BYTES: u64 = 256 << 20;
 
+/// Default `--max-connections`: as many as `--max-concurrent-requests`'
+/// default, so each request slot can have a connection of its own (HTTP/1
+/// carries one request at a time), and with the admin address' 64 and the
+/// relay's own files still under the common soft limit of 1024 open files.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
 /// Errors in the configuration: each names the setting and the bad value,
 /// never a secret: URLs are shown without their userinfo, query and
 /// fragment ([`redact_url`]), and a file that does not parse is shown by
@@ -173,6 +179,15 @@ pub struct ServeArgs {
     /// Requests handled at once; more are answered 503. [default: 512]
     #[arg(long, env = "WALRELAY_MAX_CONCURRENT_REQUESTS")]
     pub max_concurrent_requests: Option<usize>,
+    /// Open connections to --listen at once; more are accepted and closed at once (--admin-listen has its own 64). [default: 512]
+    #[arg(long, env = "WALRELAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections to --listen from one client IP address at once; more are closed. 0 = no limit but --max-connections. [default: 0]
+    #[arg(long, env = "WALRELAY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Basic-auth passwords checked (bcrypt) at once; a request needing one more is answered 503. [default: the number of CPU cores]
+    #[arg(long, env = "WALRELAY_MAX_CONCURRENT_PASSWORD_CHECKS")]
+    pub max_concurrent_password_checks: Option<usize>,
     /// Most series in one request; more is answered 413. 0 = unlimited. [default: 0]
     #[arg(long, env = "WALRELAY_MAX_SERIES_PER_REQUEST")]
     pub max_series_per_request: Option<usize>,
@@ -289,6 +304,9 @@ struct FileConfig {
     max_decoded_bytes: Option<toml::Value>,
     max_inflight_decoded_bytes: Option<toml::Value>,
     max_concurrent_requests: Option<usize>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_concurrent_password_checks: Option<usize>,
     max_series_per_request: Option<usize>,
     max_labels_per_series: Option<usize>,
     max_label_name_length: Option<usize>,
@@ -523,6 +541,12 @@ pub struct ServeConfig {
     /// [`crate::ingest::budget`]).
     pub max_inflight_decoded_bytes: u64,
     pub max_concurrent_requests: usize,
+    /// Open connections to `listen` at once (see [`crate::connections`]).
+    pub max_connections: usize,
+    /// Open connections to `listen` from one IP address; 0: no such limit.
+    pub max_connections_per_ip: usize,
+    /// bcrypt checks at once.
+    pub max_concurrent_password_checks: usize,
     pub max_series_per_request: usize,
     pub max_labels_per_series: usize,
     pub max_label_name_length: usize,
@@ -947,6 +971,20 @@ impl ServeArgs {
                 .max_concurrent_requests
                 .or(file.max_concurrent_requests)
                 .unwrap_or(512)
+                .max(1),
+            max_connections: self
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+                .max(1),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .or(file.max_connections_per_ip)
+                .unwrap_or(0),
+            max_concurrent_password_checks: self
+                .max_concurrent_password_checks
+                .or(file.max_concurrent_password_checks)
+                .unwrap_or_else(crate::auth::default_password_check_limit)
                 .max(1),
             max_series_per_request: self
                 .max_series_per_request

@@ -2,8 +2,9 @@
 //! answer.
 //!
 //! The order of checks is the order a receiver must use so that nothing it
-//! refuses is stored and every refusal is cheap: method (405), authentication
-//! (401), concurrency (503), headers before the body is touched (415), declared
+//! refuses is stored and every refusal is cheap: method (405), concurrency
+//! (503), authentication (401; 503 when every slot for a bcrypt check is
+//! taken), headers before the body is touched (415), declared
 //! body size (413); then the memory the request will hold (its body and the
 //! decoded size its snappy header declares) is reserved from the shared
 //! budget before the rest of the body is read (503 after a short wait, see
@@ -116,9 +117,8 @@ impl Ingest {
                 .insert("Allow", HeaderValue::from_static("POST"));
             return (r, 0);
         }
-        if let Err(denied) = self.auth.check(req.headers()).await {
-            return (self.unauthorized(denied), 0);
-        }
+        // The slot first: authentication may cost a bcrypt check, and that
+        // work too must count against the requests handled at once.
         let Ok(_slot) = self.permits.try_acquire().map(InFlight::new) else {
             metrics::counter!("walrelay_ingest_overloaded_total", "reason" => "concurrency")
                 .increment(1);
@@ -131,6 +131,9 @@ impl Ingest {
                 0,
             );
         };
+        if let Err(denied) = self.auth.check(req.headers()).await {
+            return (self.unauthorized(denied), 0);
+        }
         let header = |name| {
             req.headers()
                 .get(name)
@@ -194,6 +197,15 @@ impl Ingest {
         let what = match denied {
             Denied::Missing => "missing",
             Denied::Wrong => "wrong",
+            Denied::Busy => {
+                metrics::counter!("walrelay_ingest_overloaded_total", "reason" => "password_checks")
+                    .increment(1);
+                return retry_later(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    1,
+                    "too many password checks at once; retry later",
+                );
+            }
         };
         let mut r = text(
             StatusCode::UNAUTHORIZED,

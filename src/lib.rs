@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod commit;
 pub mod config;
+pub mod connections;
 pub mod fleet;
 pub mod ingest;
 pub mod lock;

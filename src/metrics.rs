@@ -75,11 +75,26 @@ fn register_at_zero() {
     metrics::gauge!("walrelay_checkpoint_store_failed").set(0.0);
     metrics::gauge!("walrelay_ingest_requests_in_flight").set(0.0);
     metrics::gauge!("walrelay_ingest_inflight_bytes").set(0.0);
-    for reason in ["concurrency", "memory"] {
+    for reason in ["concurrency", "memory", "password_checks"] {
         metrics::counter!("walrelay_ingest_overloaded_total", "reason" => reason).increment(0);
     }
+    for result in ["accepted", "refused"] {
+        metrics::counter!("walrelay_auth_password_checks_total", "result" => result).increment(0);
+    }
+    metrics::gauge!("walrelay_auth_password_checks_in_flight").set(0.0);
+    metrics::counter!("walrelay_http2_idle_closed_total").increment(0);
     for result in ["success", "failure"] {
         metrics::counter!("walrelay_config_reloads_total", "result" => result).increment(0);
+    }
+}
+
+/// Creates one listener's connection series at zero (`main`, `admin`).
+pub fn register_listener_at_zero(listener: &'static str) {
+    metrics::gauge!("walrelay_http_connections", "listener" => listener).set(0.0);
+    for reason in ["max_connections", "max_connections_per_ip"] {
+        metrics::counter!("walrelay_http_connections_refused_total",
+            "listener" => listener, "reason" => reason)
+        .increment(0);
     }
 }
 
@@ -211,7 +226,27 @@ fn describe() {
     );
     describe_counter!(
         "walrelay_ingest_overloaded_total",
-        "Write requests answered 503 because the relay was at a limit, by which: concurrency (--max-concurrent-requests) or memory (--max-inflight-decoded-bytes)."
+        "Write requests answered 503 because the relay was at a limit, by which: concurrency (--max-concurrent-requests), memory (--max-inflight-decoded-bytes) or password_checks (--max-concurrent-password-checks)."
+    );
+    describe_counter!(
+        "walrelay_auth_password_checks_total",
+        "bcrypt checks of basic-auth passwords run, by result (an unknown user's is refused); a remembered password costs none."
+    );
+    describe_gauge!(
+        "walrelay_auth_password_checks_in_flight",
+        "bcrypt checks running now (at most --max-concurrent-password-checks)."
+    );
+    describe_gauge!(
+        "walrelay_http_connections",
+        "Connections open on a listener (main: at most --max-connections; admin: at most 64)."
+    );
+    describe_counter!(
+        "walrelay_http_connections_refused_total",
+        "Connections closed as soon as accepted because a listener was at a cap, by listener and reason (max_connections, max_connections_per_ip)."
+    );
+    describe_counter!(
+        "walrelay_http2_idle_closed_total",
+        "HTTP/2 connections closed for having no request in progress for --header-read-timeout."
     );
     describe_histogram!(
         "walrelay_ingest_duration_seconds",

@@ -22,7 +22,6 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prom_remote_write::Limits;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -32,6 +31,7 @@ use crate::auth::Authenticator;
 use crate::checkpoint::Checkpoints;
 use crate::commit::{Budget, Committer};
 use crate::config::{ConfigError, ServeConfig};
+use crate::connections::{Activity, ConnectionLimit};
 use crate::fleet::{Changes, Fleet, ShipperConfig};
 use crate::ingest::budget::MemoryBudget;
 use crate::ingest::pool::DecodePool;
@@ -215,7 +215,8 @@ pub async fn run(
         config.bearer_token_file.as_deref(),
         config.basic_auth_users_file.as_deref(),
     )
-    .context("ingest authentication")?;
+    .context("ingest authentication")?
+    .with_password_check_limit(config.max_concurrent_password_checks);
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
             ServerTls::new(files.clone()).context("ingest TLS")?,
@@ -316,25 +317,37 @@ pub async fn run(
         .set(crate::ship::now_ms() as f64 / 1000.0);
     let sighup = tokio::spawn(reload_on_sighup(Arc::clone(&app), shutdown.clone()));
 
+    warn_if_files_short(&config);
+    let main_limits = ListenerLimits {
+        label: "main",
+        max_connections: config.max_connections,
+        max_connections_per_ip: config.max_connections_per_ip,
+        header_read_timeout: config.header_read_timeout,
+        grace: config.shutdown_timeout,
+    };
     let main = serve_http(
         listener,
         Endpoints::All,
         tls,
         Arc::clone(&app),
         shutdown.clone(),
-        config.shutdown_timeout,
-        config.header_read_timeout,
+        main_limits,
     );
     let admin = async {
         if let Some(l) = admin_listener {
+            let admin_limits = ListenerLimits {
+                label: "admin",
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                max_connections_per_ip: 0,
+                ..main_limits
+            };
             serve_http(
                 l,
                 Endpoints::Admin,
                 None,
                 Arc::clone(&app),
                 shutdown.clone(),
-                config.shutdown_timeout,
-                config.header_read_timeout,
+                admin_limits,
             )
             .await;
         }
@@ -666,21 +679,84 @@ enum Endpoints {
     Admin,
 }
 
+/// The bounds of one listener's connections.
+#[derive(Debug, Clone, Copy)]
+struct ListenerLimits {
+    /// `listener` label of the connection metrics.
+    label: &'static str,
+    max_connections: usize,
+    /// 0: none.
+    max_connections_per_ip: usize,
+    /// hyper's header read timeout for HTTP/1 (the whole head, and a new
+    /// or idle keep-alive connection's first bytes), the TLS handshake's,
+    /// and the idle deadline of an HTTP/2 connection.
+    header_read_timeout: Duration,
+    /// Longest a graceful shutdown waits for open requests.
+    grace: Duration,
+}
+
+/// Connections the admin address holds at once: probes and scrapes need a
+/// few; the cap keeps a flood of it from taking the descriptors the main
+/// address needs, and the main address' cap from starving it.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// HTTP/2 streams one connection may have open at once.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 64;
+
+/// Descriptors the relay needs besides its listeners' connections
+/// (segments, checkpoints, replica connections, the runtime): what the
+/// open-files warning at startup leaves aside.
+const OWN_FILES: u64 = 128;
+
+/// Warns when the listeners' connection caps and the relay's own files may
+/// not fit in the soft limit of open files: accepts would then fail with
+/// EMFILE before the caps apply.
+fn warn_if_files_short(config: &ServeConfig) {
+    let admin = if config.admin_listen.is_some() {
+        ADMIN_MAX_CONNECTIONS
+    } else {
+        0
+    };
+    let needed = (config.max_connections + admin) as u64 + OWN_FILES;
+    if let Some(limit) = crate::connections::open_files_limit() {
+        if limit < needed {
+            tracing::warn!(
+                open_files_limit = limit,
+                needed,
+                max_connections = config.max_connections,
+                "the open-files limit (ulimit -n) is below --max-connections plus what the \
+                 relay needs for itself: raise it or lower --max-connections"
+            );
+        }
+    }
+}
+
 async fn serve_http(
     listener: TcpListener,
     endpoints: Endpoints,
     tls: Option<Arc<ServerTls>>,
     app: Arc<App>,
     shutdown: CancellationToken,
-    grace: Duration,
-    header_read_timeout: Duration,
+    limits: ListenerLimits,
 ) {
-    let graceful = GracefulShutdown::new();
+    let connections = ConnectionLimit::new(
+        limits.label,
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout);
+    // A peer that stops answering pings is dropped; one that answers but
+    // sends no request is closed by the idle deadline in `serve_connection`.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -694,58 +770,53 @@ async fn serve_http(
             },
             () = shutdown.cancelled() => break,
         };
-        let app = Arc::clone(&app);
-        let svc = service_fn(move |req| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(route(&app, endpoints, req).await) }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        // Beyond a cap: closed at once (dropped), before any TLS work.
+        let Ok(admitted) = connections.admit(peer.ip()) else {
+            continue;
+        };
+        let conn = Conn {
+            app: Arc::clone(&app),
+            endpoints,
+            builder: builder.clone(),
+            shutdown: shutdown.clone(),
+            idle: limits.header_read_timeout,
+        };
         // Taken per connection: a replaced certificate is seen by the next
         // connection (the files are checked at most once a second).
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
+            let _admitted = admitted;
             let Some(acceptor) = acceptor else {
-                if !request_started(&stream, header_read_timeout).await {
-                    return;
-                }
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                let _ = watcher.watch(conn.into_owned()).await;
+                // Plain connections speak HTTP/1 only (see `Conn`).
+                conn.serve(stream, false).await;
                 return;
             };
             // The handshake timeout also bounds a client that connects and
             // sends nothing.
-            let stream =
-                match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        // Debug only: scanners and clients without a
-                        // certificate would flood the log; the counter shows it.
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        metrics::counter!("walrelay_tls_handshake_failures_total").increment(1);
-                        return;
-                    }
-                    Err(_) => {
-                        metrics::counter!("walrelay_tls_handshake_failures_total").increment(1);
-                        return;
-                    }
-                };
-            // ALPN decided the protocol, so hyper need not sniff it (and its
-            // header read timeout applies from the first byte).
-            let builder = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                builder.http2_only()
-            } else {
-                builder.http1_only()
+            let timeout = limits.header_read_timeout;
+            let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // Debug only: scanners and clients without a
+                    // certificate would flood the log; the counter shows it.
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    metrics::counter!("walrelay_tls_handshake_failures_total").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("walrelay_tls_handshake_failures_total").increment(1);
+                    return;
+                }
             };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            conn.serve(stream, h2).await;
         });
     }
     drop(listener);
     if endpoints == Endpoints::All {
         tracing::info!("shutting down: no new connections; finishing open requests");
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(limits.grace, connections.all_closed())
         .await
         .is_err()
     {
@@ -753,31 +824,114 @@ async fn serve_http(
     }
 }
 
-/// Waits until a new connection has sent enough to tell HTTP/1 from HTTP/2
-/// (or closed), for at most `timeout` (the header read timeout); false if it
-/// did not.
-/// hyper-util's auto builder reads the first bytes for that with no timeout
-/// of its own, and hyper's header read timeout only starts after it: a
-/// client that connects and sends nothing (or only the start of the HTTP/2
-/// preface) would hold its connection and file descriptor forever.
-async fn request_started(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
-    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let decided = async {
-        let mut buf = [0u8; H2_PREFACE.len()];
-        loop {
-            let n = stream.peek(&mut buf).await?;
-            if n == 0 || n == buf.len() || buf[..n] != H2_PREFACE[..n] {
-                return Ok::<_, std::io::Error>(());
+/// What one connection is served with.
+///
+/// HTTP/2 is served only where TLS ALPN chose it: remote-write senders
+/// (Prometheus, vmagent, the OpenTelemetry Collector) speak HTTP/1.1 on
+/// plain connections, and telling the two apart on a plain connection
+/// meant reading its first bytes with no deadline of hyper's. A plain
+/// connection that sends the HTTP/2 preface is refused by the HTTP/1
+/// parser and closed.
+struct Conn {
+    app: Arc<App>,
+    endpoints: Endpoints,
+    builder: auto::Builder<TokioExecutor>,
+    shutdown: CancellationToken,
+    /// How long an HTTP/2 connection may go without a request in
+    /// progress (the first one included) before it is closed.
+    idle: Duration,
+}
+
+impl Conn {
+    async fn serve<I>(self, io: I, h2: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            app,
+            endpoints,
+            builder,
+            shutdown,
+            idle,
+        } = self;
+        let activity = Activity::new();
+        let svc = {
+            let activity = Arc::clone(&activity);
+            service_fn(move |req| {
+                let app = Arc::clone(&app);
+                let active = activity.begin();
+                async move {
+                    let _active = active;
+                    Ok::<_, Infallible>(route(&app, endpoints, req).await)
+                }
+            })
+        };
+        // The protocol is decided here, so hyper does not sniff it (its
+        // header read timeout then runs from the connection's start).
+        let builder = if h2 {
+            builder.http2_only()
+        } else {
+            builder.http1_only()
+        };
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        // hyper closes an idle HTTP/1 connection itself, at its header
+        // read timeout.
+        let idle_h2 = async {
+            if h2 {
+                activity.idle_for(idle).await;
+            } else {
+                std::future::pending::<()>().await;
             }
-            // A prefix of the HTTP/2 preface: peek returns at once while
-            // those bytes are buffered, so wait a little for more.
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let bound = tokio::select! {
+            _ = conn.as_mut() => return,
+            () = shutdown.cancelled() => None,
+            () = idle_h2 => {
+                metrics::counter!("walrelay_http2_idle_closed_total").increment(1);
+                Some(idle)
+            }
+        };
+        // GOAWAY for HTTP/2; an HTTP/1 connection finishes the request in
+        // progress, if any, and closes. At shutdown, the listener's grace
+        // bounds the wait; an idle connection gets one more deadline to
+        // finish before it is dropped.
+        conn.as_mut().graceful_shutdown();
+        match bound {
+            Some(b) => {
+                let _ = tokio::time::timeout(b, conn).await;
+            }
+            None => {
+                let _ = conn.await;
+            }
         }
-    };
-    matches!(tokio::time::timeout(timeout, decided).await, Ok(Ok(())))
+    }
+}
+
+/// The endpoints that only read, answered for GET and HEAD only.
+const READ_ONLY: &[&str] = &["/metrics", "/-/healthy", "/-/ready", "/api/v1/status"];
+
+/// 405 with `Allow` for another method on a read-only endpoint, as ingest
+/// answers a method other than POST.
+fn read_only_method(req: &Request<Incoming>) -> Option<HttpResponse> {
+    if !READ_ONLY.contains(&req.uri().path())
+        || matches!(*req.method(), hyper::Method::GET | hyper::Method::HEAD)
+    {
+        return None;
+    }
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {} not allowed; use GET", req.method()),
+    );
+    r.headers_mut()
+        .insert("Allow", HeaderValue::from_static("GET, HEAD"));
+    Some(r)
 }
 
 async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpResponse {
+    if let Some(refused) = read_only_method(&req) {
+        return refused;
+    }
     match req.uri().path() {
         "/api/v1/write" | "/" if endpoints == Endpoints::Admin => text(
             StatusCode::NOT_FOUND,
