@@ -613,10 +613,6 @@ fn validate_owned(protocol: Protocol, body: &[u8], limits: &Limits) {
     };
 }
 
-fn record(seq: u64, body: &[u8]) -> Record {
-    record_of(PayloadKind::RemoteWriteV2, seq, body)
-}
-
 fn record_of(kind: PayloadKind, seq: u64, body: &[u8]) -> Record {
     Record {
         seq,
