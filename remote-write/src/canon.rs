@@ -196,6 +196,19 @@ pub(crate) fn nested<E>(
     tag: u32,
     body: impl Fn(&mut Enc<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
+    nested_made_of(out, tag, 0, body)
+}
+
+/// [`nested`] for a message made from `source` bytes, a guess of its size:
+/// for a sink, one larger than the sink's buffer is measured at once, not
+/// first tried in the buffer (one pass over a large series instead of two).
+/// The guess changes no byte written.
+pub(crate) fn nested_made_of<E>(
+    out: &mut Enc<'_>,
+    tag: u32,
+    source: usize,
+    body: impl Fn(&mut Enc<'_>) -> Result<(), E>,
+) -> Result<(), E> {
     match &mut out.to {
         To::Count(n) => {
             let len = measure(&body)?;
@@ -207,7 +220,10 @@ pub(crate) fn nested<E>(
             sink,
             pending,
             limit,
-        } => nested_in_sink(&mut **sink, pending, *limit, tag, &body),
+        } => {
+            let tried = source <= *limit;
+            nested_in_sink(&mut **sink, pending, *limit, tag, tried, &body)
+        }
     }
 }
 
@@ -240,33 +256,18 @@ fn nested_in_buf<E>(
 }
 
 /// [`nested`] for a sink: in `pending` if it fits (flushed first if that
-/// makes it fit), else measured and written in parts.
+/// makes it fit), else, or when not `tried` there, measured and written in
+/// parts.
 fn nested_in_sink<E>(
     sink: &mut dyn Sink,
     pending: &mut Vec<u8>,
     limit: usize,
     tag: u32,
+    tried: bool,
     body: &impl Fn(&mut Enc<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
-    loop {
-        let start = pending.len();
-        let mut tried = Enc {
-            to: To::Buf {
-                buf: &mut *pending,
-                cap: limit,
-                over: false,
-            },
-        };
-        nested_in_buf(&mut tried, tag, body)?;
-        if let To::Buf { over: false, .. } = tried.to {
-            return Ok(());
-        }
-        pending.truncate(start);
-        if start == 0 {
-            break;
-        }
-        sink.put(pending);
-        pending.clear();
+    if tried && fits_in_pending(sink, pending, limit, tag, body)? {
+        return Ok(());
     }
     let len = measure(body)?;
     let mut parts = Enc {
@@ -279,6 +280,37 @@ fn nested_in_sink<E>(
     put_key(&mut parts, tag, WT_LEN);
     put_varint(&mut parts, len as u64);
     body(&mut parts)
+}
+
+/// Writes the field in `pending` if it fits within `limit` bytes there, or
+/// once what was pending is handed over; says whether it was written.
+fn fits_in_pending<E>(
+    sink: &mut dyn Sink,
+    pending: &mut Vec<u8>,
+    limit: usize,
+    tag: u32,
+    body: &impl Fn(&mut Enc<'_>) -> Result<(), E>,
+) -> Result<bool, E> {
+    loop {
+        let start = pending.len();
+        let mut tried = Enc {
+            to: To::Buf {
+                buf: &mut *pending,
+                cap: limit,
+                over: false,
+            },
+        };
+        nested_in_buf(&mut tried, tag, body)?;
+        if let To::Buf { over: false, .. } = tried.to {
+            return Ok(true);
+        }
+        pending.truncate(start);
+        if start == 0 {
+            return Ok(false);
+        }
+        sink.put(pending);
+        pending.clear();
+    }
 }
 
 /// A string or bytes field, written only when not empty (singular).

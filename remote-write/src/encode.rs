@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use prost::Message;
 
-use crate::canon::{self, nested, put_double, put_key, put_packed, put_uint, put_varint, Enc};
+use crate::canon::{
+    self, nested, nested_made_of, put_double, put_key, put_packed, put_uint, put_varint, Enc,
+};
 use crate::decode::{check_first_symbol, DecodeError, Summary};
 use crate::pb::{self, Fields, WT_LEN};
 use crate::sink::Sink;
@@ -243,7 +245,7 @@ fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Enc<'_>) -> Result<Summary,
 /// A 2.0 series as prost encodes it, its references mapped.
 fn series_v2(out: &mut Enc<'_>, s: &[u8], remap: &Remap) {
     let mapped = |msg| move || refs(msg).map(|r| u64::from(remap.get(r)));
-    let _ = nested::<()>(out, 5, |out| {
+    let _ = nested_made_of::<()>(out, 5, s.len(), |out| {
         put_packed(out, 1, mapped(s));
         for (tag, v) in Fields::new(s) {
             if tag == 2 {

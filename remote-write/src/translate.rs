@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 
-use crate::canon::{self, nested, put_double, put_str, put_uint, Enc};
+use crate::canon::{self, nested, nested_made_of, put_double, put_str, put_uint, Enc};
 use crate::decode::{check_first_symbol, resolve_pairs, symbol, DecodeError, Summary};
 use crate::pb::{self, Fields};
 use crate::sink::Sink;
@@ -175,7 +175,7 @@ fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Enc<'_>) -> Result<Dropped,
                 }
             }
         }
-        let _ = nested::<()>(out, 1, |out| {
+        let _ = nested_made_of::<()>(out, 1, s.len(), |out| {
             for (name, value) in pairs(req, s) {
                 label(out, 1, name, value);
             }
