@@ -181,21 +181,15 @@ impl BodyBuilder {
                 append_v2(records, &mut self.snappy).map(|s| (Dropped::default(), Some(s)))
             }
         };
-        let body = made.and_then(|made| {
+        let finished = made.and_then(|made| {
             let body = self.snappy.finish().map_err(|e| PayloadError::Snappy {
                 seq: first_seq,
                 message: e.to_string(),
             })?;
             Ok((made, body))
         });
-        let ((dropped, sent), body) = match body {
-            Ok(b) => b,
-            Err(e) => {
-                // Not kept until the next request: what was compressed.
-                self.snappy.begin();
-                return Err(e);
-            }
-        };
+        // On an error, what was compressed is not kept until the next request.
+        let ((dropped, sent), body) = finished.inspect_err(|_| self.snappy.begin())?;
         Ok(Built {
             body,
             protocol: wire,
@@ -624,8 +618,14 @@ mod tests {
         assert!(body.len() > 8 << 20, "{}", body.len());
         let kept = builder.buffered_bytes();
         assert!(kept < 256 << 10, "kept {kept} bytes after an 8 MiB body");
+        // Nor of a request that failed after 8 MiB.
+        let mut bad = v2_record(1, "a", 1000);
+        bad.payload = Bytes::from_static(&[0x2a, 0x05, 0x0a]);
+        let failed = builder.build(&[noisy, bad], ReplicaProtocol::V1);
+        assert!(matches!(failed, Err(PayloadError::V2 { seq: 1, .. })));
+        assert!(builder.buffered_bytes() < 256 << 10);
         // And it still builds what a fresh builder builds.
-        let small = [record(1, 100)];
+        let small = [record(2, 100)];
         assert_eq!(builder.build_v1(&small).unwrap(), build_v1(&small).unwrap());
         assert!(builder.buffered_bytes() < 256 << 10);
     }
