@@ -255,6 +255,14 @@ fn ship(c: &mut Criterion) {
                 b.iter(|| builder.build_v1(&records[..n]).unwrap());
             },
         );
+        // How it was done before: the whole request, then its snappy copy.
+        g.bench_function(
+            BenchmarkId::new("build_v1_whole_request", format!("{n}_records")),
+            |b| {
+                let mut builder = WholeRequest::default();
+                b.iter(|| builder.build(&records[..n], ReplicaProtocol::V1));
+            },
+        );
     }
     // Reading back: what each shipper does before build_v1, from frames of
     // 8 requests each (a busy group commit).
@@ -605,14 +613,62 @@ fn validate_owned(protocol: Protocol, body: &[u8], limits: &Limits) {
     };
 }
 
-fn record(seq: u64, body: &[u8]) -> Record {
+fn record_of(kind: PayloadKind, seq: u64, body: &[u8]) -> Record {
     Record {
         seq,
-        meta: RecordMeta {
-            kind: PayloadKind::RemoteWriteV2,
-            ..meta(1)
-        },
+        meta: RecordMeta { kind, ..meta(1) },
         payload: Bytes::copy_from_slice(body),
+    }
+}
+
+/// The shipper's build as it was before requests were compressed as they
+/// are built (a copy of the old `BodyBuilder`): the whole uncompressed
+/// request in one buffer, then its snappy copy in another, both kept.
+#[derive(Default)]
+struct WholeRequest {
+    raw: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl WholeRequest {
+    fn build(&mut self, records: &[Record], protocol: ReplicaProtocol) -> Bytes {
+        self.raw.clear();
+        let to_v2 =
+            protocol == ReplicaProtocol::V2 && records[0].meta.kind == PayloadKind::RemoteWriteV2;
+        if !to_v2 {
+            self.raw
+                .reserve(records.iter().map(|r| r.payload.len()).sum());
+            for r in records {
+                match r.meta.kind {
+                    PayloadKind::RemoteWriteV1 => self.raw.extend_from_slice(&r.payload),
+                    PayloadKind::RemoteWriteV2 => {
+                        let req = translate::CheckedV2::new(&r.payload).unwrap();
+                        translate::v2_to_v1_bytes(&req, &mut self.raw).unwrap();
+                    }
+                }
+            }
+        } else if records.len() == 1 {
+            self.raw.extend_from_slice(&records[0].payload);
+        } else {
+            let parts: Vec<_> = records
+                .iter()
+                .map(|r| translate::CheckedV2::new(&r.payload).unwrap())
+                .collect();
+            rw_encode::merge_v2_bytes(&parts, &mut self.raw).unwrap();
+        }
+        let need = snap::raw::max_compress_len(self.raw.len());
+        if self.out.len() < need {
+            self.out.resize(need, 0);
+        }
+        let n = snap::raw::Encoder::new()
+            .compress(&self.raw, &mut self.out[..need])
+            .unwrap();
+        let body = Bytes::copy_from_slice(&self.out[..n]);
+        if self.raw.capacity() > 4 * self.raw.len().max(1 << 20) {
+            self.raw = Vec::new();
+            self.out = Vec::new();
+        }
+        body
     }
 }
 
@@ -670,33 +726,98 @@ fn memory_report() {
         );
     }
     println!();
-    println!("shipper, 2.0 records re-encoded (peak heap bytes / decoded bytes of the records; the request built is counted: raw, snappy buffer, body)");
-    println!("| records | request | now | owned | raw request / records |");
-    println!("|---|---|---|---|---|");
-    for shape in shapes(SIZE)
-        .into_iter()
-        .filter(|s| s.protocol == Protocol::V2)
-    {
-        for (protocol, n) in [(ReplicaProtocol::V1, 1), (ReplicaProtocol::V2, 2)] {
-            let records: Vec<Record> = (0..n).map(|i| record(i, &shape.body)).collect();
-            let decoded = n as usize * shape.body.len();
-            let now = peak_bytes(|| BodyBuilder::default().build(&records, protocol).unwrap());
-            let bodies: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
-            let owned = peak_bytes(|| build_owned(&bodies, protocol));
-            let built = BodyBuilder::default().build(&records, protocol).unwrap();
-            let raw = snap::raw::decompress_len(&built.body).unwrap();
-            let request = match protocol {
-                ReplicaProtocol::V1 => "1.0 translation".to_string(),
-                ReplicaProtocol::V2 => format!("2.0 merge of {n}"),
-            };
-            println!(
-                "| {} | {request} | {} | {} | {:.2} |",
-                shape.name,
-                per_byte(now, decoded),
-                per_byte(owned, decoded),
-                raw as f64 / decoded as f64
-            );
+    shipper_memory_report(SIZE);
+}
+
+/// The heap bytes still live when `f` returns what it built (kept by it).
+fn live_after<T>(f: impl FnOnce() -> T) -> (u64, T) {
+    LIVE.store(0, Ordering::Relaxed);
+    PEAK.store(0, Ordering::Relaxed);
+    TRACK.with(|t| t.set(true));
+    let t = f();
+    TRACK.with(|t| t.set(false));
+    (LIVE.load(Ordering::Relaxed).max(0) as u64, t)
+}
+
+/// A shipper's build, per byte of the records: 1.0 records concatenated,
+/// 2.0 records translated to 1.0 or merged; the whole request built then
+/// compressed (before) against the request compressed as it is built (now).
+fn shipper_memory_report(size: usize) {
+    println!("shipper: peak heap bytes during a build / bytes of the records (the body built counts); compressed = the body");
+    println!("| records | request | whole request (before) | streamed (now) | owned | request / records | body / records | now / body | kept after: before, now |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut cases: Vec<(String, ReplicaProtocol, Vec<Record>)> = vec![];
+    let load: Vec<Record> = (0..(size / request(0, 0).len()) as u64)
+        .map(|i| {
+            record_of(
+                PayloadKind::RemoteWriteV1,
+                i,
+                &request((i % 8) as u32, i / 8),
+            )
+        })
+        .collect();
+    cases.push((
+        format!("load-shaped 1.0 (1000 series of 8 labels) x {}", load.len()),
+        ReplicaProtocol::V1,
+        load,
+    ));
+    for shape in shapes(size) {
+        let records = |kind, n: u64| (0..n).map(|i| record_of(kind, i, &shape.body)).collect();
+        match shape.protocol {
+            Protocol::V1 => cases.push((
+                format!("{} x 2: 1.0 concatenation", shape.name),
+                ReplicaProtocol::V1,
+                records(PayloadKind::RemoteWriteV1, 2),
+            )),
+            Protocol::V2 => {
+                cases.push((
+                    format!("{}: 1.0 translation", shape.name),
+                    ReplicaProtocol::V1,
+                    records(PayloadKind::RemoteWriteV2, 1),
+                ));
+                cases.push((
+                    format!("{} x 2: 2.0 merge", shape.name),
+                    ReplicaProtocol::V2,
+                    records(PayloadKind::RemoteWriteV2, 2),
+                ));
+            }
         }
+    }
+    for (name, protocol, records) in &cases {
+        let (name, protocol) = (name.as_str(), *protocol);
+        let decoded: usize = records.iter().map(|r| r.payload.len()).sum();
+        let before = peak_bytes(|| WholeRequest::default().build(records, protocol));
+        let now = peak_bytes(|| BodyBuilder::default().build(records, protocol).unwrap());
+        let owned = match records[0].meta.kind {
+            PayloadKind::RemoteWriteV2 => {
+                let bodies: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+                per_byte(peak_bytes(|| build_owned(&bodies, protocol)), decoded)
+            }
+            PayloadKind::RemoteWriteV1 => "-".into(),
+        };
+        let (kept_before, _) = live_after(|| {
+            let mut b = WholeRequest::default();
+            drop(b.build(records, protocol));
+            b
+        });
+        let (kept_now, _) = live_after(|| {
+            let mut b = BodyBuilder::default();
+            drop(b.build(records, protocol).unwrap());
+            b
+        });
+        let built = BodyBuilder::default().build(records, protocol).unwrap();
+        assert_eq!(built.body, WholeRequest::default().build(records, protocol));
+        let raw = snap::raw::decompress_len(&built.body).unwrap();
+        println!(
+            "| {name} | {} | {} | {owned} | {:.2} | {:.3} | {:.2} | {} KiB, {} KiB |",
+            per_byte(before, decoded),
+            per_byte(now, decoded),
+            raw as f64 / decoded as f64,
+            built.body.len() as f64 / decoded as f64,
+            now as f64 / built.body.len() as f64,
+            kept_before >> 10,
+            kept_now >> 10,
+        );
     }
     println!();
 }
@@ -719,21 +840,37 @@ fn validate_shapes(c: &mut Criterion) {
     g.finish();
 }
 
-/// A shipper's re-encoding of 2.0 records (1 MiB each): on the bytes and
-/// by decoding into owned structs.
+/// A shipper's build from records of 1 MiB: 2.0 records translated to 1.0
+/// or merged, 1.0 records concatenated; compressed as the request is built
+/// (`streaming`, what the shipper does), the whole request built then
+/// compressed (`whole`, how it was done before), and for 2.0 by decoding
+/// into owned structs (`prost`).
 fn reencode_shapes(c: &mut Criterion) {
     let mut g = c.benchmark_group("reencode");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-    let v2 = shapes(1 << 20)
+    let picked = [
+        "v2_tiny_series",
+        "v2_histograms",
+        "v2_unsorted",
+        "v1_exemplars",
+    ];
+    for shape in shapes(1 << 20)
         .into_iter()
-        .filter(|s| s.protocol == Protocol::V2);
-    for shape in v2.take(2) {
-        let ways = [
-            (ReplicaProtocol::V1, 1, "to_v1"),
-            (ReplicaProtocol::V2, 2, "merge_2"),
-        ];
-        for (protocol, n, what) in ways {
-            let records: Vec<Record> = (0..n).map(|i| record(i, &shape.body)).collect();
+        .filter(|s| picked.contains(&s.id))
+    {
+        let ways: &[(ReplicaProtocol, u64, &str)] = match shape.protocol {
+            Protocol::V2 => &[
+                (ReplicaProtocol::V1, 1, "to_v1"),
+                (ReplicaProtocol::V2, 2, "merge_2"),
+            ],
+            Protocol::V1 => &[(ReplicaProtocol::V1, 2, "concat_2")],
+        };
+        let kind = match shape.protocol {
+            Protocol::V1 => PayloadKind::RemoteWriteV1,
+            Protocol::V2 => PayloadKind::RemoteWriteV2,
+        };
+        for &(protocol, n, what) in ways {
+            let records: Vec<Record> = (0..n).map(|i| record_of(kind, i, &shape.body)).collect();
             let bodies: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
             g.throughput(Throughput::Bytes(n * shape.body.len() as u64));
             g.bench_function(
@@ -743,9 +880,15 @@ fn reencode_shapes(c: &mut Criterion) {
                     b.iter(|| builder.build(&records, protocol).unwrap());
                 },
             );
-            g.bench_function(BenchmarkId::new(format!("{what}/prost"), shape.id), |b| {
-                b.iter(|| build_owned(&bodies, protocol));
+            g.bench_function(BenchmarkId::new(format!("{what}/whole"), shape.id), |b| {
+                let mut builder = WholeRequest::default();
+                b.iter(|| builder.build(&records, protocol));
             });
+            if shape.protocol == Protocol::V2 {
+                g.bench_function(BenchmarkId::new(format!("{what}/prost"), shape.id), |b| {
+                    b.iter(|| build_owned(&bodies, protocol));
+                });
+            }
         }
     }
     g.finish();

@@ -4,9 +4,12 @@ use std::collections::HashMap;
 
 use prost::Message;
 
-use crate::canon::{self, nested, put_double, put_key, put_packed, put_uint, put_varint};
+use crate::canon::{
+    self, nested, nested_made_of, put_double, put_key, put_packed, put_uint, put_varint, Enc,
+};
 use crate::decode::{check_first_symbol, DecodeError, Summary};
 use crate::pb::{self, Fields, WT_LEN};
+use crate::sink::Sink;
 use crate::stream::{self, refs};
 use crate::translate::{series_metadata, CheckedV2};
 use crate::{v1, v2};
@@ -52,10 +55,9 @@ pub fn encode_v2(req: &v2::Request) -> Vec<u8> {
 ///
 /// This does not hold for 2.0 `Request`s: each one's symbol references
 /// index its own symbol table.
-pub fn concat_v1(parts: &[&[u8]], out: &mut Vec<u8>) {
-    out.reserve(parts.iter().map(|p| p.len()).sum());
+pub fn concat_v1(parts: &[&[u8]], out: &mut dyn Sink) {
     for p in parts {
-        out.extend_from_slice(p);
+        out.put(p);
     }
 }
 
@@ -132,10 +134,25 @@ pub fn merge_v2(parts: Vec<v2::Request>) -> Result<v2::Request, DecodeError> {
 /// As [`merge_v2`]; `out` is then as it was.
 pub fn merge_v2_bytes(parts: &[CheckedV2<'_>], out: &mut Vec<u8>) -> Result<Summary, DecodeError> {
     let start = out.len();
-    let result = merge_into(parts, out);
+    let result = merge_into(parts, &mut Enc::buf(out));
     if result.is_err() {
         out.truncate(start);
     }
+    result
+}
+
+/// [`merge_v2_bytes`] into a sink, as the request is made: the same bytes,
+/// and beyond the symbol map, at most [`Sink::nested_buffer_limit`] bytes
+/// buffered: a series larger than that is measured, then written in parts
+/// (see `canon::Enc`).
+///
+/// # Errors
+/// As [`merge_v2`]; `sink` may then have received part of the request.
+pub fn merge_v2_into(parts: &[CheckedV2<'_>], sink: &mut dyn Sink) -> Result<Summary, DecodeError> {
+    let mut pending = Vec::new();
+    let mut out = Enc::sink(sink, &mut pending);
+    let result = merge_into(parts, &mut out);
+    out.flush();
     result
 }
 
@@ -169,7 +186,7 @@ impl Remap {
     }
 }
 
-fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Vec<u8>) -> Result<Summary, DecodeError> {
+fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Enc<'_>) -> Result<Summary, DecodeError> {
     // The symbols come first: "", then each new string in order of first
     // appearance, written as they are found.
     let mut index: HashMap<&'a [u8], u32> = HashMap::from([(&b""[..], 0)]);
@@ -186,7 +203,7 @@ fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Vec<u8>) -> Result<Summary,
             let r = *index.entry(s).or_insert_with(|| {
                 put_key(out, 4, WT_LEN);
                 put_varint(out, s.len() as u64);
-                out.extend_from_slice(s);
+                out.put(s);
                 next
             });
             remap.new.push(r);
@@ -226,9 +243,9 @@ fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Vec<u8>) -> Result<Summary,
 }
 
 /// A 2.0 series as prost encodes it, its references mapped.
-fn series_v2(out: &mut Vec<u8>, s: &[u8], remap: &Remap) {
+fn series_v2(out: &mut Enc<'_>, s: &[u8], remap: &Remap) {
     let mapped = |msg| move || refs(msg).map(|r| u64::from(remap.get(r)));
-    let _ = nested::<()>(out, 5, |out| {
+    let _ = nested_made_of::<()>(out, 5, s.len(), |out| {
         put_packed(out, 1, mapped(s));
         for (tag, v) in Fields::new(s) {
             if tag == 2 {

@@ -36,6 +36,8 @@
 //!   [`translate::v2_to_v1`] on a decoded request), and counting helpers.
 //! * [`encode`]: snappy compression, encoding, [`encode::concat_v1`] and
 //!   [`encode::merge_v2_bytes`].
+//! * [`sink`]: where a request goes as it is built, and
+//!   [`sink::SnappyWriter`], which compresses it as it comes.
 //! * Inside: `pb` (the prost-compatible reader), `stream` (the rules on the
 //!   bytes), `symbols` (the 2.0 symbol table as an index), `canon` (prost's
 //!   encoding of what was read), `wire` (the pre-scan and the 1.0 fast path).
@@ -72,6 +74,7 @@ pub mod content;
 pub mod decode;
 pub mod encode;
 mod pb;
+pub mod sink;
 mod stream;
 mod symbols;
 pub mod translate;

@@ -16,9 +16,10 @@
 
 use std::collections::HashMap;
 
-use crate::canon::{self, nested, put_double, put_str, put_uint};
+use crate::canon::{self, nested, nested_made_of, put_double, put_str, put_uint, Enc};
 use crate::decode::{check_first_symbol, resolve_pairs, symbol, DecodeError, Summary};
 use crate::pb::{self, Fields};
+use crate::sink::Sink;
 use crate::stream::{self, refs};
 use crate::symbols::Symbols;
 use crate::{v1, v2, METRIC_NAME_LABEL};
@@ -114,17 +115,32 @@ fn pairs<'r, 'a: 'r>(
 /// As [`v2_to_v1`]; `out` is then as it was.
 pub fn v2_to_v1_bytes(req: &CheckedV2<'_>, out: &mut Vec<u8>) -> Result<Dropped, DecodeError> {
     let start = out.len();
-    let result = translate_into(req, out);
+    let result = translate_into(req, &mut Enc::buf(out));
     if result.is_err() {
         out.truncate(start);
     }
     result
 }
 
+/// [`v2_to_v1_bytes`] into a sink, as the request is made: the same bytes,
+/// and beyond the metadata, at most [`Sink::nested_buffer_limit`] bytes
+/// buffered: a 1.0 series larger than that is measured, then written in
+/// parts (see `canon::Enc`).
+///
+/// # Errors
+/// As [`v2_to_v1`]; `sink` may then have received part of the request.
+pub fn v2_to_v1_into(req: &CheckedV2<'_>, sink: &mut dyn Sink) -> Result<Dropped, DecodeError> {
+    let mut pending = Vec::new();
+    let mut out = Enc::sink(sink, &mut pending);
+    let result = translate_into(req, &mut out);
+    out.flush();
+    result
+}
+
 /// 1.0 metadata: (type, family, help, unit).
 type Metadata<'a> = (u64, &'a [u8], &'a [u8], &'a [u8]);
 
-fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Vec<u8>) -> Result<Dropped, DecodeError> {
+fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Enc<'_>) -> Result<Dropped, DecodeError> {
     stream::check_first_symbol(&req.symbols)?;
     let mut dropped = Dropped::default();
     let mut families: HashMap<&'a [u8], usize> = HashMap::new();
@@ -159,7 +175,7 @@ fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Vec<u8>) -> Result<Dropped,
                 }
             }
         }
-        let _ = nested::<()>(out, 1, |out| {
+        let _ = nested_made_of::<()>(out, 1, s.len(), |out| {
             for (name, value) in pairs(req, s) {
                 label(out, 1, name, value);
             }
@@ -224,7 +240,7 @@ fn family<'a>(req: &CheckedV2<'a>, s: &[u8]) -> &'a [u8] {
     &[]
 }
 
-fn label(out: &mut Vec<u8>, tag: u32, name: &[u8], value: &[u8]) {
+fn label(out: &mut Enc<'_>, tag: u32, name: &[u8], value: &[u8]) {
     let _ = nested::<()>(out, tag, |out| {
         put_str(out, 1, name);
         put_str(out, 2, value);
@@ -233,7 +249,7 @@ fn label(out: &mut Vec<u8>, tag: u32, name: &[u8], value: &[u8]) {
 }
 
 /// A 2.0 exemplar as a 1.0 one (references in range).
-fn exemplar<'a>(req: &CheckedV2<'a>, out: &mut Vec<u8>, e: &'a [u8]) {
+fn exemplar<'a>(req: &CheckedV2<'a>, out: &mut Enc<'_>, e: &'a [u8]) {
     let _ = nested::<()>(out, 3, |out| {
         for (name, value) in pairs(req, e) {
             label(out, 1, name, value);

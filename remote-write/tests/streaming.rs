@@ -21,8 +21,9 @@ use prost::Message;
 use prom_remote_write::decode::{
     decode_v2, validate, validate_owned, validate_without_fast_path, DecodeError, Limits,
 };
-use prom_remote_write::encode::{merge_v2, merge_v2_bytes};
-use prom_remote_write::translate::{count_v2, v2_to_v1, v2_to_v1_bytes, CheckedV2};
+use prom_remote_write::encode::{merge_v2, merge_v2_bytes, merge_v2_into};
+use prom_remote_write::sink::Sink;
+use prom_remote_write::translate::{count_v2, v2_to_v1, v2_to_v1_bytes, v2_to_v1_into, CheckedV2};
 use prom_remote_write::{v1, v2, Protocol};
 
 mod common;
@@ -735,7 +736,10 @@ fn mutated(
 
 /// The shippers' re-encoding: translation to 1.0 and merging, on the bytes
 /// and by decoding (the way it was done before), must give the same bytes,
-/// or the same error and leave `out` as it was.
+/// or the same error and leave `out` as it was; and the same into a sink,
+/// whatever size of nested message the encoder may buffer (0: every one is
+/// measured, then written in parts; 20: series in parts, labels and samples
+/// whole).
 fn translations(buf: &[u8]) {
     let old = decode_v2(buf)
         .and_then(|req| v2_to_v1(&req))
@@ -750,6 +754,14 @@ fn translations(buf: &[u8]) {
     if new.is_err() {
         assert_eq!(out, [7]);
     }
+    for limit in LIMITS {
+        let mut sink = Limited(vec![], limit);
+        let streamed = CheckedV2::new(buf)
+            .and_then(|req| v2_to_v1_into(&req, &mut sink))
+            .map(|dropped| (sink.0.clone(), dropped))
+            .map_err(|e| e.to_string());
+        assert_eq!(streamed, old, "limit {limit}, body {buf:02x?}");
+    }
 }
 
 fn merges(bufs: &[Vec<u8>]) {
@@ -760,17 +772,42 @@ fn merges(bufs: &[Vec<u8>]) {
         .and_then(merge_v2)
         .map(|req| (req.encode_to_vec(), count_v2(&req)))
         .map_err(|e| e.to_string());
+    let checked = || {
+        bufs.iter()
+            .map(|b| CheckedV2::new(b))
+            .collect::<Result<Vec<_>, DecodeError>>()
+    };
     let mut out = vec![7u8];
-    let new = bufs
-        .iter()
-        .map(|b| CheckedV2::new(b))
-        .collect::<Result<Vec<_>, DecodeError>>()
+    let new = checked()
         .and_then(|parts| merge_v2_bytes(&parts, &mut out))
         .map(|summary| (out[1..].to_vec(), summary))
         .map_err(|e| e.to_string());
     assert_eq!(new, old, "bodies {bufs:02x?}");
     if new.is_err() {
         assert_eq!(out, [7]);
+    }
+    for limit in LIMITS {
+        let mut sink = Limited(vec![], limit);
+        let streamed = checked()
+            .and_then(|parts| merge_v2_into(&parts, &mut sink))
+            .map(|summary| (sink.0.clone(), summary))
+            .map_err(|e| e.to_string());
+        assert_eq!(streamed, old, "limit {limit}, bodies {bufs:02x?}");
+    }
+}
+
+/// Nested message sizes an encoder writing into a sink may buffer.
+const LIMITS: [usize; 3] = [0, 20, 64 << 10];
+
+/// A sink that has nested messages above `.1` bytes written in parts.
+struct Limited(Vec<u8>, usize);
+
+impl Sink for Limited {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    fn nested_buffer_limit(&self) -> usize {
+        self.1
     }
 }
 

@@ -17,27 +17,40 @@
 //!
 //! # Memory and CPU
 //!
-//! Translation and merging read the records where they lie and write the
-//! request straight into the builder's buffer
-//! ([`prom_remote_write::translate::v2_to_v1_bytes`]): a record is never
+//! Translation and merging read the records where they lie
+//! ([`prom_remote_write::translate::v2_to_v1_into`]): a record is never
 //! decoded into owned structs, which took about 27 bytes of memory per byte
-//! of a record of millions of tiny series. Beyond the request itself (the
-//! uncompressed buffer, and the snappy buffer, about 1.2 times it), they
-//! need an index of the symbols (at most 1/16 byte per byte of record), one
-//! entry per metric family with metadata (translation) or per distinct
-//! symbol (merging), whatever the number of series. The request itself can
-//! be larger than its records: 1.0 spells out every label that 2.0 refers to
-//! by number (about 3 times for a record of one-label series).
+//! of a record of millions of tiny series. They need an index of the
+//! symbols (at most 1/16 byte per byte of record), one entry per metric
+//! family with metadata (translation) or per distinct symbol (merging),
+//! whatever the number of series.
+//!
+//! The request is compressed as it is made
+//! ([`prom_remote_write::sink::SnappyWriter`], 64 KiB at a time, the same
+//! bytes as compressing it whole): it is never held uncompressed, which
+//! matters because it can be larger than its records (1.0 spells out every
+//! label that 2.0 refers to by number: 2.8 times for a record of one-label
+//! series, and ingest allows up to 4 times `--max-decoded-bytes` of label
+//! bytes). A build takes at most twice the compressed body (the blocks as
+//! they are compressed, then the body they are copied into, of its exact
+//! size), plus about 250 KiB: the 64 KiB window of the compressor, its
+//! block buffer and table, and one nested message of at most 64 KiB of the
+//! re-encoding. The body is handed to the request, not kept: between
+//! requests a builder keeps only the constant part (170 KiB), whatever the
+//! size of the largest request it ever built (`benches/README.md` has the
+//! figures).
 //!
 //! Building a request of a few MiB takes milliseconds, and the shippers run
 //! on the async runtime's workers: a build of more than
 //! [`BLOCK_IN_PLACE_BYTES`] of records runs in [`tokio::task::block_in_place`]
 //! when on a multi-threaded runtime, so that the worker's other tasks (the
 //! other replicas' shippers, ingest, health) move to another thread instead
-//! of waiting for it.
+//! of waiting for it. Compressing as the request is made takes the same CPU
+//! as compressing it afterwards, so this is as needed as before.
 
 use bytes::Bytes;
 use prom_remote_write::decode::Summary;
+use prom_remote_write::sink::{Sink, SnappyWriter};
 use prom_remote_write::translate::CheckedV2;
 use prom_remote_write::{encode, translate, Dropped, Protocol};
 use wal_format::{PayloadEncoding, PayloadKind, Record};
@@ -106,28 +119,21 @@ pub fn build_v1(records: &[Record]) -> Result<Bytes, PayloadError> {
     BodyBuilder::default().build_v1(records)
 }
 
-/// Builds request bodies with buffers kept from one request to the next: a
-/// shipper's steady state then neither allocates nor zero-fills the
-/// concatenation and compression buffers (a fresh snappy output buffer is
-/// zeroed in full, ~1.2 times the raw size, before being written), and the
-/// body costs one copy of its compressed bytes.
+/// Builds request bodies, compressing them as they are made (see the module
+/// docs). The compressor's fixed buffers are kept from one request to the
+/// next; the body's buffer is not.
+#[derive(Default)]
 pub struct BodyBuilder {
-    raw: Vec<u8>,
-    out: Vec<u8>,
-    encoder: snap::raw::Encoder,
-}
-
-impl Default for BodyBuilder {
-    fn default() -> Self {
-        Self {
-            raw: Vec::new(),
-            out: Vec::new(),
-            encoder: snap::raw::Encoder::new(),
-        }
-    }
+    snappy: SnappyWriter,
 }
 
 impl BodyBuilder {
+    /// Heap bytes of the buffers it keeps between requests (besides the
+    /// snappy encoder's 32 KiB table): a constant, whatever it built.
+    pub fn buffered_bytes(&self) -> usize {
+        self.snappy.buffered_bytes()
+    }
+
     /// As [`build_v1`].
     ///
     /// # Errors
@@ -163,33 +169,27 @@ impl BodyBuilder {
         records: &[Record],
         protocol: ReplicaProtocol,
     ) -> Result<Built, PayloadError> {
-        self.raw.clear();
         let first_seq = records.first().map_or(0, |r| r.seq);
         let kind = records
             .first()
             .map_or(PayloadKind::RemoteWriteV1, |r| r.meta.kind);
         let wire = request_protocol(protocol, kind);
-        let (dropped, sent) = match wire {
-            Protocol::V1 => (append_v1(records, &mut self.raw)?, None),
-            Protocol::V2 => (Dropped::default(), Some(append_v2(records, &mut self.raw)?)),
+        self.snappy.begin();
+        let made = match wire {
+            Protocol::V1 => append_v1(records, &mut self.snappy).map(|d| (d, None)),
+            Protocol::V2 => {
+                append_v2(records, &mut self.snappy).map(|s| (Dropped::default(), Some(s)))
+            }
         };
-        let need = snap::raw::max_compress_len(self.raw.len());
-        if self.out.len() < need {
-            self.out.resize(need, 0);
-        }
-        let n = self
-            .encoder
-            .compress(&self.raw, &mut self.out[..need])
-            .map_err(|e| PayloadError::Snappy {
+        let finished = made.and_then(|made| {
+            let body = self.snappy.finish().map_err(|e| PayloadError::Snappy {
                 seq: first_seq,
                 message: e.to_string(),
             })?;
-        let body = Bytes::copy_from_slice(&self.out[..n]);
-        // Give back what one unusually large request grew the buffers to.
-        if self.raw.capacity() > 4 * self.raw.len().max(1 << 20) {
-            self.raw = Vec::new();
-            self.out = Vec::new();
-        }
+            Ok((made, body))
+        });
+        // On an error, what was compressed is not kept until the next request.
+        let ((dropped, sent), body) = finished.inspect_err(|_| self.snappy.begin())?;
         Ok(Built {
             body,
             protocol: wire,
@@ -213,22 +213,21 @@ fn plain(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
     }
 }
 
-/// Appends the uncompressed 1.0 encoding of `records` to `raw`; returns
-/// what translating 2.0 records dropped.
-fn append_v1(records: &[Record], raw: &mut Vec<u8>) -> Result<Dropped, PayloadError> {
-    raw.reserve(records.iter().map(|r| r.payload.len()).sum());
+/// Writes the 1.0 encoding of `records` into `out`; returns what
+/// translating 2.0 records dropped.
+fn append_v1(records: &[Record], out: &mut dyn Sink) -> Result<Dropped, PayloadError> {
     let mut dropped = Dropped::default();
     for r in records {
         let bytes = plain(r)?;
         match r.meta.kind {
-            PayloadKind::RemoteWriteV1 => raw.extend_from_slice(&bytes),
+            PayloadKind::RemoteWriteV1 => encode::concat_v1(&[&bytes], out),
             PayloadKind::RemoteWriteV2 => {
                 let v2_error = |e: prom_remote_write::DecodeError| PayloadError::V2 {
                     seq: r.seq,
                     message: e.to_string(),
                 };
                 let req = CheckedV2::new(&bytes).map_err(v2_error)?;
-                let d = translate::v2_to_v1_bytes(&req, raw).map_err(v2_error)?;
+                let d = translate::v2_to_v1_into(&req, out).map_err(v2_error)?;
                 dropped.created_timestamps += d.created_timestamps;
                 dropped.metadata += d.metadata;
             }
@@ -237,9 +236,9 @@ fn append_v1(records: &[Record], raw: &mut Vec<u8>) -> Result<Dropped, PayloadEr
     Ok(dropped)
 }
 
-/// Appends one 2.0 request merging the 2.0 `records` to `raw`; returns what
-/// it carries.
-fn append_v2(records: &[Record], raw: &mut Vec<u8>) -> Result<Summary, PayloadError> {
+/// Writes one 2.0 request merging the 2.0 `records` into `out`; returns
+/// what it carries.
+fn append_v2(records: &[Record], out: &mut dyn Sink) -> Result<Summary, PayloadError> {
     let seq = records.first().map_or(0, |r| r.seq);
     let v2_error = |seq: u64, e: prom_remote_write::DecodeError| PayloadError::V2 {
         seq,
@@ -262,10 +261,10 @@ fn append_v2(records: &[Record], raw: &mut Vec<u8>) -> Result<Summary, PayloadEr
     if let [one] = parts.as_slice() {
         // One record needs no merge: its bytes go exactly as the sender
         // wrote them.
-        raw.extend_from_slice(one.bytes());
+        out.put(one.bytes());
         return Ok(one.summary());
     }
-    encode::merge_v2_bytes(&parts, raw).map_err(|e| v2_error(seq, e))
+    encode::merge_v2_into(&parts, out).map_err(|e| v2_error(seq, e))
 }
 
 #[cfg(test)]
@@ -514,6 +513,121 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A 2.0 record of `n` one-label series with a sample each, and one
+    /// series of `labels` labels (larger than the 64 KiB the encoder
+    /// buffers whole, in 1.0 and in 2.0), and metadata.
+    fn large_v2_record(seq: u64, n: usize, labels: usize) -> Record {
+        use prom_remote_write::v2::*;
+        let mut symbols: Vec<String> = vec!["".into(), "__name__".into(), "m".into()];
+        symbols.extend((0..labels).map(|i| format!("label_{seq}_{i:06}")));
+        let small = (0..n).map(|i| TimeSeries {
+            labels_refs: vec![1, 2],
+            samples: vec![Sample {
+                value: i as f64,
+                timestamp: 1000 + i as i64,
+            }],
+            metadata: Some(Metadata {
+                r#type: MetricType::Gauge as i32,
+                help_ref: 2,
+                unit_ref: 0,
+            }),
+            ..Default::default()
+        });
+        let large = TimeSeries {
+            labels_refs: [1, 2]
+                .into_iter()
+                .chain((0..labels as u32).flat_map(|i| [3 + i, 2]))
+                .collect(),
+            exemplars: vec![Exemplar {
+                labels_refs: (3..3 + labels as u32).flat_map(|i| [i, 1]).collect(),
+                value: 2.0,
+                timestamp: 7,
+            }],
+            ..Default::default()
+        };
+        let req = Request {
+            symbols,
+            timeseries: small.chain([large]).collect(),
+        };
+        Record {
+            payload: Bytes::from(req.encode_to_vec()),
+            ..v2_record(seq, "m", 1000)
+        }
+    }
+
+    #[test]
+    fn bodies_of_many_blocks_and_of_series_larger_than_a_block_are_those_compressed_whole() {
+        let (a, b) = (
+            large_v2_record(1, 20_000, 6_000),
+            large_v2_record(2, 3, 9_000),
+        );
+        let (v1, v2) = (ReplicaProtocol::V1, ReplicaProtocol::V2);
+        let cases = [
+            (vec![a.clone()], v1),
+            (vec![a.clone()], v2),
+            (vec![a.clone(), b.clone()], v1),
+            (vec![a.clone(), b.clone()], v2),
+            (vec![record(0, 200_000), a, record(3, 65_536), b], v1),
+        ];
+        let mut builder = BodyBuilder::default();
+        for (records, protocol) in &cases {
+            let whole = built_the_decoding_way(records, *protocol);
+            assert!(whole.len() > 4 * 65_536, "{}", whole.len());
+            let want = encode::snappy_compress(&whole);
+            let built = builder.build(records, *protocol).unwrap();
+            assert!(
+                built.body == want,
+                "{protocol:?}, {} records",
+                records.len()
+            );
+            let fresh = BodyBuilder::default().build(records, *protocol).unwrap();
+            assert!(
+                fresh.body == want,
+                "{protocol:?}, {} records",
+                records.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_builder_keeps_nothing_of_the_size_of_a_large_request() {
+        // 8 MiB of bytes that do not compress: an 8 MiB body.
+        let mut noisy = record(0, 8 << 20);
+        let mut x = 0x9e37_79b9_u32;
+        let payload: Vec<u8> = noisy
+            .payload
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                // The protobuf framing in front stays as it is.
+                if i < 16 {
+                    b
+                } else {
+                    x as u8
+                }
+            })
+            .collect();
+        noisy.payload = Bytes::from(payload);
+        let mut builder = BodyBuilder::default();
+        let body = builder.build_v1(std::slice::from_ref(&noisy)).unwrap();
+        assert!(body.len() > 8 << 20, "{}", body.len());
+        let kept = builder.buffered_bytes();
+        assert!(kept < 256 << 10, "kept {kept} bytes after an 8 MiB body");
+        // Nor of a request that failed after 8 MiB.
+        let mut bad = v2_record(1, "a", 1000);
+        bad.payload = Bytes::from_static(&[0x2a, 0x05, 0x0a]);
+        let failed = builder.build(&[noisy, bad], ReplicaProtocol::V1);
+        assert!(matches!(failed, Err(PayloadError::V2 { seq: 1, .. })));
+        assert!(builder.buffered_bytes() < 256 << 10);
+        // And it still builds what a fresh builder builds.
+        let small = [record(2, 100)];
+        assert_eq!(builder.build_v1(&small).unwrap(), build_v1(&small).unwrap());
+        assert!(builder.buffered_bytes() < 256 << 10);
     }
 
     #[test]
