@@ -394,3 +394,83 @@ async fn a_2_0_replica_gets_2_0_records_unchanged_through_a_second_relay() {
     // Two float samples and one histogram per request.
     assert_eq!(samples, 3 * REQUESTS, "{records:?}");
 }
+
+/// Posts a 2.0 request; returns the status and the answer's text.
+async fn post_v2(url: &str, req: &v2::Request) -> (u16, String) {
+    let body =
+        prom_remote_write::encode::snappy_compress(&prom_remote_write::encode::encode_v2(req));
+    let resp = client()
+        .post(url)
+        .header("Content-Type", prom_remote_write::content::CONTENT_TYPE_V2)
+        .header("Content-Encoding", "snappy")
+        .header("X-Prometheus-Remote-Write-Version", "2.0.0")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// `n` series sharing `shared` labels, each with one label of its own and
+/// one sample.
+fn shared_labels(n: usize, shared: &[(&str, &str)], ts: i64) -> v2::Request {
+    let mut s = Symbols::new();
+    let timeseries = (0..n)
+        .map(|i| {
+            let own = i.to_string();
+            let mut labels = shared.to_vec();
+            labels.push(("i", &own));
+            labels.sort();
+            v2::TimeSeries {
+                labels_refs: s.labels(&labels),
+                samples: vec![v2::Sample {
+                    value: i as f64,
+                    timestamp: ts,
+                }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    v2::Request {
+        symbols: s.0,
+        timeseries,
+    }
+}
+
+/// A small 2.0 request whose series all reference one long symbol would
+/// become a huge request for a 1.0 replica: it is refused with 413 and not
+/// stored, while a request sharing many ordinary labels (as a Kubernetes
+/// target's series do) is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2_0_request_that_would_expand_without_bound_for_1_0_is_refused_with_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = relay(dir.path(), &[], &[]).await;
+    let ts = base_time();
+    let long = "x".repeat(64 << 10);
+    let bomb = shared_labels(2_000, &[("__name__", "bomb"), ("long", &long)], ts);
+    let (status, text) = post_v2(&r.write_url(), &bomb).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("1.0 translation"), "{text}");
+
+    let k8s = [
+        ("__name__", "container_cpu_usage_seconds_total"),
+        ("container", "walrelay"),
+        ("endpoint", "https-metrics"),
+        ("image", "registry.example/walrelay:0.1.0"),
+        ("instance", "10.0.0.17:10250"),
+        ("job", "kubelet"),
+        ("metrics_path", "/metrics/cadvisor"),
+        ("namespace", "observability"),
+        ("node", "worker-17.example.internal"),
+        ("pod", "walrelay-0"),
+        ("service", "kubelet"),
+    ];
+    let (status, text) = post_v2(&r.write_url(), &shared_labels(2_000, &k8s, ts)).await;
+    assert_eq!(status, 204, "{text}");
+    let status = r.status().await.unwrap();
+    assert_eq!(
+        status["wal"]["head_seq"], 1,
+        "only the ordinary request is stored"
+    );
+}
