@@ -57,10 +57,10 @@ use prom_remote_write::{decode, encode as rw_encode, translate, Limits, Protocol
 use wal_format::{Compression, PayloadEncoding, PayloadKind, Record, RecordMeta, RecordRef};
 use walrelay::checkpoint::Checkpoints;
 use walrelay::commit::{Budget, Committer};
-use walrelay::config::FullPolicy;
-use walrelay::config::ReplicaProtocol;
 use walrelay::retention::Retention;
 use walrelay::ship::payload::{build_v1, BodyBuilder};
+use walrelay::types::FullPolicy;
+use walrelay::types::ReplicaProtocol;
 use walrelay::wal::{open, ReadItem, RealStorage, WalOptions};
 
 const SERIES: u32 = 1000;

@@ -25,8 +25,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use wal_format::{RecordMeta, RecordRef};
 
-use crate::config::FullPolicy;
 use crate::retention::Retention;
+use crate::types::FullPolicy;
 use crate::wal::{DropReason, Wal, WalError, WalWriter};
 
 /// Most bytes written in one group commit before syncing.

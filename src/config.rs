@@ -17,8 +17,10 @@ use serde::Deserialize;
 use wal_format::Compression;
 
 use crate::auth::ReplicaAuthConfig;
-use crate::ship::StatusPolicy;
 use crate::tls::{ClientTlsOptions, ServerTlsFiles};
+use crate::types::{
+    parse_statuses, redact_url, CatchUp, FullPolicy, ReplicaProtocol, StartAt, StatusPolicy,
+};
 
 /// Default `--max-decoded-bytes`: vmagent's default cap. Senders send far
 /// less (Prometheus ~0.5 MiB, the OpenTelemetry Collector up to ~3 MB per
@@ -93,28 +95,6 @@ fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
         setting,
         message: message.into(),
     }
-}
-
-/// What to do when the disk budget is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FullPolicy {
-    /// Refuse new writes (429 with Retry-After) until replicas catch up:
-    /// lossless end to end while senders retry.
-    Block,
-    /// Delete the oldest segments, move lagging replicas past them, and
-    /// count the samples each replica lost.
-    DropOldest,
-}
-
-/// Where a replica with no stored position starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StartAt {
-    /// At the head: only records written from now on.
-    Head,
-    /// At the oldest record still on disk.
-    Oldest,
 }
 
 /// Flags of `walrelay serve`. All optional here; defaults are applied in
@@ -330,107 +310,6 @@ struct FileConfig {
     instance_name: Option<String>,
 }
 
-/// Which remote-write protocol a replica is sent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub enum ReplicaProtocol {
-    /// Remote-write 1.0 only: 2.0 records are translated, and what 1.0
-    /// cannot carry is dropped and counted.
-    #[default]
-    #[serde(rename = "1.0")]
-    V1,
-    /// Remote-write 2.0: 2.0 records go as they are, 1.0 records as 1.0
-    /// requests.
-    #[serde(rename = "2.0")]
-    V2,
-}
-
-impl ReplicaProtocol {
-    /// `"1.0"` or `"2.0"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReplicaProtocol::V1 => "1.0",
-            ReplicaProtocol::V2 => "2.0",
-        }
-    }
-
-    /// Parses `"1.0"` or `"2.0"` (`"1"` and `"2"` too).
-    ///
-    /// # Errors
-    /// A message naming the bad value and what is expected.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "1.0" | "1" => Ok(ReplicaProtocol::V1),
-            "2.0" | "2" => Ok(ReplicaProtocol::V2),
-            other => Err(format!(
-                "protocol {other:?} is not supported (expected \"1.0\" or \"2.0\")"
-            )),
-        }
-    }
-}
-
-/// How a replica that fell behind catches up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub enum CatchUp {
-    /// Strict log order, one stream: what a replica that refuses older
-    /// samples (Prometheus without an out-of-order window) needs.
-    #[default]
-    #[serde(rename = "in-order")]
-    InOrder,
-    /// Once the replica lags more than `after` (the age of the oldest record
-    /// it has not received, as `lag_seconds`), new records go to it at once
-    /// on a live stream while a second stream backfills the gap. Only for
-    /// replicas that accept out-of-order samples.
-    #[serde(rename = "live-first")]
-    LiveFirst { after: Duration },
-}
-
-/// `live_first_after` when unset: well above the lag of a healthy replica
-/// and of a short blip (a restart, a few failed requests), which in-order
-/// delivery clears faster than a split would.
-pub const DEFAULT_LIVE_FIRST_AFTER: Duration = Duration::from_secs(60);
-
-impl CatchUp {
-    /// `"in-order"` or `"live-first"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CatchUp::InOrder => "in-order",
-            CatchUp::LiveFirst { .. } => "live-first",
-        }
-    }
-
-    /// From a `[[replica]]` table's `catch_up` and `live_first_after`.
-    ///
-    /// # Errors
-    /// An unknown mode, a bad or too short duration, or `live_first_after`
-    /// without live-first.
-    pub fn parse(mode: Option<&str>, after: Option<&str>) -> Result<Self, String> {
-        match (mode.map(str::trim), after) {
-            (None | Some("in-order"), None) => Ok(CatchUp::InOrder),
-            (None | Some("in-order"), Some(_)) => {
-                Err("live_first_after is only meaningful with catch_up = \"live-first\"".to_owned())
-            }
-            (Some("live-first"), after) => {
-                let after = match after {
-                    None => DEFAULT_LIVE_FIRST_AFTER,
-                    Some(a) => humantime::parse_duration(a.trim()).map_err(|e| {
-                        format!("live_first_after {a:?} is not a duration (e.g. 30s, 5m): {e}")
-                    })?,
-                };
-                if after < Duration::from_secs(1) {
-                    return Err(format!(
-                        "live_first_after {after:?} is too short (at least 1s): every \
-                         ordinary delay would split the stream"
-                    ));
-                }
-                Ok(CatchUp::LiveFirst { after })
-            }
-            (Some(other), _) => Err(format!(
-                "catch_up {other:?} is not supported (expected \"in-order\" or \"live-first\")"
-            )),
-        }
-    }
-}
-
 /// A replica to ship to.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
@@ -484,41 +363,6 @@ impl std::fmt::Debug for ReplicaConfig {
             .field("status_policy", &self.status_policy)
             .finish()
     }
-}
-
-/// `url` as it may be shown: without a user name or password, a query
-/// (`?api_key=...`) or a fragment, any of which can hold a secret. A URL
-/// that does not parse is cut the same way by its text.
-pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        // Without a host ("user:pw@host" parses with "user" as the scheme)
-        // the userinfo is not recognised as such.
-        Ok(mut u) if u.has_host() => {
-            // Only fails for URLs that cannot have userinfo at all.
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.set_fragment(None);
-            u.to_string()
-        }
-        _ => redact_url_text(url),
-    }
-}
-
-/// [`redact_url`] for a string that is not a URL: everything from the first
-/// `?` or `#` is cut, and the authority loses what precedes its last `@`.
-fn redact_url_text(text: &str) -> String {
-    let text = text.split(['?', '#']).next().unwrap_or("");
-    let (scheme, rest) = match text.find("://") {
-        Some(i) => text.split_at(i + 3),
-        None => ("", text),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let rest = match rest[..authority_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    format!("{scheme}{rest}")
 }
 
 /// The resolved settings of `walrelay serve`.
@@ -686,53 +530,21 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
     }
     .map_err(|m| format!("replica {}: {m}", c.name))?;
     let name = &c.name;
-    c.tls = ClientTlsOptions {
-        ca_file: r.tls_ca_file.clone(),
-        cert_file: r.tls_cert_file.clone(),
-        key_file: r.tls_key_file.clone(),
-        server_name: r.tls_server_name.clone(),
-        insecure_skip_verify: r.tls_insecure_skip_verify,
+    let access = ReplicaAccess {
+        tls: ClientTlsOptions {
+            ca_file: r.tls_ca_file.clone(),
+            cert_file: r.tls_cert_file.clone(),
+            key_file: r.tls_key_file.clone(),
+            server_name: r.tls_server_name.clone(),
+            insecure_skip_verify: r.tls_insecure_skip_verify,
+        },
+        bearer_token_file: r.bearer_token_file.clone(),
+        basic_auth_username: r.basic_auth_username.clone(),
+        basic_auth_password_file: r.basic_auth_password_file.clone(),
     };
-    if c.tls.cert_file.is_some() != c.tls.key_file.is_some() {
-        return Err(format!(
-            "replica {name}: tls_cert_file and tls_key_file go together"
-        ));
-    }
-    if c.tls != ClientTlsOptions::default() && !c.url.starts_with("https://") {
-        return Err(format!(
-            "replica {name}: tls_* settings need an https:// URL, not {}",
-            c.display_url()
-        ));
-    }
-    c.auth = match (
-        &r.bearer_token_file,
-        &r.basic_auth_username,
-        &r.basic_auth_password_file,
-    ) {
-        (None, None, None) => None,
-        (Some(f), None, None) => Some(ReplicaAuthConfig::Bearer {
-            token_file: f.clone(),
-        }),
-        (None, Some(u), Some(p)) => Some(ReplicaAuthConfig::Basic {
-            username: u.clone(),
-            password_file: p.clone(),
-        }),
-        (None, _, _) => {
-            return Err(format!(
-                "replica {name}: basic_auth_username and basic_auth_password_file go together"
-            ))
-        }
-        (Some(_), _, _) => {
-            return Err(format!(
-                "replica {name}: bearer_token_file and basic auth exclude each other"
-            ))
-        }
-    };
-    if c.auth.is_some() && reqwest::Url::parse(&c.url).is_ok_and(|u| !u.username().is_empty()) {
-        return Err(format!(
-            "replica {name}: credentials both in the URL and in bearer_token_file/basic_auth_*"
-        ));
-    }
+    (c.tls, c.auth) = access
+        .check(&c.url)
+        .map_err(|m| format!("replica {name}: {m}"))?;
     c.headers = r
         .headers
         .iter()
@@ -753,6 +565,66 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
     Ok(c)
 }
 
+/// How the relay reaches a replica beyond its URL: TLS and credentials, as
+/// a `[[replica]]` table's keys or `walrelay wal replay`'s flags of the
+/// same names give them.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaAccess {
+    pub tls: ClientTlsOptions,
+    pub bearer_token_file: Option<PathBuf>,
+    pub basic_auth_username: Option<String>,
+    pub basic_auth_password_file: Option<PathBuf>,
+}
+
+impl ReplicaAccess {
+    /// The TLS options and credentials of a replica at `url`, checked
+    /// together.
+    ///
+    /// # Errors
+    /// A client certificate without its key (or the reverse), TLS settings
+    /// for a URL that is not https://, a user name without a password file
+    /// (or the reverse), a bearer token and basic auth together, or
+    /// credentials both here and in the URL.
+    pub fn check(self, url: &str) -> Result<(ClientTlsOptions, Option<ReplicaAuthConfig>), String> {
+        let tls = self.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err("tls_cert_file and tls_key_file go together".to_owned());
+        }
+        if tls != ClientTlsOptions::default() && !url.starts_with("https://") {
+            return Err(format!(
+                "tls_* settings need an https:// URL, not {}",
+                redact_url(url)
+            ));
+        }
+        let auth = match (
+            self.bearer_token_file,
+            self.basic_auth_username,
+            self.basic_auth_password_file,
+        ) {
+            (None, None, None) => None,
+            (Some(token_file), None, None) => Some(ReplicaAuthConfig::Bearer { token_file }),
+            (None, Some(username), Some(password_file)) => Some(ReplicaAuthConfig::Basic {
+                username,
+                password_file,
+            }),
+            (None, _, _) => {
+                return Err(
+                    "basic_auth_username and basic_auth_password_file go together".to_owned(),
+                )
+            }
+            (Some(_), _, _) => {
+                return Err("bearer_token_file and basic auth exclude each other".to_owned())
+            }
+        };
+        if auth.is_some() && reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty()) {
+            return Err(
+                "credentials both in the URL and in bearer_token_file/basic_auth_*".to_owned(),
+            );
+        }
+        Ok((tls, auth))
+    }
+}
+
 /// Applies `--replica-drop-on-status NAME=STATUS[,STATUS]` to the replica it
 /// names (which must be configured).
 fn apply_drop_on_status(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(), String> {
@@ -764,7 +636,7 @@ fn apply_drop_on_status(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(),
         .iter_mut()
         .find(|r| r.name == name)
         .ok_or_else(|| format!("{arg:?}: no replica is named {name:?}"))?;
-    let statuses = crate::ship::policy::parse_statuses(statuses)
+    let statuses = parse_statuses(statuses)
         .and_then(|list| StatusPolicy::with_drop_on(&list))
         .map_err(|m| format!("{arg:?}: {m}"))?;
     let mut all = replica.status_policy.drop_on().to_vec();
@@ -1258,7 +1130,6 @@ mod tests {
 
     #[test]
     fn no_status_but_400_409_and_422_skips_a_record_unless_the_operator_says_so() {
-        use crate::ship::policy::Answer;
         let c = resolve_file(
             "[[replica]]\nname = \"a\"\nurl = \"http://x:1/\"\ndrop_on_status = [404]\n\
              [[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\n",
@@ -1266,9 +1137,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.replicas[0].status_policy.drop_on(), &[404]);
         assert_eq!(c.replicas[1].status_policy, StatusPolicy::default());
-        assert_eq!(
-            c.replicas[1].status_policy.classify(404),
-            Answer::Blocked,
+        assert!(
+            !c.replicas[1].status_policy.refuses_data(404),
             "the default never skips on a 404"
         );
         let flags = ServeArgs {
@@ -1387,25 +1257,6 @@ mod tests {
             e.contains("basic-auth-users-file") && e.contains("line 1"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn urls_lose_their_userinfo_query_and_fragment_for_display() {
-        assert_eq!(
-            redact_url("https://user:secret@x:1/api/v1/write"),
-            "https://x:1/api/v1/write"
-        );
-        assert_eq!(redact_url("http://x:1/w"), "http://x:1/w");
-        assert_eq!(
-            redact_url("https://u:pw@x:1/push?api_key=k3y&tenant=t#frag"),
-            "https://x:1/push"
-        );
-        // Not a URL: cut by its text all the same.
-        assert_eq!(
-            redact_url("ht tp://u:p@w@host:1/path?api_key=k3y"),
-            "ht tp://host:1/path"
-        );
-        assert_eq!(redact_url("u:p@host/w?k=v#f"), "host/w");
     }
 
     /// Every secret a test puts in a configuration contains this.
@@ -1635,7 +1486,7 @@ mod tests {
         assert_eq!(
             c.replicas[1].catch_up,
             CatchUp::LiveFirst {
-                after: DEFAULT_LIVE_FIRST_AFTER
+                after: crate::types::DEFAULT_LIVE_FIRST_AFTER
             }
         );
         assert_eq!(

@@ -38,15 +38,14 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::ReplicaAuth;
 use crate::checkpoint::{Checkpoints, Cursor};
-use crate::config::{ReplicaConfig, ServeConfig, StartAt};
+use crate::config::{ReplicaConfig, ServeConfig};
 use crate::retention::Retention;
 use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
+use crate::types::StartAt;
 use crate::wal::Wal;
 
 /// How long a stopping shipper may take to finish its request.
@@ -298,13 +297,7 @@ impl Fleet {
             }
             return Ok(cursor);
         }
-        let extent = self.wal.extent();
-        let start = match start_at {
-            StartAt::Head => extent.end_seq,
-            StartAt::Oldest => extent.first_seq,
-        };
-        self.checkpoints.set(name, start)?;
-        tracing::info!(replica = %name, start, "new replica: starting position set");
+        crate::ship::place_new_replica(&self.checkpoints, &self.wal, name, start_at)?;
         Ok(self.checkpoints.cursor(name)?)
     }
 
@@ -423,13 +416,8 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
             "tls_insecure_skip_verify: the replica's certificate is not checked; \
              anyone on the path can read and change what is sent");
     }
-    let auth = r
-        .auth
-        .as_ref()
-        .map(|a| ReplicaAuth::new(name, a))
-        .transpose()
-        .with_context(|| format!("replica {name}: credentials"))?;
     Sender::new(
+        name,
         &r.url,
         SenderOptions {
             timeout: r.timeout.unwrap_or(c.send_timeout),
@@ -438,10 +426,10 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
             tls: r.tls.clone(),
             policy: r.status_policy.clone(),
             max_blocked_attempts: None,
+            headers: r.headers.clone(),
+            auth: r.auth.clone(),
         },
     )
-    .and_then(|s| s.with_headers(&r.headers, None))
-    .map(|s| s.with_auth(auth))
     .map_err(|e| anyhow::anyhow!("replica {name}: {e}"))
 }
 

@@ -39,6 +39,7 @@ use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
 
 use crate::auth::{Authenticator, Denied};
 use crate::commit::{CommitError, Committer};
+use crate::types::now_ms;
 use budget::{MemoryBudget, Refused, Reservation};
 use pool::DecodePool;
 
@@ -86,10 +87,6 @@ fn retry_later(status: StatusCode, secs: u32, msg: impl Into<String>) -> HttpRes
     r.headers_mut()
         .insert("Retry-After", HeaderValue::from(secs));
     r
-}
-
-fn now_ms() -> i64 {
-    crate::ship::now_ms()
 }
 
 impl Ingest {

@@ -21,5 +21,6 @@ pub mod retention;
 pub mod server;
 pub mod ship;
 pub mod tls;
+pub mod types;
 pub mod wal;
 pub mod watch;

@@ -151,20 +151,21 @@ pub fn register_replica_at_zero(replica: &str) {
 
 /// The exposition of counters the recorder cannot hold: the `metrics` crate
 /// counts in integers, and time waited for a rate limit is fractional
-/// seconds. Appended to the recorder's output by `/metrics`. Replica names
-/// are letters, digits, `-`, `_` and `.`, so they need no escaping.
-pub fn render_replica_counters(replicas: &[std::sync::Arc<crate::ship::ReplicaState>]) -> String {
+/// seconds. Appended to the recorder's output by `/metrics`, from each
+/// replica's name and seconds waited. Replica names are letters, digits,
+/// `-`, `_` and `.`, so they need no escaping.
+pub fn render_replica_counters<'a>(
+    rate_limited_seconds: impl IntoIterator<Item = (&'a str, f64)>,
+) -> String {
     use std::fmt::Write as _;
     let mut out = String::from(
         "# HELP walrelay_replica_rate_limited_seconds_total Time the replica's shipper waited for its rate limits.\n\
          # TYPE walrelay_replica_rate_limited_seconds_total counter\n",
     );
-    for r in replicas {
+    for (replica, seconds) in rate_limited_seconds {
         let _ = writeln!(
             out,
-            "walrelay_replica_rate_limited_seconds_total{{replica=\"{}\"}} {}",
-            r.name,
-            r.rate_limited_seconds()
+            "walrelay_replica_rate_limited_seconds_total{{replica=\"{replica}\"}} {seconds}"
         );
     }
     out

@@ -453,7 +453,7 @@ mod tests {
     #[tokio::test]
     async fn a_drop_on_the_commit_path_reads_no_segment_and_accounts_every_sample() {
         use crate::commit::{Budget, Committer};
-        use crate::config::FullPolicy;
+        use crate::types::FullPolicy;
 
         let storage = Arc::new(Watched::default());
         let (w, wal) = open(Arc::clone(&storage) as Arc<dyn Storage>);
@@ -494,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn a_budget_drop_before_a_segment_is_counted_refuses_the_batch_instead_of_decoding() {
         use crate::commit::{Budget, CommitError, Committer};
-        use crate::config::FullPolicy;
+        use crate::types::FullPolicy;
 
         let storage = Arc::new(Watched::default());
         let (mut w, wal) = open(Arc::clone(&storage) as Arc<dyn Storage>);

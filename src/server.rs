@@ -38,6 +38,7 @@ use crate::ingest::pool::DecodePool;
 use crate::ingest::{text, HttpResponse, Ingest};
 use crate::retention::Retention;
 use crate::tls::ServerTls;
+use crate::types::StartAt;
 use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
 
 /// How long a write request waits for room in the memory budget before
@@ -157,8 +158,7 @@ pub async fn run(
 
     let retention = Arc::new(
         Retention::new(wal.clone(), config.retention).with_budget_drops(
-            config.max_disk_bytes > 0
-                && config.full_policy == crate::config::FullPolicy::DropOldest,
+            config.max_disk_bytes > 0 && config.full_policy == crate::types::FullPolicy::DropOldest,
         ),
     );
     // Each replica's position is loaded (or set, for a new replica) before
@@ -180,15 +180,14 @@ pub async fn run(
              by the replicas and counted, nothing is skipped)"
         );
     }
+    let start_at = if store_lost {
+        StartAt::Oldest
+    } else {
+        config.new_replica_start
+    };
     for r in &config.replicas {
         if checkpoints.cursor(&r.name)?.delivered.is_none() {
-            let start = match config.new_replica_start {
-                _ if store_lost => extent.first_seq,
-                crate::config::StartAt::Head => extent.end_seq,
-                crate::config::StartAt::Oldest => extent.first_seq,
-            };
-            checkpoints.set(&r.name, start)?;
-            tracing::info!(replica = %r.name, start, "new replica: starting position set");
+            crate::ship::place_new_replica(&checkpoints, &wal, &r.name, start_at)?;
         }
     }
     let fleet = Arc::new(Fleet::new(
@@ -314,7 +313,7 @@ pub async fn run(
 
     metrics::gauge!("walrelay_config_last_reload_successful").set(1.0);
     metrics::gauge!("walrelay_config_last_reload_success_timestamp_seconds")
-        .set(crate::ship::now_ms() as f64 / 1000.0);
+        .set(crate::types::now_ms() as f64 / 1000.0);
     let sighup = tokio::spawn(reload_on_sighup(Arc::clone(&app), shutdown.clone()));
 
     warn_if_files_short(&config);
@@ -419,7 +418,7 @@ async fn reload_now(app: &App) -> Result<Changes, ReloadError> {
     match &result {
         Ok(c) => {
             metrics::gauge!("walrelay_config_last_reload_success_timestamp_seconds")
-                .set(crate::ship::now_ms() as f64 / 1000.0);
+                .set(crate::types::now_ms() as f64 / 1000.0);
             tracing::info!(added = ?c.added, removed = ?c.removed, changed = ?c.changed,
                 unchanged = c.unchanged.len(), "configuration reloaded");
         }
@@ -460,7 +459,7 @@ fn restart_only(c: &ServeConfig) -> String {
     c.send_timeout = Duration::ZERO;
     c.retry_min_backoff = Duration::ZERO;
     c.retry_max_backoff = Duration::ZERO;
-    c.new_replica_start = crate::config::StartAt::Head;
+    c.new_replica_start = StartAt::Head;
     format!("{c:?}")
 }
 
@@ -943,7 +942,12 @@ async fn route(app: &App, endpoints: Endpoints, req: Request<Incoming>) -> HttpR
             if !text.is_empty() && !text.ends_with('\n') {
                 text.push('\n');
             }
-            text.push_str(&crate::metrics::render_replica_counters(&app.fleet.states()));
+            let states = app.fleet.states();
+            text.push_str(&crate::metrics::render_replica_counters(
+                states
+                    .iter()
+                    .map(|s| (s.name.as_str(), s.rate_limited_seconds())),
+            ));
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 CONTENT_TYPE,

@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::checkpoint::{Checkpoints, Cursor};
 use crate::lock::{DirLock, LockError};
+use crate::types::now_ms;
 use crate::wal::{self, RealStorage, RecoveryReport, Wal};
 
 /// Turns a command's result into the process exit code: errors are printed
@@ -150,11 +151,6 @@ impl DataDir {
 pub enum CursorsView {
     Available(Vec<(String, Cursor)>),
     Unavailable(String),
-}
-
-/// Now, in unix milliseconds.
-pub fn now_ms() -> i64 {
-    crate::ship::now_ms()
 }
 
 /// Parses a point in time: unix milliseconds (`1700000000000`), RFC 3339

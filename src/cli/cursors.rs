@@ -125,7 +125,7 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
     };
     let (wal, _) = dir.open_wal()?;
     let end = wal.durable_end();
-    let now = common::now_ms();
+    let now = crate::types::now_ms();
     let mut rows = Vec::new();
     for (name, c) in cursors {
         let from = c.delivered.unwrap_or(0);

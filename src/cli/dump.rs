@@ -126,17 +126,10 @@ impl Filter {
 /// # Errors
 /// The payload does not decode.
 pub fn decode_record(r: &Record) -> Result<v1::WriteRequest> {
-    let decoded;
-    let bytes: &[u8] = match r.meta.encoding {
-        PayloadEncoding::Identity => &r.payload,
-        PayloadEncoding::Snappy => {
-            decoded = decode::decompress_snappy(&r.payload, usize::MAX)?;
-            &decoded
-        }
-    };
+    let bytes = crate::ship::payload::protobuf(r)?;
     Ok(match r.meta.kind {
-        PayloadKind::RemoteWriteV1 => decode::decode_v1(bytes)?,
-        PayloadKind::RemoteWriteV2 => translate::v2_to_v1(&decode::decode_v2(bytes)?)?.0,
+        PayloadKind::RemoteWriteV1 => decode::decode_v1(&bytes)?,
+        PayloadKind::RemoteWriteV2 => translate::v2_to_v1(&decode::decode_v2(&bytes)?)?.0,
     })
 }
 

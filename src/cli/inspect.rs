@@ -213,7 +213,7 @@ pub fn run(args: &InspectArgs) -> Result<ExitCode> {
         newest_sample_ms: segments.iter().filter_map(|s| s.newest_sample_ms).max(),
         damaged_places: segments.iter().map(|s| s.damaged_places).sum(),
     };
-    let now = common::now_ms();
+    let now = crate::types::now_ms();
     let end = end_seq.unwrap_or(0);
     let replicas = lags
         .into_iter()

@@ -67,7 +67,7 @@ struct Action {
 }
 
 fn append_journal(wal_dir: &Path, actions: &[Action]) -> Result<()> {
-    let now = common::now_ms();
+    let now = crate::types::now_ms();
     let entries: Vec<JournalEntry> = actions
         .iter()
         .map(|a| JournalEntry {

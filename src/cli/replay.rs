@@ -1,26 +1,34 @@
 //! `walrelay wal replay`: sends part of the log to any remote-write URL by
 //! hand, after an incident.
 //!
-//! It sends the way a shipper does: in log order, one request at a time,
-//! consecutive records coalesced up to a sample and byte budget, with the
-//! shippers' status policy ([`crate::ship::policy`]): only 400, 409 and 422
-//! reject a record, and a rejected multi-record request is re-sent record by
-//! record so only the records the receiver refuses are counted and skipped;
-//! 413 splits; every other answer is retried with backoff for as long as it
-//! takes.
+//! It sends through the shippers' own delivery core
+//! ([`crate::ship::delivery`]): in log order, one request at a time,
+//! consecutive records coalesced up to a sample and byte budget (and cut
+//! where the kind changes, for a 2.0 target), with the shippers' status
+//! policy ([`crate::ship::policy`]): only 400, 409 and 422 (and what
+//! `--drop-on-status` adds) reject a record, and a rejected multi-record
+//! request is re-sent record by record so only the records the receiver
+//! refuses are counted and skipped; 413 and timeouts split; every other
+//! answer is retried with backoff, except that a run stops after
+//! [`BLOCKED_ATTEMPTS_BEFORE_STOPPING`] answers in a row that are not about
+//! the data (401, 404, ...): run by hand, it says why rather than retry in
+//! silence, skipping nothing. It reaches the target as a replica is reached
+//! (TLS, client certificates, credentials from files, headers, remote-write
+//! 2.0), with flags named as the `[[replica]]` table's keys.
 //!
-//! Resume: progress goes to a state file, written (and fsync'd) before each
-//! request with its exact range and after it with the position reached.
-//! Run again with the same arguments, it re-sends the interrupted request on
-//! its own first — a 400, 409 or 422 for it then means the receiver already
-//! had it — and
+//! Resume: progress goes to a journal (the state file), written (and
+//! fsync'd) before each request with its exact range, and after each batch
+//! with the position reached. Run again with the same arguments, it re-sends
+//! the interrupted request on its own first (a 400, 409 or 422 for it then
+//! means the receiver already had it), then the rest of its batch, and
 //! continues from there. `--restart` ignores the state.
 
 use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,8 +37,12 @@ use serde::{Deserialize, Serialize};
 use wal_format::{parse_segment_file_name, Record};
 
 use super::common::{self, DataDir};
-use crate::ship::{payload, Outcome, ReplicaState, Resend, Sender, SenderOptions};
-use crate::wal::{ReadItem, Wal, WalReader};
+use crate::config::ReplicaAccess;
+use crate::ship::delivery::{self, BatchFill, Done, Ledger, Link, Request, Resend};
+use crate::ship::{BatchLimits, SendObserver, Sender, SenderOptions, WrittenCounts};
+use crate::tls::ClientTlsOptions;
+use crate::types::{now_ms, parse_statuses, redact_url, ReplicaProtocol, StatusPolicy};
+use crate::wal::{Gap, ReadItem, Wal, WalReader};
 
 /// `walrelay wal replay`
 #[derive(Debug, clap::Args)]
@@ -73,15 +85,48 @@ pub struct ReplayArgs {
     /// Longest wait between retries.
     #[arg(long, default_value = "30s")]
     pub retry_max_backoff: String,
+    /// Statuses that also reject a record, on top of 400, 409 and 422, as
+    /// a replica's `drop_on_status` (e.g. 404,410).
+    #[arg(long, value_parser = parse_drop_on_status)]
+    pub drop_on_status: Option<StatusPolicy>,
     /// Read and batch everything, send nothing, write no state.
     #[arg(long)]
     pub dry_run: bool,
+    /// Remote-write protocol the target is sent: 1.0, or 2.0 for a receiver
+    /// that speaks it (2.0 records then go as they are, 1.0 records as 1.0
+    /// requests), as a replica's `protocol`.
+    #[arg(long, default_value = "1.0", value_parser = ReplicaProtocol::parse)]
+    pub protocol: ReplicaProtocol,
     /// An extra HTTP header, as NAME=VALUE (repeatable).
     #[arg(long = "header")]
     pub headers: Vec<String>,
-    /// File holding a bearer token to send as Authorization.
+    /// File holding a bearer token to send as Authorization (re-read when
+    /// it changes).
     #[arg(long)]
     pub bearer_token_file: Option<PathBuf>,
+    /// User name for basic auth, with --basic-auth-password-file.
+    #[arg(long, requires = "basic_auth_password_file")]
+    pub basic_auth_username: Option<String>,
+    /// File holding the basic-auth password (re-read when it changes).
+    #[arg(long, requires = "basic_auth_username")]
+    pub basic_auth_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for an https:// target instead of the
+    /// system's.
+    #[arg(long)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the target, with --tls-key-file.
+    #[arg(long, requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Name the target's certificate must carry, when it differs from the
+    /// URL's host (e.g. the URL holds an IP address).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// Accept any certificate. For tests only.
+    #[arg(long)]
+    pub tls_insecure_skip_verify: bool,
     /// Where progress is kept for resuming [default: DATA_DIR/replay-<hash of URL>.state].
     #[arg(long)]
     pub state_file: Option<PathBuf>,
@@ -107,6 +152,14 @@ struct Totals {
     skipped_records: u64,
     /// Outside --since/--until.
     filtered_records: u64,
+    /// 2.0 requests the target stored only in part (its written counts
+    /// below what was sent).
+    #[serde(default)]
+    partial_writes: u64,
+    /// 2.0 requests answered 2xx without written counts: the target may not
+    /// speak 2.0 at all.
+    #[serde(default)]
+    unconfirmed_writes: u64,
 }
 
 impl Totals {
@@ -119,10 +172,14 @@ impl Totals {
         self.already_delivered_records += o.already_delivered_records;
         self.skipped_records += o.skipped_records;
         self.filtered_records += o.filtered_records;
+        self.partial_writes += o.partial_writes;
+        self.unconfirmed_writes += o.unconfirmed_writes;
     }
 }
 
-/// The request in flight: its records, and where reading resumes after it.
+/// The request in flight, `from..to`, and where its batch ends: the records
+/// of the batch before `from` are done, those from `to` to `next` are not
+/// sent yet, and reading resumes at `next` once they are.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct InFlight {
     from: u64,
@@ -134,7 +191,7 @@ struct InFlight {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     version: u32,
-    /// The target, redacted ([`crate::config::redact_url`]): for people.
+    /// The target, redacted ([`redact_url`]): for people.
     url: String,
     /// SHA-256 of the target's full URL, hex: what a re-run is matched by,
     /// since two targets may differ only in what the redaction removes.
@@ -285,7 +342,7 @@ fn resolve_range(a: &ReplayArgs, wal: &Wal) -> Result<(u64, u64)> {
 }
 
 fn save_state(path: &Path, st: &mut State) -> Result<()> {
-    st.updated = common::fmt_time(common::now_ms());
+    st.updated = common::fmt_time(now_ms());
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     let write = || -> std::io::Result<()> {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -329,15 +386,18 @@ fn load_state(path: &Path) -> Result<Option<State>> {
 
 /// Everything one run works with.
 struct Run {
-    sender: Option<Sender>,
-    replica: Arc<ReplicaState>,
+    /// The target's client and body builder (used by no request of a dry
+    /// run).
+    link: Link,
+    dry_run: bool,
+    /// What the sender reports: shown by the progress line, counted.
+    watch: Arc<Watch>,
     state: State,
     state_path: Option<PathBuf>,
     run: Totals,
     gaps: Vec<GapInfo>,
     rejections: Vec<Rejection>,
-    max_samples: u64,
-    max_bytes: usize,
+    limits: BatchLimits,
     rate: Option<f64>,
     started: Instant,
     paced_samples: f64,
@@ -345,15 +405,71 @@ struct Run {
     /// The target's answer, when it kept refusing requests for a reason
     /// that is not about the data: the run stops there, nothing skipped.
     blocked: Option<String>,
-    /// One past the last record of the current request that is done
-    /// (delivered or refused on its own), while it goes one by one.
-    done_to: Option<u64>,
+    /// Why the journal could not be written before a request: the run
+    /// stops without sending it.
+    failed: Option<anyhow::Error>,
+    /// Where the batch being delivered ends: the `next` of the journal's
+    /// request in flight.
+    batch_end: u64,
 }
 
 /// Blocked attempts in a row (401, 404, ...) after which a replay stops:
 /// run by hand, it says why at once rather than retry in silence; run again,
 /// it resumes where it stopped.
 const BLOCKED_ATTEMPTS_BEFORE_STOPPING: u64 = 5;
+
+/// What the sender reports during a replay: why the request in flight is
+/// being retried (for the progress line), and the 2.0 writes the target did
+/// not confirm in full (for the report). No replica state, no metrics.
+#[derive(Default)]
+struct Watch {
+    retrying: Mutex<Option<String>>,
+    partial_writes: AtomicU64,
+    unconfirmed_writes: AtomicU64,
+}
+
+impl Watch {
+    fn set_retrying(&self, reason: Option<String>) {
+        *self.retrying.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    fn retrying(&self) -> Option<String> {
+        self.retrying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl SendObserver for Watch {
+    fn name(&self) -> &str {
+        "replay"
+    }
+
+    fn retrying(&self, reason: String) {
+        self.set_retrying(Some(reason));
+    }
+
+    fn blocked(&self, reason: String) {
+        self.set_retrying(Some(reason));
+    }
+
+    fn stored(&self) {
+        self.set_retrying(None);
+    }
+
+    fn answered(&self) {
+        self.set_retrying(None);
+    }
+
+    fn partial_write(&self, _sent: &WrittenCounts, _written: &WrittenCounts) {
+        self.partial_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn unconfirmed_write(&self, _why: &str) {
+        self.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Progress on stderr: a bar on a terminal, a line every 10 s otherwise.
 struct Progress {
@@ -393,7 +509,7 @@ impl Progress {
     }
 
     /// Reports retries and progress while requests are slow.
-    fn ticker(&self, replica: Arc<ReplicaState>, end: u64) -> tokio::task::JoinHandle<()> {
+    fn ticker(&self, watch: Arc<Watch>, end: u64) -> tokio::task::JoinHandle<()> {
         let bar = self.bar.clone();
         let samples = Arc::clone(&self.samples);
         let position = Arc::clone(&self.position);
@@ -403,14 +519,10 @@ impl Progress {
             let mut last_line = Instant::now();
             loop {
                 tick.tick().await;
-                let st = replica.status(u64::MAX, 0);
-                let retrying = match (st.state, &st.last_error) {
-                    ("retrying", Some(e)) => {
-                        let short: String = e.chars().take(120).collect();
-                        format!(" retrying: {short}")
-                    }
-                    _ => String::new(),
-                };
+                let retrying = watch.retrying().map_or_else(String::new, |e| {
+                    let short: String = e.chars().take(120).collect();
+                    format!(" retrying: {short}")
+                });
                 let s = samples.load(Ordering::Relaxed);
                 let rate = s as f64 / started.elapsed().as_secs_f64().max(0.001);
                 match &bar {
@@ -448,75 +560,57 @@ impl Run {
     }
 
     /// The next request's records, and where reading continues after them;
-    /// an empty batch means the selection is done.
+    /// an empty batch means the selection is done. A batch never spans a
+    /// gap: the gap is counted on its own, so that the journal's range of a
+    /// batch holds every record of it.
     fn next_batch(
         &mut self,
         reader: &mut WalReader,
-        held: &mut Option<Record>,
+        held: &mut Option<ReadItem>,
     ) -> Result<(Vec<Record>, u64)> {
         let mut records: Vec<Record> = Vec::new();
-        let (mut samples, mut bytes) = (0u64, 0usize);
+        let mut fill: Option<BatchFill> = None;
         let mut consumed = self.state.next_seq;
         let end = self.state.end;
         loop {
             let item = match held.take() {
-                Some(r) => ReadItem::Record(r),
+                Some(item) => item,
                 None => match reader.try_next()? {
-                    Some(i) => i,
+                    Some(item) => item,
                     None => break,
                 },
             };
             match item {
+                ReadItem::Gap(g) if g.from >= end => break,
+                ReadItem::Gap(g) if !records.is_empty() => {
+                    *held = Some(ReadItem::Gap(g));
+                    break;
+                }
                 ReadItem::Gap(g) => {
-                    let (from, to) = (g.from.max(self.state.start), g.to.min(end));
-                    if g.from >= end {
-                        break;
-                    }
-                    if to > from {
-                        self.run.skipped_records += to - from;
-                        self.progress_println(&format!(
-                            "walrelay replay: records {from}..{to} cannot be read and are skipped: {}{}",
-                            g.file.as_ref().map_or_else(String::new, |f| format!(
-                                "{} at offset {}: ",
-                                f.display(),
-                                g.offset.unwrap_or(0)
-                            )),
-                            g.reason
-                        ));
-                        self.gaps.push(GapInfo {
-                            from,
-                            to,
-                            file: g.file,
-                            offset: g.offset,
-                            reason: g.reason,
-                        });
-                    }
-                    consumed = consumed.max(to);
+                    self.gap(&g);
+                    consumed = consumed.max(g.to.min(end));
+                }
+                ReadItem::Record(r) if r.seq >= end => break,
+                ReadItem::Record(r) if r.seq < self.state.next_seq => {}
+                ReadItem::Record(r) if !self.in_time(&r) => {
+                    self.run.filtered_records += 1;
+                    consumed = r.seq + 1;
                 }
                 ReadItem::Record(r) => {
-                    if r.seq >= end {
+                    let joined = match &mut fill {
+                        None => {
+                            fill = Some(BatchFill::new(&r));
+                            true
+                        }
+                        Some(f) => f.take(&r, self.limits, self.link.protocol),
+                    };
+                    if !joined {
+                        *held = Some(ReadItem::Record(r));
                         break;
                     }
-                    if r.seq < self.state.next_seq {
-                        continue;
-                    }
-                    if !self.in_time(&r) {
-                        self.run.filtered_records += 1;
-                        consumed = r.seq + 1;
-                        continue;
-                    }
-                    let (s, b) = (u64::from(r.meta.samples), r.payload.len());
-                    if !records.is_empty()
-                        && (samples + s > self.max_samples || bytes + b > self.max_bytes)
-                    {
-                        *held = Some(r);
-                        break;
-                    }
-                    samples += s;
-                    bytes += b;
                     consumed = r.seq + 1;
                     records.push(r);
-                    if samples >= self.max_samples || bytes >= self.max_bytes {
+                    if fill.is_some_and(|f| !f.has_room(self.limits)) {
                         break;
                     }
                 }
@@ -525,131 +619,37 @@ impl Run {
         Ok((records, consumed))
     }
 
+    /// Counts and reports the part of `g` inside the selection: records the
+    /// log cannot provide (damage, or deleted).
+    fn gap(&mut self, g: &Gap) {
+        let (from, to) = (g.from.max(self.state.start), g.to.min(self.state.end));
+        if to <= from {
+            return;
+        }
+        self.run.skipped_records += to - from;
+        self.progress_println(&format!(
+            "walrelay replay: records {from}..{to} cannot be read and are skipped: {}{}",
+            g.file.as_ref().map_or_else(String::new, |f| format!(
+                "{} at offset {}: ",
+                f.display(),
+                g.offset.unwrap_or(0)
+            )),
+            g.reason
+        ));
+        self.gaps.push(GapInfo {
+            from,
+            to,
+            file: g.file.clone(),
+            offset: g.offset,
+            reason: g.reason.clone(),
+        });
+    }
+
     fn progress_println(&self, msg: &str) {
         match &self.progress.bar {
             Some(bar) => bar.println(msg),
             None => eprintln!("{msg}"),
         }
-    }
-
-    /// Reads exactly the records of an interrupted request, and how many of
-    /// its records cannot be read any more.
-    fn read_inflight(&self, wal: &Wal, f: InFlight) -> Result<(Vec<Record>, u64)> {
-        let mut reader = wal.reader(f.from);
-        let mut out = Vec::new();
-        let mut skipped = 0;
-        while let Some(item) = reader.try_next()? {
-            match item {
-                ReadItem::Record(r) if r.seq >= f.to => break,
-                ReadItem::Record(r) => {
-                    if self.in_time(&r) {
-                        out.push(r);
-                    }
-                }
-                ReadItem::Gap(g) if g.from >= f.to => break,
-                ReadItem::Gap(g) => skipped += g.to.min(f.to).saturating_sub(g.from),
-            }
-        }
-        Ok((out, skipped))
-    }
-
-    /// Sends `records`, with the shipper's status policy
-    /// ([`crate::ship::policy`]): only a refusal of the data skips a record,
-    /// and only a single one (or the interrupted request re-sent whole,
-    /// which then was "already there"); 413 and timeouts split.
-    async fn deliver(&mut self, records: Vec<Record>, resend: Resend) {
-        if self.blocked.is_some() {
-            return;
-        }
-        let n = records.len() as u64;
-        let end = records.last().map_or(0, |r| r.seq + 1);
-        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
-        let Some(sender) = self.sender.clone() else {
-            // Dry run.
-            self.run.requests += 1;
-            self.run.records += n;
-            self.run.samples += samples;
-            return;
-        };
-        let seq = records.first().map_or(0, |r| r.seq);
-        let outcome = match payload::build_v1(&records) {
-            Ok(body) => {
-                self.pace(samples).await;
-                sender
-                    .send_with_retries(
-                        &self.replica,
-                        crate::ship::Body::v1(body, samples),
-                        records.len() > 1,
-                    )
-                    .await
-            }
-            Err(e) if records.len() == 1 => {
-                self.run.skipped_records += 1;
-                self.done_to = Some(end);
-                self.progress_println(&format!(
-                    "walrelay replay: record {seq} cannot be turned into a request and is skipped: {e}"
-                ));
-                return;
-            }
-            Err(_) => {
-                for r in records {
-                    Box::pin(self.deliver(vec![r], resend.part())).await;
-                }
-                return;
-            }
-        };
-        match outcome {
-            Outcome::Delivered { .. } => {
-                self.run.requests += 1;
-                self.run.records += n;
-                self.run.samples += samples;
-                self.done_to = Some(end);
-            }
-            Outcome::Refused { .. } if resend == Resend::Exact => {
-                self.run.already_delivered_records += n;
-                self.done_to = Some(end);
-            }
-            Outcome::Refused { ambiguous, .. }
-                if records.len() == 1 && (ambiguous || resend == Resend::MaybeStored) =>
-            {
-                self.run.already_delivered_records += 1;
-                self.done_to = Some(end);
-            }
-            Outcome::Refused { status, body, .. } if records.len() == 1 => {
-                self.reject(seq, samples, status, body);
-                self.done_to = Some(end);
-            }
-            Outcome::TooLarge { body } if records.len() == 1 => {
-                self.reject(seq, samples, 413, body);
-                self.done_to = Some(end);
-            }
-            Outcome::Blocked { reason } => {
-                self.progress_println(&format!(
-                    "walrelay replay: the target keeps refusing requests ({reason}); stopping, \
-                     nothing skipped"
-                ));
-                self.blocked = Some(reason);
-            }
-            Outcome::Refused { ambiguous, .. } => {
-                let each = if ambiguous {
-                    Resend::MaybeStored
-                } else {
-                    resend.part()
-                };
-                for r in records {
-                    Box::pin(self.deliver(vec![r], each)).await;
-                }
-            }
-            Outcome::TooLarge { .. } => self.split(records, resend.part()).await,
-            Outcome::TooSlow => self.split(records, Resend::MaybeStored).await,
-        }
-    }
-
-    /// Sends the two halves of `records` in order.
-    async fn split(&mut self, mut records: Vec<Record>, resend: Resend) {
-        let second = records.split_off(records.len() / 2);
-        Box::pin(self.deliver(records, resend)).await;
-        Box::pin(self.deliver(second, resend)).await;
     }
 
     /// Counts a record the target refused on its own.
@@ -678,50 +678,42 @@ impl Run {
         self.progress.set(self.state.next_seq, t.samples);
     }
 
+    /// Delivers `records` with the shippers' delivery core; a dry run counts
+    /// them as one request and sends nothing.
+    async fn send(&mut self, records: Vec<Record>, resend: Resend) {
+        if !self.dry_run {
+            delivery::deliver(self, records, resend).await;
+            return;
+        }
+        if !records.is_empty() {
+            self.run.requests += 1;
+            self.run.records += records.len() as u64;
+            self.run.samples += records
+                .iter()
+                .map(|r| u64::from(r.meta.samples))
+                .sum::<u64>();
+        }
+    }
+
     async fn replay(&mut self, wal: &Wal) -> Result<()> {
         if let Some(f) = self.state.inflight {
-            self.progress_println(&format!(
-                "walrelay replay: re-sending the interrupted request {}..{} on its own",
-                f.from, f.to
-            ));
-            let (records, skipped) = self.read_inflight(wal, f)?;
-            self.run.skipped_records += skipped;
-            if !records.is_empty() {
-                // With records missing, what is left is not the request
-                // that was in flight: a refusal of it proves nothing.
-                let resend = if skipped == 0 {
-                    Resend::Exact
-                } else {
-                    Resend::MaybeStored
-                };
-                self.done_to = None;
-                self.deliver(records, resend).await;
-                if self.blocked.is_some() {
-                    return self.stop_blocked();
-                }
+            self.resume(wal, f).await?;
+            if self.stopped() {
+                return self.stop();
             }
-            self.state.next_seq = self.state.next_seq.max(f.next);
-            self.state.inflight = None;
-            self.checkpoint()?;
         }
         let mut reader = wal.reader(self.state.next_seq);
         let mut held = None;
         loop {
             let (records, consumed) = self.next_batch(&mut reader, &mut held)?;
-            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            if records.is_empty() {
                 self.state.next_seq = self.state.next_seq.max(consumed);
                 break;
-            };
-            self.state.inflight = Some(InFlight {
-                from: first.seq,
-                to: last.seq + 1,
-                next: consumed,
-            });
-            self.save()?;
-            self.done_to = None;
-            self.deliver(records, Resend::No).await;
-            if self.blocked.is_some() {
-                return self.stop_blocked();
+            }
+            self.batch_end = consumed;
+            self.send(records, Resend::No).await;
+            if self.stopped() {
+                return self.stop();
             }
             self.state.next_seq = consumed;
             self.state.inflight = None;
@@ -731,15 +723,51 @@ impl Run {
         self.checkpoint()
     }
 
-    /// The target keeps refusing for a reason that is not about the data:
-    /// saves where the run stopped without passing a record that was not
-    /// delivered. While nothing of the request in flight is done it stays
-    /// in flight (re-sent alone at the next run, as it was); once some of
-    /// its records went one by one, the next run starts after those.
-    fn stop_blocked(&mut self) -> Result<()> {
-        if let Some(done) = self.done_to {
-            self.state.next_seq = self.state.next_seq.max(done);
-            self.state.inflight = None;
+    /// Re-sends the request that was in flight when the last run stopped on
+    /// its own (what the log still holds of it, as the shippers do after a
+    /// restart), then the rest of its batch.
+    async fn resume(&mut self, wal: &Wal, f: InFlight) -> Result<()> {
+        self.progress_println(&format!(
+            "walrelay replay: re-sending the interrupted request {}..{} on its own",
+            f.from, f.to
+        ));
+        self.batch_end = f.next;
+        let mut read = delivery::read_range(wal, f.from..f.to)?;
+        read.records.retain(|r| self.in_time(r));
+        for g in &read.gaps {
+            self.gap(g);
+        }
+        let resend = read.resend();
+        self.send(read.records, resend).await;
+        if self.stopped() {
+            return Ok(());
+        }
+        if f.to < f.next {
+            // Never sent. Its records outside --since/--until were counted
+            // when the batch was read; a gap in it is damage found since.
+            let mut rest = delivery::read_range(wal, f.to..f.next)?;
+            rest.records.retain(|r| self.in_time(r));
+            for g in &rest.gaps {
+                self.gap(g);
+            }
+            self.send(rest.records, Resend::No).await;
+            if self.stopped() {
+                return Ok(());
+            }
+        }
+        self.state.next_seq = self.state.next_seq.max(f.next);
+        self.state.inflight = None;
+        self.checkpoint()
+    }
+
+    /// The run stops before the end: the journal could not be written (an
+    /// error), or the target keeps refusing for a reason that is not about
+    /// the data. Then the request it refused stays in flight in the journal
+    /// (re-sent on its own at the next run, then the rest of its batch):
+    /// no record that was not delivered is passed.
+    fn stop(&mut self) -> Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
         }
         self.checkpoint()
     }
@@ -749,6 +777,79 @@ impl Run {
         self.update_progress();
         self.save()
     }
+}
+
+/// A replay's deliveries: each request's range written to the journal
+/// before it is sent, the counts kept for the report.
+impl Ledger for Run {
+    fn name(&self) -> &str {
+        "replay"
+    }
+
+    fn link(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
+    async fn begin(&mut self, request: &Request) -> ControlFlow<()> {
+        self.pace(request.samples).await;
+        self.state.inflight = Some(InFlight {
+            from: request.range.start,
+            to: request.range.end,
+            next: self.batch_end.max(request.range.end),
+        });
+        match self.save() {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                self.failed = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    fn end(&mut self) {}
+
+    async fn done(&mut self, request: &Request, how: Done) {
+        self.run.partial_writes = self.watch.partial_writes.load(Ordering::Relaxed);
+        self.run.unconfirmed_writes = self.watch.unconfirmed_writes.load(Ordering::Relaxed);
+        match how {
+            Done::Delivered { .. } => {
+                self.run.requests += 1;
+                self.run.records += request.records;
+                self.run.samples += request.samples;
+            }
+            Done::AlreadyDelivered => self.run.already_delivered_records += request.records,
+            Done::Rejected { status, body } => {
+                self.reject(request.range.start, request.samples, status, body);
+            }
+            Done::Undecodable { error } => {
+                self.run.skipped_records += request.records;
+                self.progress_println(&format!(
+                    "walrelay replay: record {} cannot be turned into a request and is \
+                     skipped: {error}",
+                    request.range.start
+                ));
+            }
+        }
+    }
+
+    fn split(&mut self, _reason: &'static str) {}
+
+    fn blocked(&mut self, reason: String) {
+        self.progress_println(&format!(
+            "walrelay replay: the target keeps refusing requests ({reason}); stopping, \
+             nothing skipped"
+        ));
+        self.blocked = Some(reason);
+    }
+
+    fn stopped(&self) -> bool {
+        self.blocked.is_some() || self.failed.is_some()
+    }
+}
+
+/// `--drop-on-status 404,410`.
+fn parse_drop_on_status(s: &str) -> Result<StatusPolicy, String> {
+    StatusPolicy::with_drop_on(&parse_statuses(s)?)
 }
 
 fn parse_headers(list: &[String]) -> Result<Vec<(String, String)>> {
@@ -771,16 +872,25 @@ fn parse_headers(list: &[String]) -> Result<Vec<(String, String)>> {
 pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     let dir = DataDir::open(&args.data_dir)?;
     let url = reqwest::Url::parse(&args.to)
-        .map_err(|e| anyhow!("--to {:?}: {e}", crate::config::redact_url(&args.to)))?
+        .map_err(|e| anyhow!("--to {:?}: {e}", redact_url(&args.to)))?
         .to_string();
     // What is printed and stored: no password, no query, no fragment.
-    let shown = crate::config::redact_url(&url);
+    let shown = redact_url(&url);
     let headers = parse_headers(&args.headers)?;
-    let token = args
-        .bearer_token_file
-        .as_deref()
-        .map(crate::config::read_secret)
-        .transpose()?;
+    let (tls, auth) = ReplicaAccess {
+        tls: ClientTlsOptions {
+            ca_file: args.tls_ca_file.clone(),
+            cert_file: args.tls_cert_file.clone(),
+            key_file: args.tls_key_file.clone(),
+            server_name: args.tls_server_name.clone(),
+            insecure_skip_verify: args.tls_insecure_skip_verify,
+        },
+        bearer_token_file: args.bearer_token_file.clone(),
+        basic_auth_username: args.basic_auth_username.clone(),
+        basic_auth_password_file: args.basic_auth_password_file.clone(),
+    }
+    .check(&url)
+    .map_err(|e| anyhow!("--to {shown}: {e}"))?;
     let max_bytes = crate::config::parse_bytes(&args.max_bytes_per_send)
         .map_err(|e| anyhow!("--max-bytes-per-send: {e}"))?;
     let timeout = humantime::parse_duration(&args.send_timeout)
@@ -792,25 +902,28 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
             bail!("--max-samples-per-second must be a positive number");
         }
     }
-    let sender = if args.dry_run {
-        None
-    } else {
-        Some(
-            Sender::new(
-                &url,
-                SenderOptions {
-                    timeout,
-                    min_backoff: Duration::from_millis(100),
-                    max_backoff,
-                    tls: Default::default(),
-                    policy: Default::default(),
-                    max_blocked_attempts: Some(BLOCKED_ATTEMPTS_BEFORE_STOPPING),
-                },
-            )
-            .and_then(|s| s.with_headers(&headers, token.as_deref()))
-            .map_err(|e| anyhow!("--to {shown}: {e}"))?,
-        )
-    };
+    // Built for a dry run too: it checks the TLS and credentials files.
+    let sender = Sender::new(
+        "replay",
+        &url,
+        SenderOptions {
+            timeout,
+            min_backoff: Duration::from_millis(100),
+            max_backoff,
+            tls,
+            policy: args.drop_on_status.clone().unwrap_or_default(),
+            max_blocked_attempts: Some(BLOCKED_ATTEMPTS_BEFORE_STOPPING),
+            headers,
+            auth,
+        },
+    )
+    .map_err(|e| anyhow!("--to {shown}: {e}"))?;
+    let watch = Arc::new(Watch::default());
+    let link = Link::new(
+        sender,
+        args.protocol,
+        Arc::clone(&watch) as Arc<dyn SendObserver>,
+    );
     let (wal, _) = dir.open_wal()?;
     let fingerprint = selection_fingerprint(args);
     let state_path = args
@@ -827,7 +940,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
             "state file {} belongs to another replay ({} with {}); pass --restart to start \
              this one over, or --state-file for a separate one",
             state_path.display(),
-            crate::config::redact_url(&st.url),
+            redact_url(&st.url),
             st.args
         ),
         Some(mut st) => {
@@ -894,20 +1007,24 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     };
     let progress = Progress::new(state.next_seq, state.end);
     let mut run = Run {
-        sender,
-        replica: Arc::new(ReplicaState::new("replay", &shown, state.next_seq)),
+        link,
+        dry_run: args.dry_run,
+        watch,
         state_path: (!args.dry_run).then(|| state_path.clone()),
         run: Totals::default(),
         gaps: Vec::new(),
         rejections: Vec::new(),
-        max_samples,
-        max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+        limits: BatchLimits {
+            max_samples,
+            max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+        },
         rate: args.max_samples_per_second,
         started: Instant::now(),
         paced_samples: 0.0,
         progress,
         blocked: None,
-        done_to: None,
+        failed: None,
+        batch_end: 0,
         state,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -915,7 +1032,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     let result = runtime.block_on(async {
-        let ticker = run.progress.ticker(Arc::clone(&run.replica), run.state.end);
+        let ticker = run.progress.ticker(Arc::clone(&run.watch), run.state.end);
         let r = run.replay(&wal).await;
         ticker.abort();
         r

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use prom_remote_write::{decode, Limits, Protocol};
 use serde::Serialize;
-use wal_format::{decode_frame_header, PayloadEncoding, PayloadKind, Record, FRAME_HEADER_LEN};
+use wal_format::{decode_frame_header, PayloadKind, Record, FRAME_HEADER_LEN};
 
 use super::common::SeqRange;
 use super::common::{self, DataDir, Table};
@@ -313,20 +313,12 @@ pub fn check_payload(r: &Record) -> Result<(), String> {
         max_decoded_bytes: usize::MAX,
         ..Limits::default()
     };
-    let decoded;
-    let bytes: &[u8] = match r.meta.encoding {
-        PayloadEncoding::Identity => &r.payload,
-        PayloadEncoding::Snappy => {
-            decoded =
-                decode::decompress_snappy(&r.payload, usize::MAX).map_err(|e| e.to_string())?;
-            &decoded
-        }
-    };
+    let bytes = crate::ship::payload::protobuf(r).map_err(|e| e.to_string())?;
     let protocol = match r.meta.kind {
         PayloadKind::RemoteWriteV1 => Protocol::V1,
         PayloadKind::RemoteWriteV2 => Protocol::V2,
     };
-    let summary = decode::validate(protocol, bytes, &limits).map_err(|e| e.to_string())?;
+    let summary = decode::validate(protocol, &bytes, &limits).map_err(|e| e.to_string())?;
     let samples = u32::try_from(summary.samples + summary.histograms).unwrap_or(u32::MAX);
     if samples != r.meta.samples {
         return Err(format!(

@@ -173,6 +173,7 @@ fn log_with(storage: &SimStorage, dir: &Path, n: u64, bad: Option<u64>) -> Wal {
 fn shipper(wal: &Wal, checkpoints: &Checkpoints, url: &str) -> (Shipper, Arc<ReplicaState>) {
     let state = Arc::new(ReplicaState::new("r", url, 0));
     let sender = Sender::new(
+        "r",
         url,
         SenderOptions {
             timeout: Duration::from_secs(5),
@@ -181,6 +182,8 @@ fn shipper(wal: &Wal, checkpoints: &Checkpoints, url: &str) -> (Shipper, Arc<Rep
             tls: Default::default(),
             policy: Default::default(),
             max_blocked_attempts: None,
+            headers: Vec::new(),
+            auth: None,
         },
     )
     .unwrap();

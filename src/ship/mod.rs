@@ -47,13 +47,14 @@
 //! ([`Stream`]) and its own single request in flight.
 
 pub mod backfill;
+pub(crate) mod delivery;
 pub mod payload;
 pub mod policy;
 pub mod rate;
 mod send;
 mod state;
 
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,71 +62,24 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wal_format::Record;
 
-use crate::checkpoint::{Checkpoints, Stream};
-use crate::config::{CatchUp, ReplicaProtocol, StartAt};
-use crate::wal::{ReadItem, Wal, WalReader};
+use crate::checkpoint::{CheckpointError, Checkpoints, Stream};
+use crate::types::{now_ms, CatchUp, ReplicaProtocol, StartAt};
+use crate::wal::{Gap, ReadItem, Wal, WalReader};
+use delivery::{BatchFill, Done, Ledger, Link, RangeRead, Request, Resend};
 
-pub use policy::StatusPolicy;
+pub use delivery::BatchLimits;
 pub use rate::RateLimits;
-pub use send::{parse_written, Body, Outcome, Sender, SenderOptions};
-pub(crate) use state::now_ms;
-pub use state::{BackfillStatus, ReplicaState, ReplicaStatus, TranslationDropped, WrittenCounts};
-
-/// Limits of one coalesced request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchLimits {
-    pub max_samples: u64,
-    pub max_bytes: usize,
-}
-
-/// The running size of a batch being gathered, and the rule for what may
-/// join it.
-#[derive(Debug, Clone, Copy)]
-struct BatchFill {
-    samples: u64,
-    bytes: usize,
-    kind: wal_format::PayloadKind,
-}
-
-impl BatchFill {
-    fn new(first: &Record) -> Self {
-        BatchFill {
-            samples: u64::from(first.meta.samples),
-            bytes: first.payload.len(),
-            kind: first.meta.kind,
-        }
-    }
-
-    /// Whether more records may still be looked for.
-    fn has_room(&self, limits: BatchLimits) -> bool {
-        self.samples < limits.max_samples && self.bytes < limits.max_bytes
-    }
-
-    /// Takes `r` into the batch if it fits the limits and may share a
-    /// request with the batch's records ([`payload::same_request`]).
-    fn take(&mut self, r: &Record, limits: BatchLimits, protocol: ReplicaProtocol) -> bool {
-        let samples = self.samples + u64::from(r.meta.samples);
-        let bytes = self.bytes + r.payload.len();
-        if samples > limits.max_samples
-            || bytes > limits.max_bytes
-            || !payload::same_request(protocol, self.kind, r.meta.kind)
-        {
-            return false;
-        }
-        self.samples = samples;
-        self.bytes = bytes;
-        true
-    }
-}
+pub use send::{parse_written, Body, Outcome, SendObserver, Sender, SenderOptions, WrittenCounts};
+pub use state::{BackfillStatus, ReplicaState, ReplicaStatus, TranslationDropped};
 
 /// See the module documentation.
 pub struct Shipper {
     state: Arc<ReplicaState>,
     wal: Wal,
     checkpoints: Checkpoints,
-    sender: Sender,
-    /// What the replica is sent; decides batching and the request format.
-    protocol: ReplicaProtocol,
+    /// The replica's client, protocol (it decides batching and the request
+    /// format) and body buffers; its sender reports to `state`.
+    link: Link,
     limits: BatchLimits,
     start_at: StartAt,
     /// An item read past the end of the current batch, kept for the next.
@@ -139,8 +93,6 @@ pub struct Shipper {
     /// range (one flush for both), or on its own when the shipper goes idle
     /// or stops.
     unflushed: Option<u64>,
-    /// Buffers for request bodies, kept between requests.
-    builder: payload::BodyBuilder,
     /// The replica's rate limits, consulted before each request; shared by
     /// its live and backfill streams, so that together they keep to them.
     limiter: Arc<Mutex<rate::Limiter>>,
@@ -179,18 +131,17 @@ impl Shipper {
         // limit: requests then go at an even pace instead of one burst and
         // a long pause, and rarely exceed the bucket.
         let limits = rate.cap(limits);
+        let observer: Arc<dyn SendObserver> = state.clone();
         Self {
             state,
             wal,
             checkpoints,
-            sender,
-            protocol,
+            link: Link::new(sender, protocol, observer),
             limits,
             start_at,
             held: None,
             current: limits,
             unflushed: None,
-            builder: payload::BodyBuilder::default(),
             limiter: Arc::new(Mutex::new(rate::Limiter::new(rate))),
             stream: Stream::Live,
             catch_up: CatchUp::InOrder,
@@ -214,14 +165,16 @@ impl Shipper {
             state: Arc::clone(&self.state),
             wal: self.wal.clone(),
             checkpoints: self.checkpoints.clone(),
-            sender: self.sender.clone(),
-            protocol: self.protocol,
+            link: Link::new(
+                self.link.sender.clone(),
+                self.link.protocol,
+                Arc::clone(&self.link.observer),
+            ),
             limits: self.limits,
             start_at: self.start_at,
             held: None,
             current: self.limits,
             unflushed: None,
-            builder: payload::BodyBuilder::default(),
             limiter: Arc::clone(&self.limiter),
             stream: Stream::Backfill { to },
             catch_up: self.catch_up,
@@ -370,7 +323,7 @@ impl Shipper {
                         self.split(gap, &mut reader).await;
                         continue;
                     }
-                    self.deliver(records, Resend::No).await;
+                    delivery::deliver(self, records, Resend::No).await;
                 }
                 Batch::End => {
                     // Only a backfill ends: the log holds no more of its range.
@@ -447,11 +400,10 @@ impl Shipper {
 
     /// Loads (or initialises) the checkpoint and re-sends an interrupted
     /// request on its own. Returns where reading starts.
-    async fn startup(&mut self) -> Result<u64, crate::checkpoint::CheckpointError> {
+    async fn startup(&mut self) -> Result<u64, CheckpointError> {
         let cp = self.checkpoints.clone();
         let name = self.state.name.clone();
         let cursor = blocking(move || cp.cursor(&name)).await?;
-        let extent = self.wal.extent();
         if let Stream::Backfill { to } = self.stream {
             // Finished (and removed) already: nothing left to send.
             let (from, inflight) = cursor.backfill.map_or((to, None), |b| (b.from, b.inflight));
@@ -461,15 +413,9 @@ impl Shipper {
         let delivered = match cursor.delivered {
             Some(d) => d,
             None => {
-                let start = match self.start_at {
-                    StartAt::Head => extent.end_seq,
-                    StartAt::Oldest => extent.first_seq,
-                };
-                tracing::info!(replica = %self.state.name, start, "new replica: starting position set");
-                let cp = self.checkpoints.clone();
-                let name = self.state.name.clone();
-                blocking(move || cp.set(&name, start)).await?;
-                start
+                let (cp, wal) = (self.checkpoints.clone(), self.wal.clone());
+                let (name, start_at) = (self.state.name.clone(), self.start_at);
+                blocking(move || place_new_replica(&cp, &wal, &name, start_at)).await?
             }
         };
         self.state.set_delivered(delivered);
@@ -487,20 +433,12 @@ impl Shipper {
         tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
             stream = stream_name(self.stream),
             "re-sending the request that was in flight when the relay stopped");
-        let (records, gaps) = self.read_range(range.clone()).await;
-        for g in &gaps {
+        let read = self.read_range(range.clone()).await;
+        for g in &read.gaps {
             self.account_gap(g);
         }
-        if !records.is_empty() {
-            // With records missing it is no longer the request that was in
-            // flight, and a refusal of the rest proves nothing.
-            let resend = if gaps.iter().any(|g| g.to > g.from) {
-                Resend::MaybeStored
-            } else {
-                Resend::Exact
-            };
-            self.deliver(records, resend).await;
-        }
+        let resend = read.resend();
+        delivery::deliver(self, read.records, resend).await;
         self.checkpoint(range.end.max(self.position())).await;
         range.end
     }
@@ -508,9 +446,9 @@ impl Shipper {
     /// Reads exactly what the log holds of `range`: its records, and the
     /// gaps (damage, retention) inside it. Read errors are retried until
     /// the range can be read: an error is not the end of the range.
-    async fn read_range(&self, range: Range<u64>) -> (Vec<Record>, Vec<crate::wal::Gap>) {
+    async fn read_range(&self, range: Range<u64>) -> RangeRead {
         loop {
-            match read_range(&self.wal, range.clone()) {
+            match delivery::read_range(&self.wal, range.clone()) {
                 Ok(read) => return read,
                 Err(e) => {
                     self.state.set_error(format!(
@@ -527,7 +465,7 @@ impl Shipper {
     /// position, by cause. False when the gap lies behind the position
     /// (nothing of it is this stream's to skip): then nothing is counted
     /// and the position must not move.
-    fn account_gap(&self, g: &crate::wal::Gap) -> bool {
+    fn account_gap(&self, g: &Gap) -> bool {
         let position = self.position();
         if g.to <= position || g.to < g.from {
             tracing::error!(replica = %self.state.name, from = g.from, to = g.to, position,
@@ -594,7 +532,7 @@ impl Shipper {
             while fill.has_room(limits) {
                 match reader.try_next()? {
                     Some(ReadItem::Record(r)) => {
-                        if r.seq >= end || !fill.take(&r, limits, self.protocol) {
+                        if r.seq >= end || !fill.take(&r, limits, self.link.protocol) {
                             self.held = Some(ReadItem::Record(r));
                             break;
                         }
@@ -621,216 +559,6 @@ impl Shipper {
             let _ = tokio::time::timeout(LINGER, reader.wait_for_more()).await;
         }
         Ok(Batch::Records(records))
-    }
-
-    /// Delivers `records` (in log order) and checkpoints past them: each is
-    /// delivered, or refused on its own by the replica and counted (see
-    /// [`policy`]). `resend` says what an earlier attempt may have done with
-    /// them.
-    async fn deliver(&mut self, records: Vec<Record>, resend: Resend) {
-        let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return;
-        };
-        // Batches are cut where the kind changes, but an interrupted request
-        // re-sent after a restart was batched under the settings of then:
-        // with the replica switched to 2.0 since, it can mix kinds. Its
-        // parts are re-sent in order; a part is not the request that was in
-        // flight.
-        if let Some(cut) = kind_cut(self.protocol, &records) {
-            let mut head = records;
-            let tail = head.split_off(cut);
-            Box::pin(self.deliver(head, resend.part())).await;
-            Box::pin(self.deliver(tail, resend.part())).await;
-            return;
-        }
-        let range = first.seq..last.seq + 1;
-        if self.stream == Stream::Live {
-            // lag_seconds is the live stream's: how stale the newest data is.
-            self.state.set_pending_since(first.meta.receive_time_ms);
-        }
-        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
-        let outcome = match self.send_range(&records, range.clone()).await {
-            Ok(outcome) => outcome,
-            Err(e) if records.len() == 1 => {
-                tracing::error!(replica = %self.state.name, seq = range.start, error = %e,
-                    "a record in the log cannot be turned into a request (it passed its \
-                     checksum but does not decode); skipping it");
-                self.state.add_skipped(1, "undecodable");
-                self.checkpoint(range.end).await;
-                return;
-            }
-            Err(_) => {
-                // Find the record that cannot be built; send the others.
-                for r in records {
-                    Box::pin(self.deliver(vec![r], resend.part())).await;
-                }
-                return;
-            }
-        };
-        match outcome {
-            Outcome::Delivered { slow } => {
-                // Answered, but only after the send timeout: smaller
-                // requests from now on, so that none has to be given up.
-                if slow {
-                    self.shrink();
-                } else {
-                    self.grow();
-                }
-                // Checkpointed with the next request's range, or when idle.
-                self.unflushed = Some(range.end);
-                self.set_position(range.end);
-            }
-            Outcome::Refused { status, body, .. } if resend == Resend::Exact => {
-                // The request that was in flight when the relay stopped,
-                // refused whole: its earlier attempt was stored, and the
-                // replica refuses samples older than what it holds.
-                tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
-                    body = %body, "re-sent request refused: the replica already had it");
-                self.state
-                    .add_assumed_delivered(records.len() as u64, samples);
-                self.checkpoint(range.end).await;
-            }
-            Outcome::Refused {
-                status,
-                body,
-                ambiguous,
-            } if records.len() == 1 => {
-                if ambiguous || resend == Resend::MaybeStored {
-                    tracing::info!(replica = %self.state.name, seq = range.start, status, body = %body,
-                        "record refused after an attempt that may have stored it: most likely \
-                         the replica already had it");
-                    self.state.add_assumed_delivered(1, samples);
-                } else {
-                    tracing::warn!(replica = %self.state.name, seq = range.start, status, body = %body,
-                        "replica refused the record's data; skipping it");
-                    self.state.add_rejected(1, samples);
-                }
-                self.checkpoint(range.end).await;
-            }
-            Outcome::Refused {
-                status, ambiguous, ..
-            } => {
-                tracing::info!(replica = %self.state.name, from = range.start, to = range.end, status,
-                    "replica refused a request of several records; re-sending them one by one");
-                let each = if ambiguous {
-                    Resend::MaybeStored
-                } else {
-                    resend.part()
-                };
-                for r in records {
-                    Box::pin(self.deliver(vec![r], each)).await;
-                }
-            }
-            Outcome::TooLarge { body } if records.len() == 1 => {
-                tracing::warn!(replica = %self.state.name, seq = range.start, body = %body,
-                    "replica refused a single record as too large (413); skipping it");
-                self.state.add_rejected(1, samples);
-                self.checkpoint(range.end).await;
-            }
-            Outcome::TooLarge { .. } => {
-                tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
-                    "replica refused the request as too large (413); splitting it");
-                self.shrink();
-                self.split_and_deliver(records, "too_large", resend.part())
-                    .await;
-            }
-            Outcome::Blocked { .. } => {
-                // Shippers set no limit on blocked attempts, so this is not
-                // returned to them; were it, the records are sent again.
-                Box::pin(self.deliver(records, resend)).await;
-            }
-            Outcome::TooSlow => {
-                // Smaller requests may get through where this one times out.
-                // Its attempts may have been stored.
-                tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
-                    "request timed out; splitting it and sending smaller requests");
-                self.shrink();
-                self.split_and_deliver(records, "timeout", Resend::MaybeStored)
-                    .await;
-            }
-        }
-    }
-
-    /// Delivers the two halves of `records` in order.
-    async fn split_and_deliver(
-        &mut self,
-        mut records: Vec<Record>,
-        reason: &'static str,
-        resend: Resend,
-    ) {
-        metrics::counter!("walrelay_replica_splits_total", "replica" => self.state.name.clone(), "reason" => reason)
-            .increment(1);
-        let second = records.split_off(records.len() / 2);
-        Box::pin(self.deliver(records, resend)).await;
-        Box::pin(self.deliver(second, resend)).await;
-    }
-
-    /// Checkpoints the range as in flight, then sends it until it is
-    /// delivered, refused or given back (see [`Outcome`]).
-    ///
-    /// # Errors
-    /// No request can be built from the records (a payload that passed its
-    /// checksum but does not decode); nothing was sent.
-    async fn send_range(
-        &mut self,
-        records: &[Record],
-        range: Range<u64>,
-    ) -> Result<Outcome, String> {
-        let built = self
-            .builder
-            .build(records, self.protocol)
-            .map_err(|e| e.to_string())?;
-        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
-        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
-        // Waited out before the in-flight range is checkpointed, so that
-        // the range marked in flight is one that is really being sent.
-        self.pace(samples, bytes as u64).await;
-        let body = Body {
-            bytes: built.body,
-            protocol: built.protocol,
-            samples,
-            sent: built.sent.map(|s| WrittenCounts {
-                samples: s.samples,
-                histograms: s.histograms,
-                exemplars: s.exemplars,
-            }),
-        };
-        let cp = self.checkpoints.clone();
-        let name = self.state.name.clone();
-        let r = range.clone();
-        let previous = self.unflushed;
-        let stream = self.stream;
-        while let Err(e) = blocking({
-            let cp = cp.clone();
-            let name = name.clone();
-            let r = r.clone();
-            move || match previous {
-                Some(delivered) => cp.complete_and_begin_on(&name, stream, delivered, r),
-                None => cp.begin_send_on(&name, stream, r),
-            }
-        })
-        .await
-        {
-            self.state.set_error(format!("checkpoint store: {e}"));
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        self.unflushed = None;
-        self.state.set_phase("sending");
-        let splittable = records.len() > 1;
-        self.state.set_in_flight(Some((range.start, range.end)));
-        let outcome = self
-            .sender
-            .send_with_retries(&self.state, body, splittable)
-            .await;
-        self.state.set_in_flight(None);
-        if matches!(outcome, Outcome::Delivered { .. }) {
-            self.state.add_sent(records.len() as u64, samples);
-            // Counted once delivered: a request that is retried or split
-            // would otherwise count its losses more than once.
-            self.state
-                .add_translation_dropped(built.dropped.created_timestamps, built.dropped.metadata);
-        }
-        Ok(outcome)
     }
 
     /// Waits until the replica's rate limits allow a request of `samples`
@@ -885,6 +613,119 @@ impl Shipper {
     }
 }
 
+/// A shipper's deliveries: each request's range checkpointed before it is
+/// sent (with the previous delivery, while requests keep coming), the
+/// stream's position moved past what is done, the replica's status and
+/// metrics counted.
+impl Ledger for Shipper {
+    fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    fn link(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
+    async fn begin(&mut self, request: &Request) -> ControlFlow<()> {
+        if self.stream == Stream::Live {
+            // lag_seconds is the live stream's: how stale the newest data is.
+            self.state.set_pending_since(request.first_received_ms);
+        }
+        self.pace(request.samples, request.bytes).await;
+        let cp = self.checkpoints.clone();
+        let name = self.state.name.clone();
+        let range = request.range.clone();
+        let previous = self.unflushed;
+        let stream = self.stream;
+        while let Err(e) = blocking({
+            let (cp, name, range) = (cp.clone(), name.clone(), range.clone());
+            move || match previous {
+                Some(delivered) => cp.complete_and_begin_on(&name, stream, delivered, range),
+                None => cp.begin_send_on(&name, stream, range),
+            }
+        })
+        .await
+        {
+            self.state.set_error(format!("checkpoint store: {e}"));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.unflushed = None;
+        self.state.set_phase("sending");
+        self.state.set_in_flight(Some((range.start, range.end)));
+        ControlFlow::Continue(())
+    }
+
+    fn end(&mut self) {
+        self.state.set_in_flight(None);
+    }
+
+    async fn done(&mut self, request: &Request, how: Done) {
+        let (records, samples, end) = (request.records, request.samples, request.range.end);
+        match how {
+            Done::Delivered { slow, dropped } => {
+                self.state.add_sent(records, samples);
+                // Counted once delivered: a request that is retried or split
+                // would otherwise count its losses more than once.
+                self.state
+                    .add_translation_dropped(dropped.created_timestamps, dropped.metadata);
+                // Answered, but only after the send timeout: smaller
+                // requests from now on, so that none has to be given up.
+                if slow {
+                    self.shrink();
+                } else {
+                    self.grow();
+                }
+                // Checkpointed with the next request's range, or when idle.
+                self.unflushed = Some(end);
+                self.set_position(end);
+                return;
+            }
+            Done::AlreadyDelivered => self.state.add_assumed_delivered(records, samples),
+            Done::Rejected { .. } => self.state.add_rejected(records, samples),
+            Done::Undecodable { .. } => self.state.add_skipped(records, "undecodable"),
+        }
+        self.checkpoint(end).await;
+    }
+
+    fn split(&mut self, reason: &'static str) {
+        metrics::counter!("walrelay_replica_splits_total", "replica" => self.state.name.clone(), "reason" => reason)
+            .increment(1);
+        self.shrink();
+    }
+
+    fn blocked(&mut self, _reason: String) {
+        // A shipper's sender has no limit of blocked attempts: it never
+        // gives up, so this is not called; were it, the records are sent
+        // again.
+    }
+
+    fn stopped(&self) -> bool {
+        false
+    }
+}
+
+/// Places a replica that has no stored position where `start_at` says in
+/// the log as it is now, and stores that position before its shipper or
+/// retention see the replica; returns it. Where every new replica's
+/// position is decided: at startup (which passes `Oldest` when the
+/// checkpoint store was lost), when a reload adds one, and by a shipper
+/// that finds none.
+///
+/// # Errors
+/// The checkpoint store cannot write it.
+pub fn place_new_replica(
+    checkpoints: &Checkpoints,
+    wal: &Wal,
+    name: &str,
+    start_at: StartAt,
+) -> Result<u64, CheckpointError> {
+    let extent = wal.extent();
+    let start = start_at.position(extent.first_seq, extent.end_seq);
+    checkpoints.set(name, start)?;
+    tracing::info!(replica = %name, start, ?start_at, "new replica: starting position set");
+    Ok(start)
+}
+
 /// Spawns a backfill shipper. A plain function, not part of `run`, so that
 /// the task's future type does not contain itself.
 fn spawn_backfill(shipper: Shipper) -> JoinHandle<()> {
@@ -899,87 +740,9 @@ fn stream_name(stream: Stream) -> &'static str {
     }
 }
 
-/// Where `records` must be split so that no request to a replica speaking
-/// `protocol` mixes kinds ([`payload::same_request`]); `None` when they can
-/// go together.
-fn kind_cut(protocol: ReplicaProtocol, records: &[Record]) -> Option<usize> {
-    let first = records.first()?.meta.kind;
-    records
-        .iter()
-        .position(|r| !payload::same_request(protocol, first, r.meta.kind))
-}
-
-/// What an earlier attempt may have done with the records being delivered:
-/// decides what a data refusal of them means ([`policy`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Resend {
-    /// Never sent: a refusal is about their data.
-    No,
-    /// Part of a request an earlier attempt of which may have been stored:
-    /// a refusal of a single record means it most likely was; several are
-    /// re-sent one by one.
-    MaybeStored,
-    /// Exactly the request that was in flight when the relay stopped: a
-    /// refusal means it was stored.
-    Exact,
-}
-
-impl Resend {
-    /// What a part of these records is: a part of the request in flight
-    /// is not that request.
-    pub(crate) fn part(self) -> Resend {
-        match self {
-            Resend::Exact => Resend::MaybeStored,
-            other => other,
-        }
-    }
-}
-
-/// Reads the records of `range` still in the log, and the gaps inside it.
-///
-/// # Errors
-/// An I/O error reading the log (the caller retries).
-fn read_range(
-    wal: &Wal,
-    range: Range<u64>,
-) -> Result<(Vec<Record>, Vec<crate::wal::Gap>), crate::wal::WalError> {
-    let mut reader = wal.reader(range.start);
-    let (mut records, mut gaps) = (Vec::new(), Vec::new());
-    while let Some(item) = reader.try_next()? {
-        match item {
-            ReadItem::Record(r) if r.seq < range.end => records.push(r),
-            ReadItem::Gap(mut g) if g.from < range.end => {
-                g.to = g.to.min(range.end);
-                gaps.push(g);
-            }
-            _ => break,
-        }
-    }
-    // The log ends inside the range: what is missing there was never
-    // durable (or was cut as a torn tail).
-    let read_to = records
-        .last()
-        .map(|r| r.seq + 1)
-        .into_iter()
-        .chain(gaps.iter().map(|g| g.to))
-        .max()
-        .unwrap_or(range.start);
-    if read_to < range.end {
-        gaps.push(crate::wal::Gap {
-            from: read_to,
-            to: range.end,
-            file: None,
-            offset: None,
-            reason: "records past the end of the log".into(),
-            error_code: "not_in_log",
-        });
-    }
-    Ok((records, gaps))
-}
-
 enum Batch {
     Records(Vec<Record>),
-    Gap(crate::wal::Gap),
+    Gap(Gap),
     /// A backfill reached the end of its range.
     End,
 }
@@ -988,14 +751,12 @@ enum Batch {
 async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
 where
     T: Send + 'static,
-    E: Send + 'static + From<crate::checkpoint::CheckpointError>,
+    E: Send + 'static + From<CheckpointError>,
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         // The closure panicked: treat it as a store failure and retry.
-        Err(e) => Err(E::from(crate::checkpoint::CheckpointError::Panicked(
-            e.to_string(),
-        ))),
+        Err(e) => Err(E::from(CheckpointError::Panicked(e.to_string()))),
     }
 }
 
@@ -1007,7 +768,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use bytes::Bytes;
-    use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
+    use wal_format::{PayloadEncoding, PayloadKind, RecordMeta, RecordRef};
 
     fn record(seq: u64, kind: PayloadKind, samples: u32) -> Record {
         Record {
@@ -1024,25 +785,53 @@ mod tests {
         }
     }
 
-    /// The batches `next_batch` makes of `records` when all are durable:
-    /// the same rule, without the log.
-    fn batches(
+    /// The batches a shipper's own [`Shipper::next_batch`] makes of
+    /// `records`, written to a log (all durable) and read back, for a
+    /// replica speaking `protocol` with batch limits `limits`.
+    async fn batches(
         records: &[Record],
         limits: BatchLimits,
         protocol: ReplicaProtocol,
     ) -> Vec<Vec<u64>> {
+        let storage: Arc<dyn crate::wal::Storage> = Arc::new(crate::wal::sim::SimStorage::new());
+        let dir = std::path::Path::new("/sim/wal");
+        let (mut w, wal, _) =
+            crate::wal::open(storage, dir, crate::wal::WalOptions::default()).unwrap();
+        let refs: Vec<RecordRef<'_>> = records.iter().map(Record::as_record_ref).collect();
+        w.append(&refs).unwrap();
+        w.sync().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let checkpoints = Checkpoints::open(&tmp.path().join("cp")).unwrap();
+        let options = SenderOptions {
+            timeout: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            tls: Default::default(),
+            policy: Default::default(),
+            max_blocked_attempts: None,
+            headers: Vec::new(),
+            auth: None,
+        };
+        let sender = Sender::new("r", "http://127.0.0.1:9/api/v1/write", options).unwrap();
+        let state = Arc::new(ReplicaState::new("r", "http://127.0.0.1:9/", 0));
+        let mut shipper = Shipper::new(
+            state,
+            wal.clone(),
+            checkpoints,
+            sender,
+            protocol,
+            limits,
+            StartAt::Oldest,
+        );
+        let mut reader = wal.reader(0);
         let mut out: Vec<Vec<u64>> = Vec::new();
-        let mut fill: Option<BatchFill> = None;
-        for r in records {
-            let joined = fill
-                .as_mut()
-                .is_some_and(|f| f.has_room(limits) && f.take(r, limits, protocol));
-            match out.last_mut() {
-                Some(b) if joined => b.push(r.seq),
-                _ => {
-                    fill = Some(BatchFill::new(r));
-                    out.push(vec![r.seq]);
-                }
+        // Only as many batches as hold the records: past them, a live
+        // stream waits for more.
+        while out.iter().map(Vec::len).sum::<usize>() < records.len() {
+            match shipper.next_batch(&mut reader).await.unwrap() {
+                Batch::Records(batch) => out.push(batch.iter().map(|r| r.seq).collect()),
+                Batch::Gap(g) => panic!("a gap in a whole log: {g:?}"),
+                Batch::End => panic!("a live stream does not end"),
             }
         }
         out
@@ -1053,57 +842,34 @@ mod tests {
         max_bytes: 1 << 20,
     };
 
-    #[test]
-    fn a_batch_to_a_2_0_replica_is_cut_where_the_kind_changes() {
-        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
-        let kinds = [V1, V1, V2, V2, V2, V1, V2];
-        let records: Vec<Record> = kinds
+    fn of_kinds(kinds: &[PayloadKind]) -> Vec<Record> {
+        kinds
             .iter()
             .enumerate()
             .map(|(i, &k)| record(i as u64, k, 1))
-            .collect();
-        let got = batches(&records, WIDE, ReplicaProtocol::V2);
-        assert_eq!(got, vec![vec![0, 1], vec![2, 3, 4], vec![5], vec![6]]);
-        for b in &got {
-            let k = records[b[0] as usize].meta.kind;
-            assert!(
-                b.iter().all(|&s| records[s as usize].meta.kind == k),
-                "{got:?}"
-            );
-        }
+            .collect()
     }
 
-    #[test]
-    fn a_batch_to_a_1_0_replica_mixes_kinds_since_all_become_1_0() {
+    #[tokio::test]
+    async fn a_batch_to_a_2_0_replica_is_cut_where_the_kind_changes() {
         use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
-        let records: Vec<Record> = [V1, V2, V1, V2]
-            .iter()
-            .enumerate()
-            .map(|(i, &k)| record(i as u64, k, 1))
-            .collect();
+        let records = of_kinds(&[V1, V1, V2, V2, V2, V1, V2]);
+        let got = batches(&records, WIDE, ReplicaProtocol::V2).await;
+        assert_eq!(got, vec![vec![0, 1], vec![2, 3, 4], vec![5], vec![6]]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_to_a_1_0_replica_mixes_kinds_since_all_become_1_0() {
+        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
+        let records = of_kinds(&[V1, V2, V1, V2]);
         assert_eq!(
-            batches(&records, WIDE, ReplicaProtocol::V1),
+            batches(&records, WIDE, ReplicaProtocol::V1).await,
             vec![vec![0, 1, 2, 3]]
         );
     }
 
-    #[test]
-    fn a_mixed_resend_to_a_2_0_replica_is_cut_at_each_kind_change() {
-        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
-        let records: Vec<Record> = [V1, V1, V2, V1]
-            .iter()
-            .enumerate()
-            .map(|(i, &k)| record(i as u64, k, 1))
-            .collect();
-        assert_eq!(kind_cut(ReplicaProtocol::V2, &records), Some(2));
-        assert_eq!(kind_cut(ReplicaProtocol::V2, &records[2..]), Some(1));
-        assert_eq!(kind_cut(ReplicaProtocol::V2, &records[3..]), None);
-        assert_eq!(kind_cut(ReplicaProtocol::V1, &records), None);
-        assert_eq!(kind_cut(ReplicaProtocol::V2, &[]), None);
-    }
-
-    #[test]
-    fn the_kind_rule_comes_on_top_of_the_size_limits() {
+    #[tokio::test]
+    async fn the_kind_rule_comes_on_top_of_the_size_limits() {
         let small = BatchLimits {
             max_samples: 5,
             max_bytes: 1 << 20,
@@ -1112,8 +878,23 @@ mod tests {
             .map(|i| record(i, PayloadKind::RemoteWriteV2, 2))
             .collect();
         assert_eq!(
-            batches(&records, small, ReplicaProtocol::V2),
+            batches(&records, small, ReplicaProtocol::V2).await,
             vec![vec![0, 1], vec![2, 3], vec![4, 5]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_the_byte_limit_but_always_takes_one_record() {
+        let bytes = BatchLimits {
+            max_samples: 1000,
+            max_bytes: 25,
+        };
+        let mut records = of_kinds(&[PayloadKind::RemoteWriteV1; 5]);
+        // Larger than the limit on its own: it still goes, alone.
+        records[3].payload = Bytes::from(vec![0u8; 40]);
+        assert_eq!(
+            batches(&records, bytes, ReplicaProtocol::V1).await,
+            vec![vec![0, 1], vec![2], vec![3], vec![4]]
         );
     }
 }

@@ -55,7 +55,7 @@ use prom_remote_write::translate::CheckedV2;
 use prom_remote_write::{encode, translate, Dropped, Protocol};
 use wal_format::{PayloadEncoding, PayloadKind, Record};
 
-use crate::config::ReplicaProtocol;
+use crate::types::ReplicaProtocol;
 
 /// Why a record could not be turned into a request. The record was validated
 /// at ingest, so this means damage that the checksums did not catch (or, for
@@ -199,8 +199,14 @@ impl BodyBuilder {
     }
 }
 
-/// A record's protobuf bytes, uncompressed.
-fn plain(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
+/// A stored record's payload as the protobuf message it holds (1.0 or
+/// 2.0, as its kind says): the bytes as stored, or uncompressed when they
+/// were stored snappy-compressed. What every reader of payloads starts
+/// from: the shippers' builds, `wal dump` and `wal verify`.
+///
+/// # Errors
+/// A snappy payload that does not decompress.
+pub fn protobuf(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
     match r.meta.encoding {
         PayloadEncoding::Identity => Ok(std::borrow::Cow::Borrowed(&r.payload)),
         PayloadEncoding::Snappy => snap::raw::Decoder::new()
@@ -218,7 +224,7 @@ fn plain(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
 fn append_v1(records: &[Record], out: &mut dyn Sink) -> Result<Dropped, PayloadError> {
     let mut dropped = Dropped::default();
     for r in records {
-        let bytes = plain(r)?;
+        let bytes = protobuf(r)?;
         match r.meta.kind {
             PayloadKind::RemoteWriteV1 => encode::concat_v1(&[&bytes], out),
             PayloadKind::RemoteWriteV2 => {
@@ -252,7 +258,7 @@ fn append_v2(records: &[Record], out: &mut dyn Sink) -> Result<Summary, PayloadE
                 last: records.last().map_or(0, |r| r.seq),
             });
         }
-        plains.push((r.seq, plain(r)?));
+        plains.push((r.seq, protobuf(r)?));
     }
     let parts = plains
         .iter()

@@ -31,6 +31,8 @@
 //! therefore re-sent one by one, and only a single record refused after an
 //! attempt that may have stored it is counted as already delivered.
 
+use crate::types::StatusPolicy;
+
 /// What an HTTP answer means for the request's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -49,88 +51,18 @@ pub enum Answer {
     Blocked,
 }
 
-/// Statuses that refuse the data on their own (see the module
-/// documentation).
-pub const DATA_REFUSALS: [u16; 3] = [400, 409, 422];
-
-/// One replica's status policy: which answers skip a record.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct StatusPolicy {
-    /// Statuses the operator declared data refusals for this replica, on
-    /// top of [`DATA_REFUSALS`]; sorted, without duplicates.
-    drop_on: Vec<u16>,
-}
-
-impl StatusPolicy {
-    /// A policy that also treats `statuses` as data refusals.
-    ///
-    /// # Errors
-    /// A status that is not a 4xx or 5xx, or one whose meaning is fixed
-    /// (413 is split, 429 is backpressure).
-    pub fn with_drop_on(statuses: &[u16]) -> Result<Self, String> {
-        let mut drop_on = Vec::with_capacity(statuses.len());
-        for &s in statuses {
-            match s {
-                413 => {
-                    return Err(
-                        "413 cannot be a drop status: a request refused as too large is split \
-                         down to single records, and only a single record refused with 413 is \
-                         dropped"
-                            .to_owned(),
-                    )
-                }
-                429 => {
-                    return Err(
-                        "429 cannot be a drop status: it asks the sender to slow down, it says \
-                         nothing about the data"
-                            .to_owned(),
-                    )
-                }
-                400..=599 => drop_on.push(s),
-                other => {
-                    return Err(format!(
-                        "{other} cannot be a drop status: only 4xx and 5xx answers refuse data"
-                    ))
-                }
-            }
-        }
-        drop_on.sort_unstable();
-        drop_on.dedup();
-        Ok(Self { drop_on })
-    }
-
-    /// The statuses the operator added.
-    pub fn drop_on(&self) -> &[u16] {
-        &self.drop_on
-    }
-
-    /// What `status` means for the request's records.
-    pub fn classify(&self, status: u16) -> Answer {
+impl Answer {
+    /// What `status` means for the request's records, for a replica with
+    /// `policy` (the statuses its operator added to the data refusals).
+    pub fn of(status: u16, policy: &StatusPolicy) -> Answer {
         match status {
             200..=299 => Answer::Stored,
-            s if DATA_REFUSALS.contains(&s) || self.drop_on.binary_search(&s).is_ok() => {
-                Answer::DataRefused
-            }
+            s if policy.refuses_data(s) => Answer::DataRefused,
             413 => Answer::TooLarge,
             429 | 500..=599 => Answer::Overloaded,
             _ => Answer::Blocked,
         }
     }
-}
-
-/// Parses a list of statuses: `"404"`, `"404,410"`.
-///
-/// # Errors
-/// A message naming the value that is not a status.
-pub fn parse_statuses(s: &str) -> Result<Vec<u16>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| {
-            t.parse::<u16>()
-                .map_err(|_| format!("{t:?} is not an HTTP status"))
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -166,31 +98,16 @@ mod tests {
             (100, Answer::Blocked),
         ];
         for &(status, want) in table {
-            assert_eq!(p.classify(status), want, "HTTP {status}");
+            assert_eq!(Answer::of(status, &p), want, "HTTP {status}");
         }
     }
 
     #[test]
-    fn an_operator_may_declare_more_statuses_data_refusals_for_one_replica() {
-        let p = StatusPolicy::with_drop_on(&[404, 500, 404]).unwrap();
-        assert_eq!(p.drop_on(), &[404, 500]);
-        assert_eq!(p.classify(404), Answer::DataRefused);
-        assert_eq!(p.classify(500), Answer::DataRefused);
-        assert_eq!(p.classify(401), Answer::Blocked);
-        assert_eq!(p.classify(503), Answer::Overloaded);
-    }
-
-    #[test]
-    fn statuses_with_a_fixed_meaning_cannot_be_drop_statuses() {
-        for bad in [413, 429, 200, 204, 302, 99, 600] {
-            let e = StatusPolicy::with_drop_on(&[bad]).unwrap_err();
-            assert!(e.contains(&bad.to_string()), "{e}");
-        }
-    }
-
-    #[test]
-    fn status_lists_parse_with_commas_and_name_what_is_wrong() {
-        assert_eq!(parse_statuses("404, 410,").unwrap(), vec![404, 410]);
-        assert!(parse_statuses("404,x").unwrap_err().contains("\"x\""));
+    fn statuses_an_operator_adds_refuse_the_data_and_the_rest_keep_their_meaning() {
+        let p = StatusPolicy::with_drop_on(&[404, 500]).unwrap();
+        assert_eq!(Answer::of(404, &p), Answer::DataRefused);
+        assert_eq!(Answer::of(500, &p), Answer::DataRefused);
+        assert_eq!(Answer::of(401, &p), Answer::Blocked);
+        assert_eq!(Answer::of(503, &p), Answer::Overloaded);
     }
 }

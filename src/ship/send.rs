@@ -11,10 +11,59 @@ use prom_remote_write::content::{
 };
 use prom_remote_write::Protocol;
 
-use super::policy::{Answer, StatusPolicy};
-use super::state::{ReplicaState, WrittenCounts};
-use crate::auth::ReplicaAuth;
+use super::policy::Answer;
+use crate::auth::{ReplicaAuth, ReplicaAuthConfig};
 use crate::tls::ClientTlsOptions;
+use crate::types::{redact_url, StatusPolicy};
+
+/// Float samples, histograms and exemplars of a 2.0 request, as sent or as
+/// the replica says it wrote them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WrittenCounts {
+    pub samples: u64,
+    pub histograms: u64,
+    pub exemplars: u64,
+}
+
+impl WrittenCounts {
+    /// True when any count of `self` (written) is below `sent`'s.
+    pub fn short_of(&self, sent: &WrittenCounts) -> bool {
+        self.samples < sent.samples
+            || self.histograms < sent.histograms
+            || self.exemplars < sent.exemplars
+    }
+}
+
+/// What a [`Sender`] reports while it sends: the shipper's implementation
+/// ([`super::ReplicaState`]) keeps the replica's status and metrics, `wal
+/// replay`'s its progress line and counts. Called from the sending task.
+pub trait SendObserver: Send + Sync {
+    /// Names the target in logs.
+    fn name(&self) -> &str;
+    /// An attempt ended after `took` with `status`, a label of
+    /// `walrelay_replica_requests_total` ("2xx", "4xx", "413", "5xx",
+    /// "429", "blocked", "timeout", "connection"); `retried`: it is tried
+    /// again.
+    fn attempt(&self, _status: &'static str, _took: Duration, _retried: bool) {}
+    /// The request is being retried (or waited for) because of `reason`.
+    fn retrying(&self, reason: String);
+    /// The target refused the request for a reason that is not about the
+    /// data (`reason`: "HTTP 401: body"); it stays blocked until an
+    /// attempt gets through.
+    fn blocked(&self, reason: String);
+    /// The target stored the request.
+    fn stored(&self);
+    /// The target answered, whatever it said about the data: the path
+    /// works again.
+    fn answered(&self) {}
+    /// `attempts` in a row got the same 5xx answer (0 when the last one did
+    /// not).
+    fn stuck(&self, _attempts: u64) {}
+    /// A 2xx to a 2.0 request whose written counts are below what was sent.
+    fn partial_write(&self, sent: &WrittenCounts, written: &WrittenCounts);
+    /// A 2xx to a 2.0 request without usable written counts (`why`).
+    fn unconfirmed_write(&self, why: &str);
+}
 
 /// One request's body and what the sender needs to know about it.
 #[derive(Debug, Clone)]
@@ -115,6 +164,12 @@ pub struct SenderOptions {
     /// Give up with [`Outcome::Blocked`] after this many blocked attempts
     /// in a row; `None` (shippers): retry for ever.
     pub max_blocked_attempts: Option<u64>,
+    /// Sent with every request (operator-supplied). They cannot override
+    /// the remote-write headers (content type, encoding, version).
+    pub headers: Vec<(String, String)>,
+    /// Credentials from files, re-read when they change; they win over an
+    /// `Authorization` among the headers.
+    pub auth: Option<ReplicaAuthConfig>,
 }
 
 /// A replica's HTTP client.
@@ -123,8 +178,7 @@ pub struct Sender {
     client: reqwest::Client,
     url: reqwest::Url,
     options: SenderOptions,
-    /// Sent with every request (operator-supplied, e.g. `walrelay wal replay
-    /// --header`, and `Authorization` for a bearer token).
+    /// [`SenderOptions::headers`], checked.
     extra_headers: reqwest::header::HeaderMap,
     /// Credentials from files, re-read when they change; set last, so they
     /// win over an `Authorization` among the extra headers.
@@ -159,12 +213,15 @@ const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
 const MAX_ERROR_BODY: usize = 512;
 
 impl Sender {
+    /// The client of target `name` (it labels the credentials' metric) at
+    /// `url`.
+    ///
     /// # Errors
-    /// The URL does not parse, a TLS file is missing or bad, or the client
-    /// cannot be built.
-    pub fn new(url: &str, options: SenderOptions) -> Result<Self, String> {
-        let url = reqwest::Url::parse(url)
-            .map_err(|e| format!("{}: {e}", crate::config::redact_url(url)))?;
+    /// The URL does not parse, a TLS or credentials file is missing or bad,
+    /// a header is not valid HTTP or is one the remote-write protocol sets
+    /// itself, or the client cannot be built.
+    pub fn new(name: &str, url: &str, options: SenderOptions) -> Result<Self, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("{}: {e}", redact_url(url)))?;
         // Our own rustls configuration, also for http:// URLs (where it is
         // unused): reqwest has no crypto provider of its own in this build.
         let tls = crate::tls::client_config(&options.tls).map_err(|e| e.to_string())?;
@@ -177,57 +234,20 @@ impl Sender {
             .user_agent(concat!("walrelay/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| e.to_string())?;
+        let extra_headers = header_map(&options.headers)?;
+        let auth = options
+            .auth
+            .as_ref()
+            .map(|a| ReplicaAuth::new(name, a))
+            .transpose()
+            .map_err(|e| format!("credentials: {e}"))?;
         Ok(Self {
             client,
             url,
             options,
-            extra_headers: reqwest::header::HeaderMap::new(),
-            auth: None,
+            extra_headers,
+            auth,
         })
-    }
-
-    /// Sends the credentials of `auth` with every request.
-    pub fn with_auth(mut self, auth: Option<Arc<ReplicaAuth>>) -> Self {
-        self.auth = auth;
-        self
-    }
-
-    /// Adds headers sent with every request, and `Authorization: Bearer`
-    /// when `bearer_token` is given. They cannot override the remote-write
-    /// headers (content type, encoding, version).
-    ///
-    /// # Errors
-    /// A header name or value is not valid HTTP, or names a header the
-    /// remote-write protocol sets itself.
-    pub fn with_headers(
-        mut self,
-        headers: &[(String, String)],
-        bearer_token: Option<&str>,
-    ) -> Result<Self, String> {
-        use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION};
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|e| format!("header name {k:?}: {e}"))?;
-            if [
-                "content-type",
-                "content-encoding",
-                "x-prometheus-remote-write-version",
-            ]
-            .contains(&name.as_str())
-            {
-                return Err(format!("header {k:?} is set by the remote-write protocol"));
-            }
-            let value =
-                HeaderValue::from_str(v).map_err(|e| format!("value of header {k:?}: {e}"))?;
-            self.extra_headers.append(name, value);
-        }
-        if let Some(token) = bearer_token {
-            let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-                .map_err(|e| format!("bearer token: {e}"))?;
-            value.set_sensitive(true);
-            self.extra_headers.insert(AUTHORIZATION, value);
-        }
-        Ok(self)
     }
 
     /// Sends `body` (a snappy-compressed remote-write 1.0 or 2.0 request,
@@ -245,7 +265,7 @@ impl Sender {
     /// [`Outcome::TooSlow`] so the caller can send smaller requests.
     pub async fn send_with_retries(
         &self,
-        state: &ReplicaState,
+        state: &dyn SendObserver,
         body: Body,
         splittable: bool,
     ) -> Outcome {
@@ -275,7 +295,7 @@ impl Sender {
                     a = &mut pending => a,
                     () = tokio::time::sleep(self.options.timeout) => {
                         // Slow, not given up: an answer may still come.
-                        state.set_retrying(format!(
+                        state.retrying(format!(
                             "timeout: no answer within {:?}; waiting for it up to {:?}",
                             self.options.timeout,
                             self.options.timeout * PATIENCE
@@ -284,20 +304,18 @@ impl Sender {
                     }
                 }
             };
-            metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => state.name.clone())
-                .record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
             match attempt {
                 Attempt::Done(mut outcome) => {
                     if let Outcome::Refused { ambiguous: a, .. } = &mut outcome {
                         *a = ambiguous;
                     }
-                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => outcome.label())
-                        .increment(1);
+                    state.attempt(outcome.label(), took, false);
                     if matches!(outcome, Outcome::Delivered { .. }) {
-                        state.set_ok();
+                        state.stored();
                     } else {
                         // Answered: whatever it says, the path works again.
-                        state.set_unblocked();
+                        state.answered();
                     }
                     break outcome;
                 }
@@ -305,11 +323,10 @@ impl Sender {
                     if let Some(sent) = &body.sent {
                         check_written(state, sent, written);
                     }
-                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => "2xx")
-                        .increment(1);
-                    state.set_ok();
+                    state.attempt("2xx", took, false);
+                    state.stored();
                     break Outcome::Delivered {
-                        slow: started.elapsed() > self.options.timeout,
+                        slow: took > self.options.timeout,
                     };
                 }
                 Attempt::Retry {
@@ -323,7 +340,8 @@ impl Sender {
                     if status == "timeout" {
                         timeouts += 1;
                         if splittable && timeouts >= TIMEOUTS_BEFORE_SPLIT {
-                            state.set_retrying(format!("{reason}; splitting the request"));
+                            state.attempt(status, took, false);
+                            state.retrying(format!("{reason}; splitting the request"));
                             break Outcome::TooSlow;
                         }
                     } else {
@@ -335,16 +353,13 @@ impl Sender {
                         _ => None,
                     };
                     let stuck = same_5xx.as_ref().map_or(0, |(_, n)| *n);
-                    state.set_stuck_attempts(stuck);
+                    state.stuck(stuck);
                     if stuck == STUCK_WARN_ATTEMPTS {
-                        tracing::warn!(replica = %state.name, attempts = stuck, %reason,
+                        tracing::warn!(replica = %state.name(), attempts = stuck, %reason,
                             "the replica keeps refusing the same request with the same 5xx answer; \
                              it is retried for ever (see stuck_attempts and in_flight in the status)");
                     }
-                    metrics::counter!("walrelay_replica_requests_total", "replica" => state.name.clone(), "status" => status)
-                        .increment(1);
-                    metrics::counter!("walrelay_replica_retries_total", "replica" => state.name.clone())
-                        .increment(1);
+                    state.attempt(status, took, true);
                     let mut wait = backoff.next_backoff().unwrap_or(self.options.max_backoff);
                     if status == "connection" && !maybe_stored {
                         // No connection, so nothing reached the replica: it
@@ -357,7 +372,7 @@ impl Sender {
                     // The replica's own Retry-After wins over the backoff,
                     // within the configured maximum.
                     let wait = retry_after.map_or(wait, |ra| ra.min(self.options.max_backoff));
-                    tracing::debug!(replica = %state.name, %reason, wait_ms = wait.as_millis() as u64, samples,
+                    tracing::debug!(replica = %state.name(), %reason, wait_ms = wait.as_millis() as u64, samples,
                         "send failed; retrying");
                     if is_blocked {
                         let b = log_blocked(state, &reason, blocked);
@@ -367,15 +382,15 @@ impl Sender {
                             .max_blocked_attempts
                             .is_some_and(|max| b.1 >= max)
                         {
-                            state.set_retrying(reason.clone());
+                            state.retrying(reason.clone());
                             break Outcome::Blocked { reason };
                         }
-                        state.set_blocked(reason);
+                        state.blocked(reason);
                     } else {
                         if let Some((since, attempts, _)) = blocked.take() {
                             log_unblocked(state, since, attempts, Some(&reason));
                         }
-                        state.set_retrying(reason);
+                        state.retrying(reason);
                     }
                     tokio::time::sleep(wait).await;
                 }
@@ -384,7 +399,7 @@ impl Sender {
         if let Some((since, attempts, _)) = blocked {
             log_unblocked(state, since, attempts, None);
         }
-        state.set_stuck_attempts(0);
+        state.stuck(0);
         outcome
     }
 
@@ -463,7 +478,7 @@ impl Sender {
         };
         let code = status.as_u16();
         let reason = format!("HTTP {code}: {text}");
-        match self.options.policy.classify(code) {
+        match Answer::of(code, &self.options.policy) {
             // is_success() is 2xx: answered above.
             Answer::Stored => Attempt::Delivered(Ok(None)),
             Answer::DataRefused => Attempt::Done(Outcome::Refused {
@@ -490,6 +505,29 @@ impl Sender {
     }
 }
 
+/// The operator's extra headers, checked: valid HTTP, and none that the
+/// remote-write protocol sets itself.
+fn header_map(headers: &[(String, String)]) -> Result<reqwest::header::HeaderMap, String> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut map = reqwest::header::HeaderMap::new();
+    for (k, v) in headers {
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header name {k:?}: {e}"))?;
+        if [
+            "content-type",
+            "content-encoding",
+            "x-prometheus-remote-write-version",
+        ]
+        .contains(&name.as_str())
+        {
+            return Err(format!("header {k:?} is set by the remote-write protocol"));
+        }
+        let value = HeaderValue::from_str(v).map_err(|e| format!("value of header {k:?}: {e}"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
 /// Redirects: 307 and 308 keep the method and the body, so they are
 /// followed (a few times). 301, 302 and 303 would turn the POST into a GET
 /// without a body, whose 2xx would pass for a delivery: they are not
@@ -510,7 +548,7 @@ fn redirect_policy() -> reqwest::redirect::Policy {
 /// [`BLOCKED_LOG_EVERY`], quietly in between. Returns the updated
 /// (since, attempts, last logged).
 fn log_blocked(
-    state: &ReplicaState,
+    state: &dyn SendObserver,
     reason: &str,
     blocked: Option<(Instant, u64, Instant)>,
 ) -> (Instant, u64, Instant) {
@@ -518,7 +556,7 @@ fn log_blocked(
     let (since, attempts, logged) = match blocked {
         Some((since, n, logged)) => (since, n + 1, logged),
         None => {
-            tracing::error!(replica = %state.name, %reason,
+            tracing::error!(replica = %state.name(), %reason,
                 "replica refuses requests for a reason that is not about the data \
                  (credentials, route, proxy): nothing is skipped, the request is retried \
                  until the replica takes it (state \"blocked\")");
@@ -526,23 +564,23 @@ fn log_blocked(
         }
     };
     if now.duration_since(logged) >= BLOCKED_LOG_EVERY {
-        tracing::error!(replica = %state.name, %reason, attempts,
+        tracing::error!(replica = %state.name(), %reason, attempts,
             blocked_for_s = since.elapsed().as_secs(), "replica still blocked; retrying");
         return (since, attempts, now);
     }
-    tracing::debug!(replica = %state.name, %reason, attempts, "replica blocked; retrying");
+    tracing::debug!(replica = %state.name(), %reason, attempts, "replica blocked; retrying");
     (since, attempts, logged)
 }
 
-fn log_unblocked(state: &ReplicaState, since: Instant, attempts: u64, now: Option<&str>) {
-    tracing::warn!(replica = %state.name, attempts, blocked_for_s = since.elapsed().as_secs_f64(),
+fn log_unblocked(state: &dyn SendObserver, since: Instant, attempts: u64, now: Option<&str>) {
+    tracing::warn!(replica = %state.name(), attempts, blocked_for_s = since.elapsed().as_secs_f64(),
         now = now.unwrap_or("delivering"), "replica no longer blocked");
 }
 
 /// Compares a 2.0 response's written counts with what was sent, and counts
 /// a partial or unconfirmed write.
 fn check_written(
-    state: &ReplicaState,
+    state: &dyn SendObserver,
     sent: &WrittenCounts,
     written: Result<Option<WrittenCounts>, String>,
 ) {
@@ -551,10 +589,10 @@ fn check_written(
         return;
     }
     match written {
-        Ok(Some(w)) if w.short_of(sent) => state.add_partial_write(sent, &w),
+        Ok(Some(w)) if w.short_of(sent) => state.partial_write(sent, &w),
         Ok(Some(_)) => {}
-        Ok(None) => state.add_unconfirmed_write("no X-Prometheus-Remote-Write-*-Written headers"),
-        Err(why) => state.add_unconfirmed_write(&why),
+        Ok(None) => state.unconfirmed_write("no X-Prometheus-Remote-Write-*-Written headers"),
+        Err(why) => state.unconfirmed_write(&why),
     }
 }
 
@@ -664,30 +702,59 @@ mod tests {
         }
     }
 
+    /// Counts what a sender reports about written counts.
+    #[derive(Default)]
+    struct Writes {
+        partial: std::sync::atomic::AtomicU64,
+        unconfirmed: std::sync::atomic::AtomicU64,
+    }
+
+    impl SendObserver for Writes {
+        fn name(&self) -> &str {
+            "t"
+        }
+        fn retrying(&self, _: String) {}
+        fn blocked(&self, _: String) {}
+        fn stored(&self) {}
+        fn partial_write(&self, _: &WrittenCounts, _: &WrittenCounts) {
+            self.partial
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        fn unconfirmed_write(&self, _: &str) {
+            self.unconfirmed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    impl Writes {
+        fn counts(&self) -> (u64, u64) {
+            use std::sync::atomic::Ordering::Relaxed;
+            (self.partial.load(Relaxed), self.unconfirmed.load(Relaxed))
+        }
+    }
+
     #[test]
-    fn partial_and_unconfirmed_writes_are_counted_in_the_replica_status() {
-        let state = ReplicaState::new("r", "http://x/", 0);
+    fn partial_and_unconfirmed_writes_are_reported_and_full_ones_are_not() {
+        let writes = Writes::default();
         let sent = WrittenCounts {
             samples: 3,
             histograms: 1,
             exemplars: 1,
         };
-        check_written(&state, &sent, Ok(Some(sent)));
-        check_written(&state, &WrittenCounts::default(), Ok(None));
-        let s = state.status(0, 0);
-        assert_eq!((s.partial_writes, s.unconfirmed_writes), (0, 0));
+        check_written(&writes, &sent, Ok(Some(sent)));
+        check_written(&writes, &WrittenCounts::default(), Ok(None));
+        assert_eq!(writes.counts(), (0, 0));
         check_written(
-            &state,
+            &writes,
             &sent,
             Ok(Some(WrittenCounts {
                 histograms: 0,
                 ..sent
             })),
         );
-        check_written(&state, &sent, Ok(None));
-        check_written(&state, &sent, Err("header: bad".into()));
-        let s = state.status(0, 0);
-        assert_eq!((s.partial_writes, s.unconfirmed_writes), (1, 2));
+        check_written(&writes, &sent, Ok(None));
+        check_written(&writes, &sent, Err("header: bad".into()));
+        assert_eq!(writes.counts(), (1, 2));
     }
 
     #[test]

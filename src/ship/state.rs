@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::rate::RateLimits;
+use super::send::{SendObserver, WrittenCounts};
+use crate::types::now_ms;
 
 /// See the module documentation.
 pub struct ReplicaState {
@@ -142,31 +144,6 @@ pub struct TranslationDropped {
     pub created_timestamps: u64,
     /// Series metadata that 1.0's per-family metadata cannot hold.
     pub metadata: u64,
-}
-
-/// Float samples, histograms and exemplars of a 2.0 request, as sent or as
-/// the replica says it wrote them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WrittenCounts {
-    pub samples: u64,
-    pub histograms: u64,
-    pub exemplars: u64,
-}
-
-impl WrittenCounts {
-    /// True when any count of `self` (written) is below `sent`'s.
-    pub fn short_of(&self, sent: &WrittenCounts) -> bool {
-        self.samples < sent.samples
-            || self.histograms < sent.histograms
-            || self.exemplars < sent.exemplars
-    }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl ReplicaState {
@@ -318,71 +295,16 @@ impl ReplicaState {
     }
 
     /// Sets what the shipper is doing; any phase but "blocked" (set by
-    /// [`Self::set_blocked`]) ends a blocked spell.
+    /// [`SendObserver::blocked`]) ends a blocked spell.
     pub(crate) fn set_phase(&self, phase: &'static str) {
         let mut i = self.inner();
         i.phase = phase;
         Self::leave_blocked(&mut i, &self.name);
     }
 
-    pub(crate) fn set_ok(&self) {
-        let mut i = self.inner();
-        let now = now_ms();
-        i.last_success_ms = Some(now);
-        i.phase = "ok";
-        Self::leave_blocked(&mut i, &self.name);
-        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(1.0);
-        metrics::gauge!("walrelay_replica_last_success_timestamp_seconds", "replica" => self.name.clone())
-            .set(now as f64 / 1000.0);
-    }
-
-    pub(crate) fn set_retrying(&self, reason: String) {
-        let mut i = self.inner();
-        i.phase = "retrying";
-        i.last_error = Some(reason);
-        i.last_error_ms = Some(now_ms());
-        Self::leave_blocked(&mut i, &self.name);
-        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
-    }
-
-    /// The replica answered the request in flight with a fault of
-    /// configuration or of the path (`reason`: "HTTP 401: body"); it is
-    /// retried until it passes, and shows as blocked until then.
-    pub(crate) fn set_blocked(&self, reason: String) {
-        let mut i = self.inner();
-        let now = now_ms();
-        i.phase = "blocked";
-        i.last_error = Some(reason);
-        i.last_error_ms = Some(now);
-        if i.blocked_since_ms.is_none() {
-            i.blocked_since_ms = Some(now);
-            metrics::gauge!("walrelay_replica_blocked", "replica" => self.name.clone()).set(1.0);
-        }
-        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
-    }
-
-    /// The replica answered the request in flight: it is not blocked any
-    /// more, whatever the answer said about the data.
-    pub(crate) fn set_unblocked(&self) {
-        let mut i = self.inner();
-        if i.phase == "blocked" {
-            i.phase = "sending";
-        }
-        Self::leave_blocked(&mut i, &self.name);
-    }
-
     fn leave_blocked(i: &mut Inner, name: &str) {
         if i.blocked_since_ms.take().is_some() {
             metrics::gauge!("walrelay_replica_blocked", "replica" => name.to_owned()).set(0.0);
-        }
-    }
-
-    /// Sets the count of consecutive identical 5xx answers to the request
-    /// in flight (see [`ReplicaStatus::stuck_attempts`]).
-    pub(crate) fn set_stuck_attempts(&self, n: u64) {
-        if self.stuck_attempts.swap(n, Ordering::Relaxed) != n {
-            metrics::gauge!("walrelay_replica_stuck_attempts", "replica" => self.name.clone())
-                .set(n as f64);
         }
     }
 
@@ -465,35 +387,6 @@ impl ReplicaState {
         }
     }
 
-    /// A 2xx to a 2.0 request whose written counts are below what was sent.
-    pub(crate) fn add_partial_write(&self, sent: &WrittenCounts, written: &WrittenCounts) {
-        self.partial_writes.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("walrelay_replica_partial_writes_total", "replica" => self.name.clone())
-            .increment(1);
-        tracing::warn!(replica = %self.name,
-            samples_sent = sent.samples, samples_written = written.samples,
-            histograms_sent = sent.histograms, histograms_written = written.histograms,
-            exemplars_sent = sent.exemplars, exemplars_written = written.exemplars,
-            "replica wrote only part of a 2.0 request (2xx, written counts below what was sent); \
-             not retried: the replica chose to drop the rest");
-    }
-
-    /// A 2xx to a 2.0 request without usable written counts. Logged as a
-    /// warning the first time, then at debug level (it repeats with every
-    /// request of a misconfigured replica).
-    pub(crate) fn add_unconfirmed_write(&self, why: &str) {
-        let before = self.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("walrelay_replica_unconfirmed_writes_total", "replica" => self.name.clone())
-            .increment(1);
-        if before == 0 {
-            tracing::warn!(replica = %self.name, reason = %why,
-                "replica answered a 2.0 request with 2xx but without the written-count headers: \
-                 it may be a 1.0 receiver that stored nothing; check its protocol setting");
-        } else {
-            tracing::debug!(replica = %self.name, reason = %why, "2.0 write not confirmed");
-        }
-    }
-
     /// A snapshot, given the log's durable end and a byte estimate of the lag.
     pub fn status(&self, durable_end: u64, lag_bytes: u64) -> ReplicaStatus {
         let i = self.inner();
@@ -553,5 +446,137 @@ impl ReplicaState {
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,
         }
+    }
+}
+
+/// The shipper's sender reports into the replica's state and metrics.
+impl SendObserver for ReplicaState {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn attempt(&self, status: &'static str, took: Duration, retried: bool) {
+        metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => self.name.clone())
+            .record(took.as_secs_f64());
+        metrics::counter!("walrelay_replica_requests_total", "replica" => self.name.clone(), "status" => status)
+            .increment(1);
+        if retried {
+            metrics::counter!("walrelay_replica_retries_total", "replica" => self.name.clone())
+                .increment(1);
+        }
+    }
+
+    fn retrying(&self, reason: String) {
+        let mut i = self.inner();
+        i.phase = "retrying";
+        i.last_error = Some(reason);
+        i.last_error_ms = Some(now_ms());
+        Self::leave_blocked(&mut i, &self.name);
+        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
+    }
+    /// The replica answered the request in flight with a fault of
+    /// configuration or of the path (`reason`: "HTTP 401: body"); it is
+    /// retried until it passes, and shows as blocked until then.
+    fn blocked(&self, reason: String) {
+        let mut i = self.inner();
+        let now = now_ms();
+        i.phase = "blocked";
+        i.last_error = Some(reason);
+        i.last_error_ms = Some(now);
+        if i.blocked_since_ms.is_none() {
+            i.blocked_since_ms = Some(now);
+            metrics::gauge!("walrelay_replica_blocked", "replica" => self.name.clone()).set(1.0);
+        }
+        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(0.0);
+    }
+    fn stored(&self) {
+        let mut i = self.inner();
+        let now = now_ms();
+        i.last_success_ms = Some(now);
+        i.phase = "ok";
+        Self::leave_blocked(&mut i, &self.name);
+        metrics::gauge!("walrelay_replica_up", "replica" => self.name.clone()).set(1.0);
+        metrics::gauge!("walrelay_replica_last_success_timestamp_seconds", "replica" => self.name.clone())
+            .set(now as f64 / 1000.0);
+    }
+    /// The replica answered the request in flight: it is not blocked any
+    /// more, whatever the answer said about the data.
+    fn answered(&self) {
+        let mut i = self.inner();
+        if i.phase == "blocked" {
+            i.phase = "sending";
+        }
+        Self::leave_blocked(&mut i, &self.name);
+    }
+    /// Sets the count of consecutive identical 5xx answers to the request
+    /// in flight (see [`ReplicaStatus::stuck_attempts`]).
+    fn stuck(&self, n: u64) {
+        if self.stuck_attempts.swap(n, Ordering::Relaxed) != n {
+            metrics::gauge!("walrelay_replica_stuck_attempts", "replica" => self.name.clone())
+                .set(n as f64);
+        }
+    }
+    /// A 2xx to a 2.0 request whose written counts are below what was sent.
+    fn partial_write(&self, sent: &WrittenCounts, written: &WrittenCounts) {
+        self.partial_writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("walrelay_replica_partial_writes_total", "replica" => self.name.clone())
+            .increment(1);
+        tracing::warn!(replica = %self.name,
+            samples_sent = sent.samples, samples_written = written.samples,
+            histograms_sent = sent.histograms, histograms_written = written.histograms,
+            exemplars_sent = sent.exemplars, exemplars_written = written.exemplars,
+            "replica wrote only part of a 2.0 request (2xx, written counts below what was sent); \
+             not retried: the replica chose to drop the rest");
+    }
+    /// A 2xx to a 2.0 request without usable written counts. Logged as a
+    /// warning the first time, then at debug level (it repeats with every
+    /// request of a misconfigured replica).
+    fn unconfirmed_write(&self, why: &str) {
+        let before = self.unconfirmed_writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("walrelay_replica_unconfirmed_writes_total", "replica" => self.name.clone())
+            .increment(1);
+        if before == 0 {
+            tracing::warn!(replica = %self.name, reason = %why,
+                "replica answered a 2.0 request with 2xx but without the written-count headers: \
+                 it may be a 1.0 receiver that stored nothing; check its protocol setting");
+        } else {
+            tracing::debug!(replica = %self.name, reason = %why, "2.0 write not confirmed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn what_the_sender_reports_shows_in_the_replica_status() {
+        let state = ReplicaState::new("r", "http://x/", 0);
+        let sent = WrittenCounts {
+            samples: 3,
+            histograms: 1,
+            exemplars: 1,
+        };
+        state.partial_write(
+            &sent,
+            &WrittenCounts {
+                histograms: 0,
+                ..sent
+            },
+        );
+        state.unconfirmed_write("no headers");
+        state.unconfirmed_write("no headers");
+        state.blocked("HTTP 401: no".into());
+        let s = state.status(1, 0);
+        assert_eq!((s.partial_writes, s.unconfirmed_writes), (1, 2));
+        assert_eq!(s.state, "blocked");
+        assert_eq!(s.last_error.as_deref(), Some("HTTP 401: no"));
+        assert!(s.blocked_since_unix_ms.is_some());
+        state.answered();
+        let s = state.status(1, 0);
+        assert_eq!((s.state, s.blocked_since_unix_ms), ("sending", None));
+        state.stored();
+        assert_eq!(state.status(1, 0).state, "ok");
     }
 }
