@@ -1,18 +1,22 @@
 //! `walrelay wal replay` from real logs into a real Prometheus (queried for
-//! every sample afterwards), interrupted by SIGKILL and resumed, and into a
-//! second relay that demands a bearer token.
+//! every sample afterwards), interrupted by SIGKILL and resumed, into a
+//! second relay that demands a bearer token, and into one that serves TLS
+//! with client certificates and basic auth and is sent remote-write 2.0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli_common;
+mod tls_common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use chaos_tests::encode::Symbols;
 use chaos_tests::prometheus::Prometheus;
 use chaos_tests::relay::Relay;
 use cli_common::*;
 use serde_json::Value;
+use tls_common::*;
 
 /// Every sample of `metric` in Prometheus equals what was written.
 async fn assert_all_in_prometheus(prom: &Prometheus, w: &Written, metric: &str) {
@@ -317,4 +321,141 @@ async fn replay_of_a_segment_range_sends_headers_and_the_bearer_token() {
         ],
     );
     expect_code(&bad, 1, "a header the protocol owns");
+}
+
+/// Posts `req` to `url` as a remote-write 2.0 request; returns the status.
+async fn post_v2(url: &str, req: &prom_remote_write::v2::Request) -> u16 {
+    use prom_remote_write::encode::{encode_v2, snappy_compress};
+    reqwest::Client::new()
+        .post(url)
+        .header("Content-Type", prom_remote_write::content::CONTENT_TYPE_V2)
+        .header("Content-Encoding", "snappy")
+        .header("X-Prometheus-Remote-Write-Version", "2.0.0")
+        .body(snappy_compress(&encode_v2(req)))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_reaches_a_tls_receiver_with_a_client_certificate_and_basic_auth_and_sends_2_0_as_it_is(
+) {
+    chaos_tests::install_tls_provider();
+    // A log of 2.0 records.
+    let src = tempfile::tempdir().unwrap();
+    let (requests, series) = (8u64, 5usize);
+    let mut source = Relay::start_with_bin(BIN, src.path(), &[], &[])
+        .await
+        .unwrap();
+    let ts = now_ms() - 60_000;
+    for k in 0..requests {
+        let mut s = Symbols::new();
+        let timeseries = (0..series)
+            .map(|i| {
+                s.series(
+                    &[("__name__", "replay_v2"), ("series", &i.to_string())],
+                    &[(k as f64, ts + k as i64 * 1000)],
+                )
+            })
+            .collect();
+        assert_eq!(
+            post_v2(&source.write_url(), &s.request(timeseries)).await,
+            204
+        );
+    }
+    source.stop(Duration::from_secs(30)).await.unwrap();
+
+    // The receiver: a relay serving TLS with its own CA, asking for a
+    // client certificate that CA signed, and for a user's password.
+    let dst = tempfile::tempdir().unwrap();
+    let (p, _ca) = pki(dst.path(), "receiver");
+    let users = dst.path().join("users");
+    std::fs::write(
+        &users,
+        format!("replayer:{}\n", bcrypt::hash("right-pw", 4).unwrap()),
+    )
+    .unwrap();
+    let mut args = tls_args(&p);
+    args.extend([
+        "--tls-client-ca-file".into(),
+        p.ca.display().to_string(),
+        "--basic-auth-users-file".into(),
+        users.display().to_string(),
+    ]);
+    let mut receiver = Relay::start_with_admin(BIN, dst.path().join("data"), &[], &strs(&args))
+        .await
+        .unwrap();
+    let password = |name: &str, text: &str| {
+        let path = dst.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (wrong, right) = (
+        password("wrong", "wrong-pw\n"),
+        password("right", "right-pw\n"),
+    );
+    let url = https_write_url(&receiver);
+    let (ca, cert, key) = (
+        p.ca.display().to_string(),
+        p.client_cert.display().to_string(),
+        p.client_key.display().to_string(),
+    );
+    let flags = |password_file: &str| -> Vec<String> {
+        [
+            "--to",
+            url.as_str(),
+            "--tls-ca-file",
+            &ca,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--basic-auth-username",
+            "replayer",
+            "--basic-auth-password-file",
+            password_file,
+            "--protocol",
+            "2.0",
+            "--retry-max-backoff",
+            "200ms",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // A wrong password is not about the data: the run stops, skipping
+    // nothing, and says why.
+    let o = replay(src.path(), &strs(&flags(&wrong)));
+    expect_code(&o, 1, "a replay with a wrong password");
+    assert!(
+        stdout(&o).contains("HTTP 401") && stdout(&o).contains("nothing was skipped"),
+        "{}",
+        stdout(&o)
+    );
+
+    let mut ok = flags(&right);
+    ok.push("--json".into());
+    let o = replay(src.path(), &strs(&ok));
+    expect_code(&o, 0, "a replay over TLS with the right credentials");
+    let v = json(&o);
+    assert_eq!(v["total"]["records"], requests, "{v}");
+    assert_eq!(v["total"]["rejected_records"], 0, "{v}");
+    receiver.stop(Duration::from_secs(30)).await.unwrap();
+
+    // The receiver stored 2.0 records, every sample of them.
+    let o = cli_dir(&["wal", "dump"], &dst.path().join("data"), &["--json"]);
+    expect_code(&o, 0, "dump of the receiver's log");
+    let records: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!records.is_empty());
+    assert!(
+        records.iter().all(|r| r["kind"] == "v2"),
+        "sent as 2.0: {records:?}"
+    );
+    let samples: u64 = records.iter().map(|r| r["samples"].as_u64().unwrap()).sum();
+    assert_eq!(samples, requests * series as u64);
 }

@@ -4,7 +4,9 @@
 //! CA (another walrelay), and a certificate replaced while the relay runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod tls_common;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,69 +15,12 @@ use chaos_tests::relay::Relay;
 use prom_remote_write::encode::snappy_compress;
 use prom_remote_write::v1::WriteRequest;
 use prost::Message;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tls_common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_walrelay");
-
-/// A CA and what it signed, as PEM files in `dir`.
-struct Pki {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
-}
-
-/// A leaf certificate and key (PEM) signed by `issuer`.
-fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    cn: &str,
-    purpose: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-    let mut p = CertificateParams::new(names).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![purpose];
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn pki(dir: &Path, name: &str) -> (Pki, CertifiedIssuer<'static, KeyPair>) {
-    let issuer = ca(name);
-    let (sc, sk) = leaf(&issuer, "walrelay", ExtendedKeyUsagePurpose::ServerAuth);
-    let (cc, ck) = leaf(&issuer, "sender", ExtendedKeyUsagePurpose::ClientAuth);
-    let write = |file: &str, text: &str| {
-        let p = dir.join(format!("{name}-{file}"));
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let pki = Pki {
-        ca: write("ca.pem", &issuer.pem()),
-        server_cert: write("server.pem", &sc),
-        server_key: write("server-key.pem", &sk),
-        client_cert: write("client.pem", &cc),
-        client_key: write("client-key.pem", &ck),
-    };
-    (pki, issuer)
-}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -144,27 +89,10 @@ async fn post(
     rb.send().await
 }
 
-fn https_write_url(r: &Relay) -> String {
-    format!("https://127.0.0.1:{}/api/v1/write", r.port())
-}
-
 async fn head_seq(r: &Relay) -> u64 {
     r.status().await.unwrap()["wal"]["head_seq"]
         .as_u64()
         .unwrap()
-}
-
-fn tls_args(p: &Pki) -> Vec<String> {
-    vec![
-        "--tls-cert-file".into(),
-        p.server_cert.display().to_string(),
-        "--tls-key-file".into(),
-        p.server_key.display().to_string(),
-    ]
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
