@@ -1,5 +1,6 @@
 //! `walrelay wal replay` from real logs into a real Prometheus (queried for
-//! every sample afterwards), interrupted by SIGKILL and resumed, into a
+//! every sample afterwards), into a real Prometheus serving TLS that
+//! requires a client certificate, interrupted by SIGKILL and resumed, into a
 //! second relay that demands a bearer token, and into one that serves TLS
 //! with client certificates and basic auth and is sent remote-write 2.0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chaos_tests::encode::Symbols;
-use chaos_tests::prometheus::Prometheus;
+use chaos_tests::prometheus::{Prometheus, PrometheusOpts, WebTls};
 use chaos_tests::relay::Relay;
 use cli_common::*;
 use serde_json::Value;
@@ -132,6 +133,54 @@ async fn replay_into_a_real_prometheus_delivers_every_sample() {
     let v = json(&o);
     assert_eq!(v["this_run"]["rejected_records"], 2, "{v:#}");
     assert_eq!(v["rejections"][0]["status"], 400, "{v:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_into_a_real_prometheus_over_mutual_tls_delivers_every_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metric = "cli_replay_mtls_total";
+    let t = Traffic {
+        metric: metric.into(),
+        requests: 20,
+        series: 5,
+        samples_per_series: 5,
+    };
+    let w = write_log(tmp.path(), &t, &[], &[]).await;
+    // Prometheus serves HTTPS with its own CA and requires a client
+    // certificate that CA signed.
+    let certs = tempfile::tempdir().unwrap();
+    let (p, _ca) = pki(certs.path(), "prometheus");
+    let mut opts = PrometheusOpts::server();
+    opts.web_tls = Some(WebTls {
+        cert_file: p.server_cert.clone(),
+        key_file: p.server_key.clone(),
+        ca_file: p.ca.clone(),
+        client_ca_file: Some(p.ca.clone()),
+        client_identity: Some((p.client_cert.clone(), p.client_key.clone())),
+    });
+    let prom = Prometheus::start(opts).await.unwrap();
+    assert!(prom.write_url().starts_with("https://"));
+
+    let o = replay(
+        tmp.path(),
+        &[
+            "--to",
+            &prom.write_url(),
+            "--tls-ca-file",
+            p.ca.to_str().unwrap(),
+            "--tls-cert-file",
+            p.client_cert.to_str().unwrap(),
+            "--tls-key-file",
+            p.client_key.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    expect_code(&o, 0, "replay over mutual TLS");
+    let v = json(&o);
+    assert_eq!(v["complete"], true);
+    assert_eq!(v["this_run"]["samples"], w.total_samples() as u64);
+    assert_eq!(v["this_run"]["rejected_records"], 0);
+    assert_all_in_prometheus(&prom, &w, metric).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

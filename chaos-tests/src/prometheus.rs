@@ -39,6 +39,70 @@ pub struct PrometheusOpts {
     pub out_of_order_window: Option<Duration>,
     /// How long to wait for `/-/ready`.
     pub ready_timeout: Duration,
+    /// Serve HTTPS (`--web.config.file`), optionally requiring client
+    /// certificates; the suite's own client then speaks TLS too.
+    pub web_tls: Option<WebTls>,
+}
+
+/// Prometheus' web TLS: its certificate, and the CA whose client
+/// certificates it requires, if any. The suite's client trusts `ca_file`
+/// and presents `client_identity`.
+#[derive(Clone, Debug)]
+pub struct WebTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that signed `cert_file`, which the suite trusts.
+    pub ca_file: PathBuf,
+    /// Client certificates are required and verified against this CA
+    /// (`RequireAndVerifyClientCert`).
+    pub client_ca_file: Option<PathBuf>,
+    /// The certificate and key the suite's own client presents.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl WebTls {
+    /// The `--web.config.file` content (JSON is valid YAML).
+    fn web_config(&self) -> Value {
+        let mut tls = json!({
+            "cert_file": self.cert_file,
+            "key_file": self.key_file,
+        });
+        if let Some(ca) = &self.client_ca_file {
+            tls["client_auth_type"] = json!("RequireAndVerifyClientCert");
+            tls["client_ca_file"] = json!(ca);
+        }
+        json!({ "tls_server_config": tls })
+    }
+
+    /// A client that trusts `ca_file` and presents `client_identity`.
+    fn client(&self, timeout: Duration) -> Result<reqwest::Client> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        crate::http::install_tls_provider();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&self.ca_file)
+            .with_context(|| format!("reading {}", self.ca_file.display()))?
+        {
+            roots.add(c?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match &self.client_identity {
+            Some((cert, key)) => builder.with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?,
+                PrivateKeyDer::from_pem_file(key)?,
+            )?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(reqwest::Client::builder()
+            .no_proxy()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .tls_backend_preconfigured(config)
+            .build()?)
+    }
 }
 
 impl Default for PrometheusOpts {
@@ -53,6 +117,7 @@ impl Default for PrometheusOpts {
             scrape_interval: Duration::from_secs(1),
             out_of_order_window: None,
             ready_timeout: Duration::from_secs(30),
+            web_tls: None,
         }
     }
 }
@@ -182,6 +247,14 @@ impl Prometheus {
             .tempdir()?;
         let cfg = serde_json::to_string_pretty(&opts.config())?;
         std::fs::write(dir.path().join("prometheus.yml"), cfg)?;
+        let http = match &opts.web_tls {
+            Some(tls) => {
+                let web = serde_json::to_string_pretty(&tls.web_config())?;
+                std::fs::write(dir.path().join("web.yml"), web)?;
+                tls.client(Duration::from_secs(60))?
+            }
+            None => client(Duration::from_secs(60))?,
+        };
         let data_dir = dir.path().join("data-0");
         let mut p = Prometheus {
             opts,
@@ -190,7 +263,7 @@ impl Prometheus {
             generation: 0,
             port: 0,
             proc: None,
-            http: client(Duration::from_secs(60))?,
+            http,
         };
         // The free port can be taken by someone else before Prometheus binds
         // it: try a few ports.
@@ -226,6 +299,12 @@ impl Prometheus {
         }
         if self.opts.receiver {
             cmd.arg("--web.enable-remote-write-receiver");
+        }
+        if self.opts.web_tls.is_some() {
+            cmd.arg(format!(
+                "--web.config.file={}",
+                self.dir.path().join("web.yml").display()
+            ));
         }
         cmd.args(&self.opts.extra_flags);
         cmd.current_dir(self.dir.path());
@@ -278,9 +357,14 @@ impl Prometheus {
         }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` with [`PrometheusOpts::web_tls`]).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.opts.web_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// `http://127.0.0.1:PORT/api/v1/write`
