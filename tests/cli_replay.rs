@@ -151,13 +151,13 @@ async fn replay_into_a_real_prometheus_over_mutual_tls_delivers_every_sample() {
     let certs = tempfile::tempdir().unwrap();
     let (p, _ca) = pki(certs.path(), "prometheus");
     let mut opts = PrometheusOpts::server();
-    opts.web_tls = Some(WebTls {
+    opts.web_tls = Some(Box::new(WebTls {
         cert_file: p.server_cert.clone(),
         key_file: p.server_key.clone(),
         ca_file: p.ca.clone(),
         client_ca_file: Some(p.ca.clone()),
         client_identity: Some((p.client_cert.clone(), p.client_key.clone())),
-    });
+    }));
     let prom = Prometheus::start(opts).await.unwrap();
     assert!(prom.write_url().starts_with("https://"));
 

@@ -41,7 +41,7 @@ pub struct PrometheusOpts {
     pub ready_timeout: Duration,
     /// Serve HTTPS (`--web.config.file`), optionally requiring client
     /// certificates; the suite's own client then speaks TLS too.
-    pub web_tls: Option<WebTls>,
+    pub web_tls: Option<Box<WebTls>>,
 }
 
 /// Prometheus' web TLS: its certificate, and the CA whose client

@@ -37,7 +37,7 @@ impl Kind {
 enum Handle {
     Relay(Relay),
     Vmagent(Proc),
-    Agent(Box<Prometheus>),
+    Agent(Prometheus),
 }
 
 /// One running system.
@@ -107,7 +107,7 @@ impl System {
                 let p = Prometheus::start(opts).await?;
                 let data = p.data_dir().to_path_buf();
                 let base = p.url();
-                (Handle::Agent(Box::new(p)), data, base)
+                (Handle::Agent(p), data, base)
             }
         };
         let mut s = System {
