@@ -646,6 +646,58 @@ fn apply_drop_on_status(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(),
     Ok(())
 }
 
+/// A flag's value, else the file's, else `default`.
+fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+/// A size setting (`64MiB`, `1GB`, `4096`): the flag's, else the file's
+/// (a string or a number), else `default`.
+fn merged_bytes(
+    setting: &'static str,
+    flag: &Option<String>,
+    file: &Option<toml::Value>,
+    default: u64,
+) -> Result<u64, ConfigError> {
+    let s = match (flag, file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(v)) => toml_bytes(v).map_err(|m| invalid(setting, m))?,
+        (None, None) => return Ok(default),
+    };
+    parse_bytes(&s).map_err(|m| invalid(setting, m))
+}
+
+/// A duration setting (`30s`, `5m`): the flag's, else the file's, else
+/// `default`.
+fn merged_duration(
+    setting: &'static str,
+    flag: &Option<String>,
+    file: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match flag.as_ref().or(file.as_ref()) {
+        Some(s) => parse_duration(setting, s),
+        None => Ok(default),
+    }
+}
+
+/// The ingest credentials and TLS files, each checked now so that a bad
+/// file stops the start with a clear message (the server reads, and
+/// re-reads, them itself).
+struct IngestAccess {
+    bearer_token_file: Option<PathBuf>,
+    basic_auth_users_file: Option<PathBuf>,
+    tls: Option<ServerTlsFiles>,
+}
+
+/// The memory bounds of a request: its body, its decoded size, and the
+/// budget of all requests in flight.
+struct RequestMemory {
+    max_body_bytes: u64,
+    max_decoded_bytes: u64,
+    max_inflight_decoded_bytes: u64,
+}
+
 impl ServeArgs {
     /// Merges flags/environment with the TOML file and the defaults.
     ///
@@ -656,30 +708,137 @@ impl ServeArgs {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let bytes = |setting: &'static str,
-                     flag: &Option<String>,
-                     f: &Option<toml::Value>,
-                     default: u64|
-         -> Result<u64, ConfigError> {
-            let s = match (flag, f) {
-                (Some(s), _) => s.clone(),
-                (None, Some(v)) => toml_bytes(v).map_err(|m| invalid(setting, m))?,
-                (None, None) => return Ok(default),
-            };
-            parse_bytes(&s).map_err(|m| invalid(setting, m))
+        let replicas = self.replicas(&file)?;
+        let access = self.ingest_access(&file)?;
+        let memory = self.request_memory(&file)?;
+        let segment_bytes = merged_bytes(
+            "segment-bytes",
+            &self.segment_bytes,
+            &file.segment_bytes,
+            128 << 20,
+        )?;
+        if segment_bytes < 4096 {
+            return Err(invalid("segment-bytes", "must be at least 4KiB"));
+        }
+        let retention = match self.retention.as_ref().or(file.retention.as_ref()) {
+            Some(s) => Some(parse_duration("retention", s)?),
+            None => None,
         };
-        let dur = |setting: &'static str,
-                   flag: &Option<String>,
-                   f: &Option<String>,
-                   default: Duration|
-         -> Result<Duration, ConfigError> {
-            match flag.as_ref().or(f.as_ref()) {
-                Some(s) => parse_duration(setting, s),
-                None => Ok(default),
-            }
-        };
+        let log_json = self.log_json(&file)?;
+        let instance_name = self.instance_name(&file)?;
+        let f = &file;
+        Ok(ServeConfig {
+            listen: pick(
+                self.listen,
+                f.listen,
+                SocketAddr::from(([0, 0, 0, 0], 9201)),
+            ),
+            data_dir: pick(
+                self.data_dir.clone(),
+                f.data_dir.clone(),
+                PathBuf::from("./data"),
+            ),
+            replicas,
+            bearer_token_file: access.bearer_token_file,
+            basic_auth_users_file: access.basic_auth_users_file,
+            tls: access.tls,
+            admin_listen: self.admin_listen.or(f.admin_listen),
+            enable_reload_endpoint: pick(
+                self.enable_reload_endpoint,
+                f.enable_reload_endpoint,
+                false,
+            ),
+            max_body_bytes: memory.max_body_bytes as usize,
+            max_decoded_bytes: memory.max_decoded_bytes as usize,
+            max_inflight_decoded_bytes: memory.max_inflight_decoded_bytes,
+            max_concurrent_requests: pick(
+                self.max_concurrent_requests,
+                f.max_concurrent_requests,
+                512,
+            )
+            .max(1),
+            max_connections: pick(
+                self.max_connections,
+                f.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )
+            .max(1),
+            max_connections_per_ip: pick(self.max_connections_per_ip, f.max_connections_per_ip, 0),
+            max_concurrent_password_checks: self
+                .max_concurrent_password_checks
+                .or(f.max_concurrent_password_checks)
+                .unwrap_or_else(crate::auth::default_password_check_limit)
+                .max(1),
+            max_series_per_request: pick(self.max_series_per_request, f.max_series_per_request, 0),
+            max_labels_per_series: pick(self.max_labels_per_series, f.max_labels_per_series, 0),
+            max_label_name_length: pick(self.max_label_name_length, f.max_label_name_length, 0),
+            max_label_value_length: pick(self.max_label_value_length, f.max_label_value_length, 0),
+            header_read_timeout: merged_duration(
+                "header-read-timeout",
+                &self.header_read_timeout,
+                &f.header_read_timeout,
+                Duration::from_secs(30),
+            )?,
+            body_read_timeout: merged_duration(
+                "body-read-timeout",
+                &self.body_read_timeout,
+                &f.body_read_timeout,
+                Duration::from_secs(60),
+            )?,
+            max_disk_bytes: merged_bytes(
+                "max-disk-bytes",
+                &self.max_disk_bytes,
+                &f.max_disk_bytes,
+                0,
+            )?,
+            retention,
+            full_policy: pick(self.full_policy, f.full_policy, FullPolicy::Block),
+            segment_bytes,
+            compression: self.compression(f)?,
+            zstd_level: pick(self.zstd_level, f.zstd_level, 1),
+            max_samples_per_send: pick(self.max_samples_per_send, f.max_samples_per_send, 20_000)
+                .max(1),
+            max_bytes_per_send: merged_bytes(
+                "max-bytes-per-send",
+                &self.max_bytes_per_send,
+                &f.max_bytes_per_send,
+                8 << 20,
+            )?
+            .max(1) as usize,
+            send_timeout: merged_duration(
+                "send-timeout",
+                &self.send_timeout,
+                &f.send_timeout,
+                Duration::from_secs(30),
+            )?,
+            retry_min_backoff: merged_duration(
+                "retry-min-backoff",
+                &self.retry_min_backoff,
+                &f.retry_min_backoff,
+                Duration::from_millis(100),
+            )?,
+            retry_max_backoff: merged_duration(
+                "retry-max-backoff",
+                &self.retry_max_backoff,
+                &f.retry_max_backoff,
+                Duration::from_secs(30),
+            )?,
+            new_replica_start: pick(self.new_replica_start, f.new_replica_start, StartAt::Head),
+            shutdown_timeout: merged_duration(
+                "shutdown-timeout",
+                &self.shutdown_timeout,
+                &f.shutdown_timeout,
+                Duration::from_secs(20),
+            )?,
+            log_json,
+            instance_name,
+        })
+    }
 
-        let replicas = if self.replicas.is_empty() {
+    /// The replicas (the flags' replace the file's), with the statuses
+    /// `--replica-drop-on-status` adds; names are unique.
+    fn replicas(&self, file: &FileConfig) -> Result<Vec<ReplicaConfig>, ConfigError> {
+        let mut replicas = if self.replicas.is_empty() {
             file.replica
                 .iter()
                 .map(file_replica)
@@ -688,7 +847,6 @@ impl ServeArgs {
             self.replicas.iter().map(|s| parse_replica(s)).collect()
         }
         .map_err(|m| invalid("replica", m))?;
-        let mut replicas = replicas;
         let drop_on_status = if self.replica_drop_on_status.is_empty() {
             file.replica_drop_on_status.clone().unwrap_or_default()
         } else {
@@ -703,14 +861,15 @@ impl ServeArgs {
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(invalid("replica", format!("name {:?} is used twice", w[0])));
         }
+        Ok(replicas)
+    }
 
+    fn ingest_access(&self, file: &FileConfig) -> Result<IngestAccess, ConfigError> {
         let bearer_token_file = self
             .bearer_token_file
             .clone()
             .or(file.bearer_token_file.clone());
         if let Some(path) = &bearer_token_file {
-            // Read here only to fail at startup with a clear message; the
-            // server reads (and re-reads) it itself.
             read_secret(path)?;
         }
         let basic_auth_users_file = self
@@ -728,22 +887,15 @@ impl ServeArgs {
                 .clone()
                 .or(file.tls_client_ca_file.clone()),
         )?;
-        let compression = match self
-            .compression
-            .as_deref()
-            .or(file.compression.as_deref())
-            .unwrap_or("zstd")
-        {
-            "zstd" => Compression::Zstd,
-            "none" => Compression::None,
-            other => {
-                return Err(invalid(
-                    "compression",
-                    format!("{other:?} (expected zstd or none)"),
-                ))
-            }
-        };
-        let max_decoded_bytes = bytes(
+        Ok(IngestAccess {
+            bearer_token_file,
+            basic_auth_users_file,
+            tls,
+        })
+    }
+
+    fn request_memory(&self, file: &FileConfig) -> Result<RequestMemory, ConfigError> {
+        let max_decoded_bytes = merged_bytes(
             "max-decoded-bytes",
             &self.max_decoded_bytes,
             &file.max_decoded_bytes,
@@ -758,13 +910,13 @@ impl ServeArgs {
                 ),
             ));
         }
-        let max_body_bytes = bytes(
+        let max_body_bytes = merged_bytes(
             "max-body-bytes",
             &self.max_body_bytes,
             &file.max_body_bytes,
             16 << 20,
         )?;
-        let max_inflight_decoded_bytes = bytes(
+        let max_inflight_decoded_bytes = merged_bytes(
             "max-inflight-decoded-bytes",
             &self.max_inflight_decoded_bytes,
             &file.max_inflight_decoded_bytes,
@@ -783,166 +935,58 @@ impl ServeArgs {
                 ),
             ));
         }
-        let segment_bytes = bytes(
-            "segment-bytes",
-            &self.segment_bytes,
-            &file.segment_bytes,
-            128 << 20,
-        )?;
-        if segment_bytes < 4096 {
-            return Err(invalid("segment-bytes", "must be at least 4KiB"));
+        Ok(RequestMemory {
+            max_body_bytes,
+            max_decoded_bytes,
+            max_inflight_decoded_bytes,
+        })
+    }
+
+    fn compression(&self, file: &FileConfig) -> Result<Compression, ConfigError> {
+        match self
+            .compression
+            .as_deref()
+            .or(file.compression.as_deref())
+            .unwrap_or("zstd")
+        {
+            "zstd" => Ok(Compression::Zstd),
+            "none" => Ok(Compression::None),
+            other => Err(invalid(
+                "compression",
+                format!("{other:?} (expected zstd or none)"),
+            )),
         }
-        let log_format = self
+    }
+
+    /// Whether logs are JSON lines (else text).
+    fn log_json(&self, file: &FileConfig) -> Result<bool, ConfigError> {
+        match self
             .log_format
             .as_deref()
             .or(file.log_format.as_deref())
-            .unwrap_or("text");
-        if !matches!(log_format, "text" | "json") {
-            return Err(invalid(
+            .unwrap_or("text")
+        {
+            "text" => Ok(false),
+            "json" => Ok(true),
+            other => Err(invalid(
                 "log-format",
-                format!("{log_format:?} (expected text or json)"),
-            ));
+                format!("{other:?} (expected text or json)"),
+            )),
         }
-        let instance_name = match self.instance_name.as_ref().or(file.instance_name.as_ref()) {
+    }
+
+    fn instance_name(&self, file: &FileConfig) -> Result<String, ConfigError> {
+        let name = match self.instance_name.as_ref().or(file.instance_name.as_ref()) {
             Some(n) => n.trim().to_owned(),
             None => default_instance_name(),
         };
-        if instance_name.is_empty() || instance_name.chars().any(char::is_control) {
+        if name.is_empty() || name.chars().any(char::is_control) {
             return Err(invalid(
                 "instance-name",
-                format!("{instance_name:?} (expected a non-empty name without control characters)"),
+                format!("{name:?} (expected a non-empty name without control characters)"),
             ));
         }
-        let retention = match self.retention.as_ref().or(file.retention.as_ref()) {
-            Some(s) => Some(parse_duration("retention", s)?),
-            None => None,
-        };
-        Ok(ServeConfig {
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9201))),
-            data_dir: self
-                .data_dir
-                .clone()
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("./data")),
-            replicas,
-            bearer_token_file,
-            basic_auth_users_file,
-            tls,
-            admin_listen: self.admin_listen.or(file.admin_listen),
-            enable_reload_endpoint: self
-                .enable_reload_endpoint
-                .or(file.enable_reload_endpoint)
-                .unwrap_or(false),
-            max_body_bytes: max_body_bytes as usize,
-            max_decoded_bytes: max_decoded_bytes as usize,
-            max_inflight_decoded_bytes,
-            max_concurrent_requests: self
-                .max_concurrent_requests
-                .or(file.max_concurrent_requests)
-                .unwrap_or(512)
-                .max(1),
-            max_connections: self
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
-                .max(1),
-            max_connections_per_ip: self
-                .max_connections_per_ip
-                .or(file.max_connections_per_ip)
-                .unwrap_or(0),
-            max_concurrent_password_checks: self
-                .max_concurrent_password_checks
-                .or(file.max_concurrent_password_checks)
-                .unwrap_or_else(crate::auth::default_password_check_limit)
-                .max(1),
-            max_series_per_request: self
-                .max_series_per_request
-                .or(file.max_series_per_request)
-                .unwrap_or(0),
-            max_labels_per_series: self
-                .max_labels_per_series
-                .or(file.max_labels_per_series)
-                .unwrap_or(0),
-            max_label_name_length: self
-                .max_label_name_length
-                .or(file.max_label_name_length)
-                .unwrap_or(0),
-            max_label_value_length: self
-                .max_label_value_length
-                .or(file.max_label_value_length)
-                .unwrap_or(0),
-            header_read_timeout: dur(
-                "header-read-timeout",
-                &self.header_read_timeout,
-                &file.header_read_timeout,
-                Duration::from_secs(30),
-            )?,
-            body_read_timeout: dur(
-                "body-read-timeout",
-                &self.body_read_timeout,
-                &file.body_read_timeout,
-                Duration::from_secs(60),
-            )?,
-            max_disk_bytes: bytes(
-                "max-disk-bytes",
-                &self.max_disk_bytes,
-                &file.max_disk_bytes,
-                0,
-            )?,
-            retention,
-            full_policy: self
-                .full_policy
-                .or(file.full_policy)
-                .unwrap_or(FullPolicy::Block),
-            segment_bytes,
-            compression,
-            zstd_level: self.zstd_level.or(file.zstd_level).unwrap_or(1),
-            max_samples_per_send: self
-                .max_samples_per_send
-                .or(file.max_samples_per_send)
-                .unwrap_or(20_000)
-                .max(1),
-            max_bytes_per_send: bytes(
-                "max-bytes-per-send",
-                &self.max_bytes_per_send,
-                &file.max_bytes_per_send,
-                8 << 20,
-            )?
-            .max(1) as usize,
-            send_timeout: dur(
-                "send-timeout",
-                &self.send_timeout,
-                &file.send_timeout,
-                Duration::from_secs(30),
-            )?,
-            retry_min_backoff: dur(
-                "retry-min-backoff",
-                &self.retry_min_backoff,
-                &file.retry_min_backoff,
-                Duration::from_millis(100),
-            )?,
-            retry_max_backoff: dur(
-                "retry-max-backoff",
-                &self.retry_max_backoff,
-                &file.retry_max_backoff,
-                Duration::from_secs(30),
-            )?,
-            new_replica_start: self
-                .new_replica_start
-                .or(file.new_replica_start)
-                .unwrap_or(StartAt::Head),
-            shutdown_timeout: dur(
-                "shutdown-timeout",
-                &self.shutdown_timeout,
-                &file.shutdown_timeout,
-                Duration::from_secs(20),
-            )?,
-            log_json: log_format == "json",
-            instance_name,
-        })
+        Ok(name)
     }
 }
 
