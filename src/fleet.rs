@@ -41,12 +41,32 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Checkpoints, Cursor};
+use crate::checkpoint::{CheckpointError, Checkpoints, Cursor};
 use crate::config::{ReplicaConfig, ServeConfig};
 use crate::retention::Retention;
-use crate::ship::{BatchLimits, RateLimits, ReplicaState, Sender, SenderOptions, Shipper};
+use crate::ship::{
+    BatchLimits, RateLimits, ReplicaState, Sender, SenderError, SenderOptions, Shipper,
+};
 use crate::types::StartAt;
 use crate::wal::Wal;
+
+/// Why shippers could not be started or moved to a new configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// A replica's client cannot be built (TLS or credentials files, a
+    /// header, the URL).
+    #[error("replica {name}: {source}")]
+    Client {
+        name: String,
+        #[source]
+        source: SenderError,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A reload applied what it could; these replicas have no shipper.
+    #[error("not started: {failed}; applied otherwise: {applied}")]
+    NotStarted { failed: String, applied: String },
+}
 
 /// How long a stopping shipper may take to finish its request.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -183,7 +203,7 @@ impl Fleet {
     ///
     /// # Errors
     /// A replica's client cannot be built (its credentials cannot be read).
-    pub async fn start(&self, configs: Vec<ShipperConfig>) -> anyhow::Result<()> {
+    pub async fn start(&self, configs: Vec<ShipperConfig>) -> Result<(), FleetError> {
         let mut running = self.running.lock().await;
         let mut started = Vec::new();
         for c in configs {
@@ -201,7 +221,7 @@ impl Fleet {
     ///
     /// # Errors
     /// A replica's client cannot be built, or the checkpoint store fails.
-    pub async fn apply(&self, configs: Vec<ShipperConfig>) -> anyhow::Result<Changes> {
+    pub async fn apply(&self, configs: Vec<ShipperConfig>) -> Result<Changes, FleetError> {
         let mut running = self.running.lock().await;
         let mut changes = Changes::default();
         // Build every new client first: bad credentials or certificates
@@ -261,10 +281,10 @@ impl Fleet {
         if failed.is_empty() {
             Ok(changes)
         } else {
-            Err(anyhow::anyhow!(
-                "not started: {}; applied otherwise: {changes:?}",
-                failed.join("; ")
-            ))
+            Err(FleetError::NotStarted {
+                failed: failed.join("; "),
+                applied: format!("{changes:?}"),
+            })
         }
     }
 
@@ -284,7 +304,7 @@ impl Fleet {
 
     /// The replica's stored cursor, or, for a name never seen, the start
     /// `start_at` gives, stored before its shipper or retention see it.
-    fn position(&self, name: &str, start_at: StartAt) -> anyhow::Result<Cursor> {
+    fn position(&self, name: &str, start_at: StartAt) -> Result<Cursor, FleetError> {
         let cursor = self.checkpoints.cursor(name)?;
         if let Some(delivered) = cursor.delivered {
             // Cannot happen while the relay runs (see
@@ -301,7 +321,7 @@ impl Fleet {
         Ok(self.checkpoints.cursor(name)?)
     }
 
-    fn spawn(&self, c: ShipperConfig, cursor: Cursor) -> anyhow::Result<Running> {
+    fn spawn(&self, c: ShipperConfig, cursor: Cursor) -> Result<Running, FleetError> {
         let s = sender(&c)?;
         Ok(self.spawn_with(c, cursor, s))
     }
@@ -408,7 +428,7 @@ fn replica_state(
 
 /// The HTTP client of one replica, with its TLS, credentials, headers and
 /// timeout.
-fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
+fn sender(c: &ShipperConfig) -> Result<Sender, FleetError> {
     let r = &c.replica;
     let name = &r.name;
     if r.tls.insecure_skip_verify {
@@ -430,7 +450,10 @@ fn sender(c: &ShipperConfig) -> anyhow::Result<Sender> {
             auth: r.auth.clone(),
         },
     )
-    .map_err(|e| anyhow::anyhow!("replica {name}: {e}"))
+    .map_err(|source| FleetError::Client {
+        name: name.clone(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -46,8 +46,8 @@ pub(super) enum ReloadError {
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0:#}")]
-    Apply(anyhow::Error),
+    #[error(transparent)]
+    Apply(crate::fleet::FleetError),
 }
 
 impl ReloadError {

@@ -69,7 +69,9 @@ use delivery::{BatchFill, Done, Ledger, Link, RangeRead, Request, Resend};
 
 pub use delivery::BatchLimits;
 pub use rate::RateLimits;
-pub use send::{parse_written, Body, Outcome, SendObserver, Sender, SenderOptions, WrittenCounts};
+pub use send::{
+    parse_written, Body, Outcome, SendObserver, Sender, SenderError, SenderOptions, WrittenCounts,
+};
 pub use state::{BackfillStatus, ReplicaState, ReplicaStatus, TranslationDropped};
 
 /// See the module documentation.

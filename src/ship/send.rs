@@ -212,6 +212,26 @@ const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Longest response body kept for logs and status.
 const MAX_ERROR_BODY: usize = 512;
 
+/// Why a target's client cannot be built. Nothing in it is secret: the URL
+/// is redacted, header values are not shown.
+#[derive(Debug, thiserror::Error)]
+pub enum SenderError {
+    #[error("{url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("credentials: {0}")]
+    Credentials(#[from] crate::auth::AuthError),
+    #[error("header name {name:?}: {reason}")]
+    HeaderName { name: String, reason: String },
+    #[error("value of header {name:?}: {reason}")]
+    HeaderValue { name: String, reason: String },
+    #[error("header {0:?} is set by the remote-write protocol")]
+    ReservedHeader(String),
+    #[error("building the HTTP client: {0}")]
+    Client(reqwest::Error),
+}
+
 impl Sender {
     /// The client of target `name` (it labels the credentials' metric) at
     /// `url`.
@@ -220,11 +240,14 @@ impl Sender {
     /// The URL does not parse, a TLS or credentials file is missing or bad,
     /// a header is not valid HTTP or is one the remote-write protocol sets
     /// itself, or the client cannot be built.
-    pub fn new(name: &str, url: &str, options: SenderOptions) -> Result<Self, String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("{}: {e}", redact_url(url)))?;
+    pub fn new(name: &str, url: &str, options: SenderOptions) -> Result<Self, SenderError> {
+        let url = reqwest::Url::parse(url).map_err(|e| SenderError::Url {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })?;
         // Our own rustls configuration, also for http:// URLs (where it is
         // unused): reqwest has no crypto provider of its own in this build.
-        let tls = crate::tls::client_config(&options.tls).map_err(|e| e.to_string())?;
+        let tls = crate::tls::client_config(&options.tls)?;
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(options.timeout * PATIENCE)
@@ -233,14 +256,13 @@ impl Sender {
             .redirect(redirect_policy())
             .user_agent(concat!("walrelay/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(SenderError::Client)?;
         let extra_headers = header_map(&options.headers)?;
         let auth = options
             .auth
             .as_ref()
             .map(|a| ReplicaAuth::new(name, a))
-            .transpose()
-            .map_err(|e| format!("credentials: {e}"))?;
+            .transpose()?;
         Ok(Self {
             client,
             url,
@@ -507,12 +529,14 @@ impl Sender {
 
 /// The operator's extra headers, checked: valid HTTP, and none that the
 /// remote-write protocol sets itself.
-fn header_map(headers: &[(String, String)]) -> Result<reqwest::header::HeaderMap, String> {
+fn header_map(headers: &[(String, String)]) -> Result<reqwest::header::HeaderMap, SenderError> {
     use reqwest::header::{HeaderName, HeaderValue};
     let mut map = reqwest::header::HeaderMap::new();
     for (k, v) in headers {
-        let name =
-            HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header name {k:?}: {e}"))?;
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| SenderError::HeaderName {
+            name: k.clone(),
+            reason: e.to_string(),
+        })?;
         if [
             "content-type",
             "content-encoding",
@@ -520,9 +544,12 @@ fn header_map(headers: &[(String, String)]) -> Result<reqwest::header::HeaderMap
         ]
         .contains(&name.as_str())
         {
-            return Err(format!("header {k:?} is set by the remote-write protocol"));
+            return Err(SenderError::ReservedHeader(k.clone()));
         }
-        let value = HeaderValue::from_str(v).map_err(|e| format!("value of header {k:?}: {e}"))?;
+        let value = HeaderValue::from_str(v).map_err(|e| SenderError::HeaderValue {
+            name: k.clone(),
+            reason: e.to_string(),
+        })?;
         map.append(name, value);
     }
     Ok(map)
