@@ -117,7 +117,11 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+            .map_err(|source| crate::server::ServeError::Listen {
+                addr: config.listen.to_string(),
+                what: "listen",
+                source,
+            })?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals(shutdown.clone()));
         // A reload reads flags and environment as they were at startup and

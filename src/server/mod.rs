@@ -11,11 +11,11 @@
 //! commit thread (it syncs what it has), stop the shippers (their checkpoints
 //! are consistent at every await point), exit.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use prom_remote_write::Limits;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -67,6 +67,44 @@ struct App {
     instance: String,
 }
 
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    #[error("opening the log in {dir}: {source}")]
+    Wal {
+        dir: PathBuf,
+        #[source]
+        source: wal::WalError,
+    },
+    #[error("the recovery task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("checkpoint store: {0}")]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error("fsync {path}: {source}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ingest authentication: {0}")]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("ingest TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        addr: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the commit thread: {0}")]
+    CommitThread(#[source] std::io::Error),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+}
+
 /// Runs the relay until `shutdown` is cancelled. With `reload_source`,
 /// SIGHUP and `POST /-/reload` re-read the configuration and apply its
 /// replicas (see [`crate::fleet`]) without a restart.
@@ -79,7 +117,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: CancellationToken,
     reload_source: Option<ReloadSource>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let metrics = crate::metrics::install();
     crate::metrics::set_instance(&config.instance_name);
     let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
@@ -94,9 +132,11 @@ pub async fn run(
     let (mut writer, wal, recovery) = {
         let dir = wal_dir.clone();
         tokio::task::spawn_blocking(move || wal::open(Arc::new(RealStorage), &dir, options))
-            .await
-            .context("recovery task")?
-            .with_context(|| format!("opening the log in {}", wal_dir.display()))?
+            .await?
+            .map_err(|source| ServeError::Wal {
+                dir: wal_dir.clone(),
+                source,
+            })?
     };
     report_recovery(&recovery);
     load_tombstones(&wal);
@@ -161,20 +201,21 @@ pub async fn run(
     let auth = Authenticator::new(
         config.bearer_token_file.as_deref(),
         config.basic_auth_users_file.as_deref(),
-    )
-    .context("ingest authentication")?
+    )?
     .with_password_check_limit(config.max_concurrent_password_checks);
     let tls = match &config.tls {
-        Some(files) => Some(Arc::new(
-            ServerTls::new(files.clone()).context("ingest TLS")?,
-        )),
+        Some(files) => Some(Arc::new(ServerTls::new(files.clone())?)),
         None => None,
     };
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("cannot listen on {addr} (admin-listen)"))?,
+                .map_err(|source| ServeError::Listen {
+                    addr: addr.to_string(),
+                    what: "admin-listen",
+                    source,
+                })?,
         ),
         None => None,
     };
@@ -187,7 +228,8 @@ pub async fn run(
             max_disk_bytes: config.max_disk_bytes,
             policy: config.full_policy,
         },
-    )?;
+    )
+    .map_err(ServeError::CommitThread)?;
 
     // Retention sees every replica's position from the first shipper on.
     fleet.start(ShipperConfig::all(&config)).await?;
@@ -238,12 +280,12 @@ pub async fn run(
         checkpoints: checkpoints.clone(),
     });
     metrics::gauge!("walrelay_disk_budget_bytes").set(config.max_disk_bytes as f64);
-    tracing::info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(),
+    tracing::info!(listen = ?listener.local_addr().ok(), data_dir = %config.data_dir.display(),
         replicas = config.replicas.len(), tls = tls.is_some(),
         client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
         authentication = app.ingest.auth.is_enabled(), "walrelay serving");
     if let Some(a) = &admin_listener {
-        tracing::info!(admin_listen = %a.local_addr()?,
+        tracing::info!(admin_listen = ?a.local_addr().ok(),
             "serving /metrics, /-/healthy, /-/ready and /api/v1/status on the admin address too");
     }
     if config.enable_reload_endpoint && !app.ingest.auth.is_enabled() {
@@ -328,14 +370,14 @@ const TRANSLATION_EXPANSION: usize = 4;
 /// syncs a directory: until that is done, a power loss can take the whole log
 /// and every replica's position with it, or leave a torn `conf` that sled
 /// refuses to open. Done once at startup, before anything is acknowledged.
-fn make_durable(
-    data_dir: &std::path::Path,
-    checkpoints_dir: &std::path::Path,
-) -> anyhow::Result<()> {
-    let sync = |p: &std::path::Path| {
+fn make_durable(data_dir: &Path, checkpoints_dir: &Path) -> Result<(), ServeError> {
+    let sync = |p: &Path| {
         std::fs::File::open(p)
             .and_then(|f| f.sync_all())
-            .with_context(|| format!("fsync {}", p.display()))
+            .map_err(|source| ServeError::Sync {
+                path: p.to_path_buf(),
+                source,
+            })
     };
     for file in ["conf", "db"] {
         let p = checkpoints_dir.join(file);
@@ -376,7 +418,7 @@ fn raise_sequence_floor(
     checkpoints: &Checkpoints,
     config: &ServeConfig,
     writer: &mut wal::WalWriter,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let mut names = checkpoints.replicas()?;
     for r in &config.replicas {
         if !names.contains(&r.name) {
