@@ -12,6 +12,7 @@
 
 use crate::pb::{self, last, Fields, Value, WT_I64, WT_LEN, WT_VARINT};
 use crate::sink::Sink;
+use crate::varint;
 
 /// Where an encoder writes.
 ///
@@ -144,7 +145,7 @@ fn measure<E>(body: &impl Fn(&mut Enc<'_>) -> Result<(), E>) -> Result<usize, E>
 #[inline]
 pub(crate) fn put_varint(out: &mut Enc<'_>, mut v: u64) {
     match &mut out.to {
-        To::Count(n) => *n += varint_len(v),
+        To::Count(n) => *n += varint::len(v),
         To::Buf {
             buf,
             cap,
@@ -157,27 +158,10 @@ pub(crate) fn put_varint(out: &mut Enc<'_>, mut v: u64) {
             buf.push(v as u8);
         }
         _ => {
-            let (bytes, n) = varint(v);
+            let (bytes, n) = varint::encode(v);
             out.put(&bytes[..n]);
         }
     }
-}
-
-/// `v` as a minimal varint: its bytes and their number.
-pub(crate) fn varint(mut v: u64) -> ([u8; 10], usize) {
-    let mut bytes = [0u8; 10];
-    let mut n = 0;
-    while v >= 0x80 {
-        bytes[n] = (v as u8) | 0x80;
-        v >>= 7;
-        n += 1;
-    }
-    bytes[n] = v as u8;
-    (bytes, n + 1)
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 fn key(tag: u32, wt: u8) -> u64 {
@@ -212,7 +196,7 @@ pub(crate) fn nested_made_of<E>(
     match &mut out.to {
         To::Count(n) => {
             let len = measure(&body)?;
-            *n += varint_len(key(tag, WT_LEN)) + varint_len(len as u64) + len;
+            *n += varint::len(key(tag, WT_LEN)) + varint::len(len as u64) + len;
             Ok(())
         }
         To::Buf { .. } => nested_in_buf(out, tag, &body),
@@ -248,7 +232,7 @@ fn nested_in_buf<E>(
         if len < 0x80 {
             buf[at] = len as u8;
         } else {
-            let (bytes, n) = varint(len as u64);
+            let (bytes, n) = varint::encode(len as u64);
             buf.splice(at..at + 1, bytes[..n].iter().copied());
         }
     }
@@ -346,7 +330,7 @@ pub(crate) fn put_packed<I: Iterator<Item = u64>>(
     tag: u32,
     values: impl Fn() -> I,
 ) {
-    let len: usize = values().map(varint_len).sum();
+    let len: usize = values().map(varint::len).sum();
     if len == 0 {
         return;
     }
@@ -463,7 +447,7 @@ mod tests {
             let mut b = vec![];
             prost::encoding::encode_varint(v, &mut b);
             assert_eq!(a, b);
-            assert_eq!(varint_len(v), b.len());
+            assert_eq!(varint::len(v), b.len());
         }
         for n in [0usize, 127, 128, 20000] {
             let body = |o: &mut Enc<'_>| {

@@ -7,8 +7,10 @@ use prost::Message;
 use crate::canon::{
     self, nested, nested_made_of, put_double, put_key, put_packed, put_uint, put_varint, Enc,
 };
-use crate::decode::{check_first_symbol, DecodeError, Summary};
+use crate::error::DecodeError;
+use crate::limits::Summary;
 use crate::pb::{self, Fields, WT_LEN};
+use crate::rules::check_first_symbol;
 use crate::sink::Sink;
 use crate::stream::{self, refs};
 use crate::translate::{series_metadata, CheckedV2};

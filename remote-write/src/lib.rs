@@ -73,13 +73,17 @@ mod canon;
 pub mod content;
 pub mod decode;
 pub mod encode;
+mod error;
+mod limits;
 mod pb;
+mod rules;
 pub mod sink;
 mod stream;
 mod symbols;
 pub mod translate;
 pub mod v1;
 pub mod v2;
+mod varint;
 mod wire;
 
 pub use content::{ContentTypeError, Protocol};

@@ -12,7 +12,7 @@
 
 use bytes::Bytes;
 
-use crate::canon::varint;
+use crate::varint;
 
 /// Where encoded bytes go, in order.
 pub trait Sink {
@@ -152,7 +152,7 @@ impl SnappyWriter {
                 max: u64::from(u32::MAX),
             });
         }
-        let (len, n) = varint(self.total);
+        let (len, n) = varint::encode(self.total);
         let mut body = Vec::with_capacity(n + compressed);
         body.extend_from_slice(&len[..n]);
         for block in blocks {
@@ -169,7 +169,7 @@ impl SnappyWriter {
         }
         match self.encoder.compress(input, &mut self.block) {
             Ok(n) => {
-                let (_, header) = varint(input.len() as u64);
+                let (_, header) = varint::encode(input.len() as u64);
                 self.compressed += n - header;
                 self.blocks.push(self.block[header..n].into());
             }

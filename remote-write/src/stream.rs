@@ -39,8 +39,10 @@
 //! times slower): their names are sorted by position or reference, reading
 //! each name again at every comparison instead of keeping a copy.
 
-use crate::decode::{check_histogram, DecodeError, HistogramParts, LabelRules, Limits, Summary};
+use crate::error::DecodeError;
+use crate::limits::{Limits, Summary};
 use crate::pb::{self, count_doubles, count_varints, Fields, Value};
+use crate::rules::{check_histogram, check_translated, HistogramParts, LabelRules};
 use crate::symbols::Symbols;
 use crate::{v1, v2, Protocol};
 
@@ -247,7 +249,7 @@ fn validate_v2(buf: &[u8], symbols: &Symbols<'_>, limits: &Limits) -> Result<Sum
         let t = series_v2(i, s.bytes(), symbols, limits, &mut summary, &mut scratch)?;
         translated = translated.saturating_add(t);
     }
-    crate::decode::check_translated(translated, limits)?;
+    check_translated(translated, limits)?;
     Ok(summary)
 }
 

@@ -17,8 +17,10 @@
 use std::collections::HashMap;
 
 use crate::canon::{self, nested, nested_made_of, put_double, put_str, put_uint, Enc};
-use crate::decode::{check_first_symbol, resolve_pairs, symbol, DecodeError, Summary};
+use crate::error::DecodeError;
+use crate::limits::Summary;
 use crate::pb::{self, Fields};
+use crate::rules::{check_first_symbol, resolve_pairs, symbol};
 use crate::sink::Sink;
 use crate::stream::{self, refs};
 use crate::symbols::Symbols;

@@ -19,6 +19,7 @@
 use std::mem::size_of;
 
 use crate::content::Protocol;
+use crate::limits::{Limits, Summary};
 use crate::pb::{read_varint, utf8, VarintError};
 use crate::{v1, v2};
 
@@ -303,11 +304,8 @@ fn scan_histogram(buf: &[u8], shape: &mut Shape) -> Result<(), String> {
 /// series is at least 17 bytes for 144 bytes of struct, a label 5 for 48, a
 /// sample 2 for 16), well under [`crate::decode::MAX_EXPANSION`]. The
 /// series limit is applied.
-pub(crate) fn validate_v1_fast(
-    buf: &[u8],
-    limits: &crate::decode::Limits,
-) -> Option<crate::decode::Summary> {
-    let mut summary = crate::decode::Summary::default();
+pub(crate) fn validate_v1_fast(buf: &[u8], limits: &Limits) -> Option<Summary> {
+    let mut summary = Summary::default();
     let mut r = Fast { buf, pos: 0 };
     while r.more() {
         // Only one-byte keys: a key written in more bytes than it needs is
@@ -362,12 +360,7 @@ struct FastLabels<'a> {
 
 impl<'a> FastLabels<'a> {
     #[inline]
-    fn label(
-        &mut self,
-        name: &'a [u8],
-        value: &[u8],
-        limits: &crate::decode::Limits,
-    ) -> Option<()> {
+    fn label(&mut self, name: &'a [u8], value: &[u8], limits: &Limits) -> Option<()> {
         if name.is_empty()
             || (limits.max_label_name_len != 0 && name.len() > limits.max_label_name_len)
             || (limits.max_label_value_len != 0 && value.len() > limits.max_label_value_len)
@@ -386,7 +379,7 @@ impl<'a> FastLabels<'a> {
     }
 
     #[inline]
-    fn finish(&self, limits: &crate::decode::Limits) -> Option<()> {
+    fn finish(&self, limits: &Limits) -> Option<()> {
         let too_many =
             limits.max_labels_per_series != 0 && self.count > limits.max_labels_per_series;
         (self.count > 0 && !too_many && self.has_name).then_some(())
@@ -534,7 +527,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let limits = crate::decode::Limits::default();
+        let limits = Limits::default();
         let mut req = v1::WriteRequest {
             timeseries: vec![series.clone(), series],
             metadata: vec![],

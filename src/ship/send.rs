@@ -446,7 +446,10 @@ impl Sender {
             .post(self.url.clone())
             .headers(headers)
             .header("Content-Type", content_type)
-            .header("Content-Encoding", "snappy")
+            .header(
+                "Content-Encoding",
+                prom_remote_write::content::CONTENT_ENCODING_SNAPPY,
+            )
             .header(
                 prom_remote_write::content::HEADER_VERSION,
                 body.protocol.version_header(),

@@ -73,7 +73,10 @@ pub enum WalError {
     /// Not recoverable without a restart (which re-reads what is on disk).
     #[error("the log writer has stopped after an earlier error: {cause}")]
     WriterFailed { cause: String },
-    /// A segment's header is unreadable. The segment is skipped as damage.
+    /// A segment's header is unreadable. Reported as damage at offset 0;
+    /// the segment is not skipped: its intact frames are still read, since
+    /// they carry their own checksums salted with the sequence number the
+    /// file name gives (SPEC crash point 7).
     #[error("bad segment header in {}: {reason}", path.display())]
     BadSegmentHeader { path: PathBuf, reason: String },
     /// A batch could not be encoded (a record over the size limit).
@@ -165,7 +168,10 @@ pub struct SegmentMeta {
     pub len: u64,
     /// False only for the segment the writer appends to.
     pub sealed: bool,
-    /// The header could not be read: the segment is skipped as damage.
+    /// Why the header could not be read, if it could not. Reported once as
+    /// damage at offset 0; readers still read the segment's intact frames
+    /// (salted with `first_seq` from the file name). Only
+    /// [`Wal::count_samples`] counts such a segment as holding nothing.
     pub unreadable: Option<String>,
 }
 
@@ -684,5 +690,58 @@ impl Wal {
             .storage
             .sync_dir(&self.shared.dir)
             .map_err(|e| WalError::io("sync directory", &self.shared.dir, e))
+    }
+}
+
+/// Statements of `wal-format/SPEC.md` about what the relay writes, checked
+/// on a log written by the relay's own writer.
+#[cfg(test)]
+mod spec_statements {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use wal_format::{
+        decode_frame_header, segment_file_name, Compression, PayloadEncoding, PayloadKind,
+        RecordMeta, RecordRef, SEGMENT_HEADER_LEN,
+    };
+
+    use super::sim::SimStorage;
+    use super::*;
+
+    #[test]
+    fn the_default_log_compresses_its_frames_with_zstd_as_the_spec_says() {
+        let options = WalOptions::default();
+        assert_eq!(options.compression, Compression::Zstd);
+        assert_eq!(options.zstd_level, 1);
+        let storage = Arc::new(SimStorage::new());
+        let dir = PathBuf::from("/sim/spec");
+        let (mut writer, _wal, _) = open(storage.clone(), &dir, options).unwrap();
+        // Decoded protobuf repeats its label names and values: it compresses.
+        let payload = b"\n\x1d\n\x08__name__\x12\x02up\x12\x0d\x09\0\0\0\0\0\0\xf0?".repeat(64);
+        let meta = RecordMeta {
+            receive_time_ms: 1,
+            min_sample_ts: 0,
+            max_sample_ts: 0,
+            samples: 64,
+            kind: PayloadKind::RemoteWriteV1,
+            encoding: PayloadEncoding::Identity,
+        };
+        writer
+            .append(&[RecordRef {
+                meta,
+                payload: &payload,
+            }])
+            .unwrap();
+        writer.sync().unwrap();
+
+        let path = dir.join(segment_file_name(0));
+        let file = storage.open_read(&path).unwrap();
+        let mut bytes = vec![0; file.len().unwrap() as usize];
+        assert_eq!(file.read_at(&mut bytes, 0).unwrap(), bytes.len());
+        let header = decode_frame_header(0, &bytes[SEGMENT_HEADER_LEN..]).unwrap();
+        assert_eq!(header.compression, Compression::Zstd);
+        assert!(header.body_len < header.raw_len);
     }
 }

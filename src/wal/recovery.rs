@@ -1,24 +1,47 @@
 //! Opening a log: what recovery does at each crash point.
 //!
-//! The crash points and the answers (the same list is in `wal-format/SPEC.md`):
+//! The crash points are those of `wal-format/SPEC.md`, "Crash points and
+//! recovery", with the same numbers (one list: the SPEC says what happens,
+//! this says where):
 //!
-//! 1. *Crash before a new segment's directory entry was synced*: the file is
-//!    gone after power loss; nothing in it was acknowledged (the writer syncs
-//!    the directory before it syncs a record into the new segment).
+//! 1. *Crash before a new segment's directory entry is durable*: the file is
+//!    gone after power loss; nothing to do. Nothing in it was acknowledged
+//!    (the writer syncs the directory before it syncs a record into the new
+//!    segment).
 //! 2. *Crash between creating a segment and syncing its header*: the last
-//!    file is shorter than a header or its header is unreadable and it holds
-//!    nothing else. It is removed and created anew; reported.
+//!    file is no longer than a header, or its header is unreadable and no
+//!    frame in it is intact. The first is removed, the second moved aside as
+//!    `*.wal.damaged`; the segment is created anew and this is reported
+//!    ([`recover_last`]).
 //! 3. *Crash in the middle of writing a frame* (the usual torn tail): the last
 //!    segment ends in an incomplete or checksum-failing frame with no intact
 //!    frame after it. The file is cut back to the end of the last intact frame
-//!    and the cut is reported. Those records were never acknowledged, since
-//!    acknowledgement waits for the fsync that would have completed them.
-//! 4. *Corruption before the end of the last segment, or anywhere in a sealed
+//!    and the cut is reported ([`scan_tail`] with [`TornTail::Cut`]; a
+//!    read-only open reports what it would cut, [`TornTail::Report`]). Those
+//!    records were never acknowledged, since acknowledgement waits for the
+//!    fsync that would have completed them.
+//! 4. *Crash between a group commit's writes and its fdatasync*: case 3 when
+//!    the damage is at the end, case 6 when an intact frame follows it.
+//! 5. *Crash after the fdatasync, before the 2xx*: nothing to do; the
+//!    records are delivered (at least once).
+//! 6. *Corruption before the end of the last segment, or anywhere in a sealed
 //!    segment* (bit rot, a bad sector, a stray write): reported with file and
-//!    byte offset. Recovery does not touch it; readers skip it up to the next
-//!    intact frame and account the lost sequence numbers as a gap.
-//! 5. *A sealed segment with an unreadable header*: reported; readers skip the
-//!    whole segment as a gap.
+//!    byte offset. Recovery does not touch it, and seals a damaged last
+//!    segment so that nothing is appended after the damage; readers skip it
+//!    up to the next intact frame and account the lost sequence numbers as a
+//!    gap (`reader.rs`).
+//! 7. *A segment with an unreadable header but intact frames*: reported as
+//!    damage at offset 0. The segment is not skipped: readers still read its
+//!    intact frames, salted with the sequence number of its file name. A last
+//!    segment like this is kept sealed and the writer continues in a new
+//!    segment after its last intact frame.
+//! 8. *Sequence discontinuity*: found and counted by readers (`reader.rs`),
+//!    not here.
+//! 9. *Crash during retention*: retention deletes again what every replica
+//!    has passed (`retention.rs`); nothing to do here.
+//! 10. *fdatasync fails*: the writer stops for good (`writer.rs`) and the
+//!     relay refuses writes until it is restarted; this recovery runs at the
+//!     restart and applies 3, 4 and 6 to what reached the disk.
 //!
 //! Only the last segment is scanned in full at open, so recovery time does not
 //! grow with the size of the log; sealed segments are checked as they are read
@@ -146,7 +169,14 @@ pub fn open_read_only(
         let mut meta = sealed_segment(storage.as_ref(), dir, *first_seq, name, &mut report)?;
         next_seq = *first_seq;
         if i + 1 == count && meta.unreadable.is_none() {
-            let (end, good_end) = scan_tail(storage.as_ref(), &meta, &mut report)?;
+            let (end, good_end) = scan_tail(
+                storage.as_ref(),
+                &meta.path,
+                meta.first_seq,
+                meta.len,
+                TornTail::Report,
+                &mut report,
+            )?;
             next_seq = end;
             meta.len = good_end;
         }
@@ -161,16 +191,33 @@ pub fn open_read_only(
     Ok((wal, report))
 }
 
-/// Scans the newest segment without modifying it: returns the sequence
-/// number after its last intact record and the end of its last intact frame,
-/// and reports a torn tail or damage.
+/// What [`scan_tail`] does with a torn tail (crash point 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TornTail {
+    /// Report it in [`RecoveryReport::truncated`] as what recovery would cut
+    /// and leave the file alone (read-only opens, and a newest segment with
+    /// an unreadable header, which is never appended to).
+    Report,
+    /// Cut the file back to the end of the last intact frame, sync it, and
+    /// report the cut (the writer is about to append there).
+    Cut,
+}
+
+/// Scans the newest segment, `len` bytes of `path`, frame by frame: returns
+/// the sequence number after its last intact record and the end of its last
+/// intact frame. Damage with an intact frame after it is crash point 6 and
+/// goes to `report.damage`; damage that nothing intact follows is the torn
+/// tail of crash point 3, reported or cut as `torn` says.
 fn scan_tail(
     storage: &dyn Storage,
-    meta: &SegmentMeta,
+    path: &Path,
+    first_seq: u64,
+    len: u64,
+    torn: TornTail,
     report: &mut RecoveryReport,
 ) -> Result<(u64, u64), WalError> {
-    let mut cursor = SegmentCursor::open(storage, &meta.path, meta.first_seq, meta.len)?;
-    let mut next_seq = meta.first_seq;
+    let mut cursor = SegmentCursor::open(storage, path, first_seq, len)?;
+    let mut next_seq = first_seq;
     let mut good_end = cursor.offset();
     loop {
         match cursor.read_next()? {
@@ -181,20 +228,31 @@ fn scan_tail(
             Scan::Damage {
                 offset,
                 reason,
+                incomplete_tail,
                 resume,
                 ..
             } => {
-                if resume >= meta.len {
+                if resume >= len {
+                    // Crash point 3: nothing intact follows.
+                    if torn == TornTail::Cut {
+                        cut(storage, path, good_end)?;
+                    }
+                    let kind = if incomplete_tail {
+                        "torn write"
+                    } else {
+                        "corrupt tail"
+                    };
                     report.truncated = Some(Truncation {
-                        file: meta.path.clone(),
+                        file: path.to_path_buf(),
                         offset: good_end,
-                        bytes_removed: meta.len - good_end,
-                        reason: format!("torn or corrupt tail at offset {offset}: {reason}"),
+                        bytes_removed: len - good_end,
+                        reason: format!("{kind} at offset {offset}: {reason}"),
                     });
                     return Ok((next_seq, good_end));
                 }
+                // Crash point 6: corruption with intact frames after it.
                 report.damage.push(Damage {
-                    file: meta.path.clone(),
+                    file: path.to_path_buf(),
                     offset,
                     reason,
                 });
@@ -202,6 +260,20 @@ fn scan_tail(
             Scan::End => return Ok((next_seq, good_end)),
         }
     }
+}
+
+/// Cuts `path` back to `len` bytes and makes the cut durable before
+/// anything is appended after it.
+fn cut(storage: &dyn Storage, path: &Path, len: u64) -> Result<(), WalError> {
+    let mut w = storage
+        .open_append(path)
+        .map_err(|e| WalError::io("open segment", path, e))?;
+    w.set_len(len)
+        .map_err(|e| WalError::io("truncate torn tail", path, e))?;
+    w.sync_data().map_err(|e| WalError::SyncFailed {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 fn sealed_segment(
@@ -293,7 +365,7 @@ fn recover_last(
             report.removed.push(path);
             return Ok((None, first_seq));
         }
-        // Crash point 5 on the newest segment: keep it as a sealed, damaged
+        // Crash point 7 on the newest segment: keep it as a sealed, damaged
         // segment whose intact frames readers still read (salted with the
         // file name's sequence), and continue in a new segment after them.
         report.damage.push(Damage {
@@ -309,7 +381,14 @@ fn recover_last(
             unreadable: Some(reason),
         };
         let mut scratch = RecoveryReport::default();
-        let (end, _) = scan_tail(storage, &meta, &mut scratch)?;
+        let (end, _) = scan_tail(
+            storage,
+            &meta.path,
+            first_seq,
+            len,
+            TornTail::Report,
+            &mut scratch,
+        )?;
         report.damage.extend(scratch.damage);
         if end == first_seq {
             // Nothing intact in it, and the next segment would take its
@@ -328,65 +407,7 @@ fn recover_last(
         return Ok((None, end));
     }
 
-    let mut cursor = SegmentCursor::open(storage, &path, first_seq, len)?;
-    let mut next_seq = first_seq;
-    let mut good_end = cursor.offset();
-    loop {
-        match cursor.read_next()? {
-            Scan::Frame { header, .. } => {
-                next_seq = next_seq.max(header.end_seq());
-                good_end = cursor.offset();
-            }
-            Scan::Damage {
-                offset,
-                reason,
-                incomplete_tail,
-                resume,
-                ..
-            } => {
-                if resume >= len {
-                    // Crash point 3: nothing intact follows; cut it off.
-                    let mut w = storage
-                        .open_append(&path)
-                        .map_err(|e| WalError::io("open segment", &path, e))?;
-                    w.set_len(good_end)
-                        .map_err(|e| WalError::io("truncate torn tail", &path, e))?;
-                    w.sync_data().map_err(|e| WalError::SyncFailed {
-                        path: path.clone(),
-                        source: e,
-                    })?;
-                    let kind = if incomplete_tail {
-                        "torn write"
-                    } else {
-                        "corrupt tail"
-                    };
-                    report.truncated = Some(Truncation {
-                        file: path.clone(),
-                        offset: good_end,
-                        bytes_removed: len - good_end,
-                        reason: format!("{kind} at offset {offset}: {reason}"),
-                    });
-                    let seal = report.damage.iter().any(|d| d.file == path);
-                    return Ok((
-                        Some(Active {
-                            first_seq,
-                            path,
-                            len: good_end,
-                            seal,
-                        }),
-                        next_seq,
-                    ));
-                }
-                // Crash point 4: corruption with intact frames after it.
-                report.damage.push(Damage {
-                    file: path.clone(),
-                    offset,
-                    reason,
-                });
-            }
-            Scan::End => break,
-        }
-    }
+    let (next_seq, good_end) = scan_tail(storage, &path, first_seq, len, TornTail::Cut, report)?;
     let seal = report.damage.iter().any(|d| d.file == path);
     Ok((
         Some(Active {

@@ -13,7 +13,9 @@ pub const MAX_RECORD_PAYLOAD: usize = 64 << 20;
 /// Length of a record entry's fixed part, before its payload.
 pub const RECORD_ENTRY_HEADER_LEN: usize = 36;
 
-/// What protocol message a payload holds.
+/// What protocol message a payload holds. How it travels over HTTP (content
+/// type, headers) is the relay's business (`prom_remote_write::content`),
+/// not the format's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum PayloadKind {
@@ -24,14 +26,6 @@ pub enum PayloadKind {
 }
 
 impl PayloadKind {
-    /// The HTTP `Content-Type` the payload is sent with.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Self::RemoteWriteV1 => "application/x-protobuf",
-            Self::RemoteWriteV2 => "application/x-protobuf;proto=io.prometheus.write.v2.Request",
-        }
-    }
-
     /// The kind stored as `v`, or `None` for an unknown value.
     pub fn from_u8(v: u8) -> Option<Self> {
         match v {
@@ -279,15 +273,9 @@ mod tests {
     }
 
     #[test]
-    fn content_types_match_the_remote_write_specs() {
-        assert_eq!(
-            PayloadKind::RemoteWriteV1.content_type(),
-            "application/x-protobuf"
-        );
-        assert_eq!(
-            PayloadKind::RemoteWriteV2.content_type(),
-            "application/x-protobuf;proto=io.prometheus.write.v2.Request"
-        );
+    fn unknown_kind_and_encoding_values_are_refused() {
+        assert_eq!(PayloadKind::from_u8(1), Some(PayloadKind::RemoteWriteV1));
+        assert_eq!(PayloadKind::from_u8(2), Some(PayloadKind::RemoteWriteV2));
         assert_eq!(PayloadKind::from_u8(0), None);
         assert_eq!(PayloadEncoding::from_u8(2), None);
     }

@@ -1,18 +1,26 @@
 //! A deterministic fuzz run for CI: the decoders on 100k pseudo-random and
 //! mutated buffers must never panic (nor allocate by an unchecked length,
-//! which would abort the test). `fuzz/` holds the coverage-guided version.
+//! which would abort the test). `fuzz/` holds the coverage-guided version;
+//! its target's walk (`fuzz/fuzz_targets/walk.rs`) is run here too, over a
+//! bounded, seeded mutation of valid segments' frames.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 
 use wal_format::{
-    decode_frame, decode_frame_header, decode_records, encode_frame, find_next_frame, Compression,
-    Decoded, FrameHeader, PayloadEncoding, PayloadKind, RecordMeta, RecordRef, SegmentHeader,
+    encode_frame, Compression, FrameHeader, PayloadEncoding, PayloadKind, RecordMeta, RecordRef,
     FRAME_HEADER_LEN, MAX_FRAME_RAW,
 };
 
+#[path = "../fuzz/fuzz_targets/walk.rs"]
+mod fuzz_target;
+
 const CASES: usize = 100_000;
+/// Inputs of the fuzz target's run: about 30 s in a debug build on the CI
+/// machine (2 shared cores). An iteration count, not a clock, so every run
+/// walks the same inputs.
+const FUZZ_TARGET_CASES: usize = 800_000;
 const SALT: u64 = 77;
 
 /// splitmix64: tiny, seedable, good enough to drive mutations.
@@ -165,41 +173,11 @@ fn structured(rng: &mut Rng) -> Vec<u8> {
     buf
 }
 
-/// Walks `buf` like a recovering reader: decode, skip corrupt frames via
-/// resynchronisation, stop at incomplete. Returns frames seen.
+/// The fuzz target's walk, collecting the refusals' codes.
 fn walk(buf: &[u8], codes: &mut BTreeSet<&'static str>) -> usize {
-    let _ = SegmentHeader::decode(buf);
-    if let Ok(h) = decode_frame_header(SALT, buf) {
-        let end = h.total_len().min(buf.len());
-        if let Err(e) = decode_records(&h, &buf[FRAME_HEADER_LEN..end]) {
-            codes.insert(e.as_error_code());
-        }
-    }
-    let (mut at, mut frames) = (0, 0);
-    while at < buf.len() {
-        match decode_frame(SALT, &buf[at..]) {
-            Decoded::Frame { header, body } => {
-                if let Err(e) = decode_records(&header, body) {
-                    codes.insert(e.as_error_code());
-                }
-                frames += 1;
-                at += header.total_len();
-            }
-            Decoded::Corrupt { reason } => {
-                assert!(!reason.to_string().is_empty());
-                codes.insert(reason.as_error_code());
-                match find_next_frame(SALT, buf, at + 1) {
-                    Some(next) => at = next,
-                    None => break,
-                }
-            }
-            Decoded::Incomplete { needed } => {
-                assert!(needed > buf.len() - at);
-                break;
-            }
-        }
-    }
-    frames
+    fuzz_target::walk_frames(SALT, buf, &mut |code| {
+        codes.insert(code);
+    })
 }
 
 #[test]
@@ -250,4 +228,47 @@ fn decoders_never_panic_on_random_and_mutated_buffers() {
     ] {
         assert!(codes.contains(code), "{code} never reached; saw {codes:?}");
     }
+}
+
+#[test]
+fn the_fuzz_target_survives_a_bounded_seeded_mutation_of_valid_frames() {
+    let mut rng = Rng(0x5eed_cafe_f00d_0002);
+    // The target's input: the salt, then the frames.
+    let seeds: Vec<Vec<u8>> = corpus(&mut rng)
+        .into_iter()
+        .map(|frames| [SALT.to_le_bytes().as_slice(), &frames].concat())
+        .collect();
+    for seed in &seeds {
+        assert!(
+            fuzz_target::walk(seed) > 0,
+            "a valid seed has no intact frame"
+        );
+    }
+    let mut intact = 0;
+    for i in 0..FUZZ_TARGET_CASES {
+        let mut input = seeds[rng.below(seeds.len())].clone();
+        // Every few inputs, another salt: nothing may read as intact then.
+        let salted = i % 16 == 0;
+        if salted {
+            input[..8].copy_from_slice(&rng.next().to_le_bytes());
+        }
+        let (salt, frames) = input.split_at_mut(8);
+        let mut frames = frames.to_vec();
+        mutate(&mut rng, &mut frames);
+        if i % 2 == 0 {
+            reseal(&mut frames);
+        }
+        let input = [&*salt, frames.as_slice()].concat();
+        let n = fuzz_target::walk(&input);
+        assert!(
+            !salted || n == 0,
+            "a frame read as intact under another salt"
+        );
+        intact += n;
+    }
+    // Guard against mutations so heavy that nothing deep is reached.
+    assert!(
+        intact > FUZZ_TARGET_CASES / 4,
+        "only {intact} intact frames"
+    );
 }
