@@ -13,22 +13,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::routes::route;
+use super::routes::{route, Endpoints};
 use super::App;
 use crate::config::ServeConfig;
 use crate::connections::{Activity, ConnectionLimit};
 use crate::tls::ServerTls;
-
-/// Which endpoints a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Endpoints {
-    /// Everything: the main listener.
-    All,
-    /// Metrics, health, readiness and status only: `--admin-listen`, plain
-    /// HTTP without credentials for probes and scrapers that hold no client
-    /// certificate.
-    Admin,
-}
 
 /// The bounds of one listener's connections.
 #[derive(Debug, Clone, Copy)]

@@ -38,9 +38,10 @@ mod http;
 mod reload;
 mod routes;
 
-use http::{serve_http, warn_if_files_short, Endpoints, ListenerLimits, ADMIN_MAX_CONNECTIONS};
+use http::{serve_http, warn_if_files_short, ListenerLimits, ADMIN_MAX_CONNECTIONS};
 pub use reload::ReloadSource;
 use reload::{reload_on_sighup, Reload};
+use routes::Endpoints;
 
 /// How long a write request waits for room in the memory budget before
 /// it is answered 503. A maximal plain request (32 MiB decoded) takes

@@ -12,10 +12,20 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 
-use super::http::Endpoints;
 use super::reload::{reload_now, RELOAD_ENDPOINT_INTERVAL};
 use super::{lag_bytes, App};
 use crate::ingest::{text, HttpResponse};
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoints {
+    /// Everything: the main listener.
+    All,
+    /// Metrics, health, readiness and status only: `--admin-listen`, plain
+    /// HTTP without credentials for probes and scrapers that hold no client
+    /// certificate.
+    Admin,
+}
 
 /// The endpoints that only read, answered for GET and HEAD only.
 const READ_ONLY: &[&str] = &["/metrics", "/-/healthy", "/-/ready", "/api/v1/status"];
