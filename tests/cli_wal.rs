@@ -111,6 +111,12 @@ async fn dump_selects_records_and_decodes_samples_by_range_time_and_matcher() {
     assert_eq!(lines[3]["seq"], 3);
     assert_eq!(lines[3]["samples"], 20);
     assert_eq!(lines[3]["kind"], "v1");
+    // wal-format/SPEC.md: ingest stores the decoded, validated protobuf
+    // (encoding 0), whatever the request's own encoding was.
+    assert!(
+        lines.iter().all(|l| l["encoding"] == "identity"),
+        "{lines:?}"
+    );
 
     let o = cli_dir(
         &["wal", "dump"],
