@@ -233,6 +233,92 @@ async fn metric(relay: &Relay, name: &str, labels: &[(&str, &str)]) -> f64 {
     relay.metric_sum(name, labels).await.unwrap()
 }
 
+/// The files that query the relay's metrics: the dashboard, the alert rules
+/// and the PrometheusRule generated from them.
+const QUERYING_FILES: [&str; 3] = [
+    "deploy/grafana/walrelay.json",
+    "deploy/alerts/walrelay-rules.yml",
+    "deploy/kubernetes/base/prometheusrule.yaml",
+];
+
+/// Series of `name` in an exposition (histograms by their `_count`), as
+/// their label text (`replica="a"`; empty without labels).
+fn series_of<'a>(exposition: &'a str, name: &str) -> Vec<&'a str> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (n, rest) = l.split_at(l.find(['{', ' '])?);
+            let labels = rest
+                .strip_prefix('{')
+                .map_or("", |r| r.split('}').next().unwrap_or(""));
+            (n == name || n == format!("{name}_count")).then_some(labels)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_of_the_dashboard_and_alerts_is_exposed_by_a_fresh_relay() {
+    let mut used = BTreeSet::new();
+    for f in QUERYING_FILES {
+        used.extend(metric_names(&read(f)));
+    }
+    assert!(
+        used.len() >= 25,
+        "few metrics found in {QUERYING_FILES:?}: {used:?}"
+    );
+    let (per_replica, global): (Vec<&String>, Vec<&String>) = used
+        .iter()
+        .partition(|n| n.starts_with("walrelay_replica_"));
+
+    // A relay with one replica that is never reached (nothing is sent: the
+    // log is empty) and a credentials file (its series exists only when one
+    // is configured), and a relay without replicas. Neither has met any
+    // event yet: every series must be there from the start.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "deploy-token\n").unwrap();
+    let unreachable = "http://127.0.0.1:1/api/v1/write";
+    let with_replica = Relay::start_with_bin(
+        BIN,
+        dir.path().join("a"),
+        &[("a", unreachable)],
+        &["--bearer-token-file", token.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    let without = Relay::start_with_bin(BIN, dir.path().join("none"), &[], &[])
+        .await
+        .unwrap();
+    let with_text = with_replica.metrics_text().await.unwrap();
+    let without_text = without.metrics_text().await.unwrap();
+
+    let mut missing = Vec::new();
+    for name in &per_replica {
+        if !series_of(&with_text, name)
+            .iter()
+            .any(|l| l.contains("replica=\"a\""))
+        {
+            missing.push(format!("{name}{{replica=\"a\"}}"));
+        }
+    }
+    for name in &global {
+        if series_of(&with_text, name).is_empty() {
+            missing.push(format!("{name} (relay with a replica)"));
+        }
+        if *name != "walrelay_auth_credentials_file_ok" && series_of(&without_text, name).is_empty()
+        {
+            missing.push(format!("{name} (relay without replicas)"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics queried by {QUERYING_FILES:?} that a freshly started relay does not expose \
+         (their panels read \"No data\" and their alerts have no series): {missing:?}\n\
+         /metrics:\n{with_text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_of_the_dashboard_and_alerts_is_exposed_by_a_shipping_relay() {
     let dashboard = read("deploy/grafana/walrelay.json");
