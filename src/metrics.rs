@@ -65,6 +65,24 @@ fn register_at_zero() {
     ] {
         metrics::counter!(name).increment(0);
     }
+    // Every series the dashboard or the alerts query exists from the start
+    // (tests/deploy.rs checks): a panel on a healthy relay reads 0, not
+    // "No data". A histogram registered without a sample renders zeros.
+    metrics::counter!("walrelay_wal_appended_bytes_total").increment(0);
+    for name in [
+        "walrelay_ingest_duration_seconds",
+        "walrelay_wal_append_duration_seconds",
+        "walrelay_wal_fsync_duration_seconds",
+        "walrelay_wal_group_commit_requests",
+    ] {
+        let _ = metrics::histogram!(name);
+    }
+    for reason in ["delivered", "disk_budget", "retention_age"] {
+        metrics::counter!("walrelay_wal_segments_deleted_total", "reason" => reason).increment(0);
+    }
+    for &reason in INGEST_REFUSED_REASONS {
+        metrics::counter!("walrelay_ingest_refused_total", "reason" => reason).increment(0);
+    }
     for reason in ["budget_full", "no_space", "writer_failed", "io"] {
         metrics::counter!("walrelay_wal_append_errors_total", "reason" => reason).increment(0);
     }
@@ -87,6 +105,35 @@ fn register_at_zero() {
         metrics::counter!("walrelay_config_reloads_total", "result" => result).increment(0);
     }
 }
+
+/// The `reason`s of `walrelay_ingest_refused_total`: the codes of
+/// `prom_remote_write::DecodeError::as_error_code` and ingest's own
+/// `over_memory_budget`. A code missing here is still counted, from its first
+/// refusal on.
+const INGEST_REFUSED_REASONS: &[&str] = &[
+    "over_memory_budget",
+    "too_large",
+    "expands_too_much",
+    "too_many_series",
+    "translation_too_large",
+    "snappy",
+    "protobuf",
+    "first_symbol_not_empty",
+    "odd_labels_refs",
+    "symbol_ref_out_of_range",
+    "no_labels",
+    "missing_metric_name",
+    "empty_label_name",
+    "duplicate_label_name",
+    "too_many_labels",
+    "label_name_too_long",
+    "label_value_too_long",
+    "histogram_count_mismatch",
+    "histogram_count_not_big_enough",
+    "histogram_negative_bucket_count",
+    "histogram_spans_mismatch",
+    "histogram_negative_span_offset",
+];
 
 /// Creates one listener's connection series at zero (`main`, `admin`).
 pub fn register_listener_at_zero(listener: &'static str) {
@@ -147,6 +194,9 @@ pub fn register_replica_at_zero(replica: &str) {
     // At 0 from the start, so that the alerts on them have a series to watch.
     metrics::gauge!("walrelay_replica_stuck_attempts", "replica" => r()).set(0.0);
     metrics::gauge!("walrelay_replica_blocked", "replica" => r()).set(0.0);
+    // No request has succeeded yet.
+    metrics::gauge!("walrelay_replica_up", "replica" => r()).set(0.0);
+    let _ = metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => r());
 }
 
 /// The exposition of counters the recorder cannot hold: the `metrics` crate
@@ -409,7 +459,7 @@ fn describe() {
     );
     describe_gauge!(
         "walrelay_replica_up",
-        "1 when the last request to the replica succeeded."
+        "1 when the last request to the replica succeeded (0 before the first)."
     );
     describe_histogram!(
         "walrelay_replica_send_duration_seconds",

@@ -3,10 +3,14 @@
 //! * every flag of `walrelay serve --help` (with its environment variable,
 //!   TOML key and default) is in `docs/configuration.md`;
 //! * every `walrelay_*` metric the Grafana dashboard and the alert rules use
-//!   exists in the `/metrics` of a running relay that shipped to a real
-//!   Prometheus (and met the events the rare-event counters count);
+//!   exists in the `/metrics` of a freshly started relay (so no panel reads
+//!   "No data" on a healthy relay), and in that of a running relay that
+//!   shipped to a real Prometheus (and met the events the rare-event
+//!   counters count);
 //! * `deploy/local/run.sh` brings the local pipeline up: both replicas'
 //!   series reach VictoriaMetrics, and SIGTERM stops every process it started;
+//!   `--demo-outage` prints equal, non-empty counts for both replicas after
+//!   replica b's outage;
 //! * `deploy/validate.py` passes: kustomize builds, Kubernetes and operator
 //!   schemas, promtool config/rules/unit tests, yamllint, the generated
 //!   PrometheusRule, runbook links.
@@ -231,6 +235,92 @@ async fn replica_lag(relay: &Relay, name: &str) -> u64 {
 
 async fn metric(relay: &Relay, name: &str, labels: &[(&str, &str)]) -> f64 {
     relay.metric_sum(name, labels).await.unwrap()
+}
+
+/// The files that query the relay's metrics: the dashboard, the alert rules
+/// and the PrometheusRule generated from them.
+const QUERYING_FILES: [&str; 3] = [
+    "deploy/grafana/walrelay.json",
+    "deploy/alerts/walrelay-rules.yml",
+    "deploy/kubernetes/base/prometheusrule.yaml",
+];
+
+/// Series of `name` in an exposition (histograms by their `_count`), as
+/// their label text (`replica="a"`; empty without labels).
+fn series_of<'a>(exposition: &'a str, name: &str) -> Vec<&'a str> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (n, rest) = l.split_at(l.find(['{', ' '])?);
+            let labels = rest
+                .strip_prefix('{')
+                .map_or("", |r| r.split('}').next().unwrap_or(""));
+            (n == name || n == format!("{name}_count")).then_some(labels)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_of_the_dashboard_and_alerts_is_exposed_by_a_fresh_relay() {
+    let mut used = BTreeSet::new();
+    for f in QUERYING_FILES {
+        used.extend(metric_names(&read(f)));
+    }
+    assert!(
+        used.len() >= 25,
+        "few metrics found in {QUERYING_FILES:?}: {used:?}"
+    );
+    let (per_replica, global): (Vec<&String>, Vec<&String>) = used
+        .iter()
+        .partition(|n| n.starts_with("walrelay_replica_"));
+
+    // A relay with one replica that is never reached (nothing is sent: the
+    // log is empty) and a credentials file (its series exists only when one
+    // is configured), and a relay without replicas. Neither has met any
+    // event yet: every series must be there from the start.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "deploy-token\n").unwrap();
+    let unreachable = "http://127.0.0.1:1/api/v1/write";
+    let with_replica = Relay::start_with_bin(
+        BIN,
+        dir.path().join("a"),
+        &[("a", unreachable)],
+        &["--bearer-token-file", token.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    let without = Relay::start_with_bin(BIN, dir.path().join("none"), &[], &[])
+        .await
+        .unwrap();
+    let with_text = with_replica.metrics_text().await.unwrap();
+    let without_text = without.metrics_text().await.unwrap();
+
+    let mut missing = Vec::new();
+    for name in &per_replica {
+        if !series_of(&with_text, name)
+            .iter()
+            .any(|l| l.contains("replica=\"a\""))
+        {
+            missing.push(format!("{name}{{replica=\"a\"}}"));
+        }
+    }
+    for name in &global {
+        if series_of(&with_text, name).is_empty() {
+            missing.push(format!("{name} (relay with a replica)"));
+        }
+        if *name != "walrelay_auth_credentials_file_ok" && series_of(&without_text, name).is_empty()
+        {
+            missing.push(format!("{name} (relay without replicas)"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics queried by {QUERYING_FILES:?} that a freshly started relay does not expose \
+         (their panels read \"No data\" and their alerts have no series): {missing:?}\n\
+         /metrics:\n{with_text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,6 +658,40 @@ fn distinct_free_ports(n: usize) -> Vec<u16> {
     ports
 }
 
+/// `deploy/local/run.sh ARGS` with its state in `state` and its six
+/// programs on `ports` (node, sender, relay, a, b, VictoriaMetrics).
+fn run_sh(state: &Path, ports: &[u16], args: &[&str]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("deploy/local/run.sh"))
+        .arg("--state-dir")
+        .arg(state.join("state"))
+        .args(args)
+        .current_dir(state)
+        .env("WALRELAY_BIN", BIN);
+    for (name, port) in ["NODE", "SENDER", "RELAY", "A", "B", "VM"]
+        .iter()
+        .zip(ports)
+    {
+        cmd.env(format!("WALRELAY_LOCAL_{name}_PORT"), port.to_string());
+    }
+    cmd
+}
+
+/// The tail of run.sh's output and of each program's log.
+fn pipeline_logs(state: &Path, log: &Path) -> String {
+    let mut s = chaos_tests::process::log_tail(log, 40);
+    if let Ok(dir) = std::fs::read_dir(state.join("state/logs")) {
+        for e in dir.flatten() {
+            s += &format!(
+                "\n--- {}\n{}",
+                e.path().display(),
+                chaos_tests::process::log_tail(&e.path(), 15)
+            );
+        }
+    }
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_pipeline_brings_both_replicas_series_to_victoria_metrics() {
     let state = tempfile::Builder::new()
@@ -578,33 +702,9 @@ async fn local_pipeline_brings_both_replicas_series_to_victoria_metrics() {
     let node_addr = format!("127.0.0.1:{}", ports[0]);
     let vm = format!("http://127.0.0.1:{}", ports[5]);
     let log = state.path().join("run.sh.log");
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("deploy/local/run.sh"))
-        .arg("--state-dir")
-        .arg(state.path().join("state"))
-        .args(["--run-for", "600"])
-        .current_dir(state.path())
-        .env("WALRELAY_BIN", BIN)
-        .env("WALRELAY_LOCAL_NODE_PORT", ports[0].to_string())
-        .env("WALRELAY_LOCAL_SENDER_PORT", ports[1].to_string())
-        .env("WALRELAY_LOCAL_RELAY_PORT", ports[2].to_string())
-        .env("WALRELAY_LOCAL_A_PORT", ports[3].to_string())
-        .env("WALRELAY_LOCAL_B_PORT", ports[4].to_string())
-        .env("WALRELAY_LOCAL_VM_PORT", ports[5].to_string());
+    let cmd = run_sh(state.path(), &ports, &["--run-for", "600"]);
     let mut pipeline = Pipeline(Some(Proc::spawn_logging_to("run.sh", cmd, &log).unwrap()));
-    let logs = || {
-        let mut s = chaos_tests::process::log_tail(&log, 40);
-        if let Ok(dir) = std::fs::read_dir(state.path().join("state/logs")) {
-            for e in dir.flatten() {
-                s += &format!(
-                    "\n--- {}\n{}",
-                    e.path().display(),
-                    chaos_tests::process::log_tail(&e.path(), 15)
-                );
-            }
-        }
-        s
-    };
+    let logs = || pipeline_logs(state.path(), &log);
 
     let api = PromApi::new(&vm).unwrap();
     let start = Instant::now();
@@ -678,6 +778,58 @@ async fn local_pipeline_brings_both_replicas_series_to_victoria_metrics() {
         "{}",
         logs()
     );
+}
+
+/// The two counts of a `demo: WHEN: a=N b=M ...` line of run.sh.
+fn demo_counts(output: &str, when: &str) -> Option<(u64, u64)> {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with(&format!("demo: {when}: a=")))?;
+    let mut words = line.split_whitespace();
+    let a = words.find_map(|w| w.strip_prefix("a="))?.parse().ok()?;
+    let b = words.find_map(|w| w.strip_prefix("b="))?.parse().ok()?;
+    Some((a, b))
+}
+
+#[test]
+fn local_demo_outage_shows_replica_b_s_gap_filled_with_equal_counts() {
+    let state = tempfile::Builder::new()
+        .prefix("walrelay-local-demo-")
+        .tempdir()
+        .unwrap();
+    let ports = distinct_free_ports(6);
+    let log = state.path().join("run.sh.log");
+    let mut cmd = run_sh(state.path(), &ports, &["--demo-outage", "--run-for", "1"]);
+    cmd.env("WALRELAY_LOCAL_OUTAGE_SECONDS", "15");
+    let pipeline = Pipeline(Some(Proc::spawn_logging_to("run.sh", cmd, &log).unwrap()));
+    // Start-up, data flowing (at most 120 s), the outage, the catch-up (at
+    // most 120 s): run.sh bounds each wait itself.
+    let status = pipeline
+        .0
+        .as_ref()
+        .unwrap()
+        .wait_exit(Duration::from_secs(420));
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let logs = || pipeline_logs(state.path(), &log);
+    let status =
+        status.unwrap_or_else(|e| panic!("run.sh --demo-outage did not end: {e}\n{}", logs()));
+    assert!(
+        status.success(),
+        "run.sh --demo-outage failed ({status}):\n{}",
+        logs()
+    );
+    let before = demo_counts(&output, "before the outage");
+    let after = demo_counts(&output, "after the outage");
+    let (Some((a0, b0)), Some((a1, b1))) = (before, after) else {
+        panic!("the demo printed no counts (before {before:?}, after {after:?}):\n{output}");
+    };
+    assert!(a0 > 0 && b0 > 0, "no samples before the outage:\n{output}");
+    assert_eq!(a1, b1, "b's gap was not filled:\n{output}");
+    assert!(
+        a1 > a0,
+        "the counts after the outage do not include it (before a={a0}, after a={a1}):\n{output}"
+    );
+    assert!(output.contains("equal, b's gap was filled"), "{output}");
 }
 
 // ---------------------------------------------------------------------------

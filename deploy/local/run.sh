@@ -9,7 +9,8 @@
 # query per replica in VictoriaMetrics shows each replica's completeness.
 #
 # Usage: deploy/local/run.sh [--demo-outage] [--state-dir DIR] [--run-for SECONDS]
-#   --demo-outage   after 30 s, stop replica b for a minute, then show its gap filled
+#   --demo-outage   once data flows, stop replica b for a minute (WALRELAY_LOCAL_OUTAGE_SECONDS),
+#                   then show whether its gap was filled: exits 1 if not
 #   --state-dir     where logs and data live (default ./.walrelay-local, kept
 #                   between runs so a restart resumes)
 #   --run-for       stop everything after SECONDS (default: run until stopped)
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --demo-outage) demo_outage=1 ;;
     --state-dir) state="$2"; shift ;;
     --run-for) run_for="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -162,9 +163,18 @@ start sender prometheus --config.file="$state/config/sender.yml" --storage.tsdb.
 wait_ready node "http://127.0.0.1:$p_node/metrics"
 wait_ready sender "http://127.0.0.1:$p_sender/-/ready"
 
-vmq() { # promql -> first value or "none"
-  curl -fsS "http://127.0.0.1:$p_vm/api/v1/query" --data-urlencode "query=$1" 2>/dev/null |
-    sed -n 's/.*"value":\[[^,]*,"\([^"]*\)"\].*/\1/p' | head -1
+vmq() { # promql [unix time] -> the single value of an instant query, or nothing
+  local args=(--data-urlencode "query=$1")
+  if [ -n "${2:-}" ]; then args+=(--data-urlencode "time=$2"); fi
+  curl -fsS "http://127.0.0.1:$p_vm/api/v1/query" "${args[@]}" 2>/dev/null |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if len(r)==1 else "")' 2>/dev/null ||
+    true
+}
+
+# Samples of the node exporter's node_time_seconds that reached
+# VictoriaMetrics through replica $1 in the 10 minutes before time $2.
+samples_via() { # replica unix-time
+  vmq "sum(count_over_time(node_time_seconds{prometheus_replica=\"$1\"}[10m]))" "$2"
 }
 
 cat <<EOF
@@ -186,19 +196,46 @@ Ctrl-C stops everything.
 EOF
 
 if [ "$demo_outage" -eq 1 ]; then
-  echo "demo: waiting 30 s for data to flow..."
-  pause 30
-  q='count_over_time(node_time_seconds[10m])'
-  echo "demo: before the outage: a=$(vmq "sum($q{prometheus_replica=\"a\"})") b=$(vmq "sum($q{prometheus_replica=\"b\"})") samples of node_time_seconds in the last 10m"
-  echo "demo: stopping replica b for 60 s"
+  outage="${WALRELAY_LOCAL_OUTAGE_SECONDS:-60}"
+  # Waits (at most 120 s) until replicas a and b count the same, non-zero
+  # number of samples at time $1; leaves the counts in $count_a and $count_b
+  # (empty when VictoriaMetrics returned none).
+  equal_counts() { # unix-time
+    count_a=""; count_b=""
+    for _ in $(seq 1 120); do
+      count_a="$(samples_via a "$1")"; count_b="$(samples_via b "$1")"
+      if [ -n "$count_a" ] && [ "$count_a" != 0 ] && [ "$count_a" = "$count_b" ]; then return 0; fi
+      pause 1
+    done
+    if [ -z "$count_a" ] || [ -z "$count_b" ]; then
+      echo "demo: FAILED: VictoriaMetrics returned no count of node_time_seconds (a='$count_a' b='$count_b'); see $state/logs/" >&2
+      exit 1
+    fi
+  }
+  echo "demo: waiting for node_time_seconds to reach VictoriaMetrics through both replicas..."
+  for _ in $(seq 1 120); do
+    if [ -n "$(samples_via a "")" ] && [ -n "$(samples_via b "")" ]; then break; fi
+    pause 1
+  done
+  t0="$(date +%s)"
+  equal_counts "$t0"
+  echo "demo: before the outage: a=$count_a b=$count_b samples of node_time_seconds in the 10 minutes before $(date -d "@$t0" +%T)"
+  echo "demo: stopping replica b for $outage s"
   kill -STOP "$pid_agent_b"
-  pause 60
-  echo "demo: during the outage: relay status for b:"
+  pause "$outage"
+  echo "demo: during the outage: relay status:"
   curl -fsS "http://127.0.0.1:$p_relay/api/v1/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); [print("  ", r["name"], "lag_records=%s lag_seconds=%s state=%s" % (r["lag_records"], r["lag_seconds"], r["state"])) for r in s["replicas"]]'
   echo "demo: resuming replica b"
   kill -CONT "$pid_agent_b"
-  pause 30
-  echo "demo: after the outage: a=$(vmq "sum($q{prometheus_replica=\"a\"})") b=$(vmq "sum($q{prometheus_replica=\"b\"})") (equal counts: b's gap was filled)"
+  # Counted up to the moment b came back: its whole gap is in the window.
+  t1="$(date +%s)"
+  equal_counts "$t1"
+  if [ "$count_a" = "$count_b" ]; then
+    echo "demo: after the outage: a=$count_a b=$count_b samples in the 10 minutes before $(date -d "@$t1" +%T): equal, b's gap was filled"
+  else
+    echo "demo: after the outage: a=$count_a b=$count_b samples in the 10 minutes before $(date -d "@$t1" +%T): NOT equal, b's gap was not filled within 120 s" >&2
+    exit 1
+  fi
 fi
 
 if [ -n "$run_for" ]; then

@@ -312,20 +312,108 @@ fn failed_fsync_stops_the_writer_for_good() {
     );
 }
 
+/// A [`SimStorage`] that counts the bytes read from each file: which files a
+/// reader touched, and how much of them.
+#[derive(Clone, Default)]
+struct CountingStorage {
+    inner: SimStorage,
+    read: Arc<std::sync::Mutex<std::collections::BTreeMap<PathBuf, u64>>>,
+}
+
+struct CountingFile {
+    inner: Arc<dyn env::ReadableFile>,
+    path: PathBuf,
+    read: Arc<std::sync::Mutex<std::collections::BTreeMap<PathBuf, u64>>>,
+}
+
+impl env::ReadableFile for CountingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let n = self.inner.read_at(buf, offset)?;
+        *self
+            .read
+            .lock()
+            .unwrap()
+            .entry(self.path.clone())
+            .or_default() += n as u64;
+        Ok(n)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+}
+
+impl env::Storage for CountingStorage {
+    fn create_new(&self, path: &std::path::Path) -> std::io::Result<Box<dyn env::WritableFile>> {
+        self.inner.create_new(path)
+    }
+    fn open_append(&self, path: &std::path::Path) -> std::io::Result<Box<dyn env::WritableFile>> {
+        self.inner.open_append(path)
+    }
+    fn open_read(&self, path: &std::path::Path) -> std::io::Result<Arc<dyn env::ReadableFile>> {
+        Ok(Arc::new(CountingFile {
+            inner: self.inner.open_read(path)?,
+            path: path.to_path_buf(),
+            read: Arc::clone(&self.read),
+        }))
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+}
+
 #[test]
 fn segments_roll_and_reader_opens_mid_log_without_scanning_from_the_start() {
-    let storage = SimStorage::new();
-    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::Zstd));
+    let storage = CountingStorage::default();
+    let (mut w, wal, _) = open_sim(&storage.inner, small_options(Compression::Zstd));
     for i in 0..50u64 {
         append(&mut w, &[payload(i, 700)]);
         w.sync().unwrap();
     }
-    assert!(wal.segments().len() > 3, "small segments roll");
+    drop((w, wal));
+    // Reopened, so that nothing is in the writer's in-memory tail: the
+    // reader must find record 37 in the files.
+    let (_w, wal, _) = open(
+        Arc::new(storage.clone()),
+        &dir(),
+        small_options(Compression::Zstd),
+    )
+    .unwrap();
+    let segments = wal.segments();
+    assert!(segments.len() > 3, "small segments roll");
+    let holding = segments.iter().rposition(|s| s.first_seq <= 37).unwrap();
+    assert!(holding >= 2, "37 is in a middle segment: {segments:?}");
+    storage.read.lock().unwrap().clear();
+
     let items = read_all(&wal, 37);
     assert_eq!(items.len(), 13);
     match &items[0] {
         ReadItem::Record(r) => assert_eq!(r.seq, 37),
         other => panic!("{other:?}"),
+    }
+    let read = storage.read.lock().unwrap().clone();
+    assert!(
+        read.get(&segments[holding].path).copied().unwrap_or(0) > 0,
+        "the reader read 37's segment from the files: {read:?}"
+    );
+    for s in &segments[..holding] {
+        assert_eq!(
+            read.get(&s.path),
+            None,
+            "a reader from 37 read {} (before 37's segment): {read:?}",
+            s.path.display()
+        );
     }
 }
 
@@ -376,26 +464,60 @@ fn damage_mid_segment_is_reported_with_file_and_offset() {
     }
 }
 
-#[tokio::test]
+/// Counts how many times the future it wraps is polled: a reader that waits
+/// for the writer is polled once when it starts waiting and once when it is
+/// woken; a polling one, at each of its ticks.
+struct CountPolls<F> {
+    inner: std::pin::Pin<Box<F>>,
+    polls: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for CountPolls<F> {
+    type Output = (F::Output, usize);
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.polls += 1;
+        let polls = self.polls;
+        self.inner.as_mut().poll(cx).map(|out| (out, polls))
+    }
+}
+
+// The clock is paused: the test's sleeps pass at once, in virtual time, and
+// give a reader that polls on a timer a minute of ticks to show itself.
+#[tokio::test(start_paused = true)]
 async fn reader_follows_the_tail_without_polling() {
     let storage = SimStorage::new();
     let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
     let mut r = wal.reader(0);
     let task = tokio::spawn(async move {
         let mut seqs = Vec::new();
+        let mut polls = Vec::new();
         while seqs.len() < 5 {
-            if let ReadItem::Record(rec) = r.next().await.unwrap() {
+            let next = CountPolls {
+                inner: Box::pin(r.next()),
+                polls: 0,
+            };
+            let (item, n) = next.await;
+            polls.push(n);
+            if let ReadItem::Record(rec) = item.unwrap() {
                 seqs.push(rec.seq);
             }
         }
-        seqs
+        (seqs, polls)
     });
     for i in 0..5u64 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
         append(&mut w, &[payload(i, 20)]);
         w.sync().unwrap();
     }
-    assert_eq!(task.await.unwrap(), vec![0, 1, 2, 3, 4]);
+    let (seqs, polls) = task.await.unwrap();
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+    assert!(
+        polls.iter().all(|n| *n <= 3),
+        "the reader was polled more than to wait and to wake, per record: {polls:?}"
+    );
 }
 
 #[test]
