@@ -325,3 +325,134 @@ fn free_fully_delivered(writer: &mut WalWriter, retention: &Retention) {
         Err(e) => tracing::warn!(error = %e, "cannot seal the active segment to free space"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::path::Path;
+
+    use wal_format::{PayloadEncoding, PayloadKind};
+
+    use super::*;
+    use crate::wal::sim::SimStorage;
+    use crate::wal::{ReadItem, WalOptions};
+
+    fn meta() -> RecordMeta {
+        RecordMeta {
+            receive_time_ms: 1,
+            min_sample_ts: 1,
+            max_sample_ts: 1,
+            samples: 1,
+            kind: PayloadKind::RemoteWriteV1,
+            encoding: PayloadEncoding::Identity,
+        }
+    }
+
+    fn start(storage: &SimStorage, budget: Budget) -> (Committer, Wal) {
+        let storage: Arc<dyn crate::wal::Storage> = Arc::new(storage.clone());
+        let (writer, wal, _) =
+            crate::wal::open(storage, Path::new("/sim/wal"), WalOptions::default()).unwrap();
+        let retention = Arc::new(Retention::new(wal.clone(), None));
+        let (committer, _thread) =
+            Committer::start(writer, wal.clone(), retention, budget).unwrap();
+        (committer, wal)
+    }
+
+    const NO_BUDGET: Budget = Budget {
+        max_disk_bytes: 0,
+        policy: FullPolicy::Block,
+    };
+
+    #[tokio::test]
+    async fn concurrent_appends_each_get_their_own_number_and_are_durable_when_answered() {
+        let storage = SimStorage::new();
+        let (committer, wal) = start(&storage, NO_BUDGET);
+        let appends = (0..64u8).map(|i| {
+            let c = committer.clone();
+            tokio::spawn(async move { c.append(meta(), Bytes::from(vec![i; 100])).await })
+        });
+        let mut seqs = Vec::new();
+        for a in appends {
+            seqs.push(a.await.unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..64).collect::<Vec<u64>>());
+        // Answered means synced: a crash that keeps nothing unsynced loses
+        // none of them.
+        storage.crash(|_| 0);
+        let storage: Arc<dyn crate::wal::Storage> = Arc::new(storage);
+        let (_, reopened, _) =
+            crate::wal::open(storage, Path::new("/sim/wal"), WalOptions::default()).unwrap();
+        let mut reader = reopened.reader(0);
+        let mut read = 0;
+        while let Some(item) = reader.try_next().unwrap() {
+            assert!(matches!(item, ReadItem::Record(_)), "no gap");
+            read += 1;
+        }
+        assert_eq!(read, 64);
+        drop(wal);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_refuses_its_batch_and_every_append_after_it() {
+        let storage = SimStorage::new();
+        let (committer, wal) = start(&storage, NO_BUDGET);
+        committer
+            .append(meta(), Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        storage.fail_next_sync();
+        let e = committer
+            .append(meta(), Bytes::from_static(b"b"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CommitError::WriterFailed(_)), "{e:?}");
+        assert!(committer.writer_failed());
+        // Never retried as if it had succeeded: the record stays invisible,
+        // and so does every later one.
+        let e = committer
+            .append(meta(), Bytes::from_static(b"c"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CommitError::WriterFailed(_)), "{e:?}");
+        assert_eq!(wal.durable_end(), 1);
+    }
+
+    #[tokio::test]
+    async fn under_the_block_policy_an_append_past_the_budget_is_refused_and_not_stored() {
+        let storage = SimStorage::new();
+        let budget = Budget {
+            max_disk_bytes: 64 << 10,
+            policy: FullPolicy::Block,
+        };
+        let (committer, wal) = start(&storage, budget);
+        // Incompressible, so that each record costs its size on disk.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = move || {
+            (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect::<Vec<u8>>()
+        };
+        let mut stored = 0u64;
+        let refused = loop {
+            match committer.append(meta(), Bytes::from(noise())).await {
+                Ok(_) => stored += 1,
+                Err(e) => break e,
+            }
+            assert!(stored < 64, "the budget never applied");
+        };
+        assert!(
+            matches!(refused, CommitError::BudgetFull { budget: b } if b == 64 << 10),
+            "{refused:?}"
+        );
+        assert_eq!(refused.as_error_code(), "budget_full");
+        assert!(stored > 0);
+        assert_eq!(wal.durable_end(), stored);
+        assert!(wal.extent().bytes <= 64 << 10);
+    }
+}
