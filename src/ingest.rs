@@ -559,3 +559,72 @@ fn translation_limit(limits: &Limits, decoded_len: usize) -> usize {
         absolute => absolute.min(relative),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn the_declared_size_is_read_however_the_body_arrives_in_pieces() {
+        let body = snap::raw::Encoder::new()
+            .compress_vec(&vec![1u8; 300_000])
+            .unwrap();
+        for cut in 0..=6 {
+            let chunks = [
+                Bytes::copy_from_slice(&body[..cut]),
+                Bytes::copy_from_slice(&body[cut..]),
+            ];
+            assert_eq!(snappy_header(&chunks), Some(Some(300_000)), "cut at {cut}");
+        }
+        // Incomplete: wait for more.
+        assert_eq!(snappy_header(&[Bytes::copy_from_slice(&body[..1])]), None);
+        assert_eq!(snappy_header(&[]), None);
+        // Five continuation bytes are no header: refused by decompression.
+        assert_eq!(snappy_header(&[Bytes::from_static(&[0xff; 8])]), Some(None));
+    }
+
+    #[test]
+    fn a_refused_request_is_told_whether_to_retry() {
+        let retried = [
+            (
+                CommitError::BudgetFull { budget: 1 },
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
+                CommitError::NoSpace("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (CommitError::Io("x".into()), StatusCode::SERVICE_UNAVAILABLE),
+            (
+                CommitError::WriterFailed("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (CommitError::ShuttingDown, StatusCode::SERVICE_UNAVAILABLE),
+        ];
+        for (e, status) in retried {
+            let r = commit_error(&e);
+            assert_eq!(r.status(), status, "{e:?}");
+            // Senders retry 429 and 5xx; Retry-After says when.
+            assert!(r.headers().contains_key("Retry-After"), "{e:?}");
+        }
+        let too_large = prom_remote_write::DecodeError::TooManySeries { count: 2, limit: 1 };
+        assert_eq!(
+            decode_error(&too_large).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let bad = prom_remote_write::DecodeError::FirstSymbolNotEmpty;
+        assert_eq!(decode_error(&bad).status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_translation_may_take_16_times_its_request_within_the_absolute_bound() {
+        let mut limits = Limits::default();
+        limits.max_translated_bytes = 0;
+        assert_eq!(translation_limit(&limits, 1000), 16_000);
+        assert_eq!(translation_limit(&limits, 0), 1);
+        limits.max_translated_bytes = 10_000;
+        assert_eq!(translation_limit(&limits, 1000), 10_000);
+        assert_eq!(translation_limit(&limits, 100), 1600);
+    }
+}
