@@ -619,8 +619,10 @@ mod tests {
 
     #[test]
     fn a_translation_may_take_16_times_its_request_within_the_absolute_bound() {
-        let mut limits = Limits::default();
-        limits.max_translated_bytes = 0;
+        let mut limits = Limits {
+            max_translated_bytes: 0,
+            ..Limits::default()
+        };
         assert_eq!(translation_limit(&limits, 1000), 16_000);
         assert_eq!(translation_limit(&limits, 0), 1);
         limits.max_translated_bytes = 10_000;
