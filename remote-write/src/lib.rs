@@ -77,6 +77,7 @@ mod error;
 mod limits;
 mod pb;
 mod rules;
+pub mod shard;
 pub mod sink;
 mod stream;
 mod symbols;
