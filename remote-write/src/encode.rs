@@ -136,7 +136,7 @@ pub fn merge_v2(parts: Vec<v2::Request>) -> Result<v2::Request, DecodeError> {
 /// As [`merge_v2`]; `out` is then as it was.
 pub fn merge_v2_bytes(parts: &[CheckedV2<'_>], out: &mut Vec<u8>) -> Result<Summary, DecodeError> {
     let start = out.len();
-    let result = merge_into(parts, &mut Enc::buf(out));
+    let result = merge_into(parts, None, &mut Enc::buf(out));
     if result.is_err() {
         out.truncate(start);
     }
@@ -153,9 +153,64 @@ pub fn merge_v2_bytes(parts: &[CheckedV2<'_>], out: &mut Vec<u8>) -> Result<Summ
 pub fn merge_v2_into(parts: &[CheckedV2<'_>], sink: &mut dyn Sink) -> Result<Summary, DecodeError> {
     let mut pending = Vec::new();
     let mut out = Enc::sink(sink, &mut pending);
-    let result = merge_into(parts, &mut out);
+    let result = merge_into(parts, None, &mut out);
     out.flush();
     result
+}
+
+/// [`merge_v2_into`] cut to the series of `shard` of `shards`
+/// ([`crate::shard`], their labels resolved through each part's symbols):
+/// those series, in order, as the merge writes them, with a symbol table
+/// of only the strings they refer to (`""` first, then in the order of the
+/// parts' tables). Returns what the cut request carries. With one shard it
+/// is [`merge_v2_into`]'s request.
+///
+/// # Errors
+/// As [`merge_v2`], for any series of the parts (whether or not it is of
+/// this shard: a damaged record fails alike in every shard).
+pub fn shard_v2_into(
+    parts: &[CheckedV2<'_>],
+    shard: u32,
+    shards: u32,
+    sink: &mut dyn Sink,
+) -> Result<Summary, DecodeError> {
+    let mut pending = Vec::new();
+    let mut out = Enc::sink(sink, &mut pending);
+    let keep = (shards > 1).then_some((shard, shards));
+    let result = merge_into(parts, keep, &mut out);
+    out.flush();
+    result
+}
+
+/// Which series of `part` are of `shard` of `shards`, and which of its
+/// symbols they refer to (the empty string always).
+fn shard_marks(part: &CheckedV2<'_>, shard: u32, shards: u32) -> (Vec<bool>, Vec<bool>) {
+    let mut used = vec![false; part.symbols.len().max(1)];
+    used[0] = true;
+    let mut mark = |r: u32| {
+        if let Some(u) = used.get_mut(r as usize) {
+            *u = true;
+        }
+    };
+    let mut kept = Vec::new();
+    for s in part.series() {
+        let ours = crate::shard::shard_of(crate::shard::v2_series_hash(part, s), shards) == shard;
+        kept.push(ours);
+        if !ours {
+            continue;
+        }
+        refs(s).for_each(&mut mark);
+        for (tag, e) in Fields::new(s) {
+            if tag == 4 {
+                refs(e.bytes()).for_each(&mut mark);
+            }
+        }
+        if let Some((_, help, unit)) = series_metadata(s) {
+            mark(help);
+            mark(unit);
+        }
+    }
+    (kept, used)
 }
 
 /// Old reference -> new reference for one part's symbols.
@@ -188,7 +243,13 @@ impl Remap {
     }
 }
 
-fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Enc<'_>) -> Result<Summary, DecodeError> {
+/// Merges `parts`, or with `keep` = (shard, shards), only their series of
+/// that shard and the symbols those refer to.
+fn merge_into<'a>(
+    parts: &[CheckedV2<'a>],
+    keep: Option<(u32, u32)>,
+    out: &mut Enc<'_>,
+) -> Result<Summary, DecodeError> {
     // The symbols come first: "", then each new string in order of first
     // appearance, written as they are found.
     let mut index: HashMap<&'a [u8], u32> = HashMap::from([(&b""[..], 0)]);
@@ -196,10 +257,28 @@ fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Enc<'_>) -> Result<Summary,
     put_varint(out, 0);
     let mut remap = Remap { new: Vec::new() };
     let mut series_base = 0;
+    // Per part, with `keep`: which series are of the shard.
+    let mut kept_series: Vec<Vec<bool>> = Vec::new();
     for part in parts {
         stream::check_first_symbol(&part.symbols)?;
         remap.new.clear();
-        for (_, s) in Fields::new(part.buf).filter(|&(tag, _)| tag == 4) {
+        let used = keep.map(|(shard, shards)| {
+            let (kept, used) = shard_marks(part, shard, shards);
+            kept_series.push(kept);
+            used
+        });
+        for (i, (_, s)) in Fields::new(part.buf)
+            .filter(|&(tag, _)| tag == 4)
+            .enumerate()
+        {
+            if used
+                .as_ref()
+                .is_some_and(|u| !u.get(i).copied().unwrap_or(false))
+            {
+                // Referred to by no series of the shard: never mapped.
+                remap.new.push(0);
+                continue;
+            }
             let s = s.bytes();
             let next = index.len() as u32;
             let r = *index.entry(s).or_insert_with(|| {
@@ -230,16 +309,27 @@ fn merge_into<'a>(parts: &[CheckedV2<'a>], out: &mut Enc<'_>) -> Result<Summary,
         series_base += part.series().count();
     }
     let mut summary = Summary::default();
-    for part in parts {
+    for (p, part) in parts.iter().enumerate() {
         remap.new.clear();
         let symbols = Fields::new(part.buf).filter(|&(tag, _)| tag == 4);
         remap
             .new
             .extend(symbols.map(|(_, s)| index.get(s.bytes()).copied().unwrap_or(0)));
-        for s in part.series() {
-            series_v2(out, s, &remap);
+        match kept_series.get(p) {
+            None => {
+                for s in part.series() {
+                    series_v2(out, s, &remap);
+                }
+                summary.merge(&part.summary());
+            }
+            Some(kept) => {
+                let ours = || part.series().zip(kept).filter_map(|(s, &k)| k.then_some(s));
+                for s in ours() {
+                    series_v2(out, s, &remap);
+                }
+                summary.merge(&stream::summarize_v2_series(ours()));
+            }
         }
-        summary.merge(&part.summary());
     }
     Ok(summary)
 }

@@ -441,10 +441,19 @@ fn unsorted_duplicate_v2<'a>(
 /// What a 2.0 request that [`pb::check`] accepted carries (as
 /// [`crate::translate::count_v2`] counts the decoded request).
 pub(crate) fn summarize_v2(buf: &[u8]) -> Summary {
+    summarize_v2_series(
+        Fields::new(buf)
+            .filter(|&(tag, _)| tag == 5)
+            .map(|(_, s)| s.bytes()),
+    )
+}
+
+/// [`summarize_v2`] of some of a request's series (their bytes).
+pub(crate) fn summarize_v2_series<'a>(series: impl Iterator<Item = &'a [u8]>) -> Summary {
     let mut summary = Summary::default();
-    for (_, s) in Fields::new(buf).filter(|&(tag, _)| tag == 5) {
+    for s in series {
         let mut counts = Counts::default();
-        for (tag, v) in Fields::new(s.bytes()) {
+        for (tag, v) in Fields::new(s) {
             match tag {
                 2 => {
                     counts.samples += 1;

@@ -1,16 +1,18 @@
 //! The shard of a series and a 1.0 request cut to one shard
 //! (`src/shard.rs`): the hash pinned to values computed independently from
-//! its description, and every request cut into shards that hold each series
-//! exactly once, in order, where its hash says.
+//! its description, and every request, 1.0 or 2.0, cut into shards that
+//! hold each series exactly once, in order, where its hash says: the same
+//! shard for a series whichever protocol its record came in.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use prost::Message;
 
-use prom_remote_write::encode::encode_v1;
+use prom_remote_write::encode::{encode_v1, encode_v2, merge_v2_into, shard_v2_into};
 use prom_remote_write::shard::{filter_v1, series_hash, shard_of, Kept};
-use prom_remote_write::v1;
+use prom_remote_write::translate::CheckedV2;
+use prom_remote_write::{v1, v2};
 
 mod common;
 
@@ -125,5 +127,107 @@ proptest! {
             seen += part.timeseries.len();
         }
         prop_assert_eq!(seen, req.timeseries.len());
+    }
+}
+
+/// A 2.0 request of `series` (each with an exemplar and, for every other
+/// one, metadata), its strings interned in order of appearance.
+fn v2_request(series: &[Vec<(String, String)>]) -> v2::Request {
+    let mut b = common::V2Builder::new();
+    for (i, l) in series.iter().enumerate() {
+        let refs: Vec<(&str, &str)> = l.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let at = b.series(&refs);
+        let trace = b.refs(&[("trace_id", &format!("t{i}"))]);
+        let metadata = (i % 2 == 0).then(|| v2::Metadata {
+            r#type: 1,
+            help_ref: b.sym(&format!("help of {i}")),
+            unit_ref: b.sym("seconds"),
+        });
+        let ts = &mut b.req.timeseries[at];
+        ts.exemplars.push(v2::Exemplar {
+            labels_refs: trace,
+            value: 1.0,
+            timestamp: 1000,
+        });
+        ts.metadata = metadata;
+    }
+    b.req
+}
+
+/// The labels of a 2.0 series, resolved.
+fn resolved(req: &v2::Request, ts: &v2::TimeSeries) -> Vec<(String, String)> {
+    ts.labels_refs
+        .chunks(2)
+        .map(|p| {
+            (
+                req.symbols[p[0] as usize].clone(),
+                req.symbols[p[1] as usize].clone(),
+            )
+        })
+        .collect()
+}
+
+fn strs(l: &[(String, String)]) -> u64 {
+    series_hash(l.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+}
+
+proptest! {
+    #[test]
+    fn one_2_0_shard_is_the_merge_itself(series in vec(labels(), 0..16)) {
+        let body = encode_v2(&v2_request(&series));
+        let part = [CheckedV2::new(&body).unwrap()];
+        let (mut merged, mut cut) = (Vec::new(), Vec::new());
+        let a = merge_v2_into(&part, &mut merged).unwrap();
+        let b = shard_v2_into(&part, 0, 1, &mut cut).unwrap();
+        prop_assert_eq!(merged, cut);
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_2_0_shards_hold_every_series_once_with_only_the_symbols_they_use(
+        series in vec(labels(), 0..16),
+        split in 0usize..16,
+        shards in 1u32..7,
+    ) {
+        // Two records, merged as a shipper merges a batch.
+        let split = split.min(series.len());
+        let (first, second) = series.split_at(split);
+        let bodies = [encode_v2(&v2_request(first)), encode_v2(&v2_request(second))];
+        let parts: Vec<CheckedV2<'_>> = bodies.iter().map(|b| CheckedV2::new(b).unwrap()).collect();
+        let mut seen = Vec::new();
+        for shard in 0..shards {
+            let mut out = Vec::new();
+            let summary = shard_v2_into(&parts, shard, shards, &mut out).unwrap();
+            let req = v2::Request::decode(out.as_slice()).unwrap();
+            prop_assert_eq!(req.symbols.first().map(String::as_str), Some(""));
+            let mut referred = std::collections::BTreeSet::from([0u32]);
+            for ts in &req.timeseries {
+                let labels = resolved(&req, ts);
+                // The same shard as the same labels in a 1.0 record.
+                prop_assert_eq!(shard_of(strs(&labels), shards), shard);
+                referred.extend(ts.labels_refs.iter().copied());
+                for e in &ts.exemplars {
+                    referred.extend(e.labels_refs.iter().copied());
+                }
+                if let Some(m) = &ts.metadata {
+                    referred.extend([m.help_ref, m.unit_ref]);
+                }
+                seen.push(labels);
+            }
+            prop_assert_eq!(
+                referred.len(),
+                req.symbols.len(),
+                "every symbol is referred to: {:?}",
+                req.symbols
+            );
+            prop_assert_eq!(summary.series, req.timeseries.len() as u64);
+            prop_assert_eq!(summary.samples, req.timeseries.len() as u64);
+            prop_assert_eq!(summary.exemplars, req.timeseries.len() as u64);
+        }
+        // Each series once; in order within its shard.
+        let mut want: Vec<Vec<(String, String)>> = series.clone();
+        let shard_of_labels = |l: &Vec<(String, String)>| shard_of(strs(l), shards);
+        want.sort_by_key(|l| shard_of_labels(l));
+        prop_assert_eq!(seen, want);
     }
 }
