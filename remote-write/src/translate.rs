@@ -117,7 +117,7 @@ fn pairs<'r, 'a: 'r>(
 /// As [`v2_to_v1`]; `out` is then as it was.
 pub fn v2_to_v1_bytes(req: &CheckedV2<'_>, out: &mut Vec<u8>) -> Result<Dropped, DecodeError> {
     let start = out.len();
-    let result = translate_into(req, &mut Enc::buf(out));
+    let result = translate_into(req, None, &mut Enc::buf(out));
     if result.is_err() {
         out.truncate(start);
     }
@@ -134,7 +134,29 @@ pub fn v2_to_v1_bytes(req: &CheckedV2<'_>, out: &mut Vec<u8>) -> Result<Dropped,
 pub fn v2_to_v1_into(req: &CheckedV2<'_>, sink: &mut dyn Sink) -> Result<Dropped, DecodeError> {
     let mut pending = Vec::new();
     let mut out = Enc::sink(sink, &mut pending);
-    let result = translate_into(req, &mut out);
+    let result = translate_into(req, None, &mut out);
+    out.flush();
+    result
+}
+
+/// [`v2_to_v1_into`] of only the series of `shard` of `shards`
+/// ([`crate::shard`]): their 1.0 series in order, then the metadata they
+/// carry; what is dropped is counted for them alone. With one shard it is
+/// [`v2_to_v1_into`]'s request.
+///
+/// # Errors
+/// As [`v2_to_v1`]; the labels and exemplars of every series are checked,
+/// whatever its shard, so a damaged record fails in every shard.
+pub fn v2_to_v1_shard_into(
+    req: &CheckedV2<'_>,
+    shard: u32,
+    shards: u32,
+    sink: &mut dyn Sink,
+) -> Result<Dropped, DecodeError> {
+    let mut pending = Vec::new();
+    let mut out = Enc::sink(sink, &mut pending);
+    let keep = (shards > 1).then_some((shard, shards));
+    let result = translate_into(req, keep, &mut out);
     out.flush();
     result
 }
@@ -142,7 +164,13 @@ pub fn v2_to_v1_into(req: &CheckedV2<'_>, sink: &mut dyn Sink) -> Result<Dropped
 /// 1.0 metadata: (type, family, help, unit).
 type Metadata<'a> = (u64, &'a [u8], &'a [u8], &'a [u8]);
 
-fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Enc<'_>) -> Result<Dropped, DecodeError> {
+/// Translates `req`, or with `keep` = (shard, shards) only its series of
+/// that shard.
+fn translate_into<'a>(
+    req: &CheckedV2<'a>,
+    keep: Option<(u32, u32)>,
+    out: &mut Enc<'_>,
+) -> Result<Dropped, DecodeError> {
     stream::check_first_symbol(&req.symbols)?;
     let mut dropped = Dropped::default();
     let mut families: HashMap<&'a [u8], usize> = HashMap::new();
@@ -152,6 +180,11 @@ fn translate_into<'a>(req: &CheckedV2<'a>, out: &mut Enc<'_>) -> Result<Dropped,
         for (tag, e) in Fields::new(s) {
             if tag == 4 {
                 stream::check_refs(i, "exemplar labels_refs", e.bytes(), &req.symbols)?;
+            }
+        }
+        if let Some((shard, shards)) = keep {
+            if crate::shard::shard_of(crate::shard::v2_series_hash(req, s), shards) != shard {
+                continue;
             }
         }
         if pb::last(s, 6) != 0 {

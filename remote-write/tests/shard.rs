@@ -11,7 +11,7 @@ use prost::Message;
 
 use prom_remote_write::encode::{encode_v1, encode_v2, merge_v2_into, shard_v2_into};
 use prom_remote_write::shard::{filter_v1, series_hash, shard_of, Kept};
-use prom_remote_write::translate::CheckedV2;
+use prom_remote_write::translate::{v2_to_v1_into, v2_to_v1_shard_into, CheckedV2};
 use prom_remote_write::{v1, v2};
 
 mod common;
@@ -229,5 +229,53 @@ proptest! {
         let shard_of_labels = |l: &Vec<(String, String)>| shard_of(strs(l), shards);
         want.sort_by_key(|l| shard_of_labels(l));
         prop_assert_eq!(seen, want);
+    }
+}
+
+proptest! {
+    #[test]
+    fn a_2_0_record_translated_for_a_shard_holds_that_shard_s_1_0_series(
+        series in vec(labels(), 0..16),
+        shards in 1u32..7,
+    ) {
+        let body = encode_v2(&v2_request(&series));
+        let req = CheckedV2::new(&body).unwrap();
+        let mut whole = Vec::new();
+        let all_dropped = v2_to_v1_into(&req, &mut whole).unwrap();
+        let whole = v1::WriteRequest::decode(whole.as_slice()).unwrap();
+        let mut seen = 0;
+        for shard in 0..shards {
+            let mut out = Vec::new();
+            let dropped = v2_to_v1_shard_into(&req, shard, shards, &mut out).unwrap();
+            let part = v1::WriteRequest::decode(out.as_slice()).unwrap();
+            // The series a 1.0 record of the same series would put in
+            // this shard, translated alike.
+            let want: Vec<&v1::TimeSeries> = whole
+                .timeseries
+                .iter()
+                .filter(|ts| shard_of(hash_of(ts), shards) == shard)
+                .collect();
+            prop_assert_eq!(part.timeseries.iter().collect::<Vec<_>>(), want);
+            // Metadata of this shard's series only (each series here has
+            // its own family help).
+            let families: Vec<&str> = part
+                .timeseries
+                .iter()
+                .filter_map(|ts| ts.labels.iter().find(|l| l.name == "__name__"))
+                .map(|l| l.value.as_str())
+                .collect();
+            prop_assert!(part
+                .metadata
+                .iter()
+                .all(|m| families.contains(&m.metric_family_name.as_str())));
+            prop_assert!(dropped.metadata <= all_dropped.metadata);
+            seen += part.timeseries.len();
+        }
+        prop_assert_eq!(seen, whole.timeseries.len());
+        let mut one = Vec::new();
+        v2_to_v1_shard_into(&req, 0, 1, &mut one).unwrap();
+        let mut again = Vec::new();
+        v2_to_v1_into(&req, &mut again).unwrap();
+        prop_assert_eq!(one, again);
     }
 }
