@@ -105,6 +105,27 @@ pub struct Built {
     /// For 2.0 requests: float samples, histograms and exemplars in it, to
     /// compare with the replica's `X-Prometheus-Remote-Write-*-Written`.
     pub sent: Option<Summary>,
+    /// It carries nothing (no series, no metadata): a shard none of whose
+    /// series are in the records. Never true for the whole request.
+    pub empty: bool,
+}
+
+/// Which part of the records' series a request carries: those of shard
+/// `index` of `of` ([`prom_remote_write::shard`]). [`Shard::WHOLE`] is
+/// every series, the request built without looking at them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Shard {
+    /// All of the series: one shard.
+    pub const WHOLE: Shard = Shard { index: 0, of: 1 };
+
+    fn is_whole(self) -> bool {
+        self.of <= 1
+    }
 }
 
 /// Records above this many bytes are built in
@@ -154,13 +175,27 @@ impl BodyBuilder {
         records: &[Record],
         protocol: ReplicaProtocol,
     ) -> Result<Built, PayloadError> {
+        self.build_shard(records, protocol, Shard::WHOLE)
+    }
+
+    /// [`Self::build`] of the series of `shard` only. With
+    /// [`Shard::WHOLE`], the same bytes as [`Self::build`].
+    ///
+    /// # Errors
+    /// As [`Self::build`].
+    pub fn build_shard(
+        &mut self,
+        records: &[Record],
+        protocol: ReplicaProtocol,
+        shard: Shard,
+    ) -> Result<Built, PayloadError> {
         let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if bytes > BLOCK_IN_PLACE_BYTES && multi_thread {
-            tokio::task::block_in_place(|| self.build_here(records, protocol))
+            tokio::task::block_in_place(|| self.build_here(records, protocol, shard))
         } else {
-            self.build_here(records, protocol)
+            self.build_here(records, protocol, shard)
         }
     }
 
@@ -168,6 +203,7 @@ impl BodyBuilder {
         &mut self,
         records: &[Record],
         protocol: ReplicaProtocol,
+        shard: Shard,
     ) -> Result<Built, PayloadError> {
         let first_seq = records.first().map_or(0, |r| r.seq);
         let kind = records
@@ -176,11 +212,16 @@ impl BodyBuilder {
         let wire = request_protocol(protocol, kind);
         self.snappy.begin();
         let made = match wire {
-            Protocol::V1 => append_v1(records, &mut self.snappy).map(|d| (d, None)),
+            Protocol::V1 => append_v1(records, shard, &mut self.snappy).map(|d| (d, None)),
             Protocol::V2 => {
-                append_v2(records, &mut self.snappy).map(|s| (Dropped::default(), Some(s)))
+                append_v2(records, shard, &mut self.snappy).map(|s| (Dropped::default(), Some(s)))
             }
         };
+        let empty = !shard.is_whole()
+            && match &made {
+                Ok((_, Some(summary))) => summary.series == 0,
+                _ => self.snappy.is_empty(),
+            };
         let finished = made.and_then(|made| {
             let body = self.snappy.finish().map_err(|e| PayloadError::Snappy {
                 seq: first_seq,
@@ -195,6 +236,7 @@ impl BodyBuilder {
             protocol: wire,
             dropped,
             sent,
+            empty,
         })
     }
 }
@@ -221,19 +263,31 @@ pub fn protobuf(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> 
 
 /// Writes the 1.0 encoding of `records` into `out`; returns what
 /// translating 2.0 records dropped.
-fn append_v1(records: &[Record], out: &mut dyn Sink) -> Result<Dropped, PayloadError> {
+fn append_v1(
+    records: &[Record],
+    shard: Shard,
+    out: &mut dyn Sink,
+) -> Result<Dropped, PayloadError> {
     let mut dropped = Dropped::default();
     for r in records {
         let bytes = protobuf(r)?;
         match r.meta.kind {
-            PayloadKind::RemoteWriteV1 => encode::concat_v1(&[&bytes], out),
+            PayloadKind::RemoteWriteV1 if shard.is_whole() => encode::concat_v1(&[&bytes], out),
+            PayloadKind::RemoteWriteV1 => {
+                prom_remote_write::shard::filter_v1(&bytes, shard.index, shard.of, out);
+            }
             PayloadKind::RemoteWriteV2 => {
                 let v2_error = |e: prom_remote_write::DecodeError| PayloadError::V2 {
                     seq: r.seq,
                     message: e.to_string(),
                 };
                 let req = CheckedV2::new(&bytes).map_err(v2_error)?;
-                let d = translate::v2_to_v1_into(&req, out).map_err(v2_error)?;
+                let d = if shard.is_whole() {
+                    translate::v2_to_v1_into(&req, out)
+                } else {
+                    translate::v2_to_v1_shard_into(&req, shard.index, shard.of, out)
+                }
+                .map_err(v2_error)?;
                 dropped.created_timestamps += d.created_timestamps;
                 dropped.metadata += d.metadata;
             }
@@ -244,7 +298,11 @@ fn append_v1(records: &[Record], out: &mut dyn Sink) -> Result<Dropped, PayloadE
 
 /// Writes one 2.0 request merging the 2.0 `records` into `out`; returns
 /// what it carries.
-fn append_v2(records: &[Record], out: &mut dyn Sink) -> Result<Summary, PayloadError> {
+fn append_v2(
+    records: &[Record],
+    shard: Shard,
+    out: &mut dyn Sink,
+) -> Result<Summary, PayloadError> {
     let seq = records.first().map_or(0, |r| r.seq);
     let v2_error = |seq: u64, e: prom_remote_write::DecodeError| PayloadError::V2 {
         seq,
@@ -264,6 +322,10 @@ fn append_v2(records: &[Record], out: &mut dyn Sink) -> Result<Summary, PayloadE
         .iter()
         .map(|(seq, bytes)| CheckedV2::new(bytes).map_err(|e| v2_error(*seq, e)))
         .collect::<Result<Vec<_>, _>>()?;
+    if !shard.is_whole() {
+        return encode::shard_v2_into(&parts, shard.index, shard.of, out)
+            .map_err(|e| v2_error(seq, e));
+    }
     if let [one] = parts.as_slice() {
         // One record needs no merge: its bytes go exactly as the sender
         // wrote them.
@@ -689,5 +751,193 @@ mod tests {
             ));
         }
         assert_eq!(sent, want);
+    }
+}
+
+#[cfg(test)]
+mod shard_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use prom_remote_write::shard::{series_hash, shard_of};
+    use prom_remote_write::{v1, v2};
+    use prost::Message;
+    use wal_format::RecordMeta;
+
+    fn stored(seq: u64, kind: PayloadKind, payload: Vec<u8>) -> Record {
+        Record {
+            seq,
+            meta: RecordMeta {
+                receive_time_ms: 0,
+                min_sample_ts: 0,
+                max_sample_ts: 0,
+                samples: 4,
+                kind,
+                encoding: PayloadEncoding::Identity,
+            },
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// Record `seq` holds series `job="j<seq>", instance="0".."3"`, as 1.0
+    /// or 2.0.
+    fn record(seq: u64, kind: PayloadKind) -> Record {
+        let labels = |i: u64| {
+            [
+                ("__name__".to_owned(), "up".to_owned()),
+                ("instance".to_owned(), i.to_string()),
+                ("job".to_owned(), format!("j{seq}")),
+            ]
+        };
+        let payload = match kind {
+            PayloadKind::RemoteWriteV1 => v1::WriteRequest {
+                timeseries: (0..4)
+                    .map(|i| v1::TimeSeries {
+                        labels: labels(i)
+                            .into_iter()
+                            .map(|(name, value)| v1::Label { name, value })
+                            .collect(),
+                        samples: vec![v1::Sample {
+                            value: 1.0,
+                            timestamp: seq as i64,
+                        }],
+                        ..Default::default()
+                    })
+                    .collect(),
+                metadata: vec![],
+            }
+            .encode_to_vec(),
+            PayloadKind::RemoteWriteV2 => {
+                let mut symbols = vec![String::new()];
+                let mut sym = |s: &str| match symbols.iter().position(|x| x == s) {
+                    Some(i) => i as u32,
+                    None => {
+                        symbols.push(s.to_owned());
+                        symbols.len() as u32 - 1
+                    }
+                };
+                let timeseries = (0..4)
+                    .map(|i| v2::TimeSeries {
+                        labels_refs: labels(i)
+                            .iter()
+                            .flat_map(|(n, v)| [sym(n), sym(v)])
+                            .collect(),
+                        samples: vec![v2::Sample {
+                            value: 1.0,
+                            timestamp: seq as i64,
+                        }],
+                        ..Default::default()
+                    })
+                    .collect();
+                v2::Request {
+                    symbols,
+                    timeseries,
+                }
+                .encode_to_vec()
+            }
+        };
+        stored(seq, kind, payload)
+    }
+
+    fn labels_v1(ts: &v1::TimeSeries) -> Vec<(String, String)> {
+        ts.labels
+            .iter()
+            .map(|l| (l.name.clone(), l.value.clone()))
+            .collect()
+    }
+
+    fn shard_of_labels(l: &[(String, String)], of: u32) -> u32 {
+        shard_of(
+            series_hash(l.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))),
+            of,
+        )
+    }
+
+    /// The series of every shard's request, as label lists, by shard.
+    fn series_by_shard(
+        records: &[Record],
+        protocol: ReplicaProtocol,
+        of: u32,
+    ) -> Vec<Vec<Vec<(String, String)>>> {
+        let mut b = BodyBuilder::default();
+        (0..of)
+            .map(|index| {
+                let built = b
+                    .build_shard(records, protocol, Shard { index, of })
+                    .unwrap();
+                let raw = snap::raw::Decoder::new()
+                    .decompress_vec(&built.body)
+                    .unwrap();
+                let series: Vec<Vec<(String, String)>> = match built.protocol {
+                    Protocol::V1 => v1::WriteRequest::decode(raw.as_slice())
+                        .unwrap()
+                        .timeseries
+                        .iter()
+                        .map(labels_v1)
+                        .collect(),
+                    Protocol::V2 => {
+                        let req = v2::Request::decode(raw.as_slice()).unwrap();
+                        req.timeseries
+                            .iter()
+                            .map(|ts| {
+                                ts.labels_refs
+                                    .chunks(2)
+                                    .map(|p| {
+                                        (
+                                            req.symbols[p[0] as usize].clone(),
+                                            req.symbols[p[1] as usize].clone(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .collect()
+                    }
+                };
+                assert_eq!(built.empty, series.is_empty(), "shard {index} of {of}");
+                series
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_shard_s_request_holds_its_series_of_the_batch_in_log_order() {
+        use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
+        for (kinds, protocol) in [
+            ([V1, V1, V1], ReplicaProtocol::V1),
+            ([V2, V1, V2], ReplicaProtocol::V1),
+            ([V2, V2, V2], ReplicaProtocol::V2),
+        ] {
+            let records: Vec<Record> = kinds
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| record(i as u64, k))
+                .collect();
+            let whole = series_by_shard(&records, protocol, 1).remove(0);
+            assert_eq!(whole.len(), 12);
+            for of in [2, 3, 8] {
+                let shards = series_by_shard(&records, protocol, of);
+                for (index, series) in shards.iter().enumerate() {
+                    let want: Vec<_> = whole
+                        .iter()
+                        .filter(|l| shard_of_labels(l, of) == index as u32)
+                        .cloned()
+                        .collect();
+                    assert_eq!(series, &want, "{kinds:?} shard {index} of {of}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_whole_shard_is_the_request_built_without_shards() {
+        let records: Vec<Record> = (0..3)
+            .map(|i| record(i, PayloadKind::RemoteWriteV2))
+            .collect();
+        for protocol in [ReplicaProtocol::V1, ReplicaProtocol::V2] {
+            let mut b = BodyBuilder::default();
+            let whole = b.build(&records, protocol).unwrap();
+            let shard = b.build_shard(&records, protocol, Shard::WHOLE).unwrap();
+            assert_eq!(whole.body, shard.body);
+            assert!(!shard.empty);
+        }
     }
 }
