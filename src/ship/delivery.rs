@@ -438,22 +438,9 @@ pub(crate) fn read_range(wal: &Wal, range: Range<u64>) -> Result<RangeRead, WalE
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use bytes::Bytes;
-    use wal_format::{PayloadEncoding, RecordMeta};
 
     fn record(seq: u64, kind: PayloadKind) -> Record {
-        Record {
-            seq,
-            meta: RecordMeta {
-                receive_time_ms: 0,
-                min_sample_ts: 0,
-                max_sample_ts: 0,
-                samples: 1,
-                kind,
-                encoding: PayloadEncoding::Identity,
-            },
-            payload: Bytes::from(vec![0u8; 10]),
-        }
+        super::super::test_record(seq, kind, 1, vec![0u8; 10])
     }
 
     #[test]

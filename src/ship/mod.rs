@@ -762,6 +762,29 @@ where
     }
 }
 
+/// A stored record for the shippers' tests: `payload` as the protobuf of
+/// `kind`, stored decoded, with `samples` samples and no times.
+#[cfg(test)]
+pub(crate) fn test_record(
+    seq: u64,
+    kind: wal_format::PayloadKind,
+    samples: u32,
+    payload: Vec<u8>,
+) -> Record {
+    Record {
+        seq,
+        meta: wal_format::RecordMeta {
+            receive_time_ms: 0,
+            min_sample_ts: 0,
+            max_sample_ts: 0,
+            samples,
+            kind,
+            encoding: wal_format::PayloadEncoding::Identity,
+        },
+        payload: bytes::Bytes::from(payload),
+    }
+}
+
 #[cfg(test)]
 mod delivery_tests;
 
@@ -770,21 +793,10 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use bytes::Bytes;
-    use wal_format::{PayloadEncoding, PayloadKind, RecordMeta, RecordRef};
+    use wal_format::{PayloadKind, RecordRef};
 
     fn record(seq: u64, kind: PayloadKind, samples: u32) -> Record {
-        Record {
-            seq,
-            meta: RecordMeta {
-                receive_time_ms: 0,
-                min_sample_ts: 0,
-                max_sample_ts: 0,
-                samples,
-                kind,
-                encoding: PayloadEncoding::Identity,
-            },
-            payload: Bytes::from(vec![0u8; 10]),
-        }
+        test_record(seq, kind, samples, vec![0u8; 10])
     }
 
     /// The batches a shipper's own [`Shipper::next_batch`] makes of

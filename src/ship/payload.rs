@@ -357,18 +357,7 @@ mod tests {
         let mut body = vec![0x0a];
         prost::encoding::encode_varint(series.len() as u64, &mut body);
         body.extend_from_slice(&series);
-        Record {
-            seq,
-            meta: RecordMeta {
-                receive_time_ms: 0,
-                min_sample_ts: 0,
-                max_sample_ts: 0,
-                samples: 1,
-                kind: PayloadKind::RemoteWriteV1,
-                encoding: PayloadEncoding::Identity,
-            },
-            payload: Bytes::from(body),
-        }
+        super::super::test_record(seq, PayloadKind::RemoteWriteV1, 1, body)
     }
 
     #[test]
@@ -761,22 +750,6 @@ mod shard_tests {
     use prom_remote_write::shard::{series_hash, shard_of};
     use prom_remote_write::{v1, v2};
     use prost::Message;
-    use wal_format::RecordMeta;
-
-    fn stored(seq: u64, kind: PayloadKind, payload: Vec<u8>) -> Record {
-        Record {
-            seq,
-            meta: RecordMeta {
-                receive_time_ms: 0,
-                min_sample_ts: 0,
-                max_sample_ts: 0,
-                samples: 4,
-                kind,
-                encoding: PayloadEncoding::Identity,
-            },
-            payload: Bytes::from(payload),
-        }
-    }
 
     /// Record `seq` holds series `job="j<seq>", instance="0".."3"`, as 1.0
     /// or 2.0.
@@ -835,7 +808,7 @@ mod shard_tests {
                 .encode_to_vec()
             }
         };
-        stored(seq, kind, payload)
+        super::super::test_record(seq, kind, 4, payload)
     }
 
     fn labels_v1(ts: &v1::TimeSeries) -> Vec<(String, String)> {
