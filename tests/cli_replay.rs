@@ -474,6 +474,20 @@ async fn a_replay_reaches_a_tls_receiver_with_a_client_certificate_and_basic_aut
         .to_vec()
     };
 
+    // A receiver's certificate from another CA is a setting, like a wrong
+    // password: the run stops, skipping nothing, and says why.
+    let (other, _other_ca) = pki(dst.path(), "other");
+    let mut wrong_ca = flags(&right);
+    let at = wrong_ca.iter().position(|f| f == "--tls-ca-file").unwrap();
+    wrong_ca[at + 1] = other.ca.display().to_string();
+    let o = replay(src.path(), &strs(&wrong_ca));
+    expect_code(&o, 1, "a replay trusting another CA");
+    assert!(
+        stdout(&o).contains("TLS") && stdout(&o).contains("nothing was skipped"),
+        "{}",
+        stdout(&o)
+    );
+
     // A wrong password is not about the data: the run stops, skipping
     // nothing, and says why.
     let o = replay(src.path(), &strs(&flags(&wrong)));

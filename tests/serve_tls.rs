@@ -335,6 +335,17 @@ async fn a_replica_behind_tls_with_its_own_ca_receives_everything_and_a_wrong_ca
         error.to_lowercase().contains("certificate"),
         "the error names the certificate problem: {error}"
     );
+    // A certificate refused is a setting, not a path that comes back by
+    // itself: the replica is blocked (and WalrelayReplicaBlocked fires).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = replica_status(&misconfigured).await;
+        if st["state"] == "blocked" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not blocked: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         replica

@@ -16,6 +16,7 @@
 //! | 413 | the request is too large | split in halves, down to one record; one record still refused with 413 is rejected |
 //! | 429, 5xx | the replica is overloaded or failing | retried with backoff (honouring `Retry-After`), no give-up |
 //! | any other answer (401, 403, 404, 405, 407, 408, 421, other 4xx, a redirect other than 307/308) | configuration or path: nothing about the data | retried with backoff, no give-up; the replica shows as `blocked` (status, `walrelay_replica_blocked`, the `WalrelayReplicaBlocked` alert) |
+//! | a TLS certificate refused, by the relay (a CA that did not sign the replica's, expired, another name) or by the replica (ours: none, unknown, expired) | configuration: nothing about the data | as above: retried, `blocked` |
 //! | connection error, timeout | the path | retried; a request of several records that times out is split in halves |
 //!
 //! An operator may add statuses to the data refusals of one replica

@@ -463,6 +463,17 @@ impl Sender {
                 // The URL may hold a password; status and logs name the
                 // replica's redacted URL instead.
                 let e = e.without_url();
+                if let Some(tls) = tls_refusal(&e) {
+                    // A certificate either side refuses is configuration,
+                    // like a 401: the request was never read.
+                    return Attempt::Retry {
+                        reason: format!("TLS certificate refused: {tls}"),
+                        retry_after: None,
+                        status: "blocked",
+                        ambiguous: false,
+                        blocked: true,
+                    };
+                }
                 let kind = if e.is_timeout() {
                     "timeout"
                 } else {
@@ -659,6 +670,46 @@ pub fn parse_written(
 /// receivers and is treated as absent).
 fn parse_retry_after(v: &str) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The TLS error in `e`'s causes when it is a refused certificate: ours of
+/// the replica's (a CA that did not sign it, an expired one, another name),
+/// or the replica's of ours (an alert about our client certificate, or
+/// none presented). Those are settings, not a path that may come back by
+/// itself; any other TLS failure is a connection error.
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<rustls::Error> {
+    use rustls::AlertDescription as A;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        // An I/O error hides its inner error (which may be another I/O
+        // error) from `source()`.
+        if let Some(inner) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            cur = Some(inner);
+            continue;
+        }
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return match t {
+                rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::AlertReceived(
+                    A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::CertificateRequired,
+                ) => Some(t.clone()),
+                _ => None,
+            };
+        }
+        cur = c.source();
+    }
+    None
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
