@@ -1335,11 +1335,6 @@ async fn peak_memory_stays_within_what_the_budget_implies() {
     }
     let heavy_secs = t.elapsed().as_secs_f64();
     let (hwm1, rss1) = mem_kib(pid);
-    let inflight = rig
-        .relay
-        .metric_sum("walrelay_ingest_inflight_bytes", &[])
-        .await
-        .unwrap();
     let refused_memory = rig
         .relay
         .metric_sum("walrelay_ingest_overloaded_total", &[("reason", "memory")])
@@ -1347,6 +1342,21 @@ async fn peak_memory_stays_within_what_the_budget_implies() {
         .unwrap();
     let (ack, _st) = rig.finish(&mut report).await;
     assert_eq!(ack.counts().failed, 0, "{}", ack.summary());
+    // Read once the steady load has stopped (a request of it may hold a
+    // reservation at any moment before), and given the time to release
+    // the last one, which happens as its answer is written.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let inflight = loop {
+        let inflight = rig
+            .relay
+            .metric_sum("walrelay_ingest_inflight_bytes", &[])
+            .await
+            .unwrap();
+        if inflight == 0.0 || Instant::now() >= deadline {
+            break inflight;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
 
     let bound_kib = (DEFAULT_BUDGET * (1 + VALIDATION_BYTES_PER_DECODED_BYTE) + (64 << 20)) >> 10;
     let growth = hwm1.saturating_sub(hwm0);
