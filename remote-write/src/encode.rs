@@ -194,7 +194,8 @@ fn shard_marks(part: &CheckedV2<'_>, shard: u32, shards: u32) -> (Vec<bool>, Vec
     };
     let mut kept = Vec::new();
     for s in part.series() {
-        let ours = crate::shard::shard_of(crate::shard::v2_series_hash(part, s), shards) == shard;
+        let ours =
+            crate::shard::shard_of(crate::translate::v2_series_hash(part, s), shards) == shard;
         kept.push(ours);
         if !ours {
             continue;

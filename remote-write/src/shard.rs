@@ -31,8 +31,6 @@
 
 use crate::pb::{Fields, Value};
 use crate::sink::Sink;
-use crate::stream::refs;
-use crate::translate::CheckedV2;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -73,17 +71,6 @@ pub fn shard_of(hash: u64, shards: u32) -> u32 {
         return 0;
     }
     (hash % u64::from(shards)) as u32
-}
-
-/// The hash of the 2.0 series `s` (its bytes) of `req`: its labels
-/// resolved through `req`'s symbols, which [`CheckedV2::new`] checked (a
-/// reference out of range counts as the empty string; the merge refuses
-/// such a series anyway).
-pub(crate) fn v2_series_hash(req: &CheckedV2<'_>, s: &[u8]) -> u64 {
-    let mut strings = refs(s).map(|r| req.symbols.get(r).unwrap_or_default());
-    series_hash(std::iter::from_fn(move || {
-        Some((strings.next()?, strings.next()?))
-    }))
 }
 
 /// `WriteRequest.timeseries`, `TimeSeries.labels`, `Label.name`/`value`.

@@ -97,6 +97,14 @@ impl<'a> CheckedV2<'a> {
     }
 }
 
+/// The hash of the 2.0 series `s` (its bytes) of `req`: its labels
+/// resolved through `req`'s symbols, which [`CheckedV2::new`] checked (a
+/// reference out of range counts as the empty string; the merge refuses
+/// such a series anyway).
+pub(crate) fn v2_series_hash(req: &CheckedV2<'_>, s: &[u8]) -> u64 {
+    crate::shard::series_hash(pairs(req, s))
+}
+
 /// The (name, value) strings of a `labels_refs` field whose references are
 /// in range.
 fn pairs<'r, 'a: 'r>(
@@ -183,7 +191,7 @@ fn translate_into<'a>(
             }
         }
         if let Some((shard, shards)) = keep {
-            if crate::shard::shard_of(crate::shard::v2_series_hash(req, s), shards) != shard {
+            if crate::shard::shard_of(v2_series_hash(req, s), shards) != shard {
                 continue;
             }
         }
