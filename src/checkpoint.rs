@@ -25,10 +25,32 @@
 //! the backfill) is one atomic batch, so a crash leaves either the old
 //! cursor or both streams, never a range that neither stream owns.
 //!
+//! A replica delivered by N > 1 shards (see [`crate::ship::shards`]) has,
+//! instead of one cursor, one per shard, each about the series of its shard
+//! only:
+//!
+//! - `shards`: N. Absent for one shard (an upgrade from a relay without
+//!   shards is then a no-op).
+//! - `shard/<i>/delivered` and `shard/<i>/inflight` for i in 0..N: shard
+//!   i's position and its request being sent, with the meaning above
+//!   restricted to the series that hash to shard i of N. After a crash each
+//!   shard re-sends exactly its in-flight range cut to its series, which is
+//!   the same request because N is stored beside it.
+//! - `delivered` stays as the position all shards shared when N was last
+//!   changed (a reshard waits for a common position, a barrier): it is
+//!   what an older relay would resume from, re-sending but never skipping.
+//!   [`Checkpoints::cursor`] reports the lowest shard position as the
+//!   replica's `delivered`.
+//!
+//! A reshard writes the new N and every new shard's position (the barrier)
+//! in one atomic batch, and removes the old shards' keys: a crash leaves
+//! either the old N with the old positions or the new N at the barrier.
+//!
 //! Keys are `replica/<name>/delivered`, `replica/<name>/inflight`,
-//! `replica/<name>/backfill` and `replica/<name>/backfill_inflight`, values
-//! little-endian u64s (one, or two for a range). Every change is flushed
-//! and synced before the call returns (see below).
+//! `replica/<name>/backfill`, `replica/<name>/backfill_inflight`,
+//! `replica/<name>/shards` and `replica/<name>/shard/<i>/{delivered,inflight}`,
+//! values little-endian u64s (one, or two for a range). Every change is
+//! flushed and synced before the call returns (see below).
 //!
 //! ## When a change is reported durable
 //!
@@ -138,10 +160,29 @@ pub enum CheckpointError {
 /// One replica's persisted position.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Cursor {
+    /// Everything below is delivered: with shards, the lowest shard's
+    /// position.
     pub delivered: Option<u64>,
     pub inflight: Option<Range<u64>>,
     /// The gap a live-first split left, while it is being backfilled.
     pub backfill: Option<Backfill>,
+    /// Each shard's own cursor, when the replica has more than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardCursor>,
+}
+
+impl Cursor {
+    /// How many shards deliver the replica's live stream.
+    pub fn shard_count(&self) -> u32 {
+        u32::try_from(self.shards.len()).unwrap_or(u32::MAX).max(1)
+    }
+}
+
+/// One shard's persisted position: as [`Cursor`]'s, for its series only.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardCursor {
+    pub delivered: u64,
+    pub inflight: Option<Range<u64>>,
 }
 
 /// A backfill's persisted position: `[from, to)` is still missing.
@@ -160,6 +201,8 @@ pub enum Stream {
     Live,
     /// The backfill of the gap below `to` (`backfill`, `backfill_inflight`).
     Backfill { to: u64 },
+    /// Shard `index` of `of` of the live stream (`shard/<index>/...`).
+    Shard { index: u32, of: u32 },
 }
 
 /// The checkpoint store.
@@ -257,8 +300,30 @@ fn inflight_key(replica: &str, stream: Stream) -> String {
     match stream {
         Stream::Live => key(replica, "inflight"),
         Stream::Backfill { .. } => key(replica, "backfill_inflight"),
+        Stream::Shard { index, .. } => key(replica, &format!("shard/{index}/inflight")),
     }
 }
+
+fn shard_delivered_key(replica: &str, index: u32) -> String {
+    key(replica, &format!("shard/{index}/delivered"))
+}
+
+/// What a write of a replica's position does with its backfill.
+enum Backfills {
+    Keep,
+    Clear,
+    /// A live-first split: this gap is the backfill now.
+    Split(Range<u64>),
+}
+
+/// The fields of a replica's keys besides its shards'.
+const FIELDS: [&str; 5] = [
+    "delivered",
+    "inflight",
+    "backfill",
+    "backfill_inflight",
+    "shards",
+];
 
 /// Adds to `batch` that `stream` has everything below `delivered`.
 fn put_delivered(batch: &mut sled::Batch, replica: &str, stream: Stream, delivered: u64) {
@@ -275,6 +340,10 @@ fn put_delivered(batch: &mut sled::Batch, replica: &str, stream: Stream, deliver
         Stream::Backfill { to } => batch.insert(
             key(replica, "backfill").as_bytes(),
             range_value(&(delivered..to)),
+        ),
+        Stream::Shard { index, .. } => batch.insert(
+            shard_delivered_key(replica, index).as_bytes(),
+            &delivered.to_le_bytes()[..],
         ),
     }
 }
@@ -412,13 +481,136 @@ impl Checkpoints {
             }),
             None => None,
         };
+        let mut shards = Vec::new();
+        let of = self.get_u64s::<1>(&key(replica, "shards"))?.map_or(1, |[n]| n);
+        if of > 1 {
+            for index in 0..u32::try_from(of).unwrap_or(u32::MAX) {
+                let k = shard_delivered_key(replica, index);
+                let delivered = self
+                    .get_u64s::<1>(&k)?
+                    .ok_or_else(|| CheckpointError::BadValue {
+                        key: k,
+                        len: 0,
+                        expected: 8,
+                    })?[0];
+                let stream = Stream::Shard {
+                    index,
+                    of: of as u32,
+                };
+                let inflight = self
+                    .get_u64s::<2>(&inflight_key(replica, stream))?
+                    .map(|[a, b]| a..b);
+                shards.push(ShardCursor {
+                    delivered,
+                    inflight,
+                });
+            }
+        }
+        let delivered = match shards.iter().map(|s| s.delivered).min() {
+            Some(lowest) => Some(lowest),
+            None => self.get_u64s::<1>(&key(replica, "delivered"))?.map(|[d]| d),
+        };
         Ok(Cursor {
-            delivered: self.get_u64s::<1>(&key(replica, "delivered"))?.map(|[d]| d),
+            delivered,
             inflight: self
                 .get_u64s::<2>(&key(replica, "inflight"))?
                 .map(|[a, b]| a..b),
             backfill,
+            shards,
         })
+    }
+
+    /// The keys of every shard of `replica` (whatever their number).
+    fn shard_keys(&self, replica: &str) -> Result<Vec<sled::IVec>, CheckpointError> {
+        let prefix = key(replica, "shard/");
+        self.with_db(|db| {
+            db.scan_prefix(prefix.as_bytes())
+                .keys()
+                .collect::<sled::Result<Vec<_>>>()
+        })
+    }
+
+    /// Removes every key of `replica` but `keep` from `batch`, its shards'
+    /// included.
+    fn clear(
+        &self,
+        batch: &mut sled::Batch,
+        replica: &str,
+        keep: &[&str],
+    ) -> Result<(), CheckpointError> {
+        for field in FIELDS.iter().filter(|f| !keep.contains(f)) {
+            batch.remove(key(replica, field).as_bytes());
+        }
+        for k in self.shard_keys(replica)? {
+            batch.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Changes the number of shards of the replica's live stream to `to`
+    /// at the barrier `at`: every shard of the old number has delivered
+    /// everything below `at` and has nothing in flight. In one atomic batch:
+    /// the old shards' keys go, `delivered` becomes `at`, and with `to > 1`
+    /// each new shard starts at `at`. With `split`, a live-first split at
+    /// the same time ([`Self::split`]): the shards start at its end and the
+    /// gap becomes the backfill; without, a backfill running goes on.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn reshard(
+        &self,
+        replica: &str,
+        at: u64,
+        to: u32,
+        split: Option<Range<u64>>,
+    ) -> Result<(), CheckpointError> {
+        let backfill = match split {
+            Some(gap) => Backfills::Split(gap),
+            None => Backfills::Keep,
+        };
+        self.place(replica, at, to, backfill)
+    }
+
+    /// Writes, in one batch, that the replica's live stream has `to`
+    /// shards all at `at`, nothing in flight, and its backfill as
+    /// `backfill` says.
+    fn place(
+        &self,
+        replica: &str,
+        at: u64,
+        to: u32,
+        backfill: Backfills,
+    ) -> Result<(), CheckpointError> {
+        let mut batch = sled::Batch::default();
+        let keep: &[&str] = match backfill {
+            Backfills::Keep => &["backfill", "backfill_inflight"],
+            Backfills::Clear | Backfills::Split(_) => &[],
+        };
+        self.clear(&mut batch, replica, keep)?;
+        let start = match &backfill {
+            Backfills::Split(gap) => {
+                batch.insert(key(replica, "backfill").as_bytes(), range_value(gap));
+                gap.end
+            }
+            Backfills::Keep | Backfills::Clear => at,
+        };
+        batch.insert(
+            key(replica, "delivered").as_bytes(),
+            &start.to_le_bytes()[..],
+        );
+        if to > 1 {
+            batch.insert(
+                key(replica, "shards").as_bytes(),
+                &u64::from(to).to_le_bytes()[..],
+            );
+            for index in 0..to {
+                batch.insert(
+                    shard_delivered_key(replica, index).as_bytes(),
+                    &start.to_le_bytes()[..],
+                );
+            }
+        }
+        self.apply(batch)
     }
 
     /// The names of every replica with a stored position.
@@ -541,15 +733,7 @@ impl Checkpoints {
     /// # Errors
     /// Store errors.
     pub fn split(&self, replica: &str, gap: Range<u64>) -> Result<(), CheckpointError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            key(replica, "delivered").as_bytes(),
-            &gap.end.to_le_bytes()[..],
-        );
-        batch.remove(key(replica, "inflight").as_bytes());
-        batch.insert(key(replica, "backfill").as_bytes(), range_value(&gap));
-        batch.remove(key(replica, "backfill_inflight").as_bytes());
-        self.apply(batch)
+        self.place(replica, gap.start, 1, Backfills::Split(gap))
     }
 
     /// Moves a replica's cursor (operator action or first start), clearing
@@ -560,15 +744,9 @@ impl Checkpoints {
     /// # Errors
     /// Store errors.
     pub fn set(&self, replica: &str, delivered: u64) -> Result<(), CheckpointError> {
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            key(replica, "delivered").as_bytes(),
-            &delivered.to_le_bytes()[..],
-        );
-        for field in ["inflight", "backfill", "backfill_inflight"] {
-            batch.remove(key(replica, field).as_bytes());
-        }
-        self.apply(batch)
+        // The whole replica moves: its shards too (it restarts with one,
+        // and reshards as it is configured).
+        self.place(replica, delivered, 1, Backfills::Clear)
     }
 
     /// Forgets a replica.
@@ -577,9 +755,7 @@ impl Checkpoints {
     /// Store errors.
     pub fn remove(&self, replica: &str) -> Result<(), CheckpointError> {
         let mut batch = sled::Batch::default();
-        for field in ["delivered", "inflight", "backfill", "backfill_inflight"] {
-            batch.remove(key(replica, field).as_bytes());
-        }
+        self.clear(&mut batch, replica, &[])?;
         self.apply(batch)
     }
 
@@ -970,6 +1146,7 @@ mod tests {
                 delivered: Some(10),
                 inflight: Some(10..25),
                 backfill: None,
+                shards: Vec::new(),
             }
         );
         cp.complete_and_begin("a", 25, 25..30).unwrap();
@@ -979,6 +1156,7 @@ mod tests {
                 delivered: Some(25),
                 inflight: Some(25..30),
                 backfill: None,
+                shards: Vec::new(),
             }
         );
         cp.complete("a", 30).unwrap();
@@ -988,6 +1166,7 @@ mod tests {
                 delivered: Some(30),
                 inflight: None,
                 backfill: None,
+                shards: Vec::new(),
             }
         );
         assert_eq!(cp.replicas().unwrap(), vec!["a".to_string()]);
@@ -1015,6 +1194,7 @@ mod tests {
                     to: 500,
                     inflight: None
                 }),
+                shards: Vec::new(),
             }
         );
     }
@@ -1066,6 +1246,7 @@ mod tests {
                 delivered: Some(500),
                 inflight: None,
                 backfill: None,
+                shards: Vec::new(),
             }
         );
     }

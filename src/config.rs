@@ -18,7 +18,7 @@ use wal_format::Compression;
 
 use crate::auth::ReplicaAuthConfig;
 use crate::tls::{ClientTlsOptions, ServerTlsFiles};
-use crate::types::{
+use crate::types::{Shards, 
     parse_statuses, redact_url, CatchUp, FullPolicy, ReplicaProtocol, StartAt, StatusPolicy,
 };
 
@@ -120,6 +120,22 @@ pub struct ServeArgs {
         value_delimiter = ';'
     )]
     pub replica_drop_on_status: Vec<String>,
+    /// A fixed number of delivery shards for a replica, as NAME=N (repeatable, e.g. far=8); without it a replica's shards adapt between --min-shards and --max-shards.
+    #[arg(
+        long = "replica-shards",
+        env = "WALRELAY_REPLICA_SHARDS",
+        value_delimiter = ','
+    )]
+    pub replica_shards: Vec<String>,
+    /// Fewest delivery shards of a replica whose count adapts. [default: 1]
+    #[arg(long, env = "WALRELAY_MIN_SHARDS")]
+    pub min_shards: Option<u32>,
+    /// Most delivery shards of a replica whose count adapts (each has one request in flight). [default: 16]
+    #[arg(long, env = "WALRELAY_MAX_SHARDS")]
+    pub max_shards: Option<u32>,
+    /// How often an adaptive shard count is re-evaluated. [default: 10s]
+    #[arg(long, env = "WALRELAY_SHARD_UPDATE_INTERVAL")]
+    pub shard_update_interval: Option<String>,
     /// File holding the bearer token senders must present (none: no auth).
     #[arg(long, env = "WALRELAY_BEARER_TOKEN_FILE")]
     pub bearer_token_file: Option<PathBuf>,
@@ -262,6 +278,11 @@ struct FileReplica {
     live_first_after: Option<String>,
     /// Statuses that refuse a record's data, on top of 400, 409 and 422.
     drop_on_status: Option<Vec<u16>>,
+    /// A fixed number of delivery shards.
+    shards: Option<u32>,
+    /// Bounds of an adaptive number of shards.
+    min_shards: Option<u32>,
+    max_shards: Option<u32>,
 }
 
 /// The TOML file: the same settings, snake_case.
@@ -273,6 +294,9 @@ struct FileConfig {
     #[serde(default)]
     replica: Vec<FileReplica>,
     replica_drop_on_status: Option<Vec<String>>,
+    min_shards: Option<u32>,
+    max_shards: Option<u32>,
+    shard_update_interval: Option<String>,
     bearer_token_file: Option<PathBuf>,
     basic_auth_users_file: Option<PathBuf>,
     tls_cert_file: Option<PathBuf>,
@@ -331,6 +355,8 @@ pub struct ReplicaConfig {
     pub catch_up: CatchUp,
     /// Which answers make the shipper skip a record ([`crate::ship::policy`]).
     pub status_policy: StatusPolicy,
+    /// How many shards deliver its live stream.
+    pub shards: Shards,
 }
 
 impl ReplicaConfig {
@@ -409,6 +435,8 @@ pub struct ServeConfig {
     pub retry_min_backoff: Duration,
     pub retry_max_backoff: Duration,
     pub new_replica_start: StartAt,
+    /// How often an adaptive shard count is re-evaluated.
+    pub shard_update_interval: Duration,
     pub shutdown_timeout: Duration,
     pub log_json: bool,
     /// Which relay this is, among several in front of the same replicas:
@@ -506,6 +534,7 @@ pub fn parse_replica(s: &str) -> Result<ReplicaConfig, String> {
         timeout: None,
         catch_up: CatchUp::InOrder,
         status_policy: StatusPolicy::default(),
+        shards: Shards::default(),
     })
 }
 
@@ -562,7 +591,35 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
         c.status_policy = StatusPolicy::with_drop_on(statuses)
             .map_err(|m| format!("replica {name}: drop_on_status: {m}"))?;
     }
+    c.shards = match (r.shards, r.min_shards, r.max_shards) {
+        (Some(n), None, None) => Shards::adaptive(n, n),
+        (Some(_), _, _) => Err("shards (a fixed number) excludes min_shards and max_shards".into()),
+        (None, None, None) => Ok(Shards::default()),
+        (None, min, max) => {
+            let (dmin, dmax) = Shards::default().bounds();
+            Shards::adaptive(min.unwrap_or(dmin), max.unwrap_or(dmax))
+        }
+    }
+    .map_err(|m| format!("replica {name}: {m}"))?;
     Ok(c)
+}
+
+/// `--replica-shards NAME=N`: replica NAME has N shards, fixed.
+fn apply_shards(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(), String> {
+    let (name, n) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("{arg:?} must be NAME=N"))?;
+    let name = name.trim();
+    let replica = replicas
+        .iter_mut()
+        .find(|r| r.name == name)
+        .ok_or_else(|| format!("{arg:?}: no replica is named {name:?}"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{arg:?}: {:?} is not a number of shards", n.trim()))?;
+    replica.shards = Shards::adaptive(n, n).map_err(|m| format!("{arg:?}: {m}"))?;
+    Ok(())
 }
 
 /// How the relay reaches a replica beyond its URL: TLS and credentials, as
@@ -824,6 +881,12 @@ impl ServeArgs {
                 Duration::from_secs(30),
             )?,
             new_replica_start: pick(self.new_replica_start, f.new_replica_start, StartAt::Head),
+            shard_update_interval: merged_duration(
+                "shard-update-interval",
+                &self.shard_update_interval,
+                &f.shard_update_interval,
+                Duration::from_secs(10),
+            )?,
             shutdown_timeout: merged_duration(
                 "shutdown-timeout",
                 &self.shutdown_timeout,
@@ -855,6 +918,22 @@ impl ServeArgs {
         for arg in &drop_on_status {
             apply_drop_on_status(&mut replicas, arg)
                 .map_err(|m| invalid("replica-drop-on-status", m))?;
+        }
+        // The relay-wide bounds apply to every replica without its own.
+        let (min, max) = (
+            self.min_shards.or(file.min_shards),
+            self.max_shards.or(file.max_shards),
+        );
+        if min.is_some() || max.is_some() {
+            let (dmin, dmax) = Shards::default().bounds();
+            let bounds = Shards::adaptive(min.unwrap_or(dmin), max.unwrap_or(dmax))
+                .map_err(|m| invalid("max-shards", m))?;
+            for r in replicas.iter_mut().filter(|r| r.shards == Shards::default()) {
+                r.shards = bounds;
+            }
+        }
+        for arg in &self.replica_shards {
+            apply_shards(&mut replicas, arg).map_err(|m| invalid("replica-shards", m))?;
         }
         let mut names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
         names.sort_unstable();

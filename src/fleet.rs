@@ -81,6 +81,7 @@ pub struct ShipperConfig {
     pub retry_min_backoff: Duration,
     pub retry_max_backoff: Duration,
     pub start_at: StartAt,
+    pub shard_update_interval: Duration,
 }
 
 impl ShipperConfig {
@@ -99,6 +100,7 @@ impl ShipperConfig {
                 retry_min_backoff: config.retry_min_backoff,
                 retry_max_backoff: config.retry_max_backoff,
                 start_at: config.new_replica_start,
+                shard_update_interval: config.shard_update_interval,
             })
             .collect()
     }
@@ -358,7 +360,8 @@ impl Fleet {
             c.batch,
             c.start_at,
         )
-        .with_catch_up(r.catch_up);
+        .with_catch_up(r.catch_up)
+        .with_shards(r.shards, c.shard_update_interval);
         let drain = CancellationToken::new();
         let stop = CancellationToken::new();
         let task = tokio::spawn(shipper.run(stop.clone(), drain.clone()));
@@ -478,6 +481,7 @@ mod tests {
             retry_min_backoff: Duration::from_millis(10),
             retry_max_backoff: Duration::from_millis(100),
             start_at: StartAt::Head,
+            shard_update_interval: Duration::from_secs(10),
         }
     }
 

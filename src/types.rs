@@ -84,6 +84,65 @@ impl ReplicaProtocol {
     }
 }
 
+/// How many shards deliver a replica's live stream, each with one request
+/// in flight and the series that hash to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    /// Always this many.
+    Fixed(u32),
+    /// As many as the replica's round trip and the backlog need, between
+    /// `min` and `max`, re-evaluated every `--shard-update-interval`.
+    Adaptive { min: u32, max: u32 },
+}
+
+/// Most shards per replica: a shard holds a request's buffers and one
+/// connection.
+pub const MAX_SHARDS: u32 = 256;
+
+/// The adaptive default's bounds: one shard for a replica next door; up to
+/// 16 requests in flight, 320,000 samples at the default request size, for
+/// one far away.
+pub const DEFAULT_SHARDS: Shards = Shards::Adaptive { min: 1, max: 16 };
+
+impl Default for Shards {
+    fn default() -> Self {
+        DEFAULT_SHARDS
+    }
+}
+
+impl Shards {
+    /// The fewest and the most shards.
+    pub fn bounds(self) -> (u32, u32) {
+        match self {
+            Shards::Fixed(n) => (n, n),
+            Shards::Adaptive { min, max } => (min, max),
+        }
+    }
+
+    /// `n` kept within the bounds.
+    pub fn clamp(self, n: u32) -> u32 {
+        let (min, max) = self.bounds();
+        n.clamp(min, max)
+    }
+
+    /// Checked bounds: 1 <= min <= max <= [`MAX_SHARDS`].
+    ///
+    /// # Errors
+    /// Bounds out of order or range, named.
+    pub fn adaptive(min: u32, max: u32) -> Result<Self, String> {
+        if min == 0 || max > MAX_SHARDS || min > max {
+            return Err(format!(
+                "shards must satisfy 1 <= min ({min}) <= max ({max}) <= {MAX_SHARDS}"
+            ));
+        }
+        Ok(if min == max {
+            Shards::Fixed(min)
+        } else {
+            Shards::Adaptive { min, max }
+        })
+    }
+}
+
 /// How a replica that fell behind catches up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub enum CatchUp {

@@ -73,30 +73,36 @@ pub fn shard_of(hash: u64, shards: u32) -> u32 {
     (hash % u64::from(shards)) as u32
 }
 
-/// `WriteRequest.timeseries`, `TimeSeries.labels`, `Label.name`/`value`.
+/// `WriteRequest.timeseries`, `TimeSeries.labels`/`samples`/`histograms`,
+/// `Label.name`/`value`.
 const TIMESERIES: u32 = 1;
 const LABELS: u32 = 1;
+const SAMPLES: u32 = 2;
+const HISTOGRAMS: u32 = 4;
 const LABEL_NAME: u32 = 1;
 const LABEL_VALUE: u32 = 2;
 
-/// The hash of a 1.0 `TimeSeries` (its bytes): its labels as prost reads
-/// them (the last occurrence of a label's name or value wins).
-fn timeseries_hash(ts: &[u8]) -> u64 {
-    series_hash(
-        Fields::new(ts)
-            .filter(|(tag, _)| *tag == LABELS)
-            .map(|(_, label)| {
-                let (mut name, mut value): (&[u8], &[u8]) = (&[], &[]);
-                for (tag, v) in Fields::new(label.bytes()) {
-                    match (tag, v) {
-                        (LABEL_NAME, Value::Len(b)) => name = b,
-                        (LABEL_VALUE, Value::Len(b)) => value = b,
-                        _ => {}
-                    }
-                }
-                (name, value)
-            }),
-    )
+/// The hash of a 1.0 `TimeSeries` (its bytes), its labels as prost reads
+/// them (the last occurrence of a label's name or value wins), and how many
+/// samples and histograms it holds.
+fn timeseries_hash(ts: &[u8]) -> (u64, u64) {
+    let mut samples = 0u64;
+    let hash = series_hash(Fields::new(ts).filter_map(|(tag, field)| {
+        if tag != LABELS {
+            samples += u64::from(tag == SAMPLES || tag == HISTOGRAMS);
+            return None;
+        }
+        let (mut name, mut value): (&[u8], &[u8]) = (&[], &[]);
+        for (tag, v) in Fields::new(field.bytes()) {
+            match (tag, v) {
+                (LABEL_NAME, Value::Len(b)) => name = b,
+                (LABEL_VALUE, Value::Len(b)) => value = b,
+                _ => {}
+            }
+        }
+        Some((name, value))
+    }));
+    (hash, samples)
 }
 
 /// What [`filter_v1`] kept.
@@ -104,6 +110,8 @@ fn timeseries_hash(ts: &[u8]) -> u64 {
 pub struct Kept {
     /// Series of the shard.
     pub series: u64,
+    /// Their samples and histograms.
+    pub samples: u64,
     /// Fields that are not series (metadata, unknown fields): the first
     /// shard carries them.
     pub other: u64,
@@ -118,25 +126,58 @@ pub struct Kept {
 /// `body` must have been validated (ingest does, before it is stored).
 pub fn filter_v1(body: &[u8], shard: u32, shards: u32, out: &mut dyn Sink) -> Kept {
     let mut kept = Kept::default();
+    route_v1(body, shards, |to, field, samples| {
+        if to == shard {
+            out.put(field);
+            count(&mut kept, samples);
+        }
+    });
+    kept
+}
+
+/// [`filter_v1`] into every shard at once, `outs.len()` of them, hashing
+/// each series once: what each kept.
+pub fn split_v1(body: &[u8], outs: &mut [Vec<u8>]) -> Vec<Kept> {
+    let mut kept = vec![Kept::default(); outs.len()];
+    let shards = u32::try_from(outs.len()).unwrap_or(u32::MAX);
+    route_v1(body, shards, |to, field, samples| {
+        let to = to as usize;
+        if let (Some(out), Some(k)) = (outs.get_mut(to), kept.get_mut(to)) {
+            out.put(field);
+            count(k, samples);
+        }
+    });
+    kept
+}
+
+/// Counts a field routed to a shard: a series (with its samples) or
+/// another field.
+fn count(kept: &mut Kept, samples: Option<u64>) {
+    match samples {
+        Some(n) => {
+            kept.series += 1;
+            kept.samples += n;
+        }
+        None => kept.other += 1,
+    }
+}
+
+/// Calls `to(shard, field, samples)` for each top-level field of `body`,
+/// in order, with the shard it belongs to: a series's by its hash (with its
+/// samples and histograms), any other field's shard 0 (`samples` `None`).
+fn route_v1(body: &[u8], shards: u32, mut to: impl FnMut(u32, &[u8], Option<u64>)) {
     let mut fields = Fields::new(body);
     let mut start = fields.pos();
     while let Some((tag, v)) = fields.next() {
         let end = fields.pos();
-        let ours = match (tag, v) {
+        let field = &body[start..end];
+        match (tag, v) {
             (TIMESERIES, Value::Len(ts)) => {
-                let ours = shard_of(timeseries_hash(ts), shards) == shard;
-                kept.series += u64::from(ours);
-                ours
+                let (hash, samples) = timeseries_hash(ts);
+                to(shard_of(hash, shards), field, Some(samples));
             }
-            _ => {
-                kept.other += u64::from(shard == 0);
-                shard == 0
-            }
-        };
-        if ours {
-            out.put(&body[start..end]);
+            _ => to(0, field, None),
         }
         start = end;
     }
-    kept
 }

@@ -46,33 +46,38 @@
 //! state, HTTP client and rate limiter; each keeps its own checkpoint
 //! ([`Stream`]) and its own single request in flight.
 
+pub mod adapt;
 pub mod backfill;
+pub mod cut;
 pub(crate) mod delivery;
 pub mod payload;
 pub mod policy;
 pub mod rate;
 mod send;
+pub(crate) mod shards;
 mod state;
 
 use std::ops::{ControlFlow, Range};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wal_format::Record;
 
-use crate::checkpoint::{CheckpointError, Checkpoints, Stream};
-use crate::types::{now_ms, CatchUp, ReplicaProtocol, StartAt};
+use crate::checkpoint::{CheckpointError, Checkpoints, Cursor, Stream};
+use crate::types::{now_ms, CatchUp, ReplicaProtocol, Shards, StartAt};
 use crate::wal::{Gap, ReadItem, Wal, WalReader};
 use delivery::{BatchFill, Done, Ledger, Link, RangeRead, Request, Resend};
+use shards::{Next, Parts, Sizing, Source};
 
 pub use delivery::BatchLimits;
 pub use rate::RateLimits;
 pub use send::{
     parse_written, Body, Outcome, SendObserver, Sender, SenderError, SenderOptions, WrittenCounts,
 };
-pub use state::{BackfillStatus, ReplicaState, ReplicaStatus, TranslationDropped};
+pub use state::{BackfillStatus, ReplicaState, ReplicaStatus, ShardStatus, TranslationDropped};
 
 /// See the module documentation.
 pub struct Shipper {
@@ -107,6 +112,15 @@ pub struct Shipper {
     /// The tokens `run` was given, handed on to a spawned backfill.
     shutdown: CancellationToken,
     drain: CancellationToken,
+    /// The live stream's shard count and what sizes it ([`shards`]).
+    sizing: Option<Sizing>,
+    /// The live stream's shards while they run, awaited when it stops.
+    shard_tasks: Vec<JoinHandle<()>>,
+    /// A shard's queue of parts, which it reads instead of the log.
+    parts: Option<Parts>,
+    /// A shard tells its dispatcher here where it reads on, once its
+    /// request in flight is re-sent.
+    ready: Option<oneshot::Sender<u64>>,
 }
 
 /// How long a batch under half the limits waits for more records.
@@ -150,6 +164,10 @@ impl Shipper {
             backfill: None,
             shutdown: CancellationToken::new(),
             drain: CancellationToken::new(),
+            sizing: Some(Sizing::new(Shards::Fixed(1), Duration::from_secs(10))),
+            shard_tasks: Vec::new(),
+            parts: None,
+            ready: None,
         }
     }
 
@@ -159,10 +177,18 @@ impl Shipper {
         self
     }
 
-    /// A shipper for the backfill of everything below `to` from the
-    /// replica's stored backfill position, sharing this one's state, client
-    /// and rate limiter.
-    fn backfill_shipper(&self, to: u64) -> Shipper {
+    /// Sets how many shards deliver the live stream (one unless set), an
+    /// adaptive count re-evaluated every `interval`.
+    pub fn with_shards(mut self, shards: Shards, interval: Duration) -> Self {
+        metrics::gauge!("walrelay_replica_shards_max", "replica" => self.state.name.clone())
+            .set(f64::from(shards.bounds().1));
+        self.sizing = Some(Sizing::new(shards, interval));
+        self
+    }
+
+    /// A stream of this replica's sharing its state, client (a link of its
+    /// own: its own body buffers) and rate limiter, for `stream`.
+    fn sibling(&self, stream: Stream) -> Shipper {
         Shipper {
             state: Arc::clone(&self.state),
             wal: self.wal.clone(),
@@ -178,12 +204,36 @@ impl Shipper {
             current: self.limits,
             unflushed: None,
             limiter: Arc::clone(&self.limiter),
-            stream: Stream::Backfill { to },
+            stream,
             catch_up: self.catch_up,
             backfill: None,
             shutdown: self.shutdown.clone(),
             drain: self.drain.clone(),
+            sizing: None,
+            shard_tasks: Vec::new(),
+            parts: None,
+            ready: None,
         }
+    }
+
+    /// Shard `index` of `of` of the live stream, reading `parts`.
+    fn shard_shipper(
+        &self,
+        index: u32,
+        of: u32,
+        parts: Parts,
+        ready: oneshot::Sender<u64>,
+    ) -> Shipper {
+        let mut shard = self.sibling(Stream::Shard { index, of });
+        shard.parts = Some(parts);
+        shard.ready = Some(ready);
+        shard
+    }
+
+    /// A shipper for the backfill of everything below `to` from the
+    /// replica's stored backfill position.
+    fn backfill_shipper(&self, to: u64) -> Shipper {
+        self.sibling(Stream::Backfill { to })
     }
 
     /// Starts the backfill of the replica's backfill range (in the state).
@@ -191,6 +241,9 @@ impl Shipper {
         let Some(range) = self.state.backfill() else {
             return;
         };
+        if self.backfill.as_ref().is_some_and(|b| !b.is_finished()) {
+            return;
+        }
         if self.catch_up == CatchUp::InOrder {
             tracing::warn!(replica = %self.state.name, from = range.start, to = range.end,
                 "replica is set to in-order but has a live-first backfill pending: \
@@ -198,7 +251,7 @@ impl Shipper {
         }
         tracing::info!(replica = %self.state.name, from = range.start, to = range.end,
             remaining_records = range.end - range.start, "backfill started");
-        self.backfill = Some(spawn_backfill(self.backfill_shipper(range.end)));
+        self.backfill = Some(spawn_stream(self.backfill_shipper(range.end)));
     }
 
     /// Where this stream is: everything below is delivered (for the
@@ -207,6 +260,15 @@ impl Shipper {
         match self.stream {
             Stream::Live => self.state.delivered(),
             Stream::Backfill { to } => self.state.backfill().map_or(to, |b| b.start),
+            Stream::Shard { index, .. } => self.state.shard_delivered(index),
+        }
+    }
+
+    /// The records of this stream's request being sent, in the status.
+    fn set_in_flight(&self, range: Option<(u64, u64)>) {
+        match self.stream {
+            Stream::Shard { index, .. } => self.state.set_shard_in_flight(index, range),
+            _ => self.state.set_in_flight(range),
         }
     }
 
@@ -214,6 +276,7 @@ impl Shipper {
         match self.stream {
             Stream::Live => self.state.set_delivered(seq),
             Stream::Backfill { .. } => self.state.set_backfill_from(seq),
+            Stream::Shard { index, .. } => self.state.set_shard_delivered(index, seq),
         }
     }
 
@@ -264,6 +327,9 @@ impl Shipper {
                     "cannot checkpoint the last delivery; it will be re-sent at the next start");
             }
         }
+        for shard in std::mem::take(&mut self.shard_tasks) {
+            let _ = shard.await;
+        }
         if let Some(backfill) = self.backfill.take() {
             let _ = backfill.await;
         }
@@ -273,37 +339,125 @@ impl Shipper {
     }
 
     async fn ship(&mut self, drain: &CancellationToken) {
-        let start = loop {
-            match self.startup().await {
-                Ok(s) => break s,
+        if self.stream != Stream::Live {
+            let cursor = self.load_cursor().await;
+            let start = self.startup(&cursor).await;
+            if let Some(ready) = self.ready.take() {
+                // The dispatcher may be gone (a drain): nothing to tell.
+                let _ = ready.send(start);
+            }
+            self.ship_from(start, drain).await;
+            return;
+        }
+        loop {
+            let cursor = self.load_cursor().await;
+            self.start_backfill();
+            let next = if cursor.shard_count() > 1 {
+                shards::run(self, &cursor, drain).await
+            } else {
+                self.state.set_shards(1, cursor.delivered.unwrap_or(0));
+                let start = self.startup(&cursor).await;
+                self.ship_from(start, drain).await
+            };
+            match next {
+                Next::Stop => return,
+                Next::Reshard { at, to, split } => self.reshard(at, to, split).await,
+            }
+        }
+    }
+
+    /// The replica's stored cursor, a new replica's placed first; store
+    /// errors are retried.
+    async fn load_cursor(&mut self) -> Cursor {
+        loop {
+            match self.try_load_cursor().await {
+                Ok(c) => return c,
                 Err(e) => {
                     self.state.set_error(format!("checkpoint store: {e}"));
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
-        };
-        if self.stream == Stream::Live {
-            self.start_backfill();
         }
+    }
+
+    async fn try_load_cursor(&self) -> Result<Cursor, CheckpointError> {
+        let cp = self.checkpoints.clone();
+        let name = self.state.name.clone();
+        let mut cursor = blocking(move || cp.cursor(&name)).await?;
+        if self.stream == Stream::Live && cursor.delivered.is_none() {
+            let (cp, wal) = (self.checkpoints.clone(), self.wal.clone());
+            let (name, start_at) = (self.state.name.clone(), self.start_at);
+            cursor.delivered =
+                Some(blocking(move || place_new_replica(&cp, &wal, &name, start_at)).await?);
+        }
+        Ok(cursor)
+    }
+
+    /// Writes a barrier's change of the live stream: `to` shards from `at`,
+    /// or from the end of `split`, whose gap a backfill delivers.
+    async fn reshard(&mut self, at: u64, to: u32, split: Option<Range<u64>>) {
+        if let Some(gap) = &split {
+            // Before the cursor moves: retention must keep the gap's segments.
+            self.state.set_backfill(gap.clone());
+        }
+        loop {
+            let cp = self.checkpoints.clone();
+            let name = self.state.name.clone();
+            let gap = split.clone();
+            match blocking(move || cp.reshard(&name, at, to, gap)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.state.set_error(format!("checkpoint store: {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        let name = self.state.name.clone();
+        match &split {
+            Some(gap) => {
+                metrics::counter!("walrelay_replica_backfills_total", "replica" => name)
+                    .increment(1);
+                self.state.set_shards(to, gap.end);
+            }
+            None => {
+                metrics::counter!("walrelay_replica_reshards_total", "replica" => name)
+                    .increment(1);
+                self.state.set_shards(to, at);
+                tracing::info!(replica = %self.state.name, shards = to, at, "shards changed");
+            }
+        }
+    }
+
+    /// Ships from `start` (a shard: from its queue) until drained, or (the
+    /// live stream) until its shard count should change.
+    async fn ship_from(&mut self, start: u64, drain: &CancellationToken) -> Next {
         let mut reader = self.wal.reader(start);
+        let mut parts = self.parts.take();
         loop {
             if drain.is_cancelled() {
-                return;
+                return Next::Stop;
             }
             if let Stream::Backfill { to } = self.stream {
                 if self.position() >= to {
                     self.finish_backfill(to).await;
-                    return;
+                    return Next::Stop;
                 }
-            } else {
+            } else if self.stream == Stream::Live {
                 self.state.set_phase("idle");
+                if let Some(next) = self.want_shards().await {
+                    return next;
+                }
             }
+            let mut source = match parts.as_mut() {
+                Some(p) => Source::Parts(p),
+                None => Source::Log(&mut reader),
+            };
             // Waiting for records is where a drain usually finds the
             // shipper; what was read and not sent is read again by the
             // next shipper, from the checkpoint.
             let next = tokio::select! {
-                next = self.next_batch(&mut reader) => next,
-                () = drain.cancelled() => return,
+                next = self.next_batch(&mut source) => next,
+                () = drain.cancelled() => return Next::Stop,
             };
             let batch = match next {
                 Ok(b) => b,
@@ -325,10 +479,15 @@ impl Shipper {
                         self.split(gap, &mut reader).await;
                         continue;
                     }
-                    delivery::deliver(self, records, Resend::No).await;
+                    if let Stream::Shard { .. } = self.stream {
+                        self.deliver_parts(records).await;
+                    } else {
+                        delivery::deliver(self, records, Resend::No).await;
+                    }
                 }
                 Batch::End => {
-                    // Only a backfill ends: the log holds no more of its range.
+                    // A backfill ends when the log holds no more of its
+                    // range; a shard when its queue is closed.
                     if let Stream::Backfill { to } = self.stream {
                         let missing = to.saturating_sub(self.position());
                         if missing > 0 {
@@ -338,9 +497,44 @@ impl Shipper {
                         }
                         self.finish_backfill(to).await;
                     }
-                    return;
+                    return Next::Stop;
                 }
             }
+        }
+    }
+
+    /// The live stream's shard count should change now (it has one): its
+    /// delivery is checkpointed first, so that the barrier is its position.
+    async fn want_shards(&mut self) -> Option<Next> {
+        let mut sizing = self.sizing.take()?;
+        let want = sizing.wanted(self, 1);
+        self.sizing = Some(sizing);
+        if want <= 1 {
+            return None;
+        }
+        self.flush_delivered().await;
+        // What was read ahead is read again by the shards.
+        self.held = None;
+        tracing::info!(replica = %self.state.name, from = 1, to = want, at = self.position(),
+            "changing the number of shards");
+        Some(Next::Reshard {
+            at: self.position(),
+            to: want,
+            split: None,
+        })
+    }
+
+    /// A shard's batch of parts: the empty ones are only passed (nothing of
+    /// the shard's series is in them), the others delivered.
+    async fn deliver_parts(&mut self, parts: Vec<Record>) {
+        let Some(end) = parts.last().map(|p| p.seq + 1) else {
+            return;
+        };
+        let parts: Vec<Record> = parts.into_iter().filter(|p| !cut::is_empty(p)).collect();
+        delivery::deliver(self, parts, Resend::No).await;
+        if end > self.position() {
+            self.set_position(end);
+            self.unflushed = Some(end);
         }
     }
 
@@ -400,28 +594,23 @@ impl Shipper {
         tracing::info!(replica = %self.state.name, to, "backfill complete: the gap is closed");
     }
 
-    /// Loads (or initialises) the checkpoint and re-sends an interrupted
-    /// request on its own. Returns where reading starts.
-    async fn startup(&mut self) -> Result<u64, CheckpointError> {
-        let cp = self.checkpoints.clone();
-        let name = self.state.name.clone();
-        let cursor = blocking(move || cp.cursor(&name)).await?;
-        if let Stream::Backfill { to } = self.stream {
+    /// Takes this stream's position from `cursor` and re-sends its
+    /// interrupted request on its own. Returns where reading starts.
+    async fn startup(&mut self, cursor: &Cursor) -> u64 {
+        let (from, inflight) = match self.stream {
             // Finished (and removed) already: nothing left to send.
-            let (from, inflight) = cursor.backfill.map_or((to, None), |b| (b.from, b.inflight));
-            self.set_position(from);
-            return Ok(self.resend_inflight(from, inflight).await);
-        }
-        let delivered = match cursor.delivered {
-            Some(d) => d,
-            None => {
-                let (cp, wal) = (self.checkpoints.clone(), self.wal.clone());
-                let (name, start_at) = (self.state.name.clone(), self.start_at);
-                blocking(move || place_new_replica(&cp, &wal, &name, start_at)).await?
-            }
+            Stream::Backfill { to } => cursor
+                .backfill
+                .as_ref()
+                .map_or((to, None), |b| (b.from, b.inflight.clone())),
+            Stream::Live => (cursor.delivered.unwrap_or(0), cursor.inflight.clone()),
+            Stream::Shard { index, .. } => match cursor.shards.get(index as usize) {
+                Some(s) => (s.delivered, s.inflight.clone()),
+                None => (cursor.delivered.unwrap_or(0), None),
+            },
         };
-        self.state.set_delivered(delivered);
-        Ok(self.resend_inflight(delivered, cursor.inflight).await)
+        self.set_position(from);
+        self.resend_inflight(from, inflight).await
     }
 
     /// Re-sends an interrupted request on its own; returns where reading
@@ -440,7 +629,13 @@ impl Shipper {
             self.account_gap(g);
         }
         let resend = read.resend();
-        delivery::deliver(self, read.records, resend).await;
+        let records = match self.stream {
+            // The same records cut with the same number of shards: the
+            // request this shard had in flight.
+            Stream::Shard { index, of } => cut::parts_of(read.records, index, of),
+            _ => read.records,
+        };
+        delivery::deliver(self, records, resend).await;
         self.checkpoint(range.end.max(self.position())).await;
         range.end
     }
@@ -474,6 +669,19 @@ impl Shipper {
                 reason = %g.reason, "the log reported a gap behind this replica's position; ignored");
             return false;
         }
+        if let Stream::Shard { .. } = self.stream {
+            // Counted once, by the dispatcher that read it.
+            return true;
+        }
+        self.count_gap(g, position);
+        true
+    }
+
+    /// Counts the records of gap `g` from `position` on, by cause.
+    fn count_gap(&self, g: &Gap, position: u64) {
+        if g.to <= position {
+            return;
+        }
         let from = g.from.max(position);
         let records = g.to - from;
         tracing::warn!(replica = %self.state.name, from, to = g.to,
@@ -488,29 +696,34 @@ impl Shipper {
         } else {
             self.state.add_skipped(records, g.error_code);
         }
-        true
     }
 
     /// Waits for at least one record (or a gap), then takes what is already
     /// durable up to the batch limits.
-    async fn next_batch(&mut self, reader: &mut WalReader) -> Result<Batch, crate::wal::WalError> {
+    async fn next_batch(&mut self, reader: &mut Source<'_>) -> Result<Batch, crate::wal::WalError> {
         let first = match self.held.take() {
             Some(item) => item,
             None => match reader.try_next()? {
                 Some(item) => item,
                 // Its whole range was durable at the split: a backfill
                 // never waits for more.
-                None if self.stream != Stream::Live => return Ok(Batch::End),
+                None if matches!(self.stream, Stream::Backfill { .. }) => return Ok(Batch::End),
                 None => {
                     // Idle: checkpoint what was delivered before waiting.
                     self.flush_delivered().await;
-                    self.state.set_caught_up();
-                    reader.next().await?
+                    match self.stream {
+                        Stream::Shard { index, .. } => self.state.set_shard_pending_since(index, 0),
+                        _ => self.state.set_caught_up(),
+                    }
+                    match reader.next().await? {
+                        Some(item) => item,
+                        None => return Ok(Batch::End),
+                    }
                 }
             },
         };
         let end = match self.stream {
-            Stream::Live => u64::MAX,
+            Stream::Live | Stream::Shard { .. } => u64::MAX,
             Stream::Backfill { to } => to,
         };
         let mut records = match first {
@@ -551,7 +764,7 @@ impl Shipper {
             // larger requests cost the replica and the relay less per sample.
             if lingered
                 || self.held.is_some()
-                || self.stream != Stream::Live
+                || matches!(self.stream, Stream::Backfill { .. })
                 || fill.samples >= limits.max_samples / 2
                 || fill.bytes >= limits.max_bytes / 2
             {
@@ -629,9 +842,13 @@ impl Ledger for Shipper {
     }
 
     async fn begin(&mut self, request: &Request) -> ControlFlow<()> {
-        if self.stream == Stream::Live {
+        match self.stream {
             // lag_seconds is the live stream's: how stale the newest data is.
-            self.state.set_pending_since(request.first_received_ms);
+            Stream::Live => self.state.set_pending_since(request.first_received_ms),
+            Stream::Shard { index, .. } => self
+                .state
+                .set_shard_pending_since(index, request.first_received_ms),
+            Stream::Backfill { .. } => {}
         }
         self.pace(request.samples, request.bytes).await;
         let cp = self.checkpoints.clone();
@@ -653,12 +870,12 @@ impl Ledger for Shipper {
         }
         self.unflushed = None;
         self.state.set_phase("sending");
-        self.state.set_in_flight(Some((range.start, range.end)));
+        self.set_in_flight(Some((range.start, range.end)));
         ControlFlow::Continue(())
     }
 
     fn end(&mut self) {
-        self.state.set_in_flight(None);
+        self.set_in_flight(None);
     }
 
     async fn done(&mut self, request: &Request, how: Done) {
@@ -728,9 +945,9 @@ pub fn place_new_replica(
     Ok(start)
 }
 
-/// Spawns a backfill shipper. A plain function, not part of `run`, so that
-/// the task's future type does not contain itself.
-fn spawn_backfill(shipper: Shipper) -> JoinHandle<()> {
+/// Spawns a backfill's or a shard's shipper. A plain function, not part of
+/// `run`, so that the task's future type does not contain itself.
+fn spawn_stream(shipper: Shipper) -> JoinHandle<()> {
     let (shutdown, drain) = (shipper.shutdown.clone(), shipper.drain.clone());
     tokio::spawn(shipper.run(shutdown, drain))
 }
@@ -739,6 +956,7 @@ fn stream_name(stream: Stream) -> &'static str {
     match stream {
         Stream::Live => "live",
         Stream::Backfill { .. } => "backfill",
+        Stream::Shard { .. } => "shard",
     }
 }
 
@@ -842,7 +1060,7 @@ mod tests {
         // Only as many batches as hold the records: past them, a live
         // stream waits for more.
         while out.iter().map(Vec::len).sum::<usize>() < records.len() {
-            match shipper.next_batch(&mut reader).await.unwrap() {
+            match shipper.next_batch(&mut Source::Log(&mut reader)).await.unwrap() {
                 Batch::Records(batch) => out.push(batch.iter().map(|r| r.seq).collect()),
                 Batch::Gap(g) => panic!("a gap in a whole log: {g:?}"),
                 Batch::End => panic!("a live stream does not end"),

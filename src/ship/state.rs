@@ -40,6 +40,9 @@ pub struct ReplicaState {
     unconfirmed_writes: AtomicU64,
     /// See [`ReplicaStatus::stuck_attempts`].
     stuck_attempts: AtomicU64,
+    /// Time spent in requests the replica stored, in nanoseconds: what the
+    /// shard count is sized by ([`super::adapt`]).
+    stored_busy_ns: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -56,6 +59,17 @@ struct Inner {
     /// Since when (unix ms) the request in flight has been refused for a
     /// reason that is not about its data, while it is.
     blocked_since_ms: Option<i64>,
+    /// Each shard of the live stream, when it has more than one.
+    shards: Vec<ShardSlot>,
+}
+
+/// One shard's part of the live stream's state.
+#[derive(Debug, Clone, Copy, Default)]
+struct ShardSlot {
+    delivered: u64,
+    in_flight: Option<(u64, u64)>,
+    /// As [`ReplicaState::pending_since_ms`], for this shard.
+    pending_since_ms: i64,
 }
 
 /// A snapshot for the status endpoint.
@@ -107,8 +121,15 @@ pub struct ReplicaStatus {
     /// succeeded or failed otherwise (timeout, connection, 429, another
     /// answer). See `in_flight` for the records concerned.
     pub stuck_attempts: u64,
-    /// Sequence numbers `[from, to)` of the request being sent, if any.
+    /// Sequence numbers `[from, to)` of the request being sent, if any
+    /// (with shards, the lowest shard's).
     pub in_flight: Option<InFlightRange>,
+    /// How many shards deliver the live stream, each with one request in
+    /// flight and the series that hash to it ([`crate::ship::shards`]).
+    pub shards: u32,
+    /// Each shard's cursor and request in flight, with more than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shard_cursors: Vec<ShardStatus>,
     /// While `state` is `"blocked"`: since when (unix ms) the replica has
     /// refused the request in flight with an answer that is not about its
     /// data (401, 403, 404, ...; the answer is in `last_error`). Nothing is
@@ -126,6 +147,16 @@ pub struct BackfillStatus {
     pub from: u64,
     pub to: u64,
     pub remaining_records: u64,
+}
+
+/// See [`ReplicaStatus::shard_cursors`].
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ShardStatus {
+    pub shard: u32,
+    /// Everything of this shard's series below it is delivered.
+    pub cursor: u64,
+    pub lag_records: u64,
+    pub in_flight: Option<InFlightRange>,
 }
 
 /// See [`ReplicaStatus::in_flight`].
@@ -173,6 +204,7 @@ impl ReplicaState {
             partial_writes: AtomicU64::new(0),
             unconfirmed_writes: AtomicU64::new(0),
             stuck_attempts: AtomicU64::new(0),
+            stored_busy_ns: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 phase: "starting",
                 ..Inner::default()
@@ -292,6 +324,86 @@ impl ReplicaState {
 
     pub(crate) fn set_caught_up(&self) {
         self.pending_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The live stream is now delivered by `of` shards, all at `at`.
+    pub(crate) fn set_shards(&self, of: u32, at: u64) {
+        let slot = ShardSlot {
+            delivered: at,
+            ..ShardSlot::default()
+        };
+        self.inner().shards = if of > 1 {
+            vec![slot; of as usize]
+        } else {
+            Vec::new()
+        };
+        self.set_delivered(at);
+        self.set_caught_up();
+        metrics::gauge!("walrelay_replica_shards", "replica" => self.name.clone())
+            .set(f64::from(of.max(1)));
+    }
+
+    /// How many shards deliver the live stream.
+    pub fn shards(&self) -> u32 {
+        u32::try_from(self.inner().shards.len())
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
+    /// Changes shard `index`'s slot, then the live stream's cursor (the
+    /// lowest shard's) and its oldest pending record.
+    fn with_shard(&self, index: u32, f: impl FnOnce(&mut ShardSlot)) {
+        let (lowest, pending) = {
+            let mut i = self.inner();
+            let Some(slot) = i.shards.get_mut(index as usize) else {
+                return;
+            };
+            f(slot);
+            let lowest = i.shards.iter().map(|s| s.delivered).min().unwrap_or(0);
+            let pending = i
+                .shards
+                .iter()
+                .map(|s| s.pending_since_ms)
+                .filter(|&p| p > 0)
+                .min()
+                .unwrap_or(0);
+            (lowest, pending)
+        };
+        if lowest > self.delivered() {
+            self.set_delivered(lowest);
+        }
+        self.pending_since_ms.store(pending, Ordering::Relaxed);
+    }
+
+    /// Samples delivered and the time spent in the requests the replica
+    /// stored, since the relay started.
+    pub(crate) fn delivery_work(&self) -> (u64, Duration) {
+        (
+            self.sent_samples.load(Ordering::Relaxed),
+            Duration::from_nanos(self.stored_busy_ns.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Shard `index`'s position.
+    pub(crate) fn shard_delivered(&self, index: u32) -> u64 {
+        self.inner()
+            .shards
+            .get(index as usize)
+            .map_or_else(|| self.delivered(), |s| s.delivered)
+    }
+
+    pub(crate) fn set_shard_delivered(&self, index: u32, seq: u64) {
+        self.with_shard(index, |s| s.delivered = seq);
+    }
+
+    pub(crate) fn set_shard_in_flight(&self, index: u32, range: Option<(u64, u64)>) {
+        self.with_shard(index, |s| s.in_flight = range);
+    }
+
+    /// Receive time of shard `index`'s oldest record not delivered; 0 when
+    /// it is caught up.
+    pub(crate) fn set_shard_pending_since(&self, index: u32, receive_ms: i64) {
+        self.with_shard(index, |s| s.pending_since_ms = receive_ms);
     }
 
     /// Sets what the shipper is doing; any phase but "blocked" (set by
@@ -440,7 +552,23 @@ impl ReplicaState {
             partial_writes: self.partial_writes.load(Ordering::Relaxed),
             unconfirmed_writes: self.unconfirmed_writes.load(Ordering::Relaxed),
             stuck_attempts: self.stuck_attempts.load(Ordering::Relaxed),
-            in_flight: i.in_flight.map(|(from, to)| InFlightRange { from, to }),
+            in_flight: i
+                .shards
+                .iter()
+                .filter_map(|s| s.in_flight)
+                .min()
+                .or(i.in_flight)
+                .map(|(from, to)| InFlightRange { from, to }),
+            shards: u32::try_from(i.shards.len()).unwrap_or(u32::MAX).max(1),
+            shard_cursors: (0u32..)
+                .zip(&i.shards)
+                .map(|(shard, s)| ShardStatus {
+                    shard,
+                    cursor: s.delivered,
+                    lag_records: durable_end.saturating_sub(s.delivered),
+                    in_flight: s.in_flight.map(|(from, to)| InFlightRange { from, to }),
+                })
+                .collect(),
             blocked_since_unix_ms: i.blocked_since_ms,
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
@@ -456,6 +584,10 @@ impl SendObserver for ReplicaState {
     }
 
     fn attempt(&self, status: &'static str, took: Duration, retried: bool) {
+        if status == "2xx" {
+            let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+            self.stored_busy_ns.fetch_add(ns, Ordering::Relaxed);
+        }
         metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => self.name.clone())
             .record(took.as_secs_f64());
         metrics::counter!("walrelay_replica_requests_total", "replica" => self.name.clone(), "status" => status)
