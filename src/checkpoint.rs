@@ -482,17 +482,19 @@ impl Checkpoints {
             None => None,
         };
         let mut shards = Vec::new();
-        let of = self.get_u64s::<1>(&key(replica, "shards"))?.map_or(1, |[n]| n);
+        let of = self
+            .get_u64s::<1>(&key(replica, "shards"))?
+            .map_or(1, |[n]| n);
         if of > 1 {
             for index in 0..u32::try_from(of).unwrap_or(u32::MAX) {
                 let k = shard_delivered_key(replica, index);
-                let delivered = self
-                    .get_u64s::<1>(&k)?
-                    .ok_or_else(|| CheckpointError::BadValue {
-                        key: k,
-                        len: 0,
-                        expected: 8,
-                    })?[0];
+                let delivered =
+                    self.get_u64s::<1>(&k)?
+                        .ok_or_else(|| CheckpointError::BadValue {
+                            key: k,
+                            len: 0,
+                            expected: 8,
+                        })?[0];
                 let stream = Stream::Shard {
                     index,
                     of: of as u32,
@@ -626,9 +628,12 @@ impl Checkpoints {
         let mut names = Vec::new();
         for k in keys {
             let k = String::from_utf8_lossy(&k).into_owned();
+            // A shard's `replica/<name>/shard/<i>/delivered` is not a
+            // replica: names never hold a '/'.
             if let Some(name) = k
                 .strip_prefix("replica/")
                 .and_then(|r| r.strip_suffix("/delivered"))
+                .filter(|name| !name.contains('/'))
             {
                 names.push(name.to_owned());
             }
@@ -1249,6 +1254,119 @@ mod tests {
                 shards: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn shards_keep_their_own_cursors_and_the_replica_reports_the_lowest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        {
+            let cp = Checkpoints::open(&path).unwrap();
+            cp.set("a", 10).unwrap();
+            cp.begin_send("a", 10..20).unwrap();
+            cp.reshard("a", 10, 3, None).unwrap();
+            let s1 = Stream::Shard { index: 1, of: 3 };
+            let s2 = Stream::Shard { index: 2, of: 3 };
+            cp.begin_send_on("a", s1, 10..30).unwrap();
+            cp.complete_and_begin_on("a", s2, 25, 25..40).unwrap();
+            cp.complete_on("a", Stream::Shard { index: 0, of: 3 }, 50)
+                .unwrap();
+        }
+        let cp = Checkpoints::open(&path).unwrap();
+        let c = cp.cursor("a").unwrap();
+        assert_eq!(c.shard_count(), 3);
+        assert_eq!(c.delivered, Some(10), "the lowest shard's position");
+        assert_eq!(c.inflight, None, "the unsharded range went at the reshard");
+        assert_eq!(
+            c.shards,
+            vec![
+                ShardCursor {
+                    delivered: 50,
+                    inflight: None
+                },
+                ShardCursor {
+                    delivered: 10,
+                    inflight: Some(10..30)
+                },
+                ShardCursor {
+                    delivered: 25,
+                    inflight: Some(25..40)
+                },
+            ]
+        );
+        assert_eq!(cp.replicas().unwrap(), vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_reshard_replaces_every_old_shard_at_the_barrier_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        cp.set("a", 0).unwrap();
+        cp.reshard("a", 0, 4, None).unwrap();
+        cp.begin_send_on("a", Stream::Shard { index: 3, of: 4 }, 5..9)
+            .unwrap();
+        let mut sub = watch(&cp);
+        cp.reshard("a", 70, 2, None).unwrap();
+        // The old shards' keys go with the write of the new count.
+        let written = keys_written(&mut sub);
+        assert!(
+            written.contains("replica/a/shard/3/inflight"),
+            "{written:?}"
+        );
+        assert!(written.contains("replica/a/shards"), "{written:?}");
+        let c = cp.cursor("a").unwrap();
+        assert_eq!(c.shard_count(), 2);
+        assert!(c
+            .shards
+            .iter()
+            .all(|s| s.delivered == 70 && s.inflight.is_none()));
+        // Back to one shard: the unsharded keys, at the barrier.
+        cp.reshard("a", 90, 1, None).unwrap();
+        let c = cp.cursor("a").unwrap();
+        assert_eq!((c.delivered, c.shard_count()), (Some(90), 1));
+        assert!(cp.shard_keys("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_split_at_a_barrier_starts_the_shards_at_the_head_and_backfills_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        cp.set("a", 0).unwrap();
+        cp.reshard("a", 0, 3, None).unwrap();
+        cp.reshard("a", 40, 3, Some(40..900)).unwrap();
+        let c = cp.cursor("a").unwrap();
+        assert_eq!(c.delivered, Some(900));
+        assert!(c.shards.iter().all(|s| s.delivered == 900));
+        assert_eq!(
+            c.backfill,
+            Some(Backfill {
+                from: 40,
+                to: 900,
+                inflight: None
+            })
+        );
+        // A later reshard keeps the backfill running.
+        cp.reshard("a", 950, 2, None).unwrap();
+        assert!(cp.cursor("a").unwrap().backfill.is_some());
+    }
+
+    #[test]
+    fn moving_or_removing_a_sharded_replica_moves_or_removes_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        cp.set("a", 0).unwrap();
+        cp.reshard("a", 0, 5, None).unwrap();
+        cp.complete_on("a", Stream::Shard { index: 2, of: 5 }, 30)
+            .unwrap();
+        cp.set("a", 12).unwrap();
+        let c = cp.cursor("a").unwrap();
+        assert_eq!((c.delivered, c.shard_count()), (Some(12), 1));
+        assert!(cp.shard_keys("a").unwrap().is_empty());
+        cp.reshard("a", 12, 5, None).unwrap();
+        cp.remove("a").unwrap();
+        assert_eq!(cp.cursor("a").unwrap(), Cursor::default());
+        assert!(cp.shard_keys("a").unwrap().is_empty());
+        assert!(cp.replicas().unwrap().is_empty());
     }
 
     #[test]

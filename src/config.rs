@@ -18,8 +18,8 @@ use wal_format::Compression;
 
 use crate::auth::ReplicaAuthConfig;
 use crate::tls::{ClientTlsOptions, ServerTlsFiles};
-use crate::types::{Shards, 
-    parse_statuses, redact_url, CatchUp, FullPolicy, ReplicaProtocol, StartAt, StatusPolicy,
+use crate::types::{
+    parse_statuses, redact_url, CatchUp, FullPolicy, ReplicaProtocol, Shards, StartAt, StatusPolicy,
 };
 
 /// Default `--max-decoded-bytes`: vmagent's default cap. Senders send far
@@ -928,7 +928,10 @@ impl ServeArgs {
             let (dmin, dmax) = Shards::default().bounds();
             let bounds = Shards::adaptive(min.unwrap_or(dmin), max.unwrap_or(dmax))
                 .map_err(|m| invalid("max-shards", m))?;
-            for r in replicas.iter_mut().filter(|r| r.shards == Shards::default()) {
+            for r in replicas
+                .iter_mut()
+                .filter(|r| r.shards == Shards::default())
+            {
                 r.shards = bounds;
             }
         }

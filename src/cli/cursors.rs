@@ -102,6 +102,11 @@ struct Row {
     inflight: Option<std::ops::Range<u64>>,
     /// A live-first backfill's range still missing, and its request in flight.
     backfill: Option<crate::checkpoint::Backfill>,
+    /// Delivery shards of the live stream; with more than one, `delivered`
+    /// is the lowest shard's position and each shard's is in `shard_cursors`.
+    shards: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    shard_cursors: Vec<crate::checkpoint::ShardCursor>,
     lag_records: u64,
     lag_seconds: Option<f64>,
 }
@@ -145,6 +150,8 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
         rows.push(Row {
             replica: name,
             delivered: c.delivered,
+            shards: c.shard_count(),
+            shard_cursors: c.shards.clone(),
             inflight: c.inflight,
             backfill: c.backfill,
             lag_records: lag,
@@ -160,6 +167,7 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
         let mut t = Table::new(&[
             "REPLICA",
             "DELIVERED",
+            "SHARDS",
             "INFLIGHT",
             "BACKFILL",
             "LAG_RECORDS",
@@ -169,9 +177,8 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
             t.row(vec![
                 r.replica.clone(),
                 r.delivered.map_or_else(|| "-".into(), |d| d.to_string()),
-                r.inflight
-                    .as_ref()
-                    .map_or_else(|| "-".into(), |i| format!("{}..{}", i.start, i.end)),
+                r.shards.to_string(),
+                inflight_cell(r),
                 r.backfill.as_ref().map_or_else(
                     || "-".into(),
                     |b| match &b.inflight {
@@ -193,6 +200,28 @@ fn list(a: &ListArgs) -> Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The request in flight, or each shard's as `shard:from..to`.
+fn inflight_cell(r: &Row) -> String {
+    let ranges: Vec<String> = (0..)
+        .zip(&r.shard_cursors)
+        .filter_map(|(i, s)| {
+            s.inflight
+                .as_ref()
+                .map(|f| format!("{i}:{}..{}", f.start, f.end))
+        })
+        .chain(
+            r.inflight
+                .as_ref()
+                .map(|f| format!("{}..{}", f.start, f.end)),
+        )
+        .collect();
+    if ranges.is_empty() {
+        "-".into()
+    } else {
+        ranges.join(" ")
+    }
 }
 
 /// The first sequence number whose record was received at or after `t`

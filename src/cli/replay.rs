@@ -16,6 +16,13 @@
 //! (TLS, client certificates, credentials from files, headers, remote-write
 //! 2.0), with flags named as the `[[replica]]` table's keys.
 //!
+//! `--shards N` sends through N shards at once, as a replica's shards do
+//! ([`crate::ship::shards`]): the batch, N times the request size, is cut
+//! by series hash into N requests sent concurrently, each series through
+//! one of them, so per-series order holds with N requests in flight. The
+//! journal then holds the whole batch as in flight: resumed, every shard
+//! re-sends its part of it on its own, with the N stored in the journal.
+//!
 //! Resume: progress goes to a journal (the state file), written (and
 //! fsync'd) before each request with its exact range, and after each batch
 //! with the position reached. Run again with the same arguments, it re-sends
@@ -38,6 +45,7 @@ use wal_format::{parse_segment_file_name, Record};
 
 use super::common::{self, DataDir};
 use crate::config::ReplicaAccess;
+use crate::ship::cut;
 use crate::ship::delivery::{self, BatchFill, Done, Ledger, Link, Request, Resend};
 use crate::ship::{BatchLimits, SendObserver, Sender, SenderOptions, WrittenCounts};
 use crate::tls::ClientTlsOptions;
@@ -79,6 +87,10 @@ pub struct ReplayArgs {
     /// Most decoded bytes coalesced into one request.
     #[arg(long, default_value = "8MiB")]
     pub max_bytes_per_send: String,
+    /// Requests in flight at once, each series always through the same one
+    /// (for a far target: throughput is a request per round trip each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub shards: u32,
     /// Timeout of one request.
     #[arg(long, default_value = "30s")]
     pub send_timeout: String,
@@ -208,9 +220,16 @@ struct State {
     until: Option<i64>,
     next_seq: u64,
     inflight: Option<InFlight>,
+    /// Shards the batch in flight was cut into (absent: one).
+    #[serde(default = "one_shard")]
+    shards: u32,
     done: bool,
     totals: Totals,
     updated: String,
+}
+
+fn one_shard() -> u32 {
+    1
 }
 
 /// A range the log could not provide.
@@ -411,6 +430,9 @@ struct Run {
     /// Where the batch being delivered ends: the `next` of the journal's
     /// request in flight.
     batch_end: u64,
+    /// `--shards`; with more than one, a link for each.
+    shards: u32,
+    shard_links: Vec<Link>,
 }
 
 /// Blocked attempts in a row (401, 404, ...) after which a replay stops:
@@ -681,6 +703,10 @@ impl Run {
     /// Delivers `records` with the shippers' delivery core; a dry run counts
     /// them as one request and sends nothing.
     async fn send(&mut self, records: Vec<Record>, resend: Resend) {
+        if !self.dry_run && self.state.shards > 1 {
+            self.send_sharded(records, resend).await;
+            return;
+        }
         if !self.dry_run {
             delivery::deliver(self, records, resend).await;
             return;
@@ -695,12 +721,85 @@ impl Run {
         }
     }
 
+    /// Delivers `records` through the journal's number of shards at once:
+    /// the batch is journaled as in flight, each shard delivers its parts,
+    /// and the counts are merged. A shard blocked stops the others after
+    /// their request; the batch stays in flight in the journal.
+    async fn send_sharded(&mut self, records: Vec<Record>, resend: Resend) {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return;
+        };
+        let range = first.seq..last.seq + 1;
+        let samples: u64 = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+        self.pace(samples).await;
+        self.state.inflight = Some(InFlight {
+            from: range.start,
+            to: range.end,
+            next: self.batch_end.max(range.end),
+        });
+        if let Err(e) = self.save() {
+            self.failed = Some(e);
+            return;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = (self.state.shards as usize).min(self.shard_links.len());
+        let mut shards: Vec<ShardRun> = self
+            .shard_links
+            .drain(..n)
+            .zip(cut::split(&records, self.state.shards))
+            .map(|(link, parts)| ShardRun {
+                link,
+                parts,
+                totals: Totals::default(),
+                rejections: Vec::new(),
+                notes: Vec::new(),
+                blocked: None,
+                stop: Arc::clone(&stop),
+            })
+            .collect();
+        futures_util::future::join_all(shards.iter_mut().map(|s| {
+            let parts = std::mem::take(&mut s.parts);
+            delivery::deliver(s, parts, resend)
+        }))
+        .await;
+        for s in shards {
+            self.run.add(&s.totals);
+            for note in &s.notes {
+                self.progress_println(note);
+            }
+            for r in s.rejections {
+                self.reject(r.0, r.1, r.2, r.3);
+            }
+            if let (None, Some(reason)) = (&self.blocked, s.blocked) {
+                self.blocked = Some(reason);
+            }
+            self.shard_links.push(s.link);
+        }
+        if !self.stopped() {
+            // A record counts once, however many shards carried it.
+            self.run.records += records.len() as u64;
+        }
+        self.run.partial_writes = self.watch.partial_writes.load(Ordering::Relaxed);
+        self.run.unconfirmed_writes = self.watch.unconfirmed_writes.load(Ordering::Relaxed);
+    }
+
     async fn replay(&mut self, wal: &Wal) -> Result<()> {
         if let Some(f) = self.state.inflight {
             self.resume(wal, f).await?;
             if self.stopped() {
                 return self.stop();
             }
+        }
+        // From here on, batches are cut into this run's shards.
+        self.state.shards = self.shards;
+        if self.shards > 1 {
+            self.limits = BatchLimits {
+                max_samples: self
+                    .limits
+                    .max_samples
+                    .saturating_mul(u64::from(self.shards)),
+                max_bytes: self.limits.max_bytes.saturating_mul(self.shards as usize),
+            };
         }
         let mut reader = wal.reader(self.state.next_seq);
         let mut held = None;
@@ -844,6 +943,74 @@ impl Ledger for Run {
 
     fn stopped(&self) -> bool {
         self.blocked.is_some() || self.failed.is_some()
+    }
+}
+
+/// One shard of a batch of `wal replay --shards`: its parts, its own link,
+/// what it counted; the batch's journal entry is written for all shards.
+struct ShardRun {
+    link: Link,
+    parts: Vec<Record>,
+    totals: Totals,
+    /// Records refused: seq, samples, status, answer.
+    rejections: Vec<(u64, u64, u16, String)>,
+    /// Lines for the progress output.
+    notes: Vec<String>,
+    blocked: Option<String>,
+    /// Set by a shard that is blocked: the others stop after their request.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ledger for ShardRun {
+    fn name(&self) -> &str {
+        "replay"
+    }
+
+    fn link(&mut self) -> &mut Link {
+        &mut self.link
+    }
+
+    async fn begin(&mut self, _request: &Request) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn end(&mut self) {}
+
+    async fn done(&mut self, request: &Request, how: Done) {
+        match how {
+            Done::Delivered { .. } => {
+                self.totals.requests += 1;
+                self.totals.samples += request.samples;
+            }
+            Done::AlreadyDelivered => self.totals.already_delivered_records += request.records,
+            Done::Rejected { status, body } => {
+                let seq = request.range.start;
+                self.rejections.push((seq, request.samples, status, body));
+            }
+            Done::Undecodable { error } => {
+                self.totals.skipped_records += request.records;
+                self.notes.push(format!(
+                    "walrelay replay: record {} cannot be turned into a request and is \
+                     skipped: {error}",
+                    request.range.start
+                ));
+            }
+        }
+    }
+
+    fn split(&mut self, _reason: &'static str) {}
+
+    fn blocked(&mut self, reason: String) {
+        self.notes.push(format!(
+            "walrelay replay: the target keeps refusing requests ({reason}); stopping, \
+             nothing skipped"
+        ));
+        self.blocked = Some(reason);
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn stopped(&self) -> bool {
+        self.blocked.is_some() || self.stop.load(Ordering::Relaxed)
     }
 }
 
@@ -991,6 +1158,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
                     until: t(&args.until)?,
                     next_seq: start,
                     inflight: None,
+                    shards: 1,
                     done: false,
                     totals: Totals::default(),
                     updated: String::new(),
@@ -1007,9 +1175,7 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
     };
     let progress = Progress::new(state.next_seq, state.end);
     let mut run = Run {
-        link,
         dry_run: args.dry_run,
-        watch,
         state_path: (!args.dry_run).then(|| state_path.clone()),
         run: Totals::default(),
         gaps: Vec::new(),
@@ -1025,6 +1191,18 @@ pub fn run(args: &ReplayArgs) -> Result<ExitCode> {
         blocked: None,
         failed: None,
         batch_end: 0,
+        shards: args.shards,
+        shard_links: (0..state.shards.max(args.shards))
+            .map(|_| {
+                Link::new(
+                    link.sender.clone(),
+                    args.protocol,
+                    Arc::clone(&watch) as Arc<dyn SendObserver>,
+                )
+            })
+            .collect(),
+        link,
+        watch,
         state,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -518,6 +518,7 @@ async fn housekeeping(
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut shard_gauges = ShardGauges::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -547,6 +548,7 @@ async fn housekeeping(
         for r in &fleet.states() {
             let s = r.status(extent.end_seq, lag_bytes(&wal, r.low_water()));
             let name = r.name.clone();
+            shard_gauges.set(&name, &s, extent.end_seq);
             metrics::gauge!("walrelay_replica_lag_records", "replica" => name.clone())
                 .set(s.lag_records as f64);
             metrics::gauge!("walrelay_replica_lag_bytes", "replica" => name.clone())
@@ -555,6 +557,34 @@ async fn housekeeping(
         }
         // Lets tests (and curious operators) tell that retention has run.
         metrics::counter!("walrelay_housekeeping_runs_total").increment(1);
+    }
+}
+
+/// `walrelay_replica_shard_lag_records{replica,shard}`: records between
+/// the log's head and each shard's cursor (one shard: the live stream's).
+/// A shard gone since (fewer shards) is set to 0 rather than left showing
+/// its last lag.
+#[derive(Default)]
+struct ShardGauges {
+    shown: std::collections::HashMap<String, u32>,
+}
+
+impl ShardGauges {
+    fn set(&mut self, replica: &str, s: &crate::ship::ReplicaStatus, head: u64) {
+        let lags: Vec<u64> = if s.shard_cursors.is_empty() {
+            vec![head.saturating_sub(s.cursor)]
+        } else {
+            s.shard_cursors.iter().map(|c| c.lag_records).collect()
+        };
+        let shown = self.shown.entry(replica.to_owned()).or_insert(0);
+        let count = u32::try_from(lags.len()).unwrap_or(u32::MAX);
+        for shard in 0..count.max(*shown) {
+            let lag = lags.get(shard as usize).copied().unwrap_or(0);
+            metrics::gauge!("walrelay_replica_shard_lag_records",
+                "replica" => replica.to_owned(), "shard" => shard.to_string())
+            .set(lag as f64);
+        }
+        *shown = count;
     }
 }
 

@@ -60,6 +60,19 @@ pub fn is_empty(part: &Record) -> bool {
     part.payload.is_empty()
 }
 
+/// Each shard's parts of `records`, empty ones left out: `of` lists.
+pub fn split(records: &[Record], of: u32) -> Vec<Vec<Record>> {
+    let mut shards = vec![Vec::new(); of.max(1) as usize];
+    for r in records {
+        for (shard, part) in shards.iter_mut().zip(cut(r, of)) {
+            if !is_empty(&part) {
+                shard.push(part);
+            }
+        }
+    }
+    shards
+}
+
 /// Shard `index`'s parts of `records`, empty ones left out.
 pub fn parts_of(records: Vec<Record>, index: u32, of: u32) -> Vec<Record> {
     if of <= 1 {
@@ -108,4 +121,41 @@ fn cut_v2(body: &[u8], of: u32) -> Option<Vec<(Vec<u8>, u64)>> {
             Some((out, summary.samples + summary.histograms))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use prom_remote_write::v1;
+    use prost::Message;
+
+    #[test]
+    fn a_record_that_does_not_decode_goes_whole_to_the_first_shard() {
+        let r = super::super::test_record(7, PayloadKind::RemoteWriteV2, 3, vec![0xff; 9]);
+        let parts = cut(&r, 4);
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts[0].payload, r.payload);
+        assert_eq!(parts[0].meta.samples, 3);
+        assert!(parts[1..].iter().all(|p| is_empty(p) && p.seq == 7));
+    }
+
+    #[test]
+    fn metadata_goes_with_the_first_shard_and_one_shard_is_the_record_itself() {
+        let req = v1::WriteRequest {
+            timeseries: vec![],
+            metadata: vec![v1::MetricMetadata {
+                metric_family_name: "up".into(),
+                ..Default::default()
+            }],
+        };
+        let r = super::super::test_record(1, PayloadKind::RemoteWriteV1, 0, req.encode_to_vec());
+        let parts = cut(&r, 3);
+        assert_eq!(parts[0].payload, r.payload);
+        assert!(parts[1..].iter().all(is_empty));
+        let whole = cut(&r, 1);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].payload, r.payload);
+        assert_eq!(whole[0].meta, r.meta);
+    }
 }

@@ -1060,7 +1060,11 @@ mod tests {
         // Only as many batches as hold the records: past them, a live
         // stream waits for more.
         while out.iter().map(Vec::len).sum::<usize>() < records.len() {
-            match shipper.next_batch(&mut Source::Log(&mut reader)).await.unwrap() {
+            match shipper
+                .next_batch(&mut Source::Log(&mut reader))
+                .await
+                .unwrap()
+            {
                 Batch::Records(batch) => out.push(batch.iter().map(|r| r.seq).collect()),
                 Batch::Gap(g) => panic!("a gap in a whole log: {g:?}"),
                 Batch::End => panic!("a live stream does not end"),

@@ -871,19 +871,26 @@ mod shard_tests {
             .collect()
     }
 
-    #[test]
-    fn each_shard_s_request_holds_its_series_of_the_batch_in_log_order() {
+    /// Batches of three records of these kinds, each with the protocol of
+    /// a replica they are sent to.
+    fn batches() -> Vec<([PayloadKind; 3], ReplicaProtocol, Vec<Record>)> {
         use PayloadKind::{RemoteWriteV1 as V1, RemoteWriteV2 as V2};
-        for (kinds, protocol) in [
+        [
             ([V1, V1, V1], ReplicaProtocol::V1),
             ([V2, V1, V2], ReplicaProtocol::V1),
             ([V2, V2, V2], ReplicaProtocol::V2),
-        ] {
-            let records: Vec<Record> = kinds
-                .iter()
-                .enumerate()
-                .map(|(i, &k)| record(i as u64, k))
-                .collect();
+        ]
+        .into_iter()
+        .map(|(kinds, protocol)| {
+            let records = (0..).zip(kinds).map(|(i, k)| record(i, k)).collect();
+            (kinds, protocol, records)
+        })
+        .collect()
+    }
+
+    #[test]
+    fn each_shard_s_request_holds_its_series_of_the_batch_in_log_order() {
+        for (kinds, protocol, records) in batches() {
             let whole = series_by_shard(&records, protocol, 1).remove(0);
             assert_eq!(whole.len(), 12);
             for of in [2, 3, 8] {
@@ -896,6 +903,33 @@ mod shard_tests {
                         .collect();
                     assert_eq!(series, &want, "{kinds:?} shard {index} of {of}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_s_request_of_cut_parts_is_the_request_cut_to_the_shard() {
+        use super::super::cut;
+        for (kinds, protocol, records) in batches() {
+            for of in [1, 2, 3, 8] {
+                let mut samples = vec![0u32; records.len()];
+                for index in 0..of {
+                    let parts = cut::parts_of(records.clone(), index, of);
+                    for p in &parts {
+                        samples[p.seq as usize] += p.meta.samples;
+                    }
+                    let mut b = BodyBuilder::default();
+                    let cut = b
+                        .build_shard(&records, protocol, Shard { index, of })
+                        .unwrap();
+                    if parts.is_empty() {
+                        assert!(cut.empty, "{kinds:?} shard {index} of {of}");
+                        continue;
+                    }
+                    let built = b.build(&parts, protocol).unwrap();
+                    assert_eq!(built.body, cut.body, "{kinds:?} shard {index} of {of}");
+                }
+                assert_eq!(samples, vec![4; records.len()], "{kinds:?} of {of}");
             }
         }
     }

@@ -150,7 +150,10 @@ impl Source<'_> {
     pub(crate) fn try_next(&mut self) -> Result<Option<ReadItem>, WalError> {
         match self {
             Source::Log(r) => r.try_next(),
-            Source::Parts(p) => Ok(p.peeked.take().or_else(|| p.rx.try_recv().ok().map(|(i, _)| i))),
+            Source::Parts(p) => Ok(p
+                .peeked
+                .take()
+                .or_else(|| p.rx.try_recv().ok().map(|(i, _)| i))),
         }
     }
 
@@ -303,9 +306,10 @@ async fn dispatch(
     // delivered: none before every shard's position.
     let lowest_barrier = starts.iter().copied().max().unwrap_or(0);
     let mut reader = live.wal.reader(from);
-    let mut sizing = live.sizing.take().unwrap_or_else(|| {
-        Sizing::new(Shards::Fixed(of), Duration::from_secs(10))
-    });
+    let mut sizing = live
+        .sizing
+        .take()
+        .unwrap_or_else(|| Sizing::new(Shards::Fixed(of), Duration::from_secs(10)));
     sizing.reset(live);
     let tick = sizing.interval.min(Duration::from_secs(1));
     let next = 'read: loop {
