@@ -153,3 +153,85 @@ async fn cursors_cannot_move_while_the_relay_runs_and_move_to_seq_time_head_and_
     assert_eq!(status["replicas"][0]["lag_records"], 4, "{status:#}");
     relay.stop(Duration::from_secs(30)).await.unwrap();
 }
+
+/// A replica delivered by shards has a cursor per shard; `cursors list`
+/// shows them and the lowest as the replica's, and `cursors set` moves the
+/// replica as a whole: one cursor, which a relay started again splits into
+/// its shards at that position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_replica_is_listed_by_shard_and_moved_as_a_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let down = format!("http://127.0.0.1:{}/api/v1/write", free_port());
+    let flags = ["--retry-max-backoff", "1s", "--replica-shards", "down=3"];
+    let mut relay = Relay::start_with_bin(BIN, dir, &[("down", &down)], &flags)
+        .await
+        .unwrap();
+    let t = Traffic {
+        metric: "cli_cursor_shards_total".into(),
+        requests: 10,
+        series: 6,
+        samples_per_series: 2,
+    };
+    post_traffic(&relay, &t).await;
+    let r = wait_shards(&relay, 3).await;
+    assert_eq!(r["shard_cursors"].as_array().unwrap().len(), 3, "{r:#}");
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+
+    let o = cli_dir(&["cursors", "list"], dir, &["--json"]);
+    expect_code(&o, 0, "cursors list");
+    let c = cursor_of(&json(&o), "down");
+    assert_eq!(c["shards"], 3, "{c:#}");
+    assert_eq!(c["delivered"], 0, "{c:#}");
+    assert_eq!(c["shard_cursors"].as_array().unwrap().len(), 3, "{c:#}");
+    let o = cli_dir(&["cursors", "list"], dir, &[]);
+    assert!(stdout(&o).contains("SHARDS"), "{}", stdout(&o));
+
+    let o = cli_dir(
+        &["cursors", "set"],
+        dir,
+        &["--replica", "down", "--head", "--json"],
+    );
+    expect_code(&o, 0, "cursors set --head");
+    let o = cli_dir(&["cursors", "list"], dir, &["--json"]);
+    let c = cursor_of(&json(&o), "down");
+    assert_eq!(
+        (c["delivered"].as_u64(), c["shards"].as_u64()),
+        (Some(10), Some(1)),
+        "{c:#}"
+    );
+    assert!(c.get("shard_cursors").is_none(), "{c:#}");
+
+    relay.restart().await.unwrap();
+    let r = wait_shards(&relay, 3).await;
+    assert_eq!(r["cursor"], 10, "{r:#}");
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+    let o = cli_dir(&["cursors", "list"], dir, &["--json"]);
+    let c = cursor_of(&json(&o), "down");
+    assert_eq!(c["shards"], 3, "split again into its shards: {c:#}");
+    assert!(
+        c["shard_cursors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["delivered"] == 10),
+        "{c:#}"
+    );
+}
+
+/// The status of the relay's one replica once it has `n` shards.
+async fn wait_shards(relay: &Relay, n: u64) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = relay.status().await.unwrap();
+        let r = st["replicas"][0].clone();
+        if r["shards"] == n {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} shards not seen: {r:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -357,6 +357,11 @@ impl Shipper {
             } else {
                 self.state.set_shards(1, cursor.delivered.unwrap_or(0));
                 let start = self.startup(&cursor).await;
+                if let Some(mut sizing) = self.sizing.take() {
+                    // Measured from now: not the log's whole history.
+                    sizing.reset(self);
+                    self.sizing = Some(sizing);
+                }
                 self.ship_from(start, drain).await
             };
             match next {
@@ -478,6 +483,10 @@ impl Shipper {
                     if let Some(gap) = self.split_gap(&records) {
                         self.split(gap, &mut reader).await;
                         continue;
+                    }
+                    if let Some(sizing) = self.sizing.as_mut() {
+                        let samples = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+                        sizing.read(records.len() as u64, samples);
                     }
                     if let Stream::Shard { .. } = self.stream {
                         self.deliver_parts(records).await;
