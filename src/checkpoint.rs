@@ -148,6 +148,13 @@ pub enum CheckpointError {
         file: String,
         source: std::io::Error,
     },
+    /// A stored shard count is beyond what the relay ever writes: the store
+    /// is damaged.
+    #[error(
+        "checkpoint store: {key} holds {count} shards, more than {max} (damaged)",
+        max = crate::types::MAX_SHARDS
+    )]
+    BadShardCount { key: String, count: u64 },
     /// A stored value has the wrong size: the store is damaged.
     #[error("checkpoint store: value of {key} has {len} bytes, expected {expected}")]
     BadValue {
@@ -485,6 +492,12 @@ impl Checkpoints {
         let of = self
             .get_u64s::<1>(&key(replica, "shards"))?
             .map_or(1, |[n]| n);
+        if of > u64::from(crate::types::MAX_SHARDS) {
+            return Err(CheckpointError::BadShardCount {
+                key: key(replica, "shards"),
+                count: of,
+            });
+        }
         if of > 1 {
             for index in 0..u32::try_from(of).unwrap_or(u32::MAX) {
                 let k = shard_delivered_key(replica, index);

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use wal_format::{PayloadEncoding, PayloadKind, RecordMeta, RecordRef};
 
 use super::*;
+use crate::types::Shards;
 use crate::wal::sim::SimStorage;
 use crate::wal::WalOptions;
 
@@ -383,4 +384,93 @@ async fn an_exact_resend_refused_whole_was_already_delivered() {
     );
     assert!(receiver.stored().is_empty());
     stop.cancel();
+}
+
+/// The shard, of `of`, of record `seq`'s one series (see [`payload`]).
+fn shard_of_record(seq: u64, of: u32) -> u32 {
+    let name = format!("t{seq}");
+    prom_remote_write::shard::shard_of(
+        prom_remote_write::shard::series_hash([(&b"__name__"[..], name.as_bytes())]),
+        of,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_each_shard_resends_exactly_its_part_then_the_count_changes_at_a_barrier() {
+    let storage = SimStorage::new();
+    let wal = log_of(&storage, Path::new("/sim/wal"), 12);
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoints = Checkpoints::open(&tmp.path().join("cp")).unwrap();
+    // The relay stopped with 3 shards: shard 0 had everything, shard 1 had
+    // 4..12 in flight, shard 2 nothing yet.
+    checkpoints.set("r", 0).unwrap();
+    checkpoints.reshard("r", 0, 3, None).unwrap();
+    let shard = |index| Stream::Shard { index, of: 3 };
+    checkpoints.complete_on("r", shard(0), 12).unwrap();
+    checkpoints.complete_on("r", shard(1), 4).unwrap();
+    checkpoints.begin_send_on("r", shard(1), 4..12).unwrap();
+    let receiver = Receiver::start().await;
+    let (shipper, state) = shipper(&wal, &checkpoints, &receiver.url);
+    // Configured for 2 shards now.
+    let shipper = shipper.with_shards(Shards::Fixed(2), Duration::from_secs(10));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(shipper.run(stop.clone(), CancellationToken::new()));
+
+    // What each old shard still owed: shard 1 its series of 4..12 (its
+    // request in flight, re-sent), shard 2 its series of 0..12.
+    let mut owed: Vec<i64> = (0..12)
+        .filter(|&seq| match shard_of_record(seq, 3) {
+            1 => seq >= 4,
+            2 => true,
+            _ => false,
+        })
+        .map(|seq| 1000 + seq as i64)
+        .collect();
+    owed.sort_unstable();
+    assert!(!owed.is_empty() && owed.len() < 12, "a mix: {owed:?}");
+    until("the new shard count is stored", || {
+        checkpoints.cursor("r").unwrap().shard_count() == 2
+    })
+    .await;
+    assert_eq!(
+        receiver.stored(),
+        owed,
+        "exactly what the old shards owed, nothing twice"
+    );
+    let c = checkpoints.cursor("r").unwrap();
+    assert!(
+        c.shards
+            .iter()
+            .all(|s| s.delivered == 12 && s.inflight.is_none()),
+        "{c:?}"
+    );
+    assert_eq!(state.shards(), 2);
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_s_checkpoint_reaches_the_head_even_a_shard_with_no_series() {
+    let storage = SimStorage::new();
+    // 10 series over 16 shards: some shards have none.
+    let wal = log_of(&storage, Path::new("/sim/wal"), 10);
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoints = Checkpoints::open(&tmp.path().join("cp")).unwrap();
+    let receiver = Receiver::start().await;
+    let (shipper, state) = shipper(&wal, &checkpoints, &receiver.url);
+    let shipper = shipper.with_shards(Shards::Fixed(16), Duration::from_secs(10));
+    assert!((0..16).any(|i| (0..10).all(|seq| shard_of_record(seq, 16) != i)));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(shipper.run(stop.clone(), CancellationToken::new()));
+    until("every record delivered", || receiver.stored().len() == 10).await;
+    assert_eq!(receiver.stored(), (1000..1010).collect::<Vec<i64>>());
+    until("every shard's checkpoint at the head", || {
+        let c = checkpoints.cursor("r").unwrap();
+        c.shard_count() == 16 && c.shards.iter().all(|s| s.delivered == 10)
+    })
+    .await;
+    assert_eq!(state.delivered(), 10);
+    assert_eq!(state.status(10, 0).shard_cursors.len(), 16);
+    stop.cancel();
+    task.await.unwrap();
 }

@@ -540,6 +540,15 @@ impl Shipper {
             return;
         };
         let parts: Vec<Record> = parts.into_iter().filter(|p| !cut::is_empty(p)).collect();
+        if parts.is_empty() {
+            // Nothing of this shard: its position is written now, as a
+            // delivery's would be with the next request, which may never
+            // come (a shard with no series of its own). Left unwritten, a
+            // restart would read from far behind, and find there segments
+            // that retention deleted meanwhile.
+            self.checkpoint(end.max(self.position())).await;
+            return;
+        }
         delivery::deliver(self, parts, Resend::No).await;
         if end > self.position() {
             self.set_position(end);
