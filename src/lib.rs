@@ -25,7 +25,9 @@
 //! * [`ship`]: one shipper per replica reads the log from its checkpoint,
 //!   builds requests (`ship::payload`) and sends them through the delivery
 //!   core (`ship::delivery`: send, status policy, split, retry), which
-//!   `wal replay` shares; live-first backfill and rate limits.
+//!   `wal replay` shares; delivery shards for a far replica (`ship::shards`:
+//!   records cut by series by `ship::cut`, the count sized by
+//!   `ship::adapt`), live-first backfill and rate limits.
 //! * [`checkpoint`]: each replica's durable position (sled), advanced only
 //!   after its replica accepted the records.
 //! * [`retention`]: deletes whole segments every replica has passed, or the

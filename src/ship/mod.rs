@@ -40,6 +40,13 @@
 //! this shipper's alone; ingest and the other replicas' shippers never wait
 //! for it.
 //!
+//! A replica far away gets more than one request in flight through delivery
+//! shards ([`shards`]): each series always through the same shard, each
+//! shard a shipper of its own over the records cut to its series
+//! ([`cut`]), with its own checkpoint ([`Stream::Shard`]), their number
+//! fixed or sized by the round trip and the backlog ([`adapt`]). With one
+//! shard, the shipper reads the log itself, as described above.
+//!
 //! A replica set to live-first catch-up ([`backfill`]) may run two shippers:
 //! the live stream, which owns the replica's cursor, and a backfill of the
 //! gap it left at a split, spawned by the live one. They share the replica's
@@ -54,7 +61,7 @@ pub mod payload;
 pub mod policy;
 pub mod rate;
 mod send;
-pub(crate) mod shards;
+pub mod shards;
 mod state;
 
 use std::ops::{ControlFlow, Range};
