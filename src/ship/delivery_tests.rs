@@ -474,3 +474,53 @@ async fn every_shard_s_checkpoint_reaches_the_head_even_a_shard_with_no_series()
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_live_first_replica_splits_at_a_barrier_and_its_backfill_fills_the_gap() {
+    let storage = SimStorage::new();
+    // Every record was received long ago (receive time 1 ms after the
+    // epoch): far past the threshold.
+    let wal = log_of(&storage, Path::new("/sim/wal"), 10);
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoints = Checkpoints::open(&tmp.path().join("cp")).unwrap();
+    checkpoints.set("r", 0).unwrap();
+    checkpoints.reshard("r", 0, 3, None).unwrap();
+    let receiver = Receiver::start().await;
+    let (shipper, state) = shipper(&wal, &checkpoints, &receiver.url);
+    let shipper = shipper
+        .with_shards(Shards::Fixed(3), Duration::from_secs(10))
+        .with_catch_up(CatchUp::LiveFirst {
+            after: Duration::from_secs(1),
+        });
+    // The replica is away at first: the split needs no delivery.
+    receiver.status.store(503, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(shipper.run(stop.clone(), CancellationToken::new()));
+    until(
+        "the split: the shards at the head, the gap left to a backfill",
+        || {
+            let c = checkpoints.cursor("r").unwrap();
+            c.backfill.is_some_and(|b| (b.from, b.to) == (0, 10))
+                && c.shard_count() == 3
+                && c.shards.iter().all(|s| s.delivered == 10)
+        },
+    )
+    .await;
+    assert!(receiver.stored().is_empty());
+    receiver.status.store(204, Ordering::SeqCst);
+    until("every record delivered once", || {
+        receiver.stored().len() == 10
+    })
+    .await;
+    assert_eq!(receiver.stored(), (1000..1010).collect::<Vec<i64>>());
+    until("the backfill is done and forgotten", || {
+        let c = checkpoints.cursor("r").unwrap();
+        c.backfill.is_none() && c.shard_count() == 3 && c.shards.iter().all(|s| s.delivered == 10)
+    })
+    .await;
+    assert_eq!(state.status(10, 0).skipped_records, 0);
+    assert_eq!(state.backfill(), None);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(receiver.stored().len(), 10, "nothing sent twice");
+}
