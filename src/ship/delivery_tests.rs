@@ -500,7 +500,9 @@ async fn a_sharded_live_first_replica_splits_at_a_barrier_and_its_backfill_fills
         "the split: the shards at the head, the gap left to a backfill",
         || {
             let c = checkpoints.cursor("r").unwrap();
-            c.backfill.is_some_and(|b| (b.from, b.to) == (0, 10))
+            c.backfill
+                .as_ref()
+                .is_some_and(|b| (b.from, b.to) == (0, 10))
                 && c.shard_count() == 3
                 && c.shards.iter().all(|s| s.delivered == 10)
         },
