@@ -226,6 +226,10 @@ impl Sizing {
         if let Shards::Fixed(n) = self.shards {
             return n;
         }
+        if self.shards.clamp(current) != current {
+            // Outside the bounds (they changed since): at once.
+            return self.shards.clamp(current);
+        }
         let elapsed = self.since.elapsed();
         if elapsed < self.interval {
             return current;
