@@ -294,6 +294,7 @@ struct FileConfig {
     #[serde(default)]
     replica: Vec<FileReplica>,
     replica_drop_on_status: Option<Vec<String>>,
+    replica_shards: Option<Vec<String>>,
     min_shards: Option<u32>,
     max_shards: Option<u32>,
     shard_update_interval: Option<String>,
@@ -928,14 +929,26 @@ impl ServeArgs {
             let (dmin, dmax) = Shards::default().bounds();
             let bounds = Shards::adaptive(min.unwrap_or(dmin), max.unwrap_or(dmax))
                 .map_err(|m| invalid("max-shards", m))?;
-            for r in replicas
-                .iter_mut()
-                .filter(|r| r.shards == Shards::default())
-            {
+            // Not a replica whose table sets its own.
+            let own = |name: &str| {
+                self.replicas.is_empty()
+                    && file.replica.iter().any(|f| {
+                        f.name == name
+                            && (f.shards.is_some()
+                                || f.min_shards.is_some()
+                                || f.max_shards.is_some())
+                    })
+            };
+            for r in replicas.iter_mut().filter(|r| !own(&r.name)) {
                 r.shards = bounds;
             }
         }
-        for arg in &self.replica_shards {
+        let replica_shards = if self.replica_shards.is_empty() {
+            file.replica_shards.clone().unwrap_or_default()
+        } else {
+            self.replica_shards.clone()
+        };
+        for arg in &replica_shards {
             apply_shards(&mut replicas, arg).map_err(|m| invalid("replica-shards", m))?;
         }
         let mut names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
@@ -1621,6 +1634,73 @@ mod tests {
                 after: Duration::from_secs(30)
             }
         );
+    }
+
+    #[test]
+    fn shards_adapt_by_default_and_take_a_fixed_count_or_bounds_from_tables_flags_and_the_file() {
+        let c = resolve_file(
+            "min_shards = 2\nmax_shards = 8\nreplica_shards = [\"d=5\"]\n\
+             [[replica]]\nname = \"a\"\nurl = \"http://x:1/api/v1/write\"\n\
+             [[replica]]\nname = \"b\"\nurl = \"http://y:1/api/v1/write\"\nshards = 4\n\
+             [[replica]]\nname = \"c\"\nurl = \"http://z:1/api/v1/write\"\nmax_shards = 16\n\
+             [[replica]]\nname = \"d\"\nurl = \"http://w:1/api/v1/write\"\n",
+        )
+        .unwrap();
+        let shards: Vec<Shards> = c.replicas.iter().map(|r| r.shards).collect();
+        assert_eq!(
+            shards,
+            vec![
+                Shards::Adaptive { min: 2, max: 8 },
+                Shards::Fixed(4),
+                // Its own bounds, even when they equal the default's.
+                Shards::Adaptive { min: 1, max: 16 },
+                Shards::Fixed(5),
+            ]
+        );
+        assert_eq!(c.shard_update_interval, Duration::from_secs(10));
+        let plain = ServeArgs {
+            replicas: vec!["a=http://x:1/".into(), "b=http://y:1/".into()],
+            replica_shards: vec!["b=8".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(plain.replicas[0].shards, crate::types::DEFAULT_SHARDS);
+        assert_eq!(plain.replicas[1].shards, Shards::Fixed(8));
+    }
+
+    #[test]
+    fn bad_shard_settings_name_the_replica_or_the_flag() {
+        for (table, expect) in [
+            ("shards = 0", "1 <= min (0)"),
+            ("shards = 300", "<= 256"),
+            ("min_shards = 9\nmax_shards = 4", "min (9) <= max (4)"),
+            ("shards = 4\nmax_shards = 8", "excludes min_shards"),
+        ] {
+            let e = resolve_file(&format!(
+                "[[replica]]\nname = \"b\"\nurl = \"http://y:1/\"\n{table}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("replica b:"), "{e}");
+            assert!(e.contains(expect), "{e}");
+        }
+        for (flag, expect) in [
+            ("b", "must be NAME=N"),
+            ("x=4", "no replica is named \"x\""),
+            ("b=many", "not a number of shards"),
+        ] {
+            let e = ServeArgs {
+                replicas: vec!["b=http://y:1/".into()],
+                replica_shards: vec![flag.into()],
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("replica-shards"), "{e}");
+            assert!(e.contains(expect), "{e}");
+        }
     }
 
     #[test]

@@ -234,6 +234,8 @@ impl Shipper {
         let mut shard = self.sibling(Stream::Shard { index, of });
         shard.parts = Some(parts);
         shard.ready = Some(ready);
+        shard.limits = shards::batch_limits(self.limits, of);
+        shard.current = shard.limits;
         shard
     }
 

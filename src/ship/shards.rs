@@ -75,6 +75,19 @@ fn queue_budget(of: u32, max_bytes: usize) -> usize {
     ((64usize << 20) / of.max(1) as usize).clamp(256 << 10, max_bytes.max(256 << 10))
 }
 
+/// A shard's batch limits: the replica's samples, and its bytes shared so
+/// that the batches of all shards together hold at most twice the
+/// replica's (or 2 MiB a shard): N shards must not multiply what a replica
+/// holds in memory by N. A request of 20,000 samples of a typical series
+/// is under 2 MiB decoded, so the sample limit still decides.
+pub(crate) fn batch_limits(limits: super::BatchLimits, of: u32) -> super::BatchLimits {
+    let shared = limits.max_bytes.saturating_mul(2) / of.max(1) as usize;
+    super::BatchLimits {
+        max_samples: limits.max_samples,
+        max_bytes: shared.clamp(limits.max_bytes.min(2 << 20), limits.max_bytes),
+    }
+}
+
 /// What a part costs its queue: its bytes and its record's bookkeeping,
 /// so that empty parts are bounded too.
 fn cost(item: &ReadItem, budget: usize) -> u32 {
@@ -413,6 +426,26 @@ fn split_gap(live: &Shipper, r: &Record, lowest_barrier: u64) -> Option<std::ops
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shards_batches_share_twice_the_replica_s_bytes_down_to_2_mib_each() {
+        let replica = super::super::BatchLimits {
+            max_samples: 20_000,
+            max_bytes: 8 << 20,
+        };
+        let bytes = |of| batch_limits(replica, of).max_bytes;
+        assert_eq!(bytes(1), 8 << 20);
+        assert_eq!(bytes(2), 8 << 20);
+        assert_eq!(bytes(4), 4 << 20);
+        assert_eq!(bytes(16), 2 << 20);
+        assert_eq!(bytes(256), 2 << 20);
+        assert_eq!(batch_limits(replica, 16).max_samples, 20_000);
+        let small = super::super::BatchLimits {
+            max_samples: 100,
+            max_bytes: 1 << 20,
+        };
+        assert_eq!(batch_limits(small, 8).max_bytes, 1 << 20);
+    }
 
     #[test]
     fn a_shard_queue_holds_a_request_or_two_and_all_shards_at_most_64_mib() {

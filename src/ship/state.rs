@@ -341,6 +341,9 @@ impl ReplicaState {
         self.set_caught_up();
         metrics::gauge!("walrelay_replica_shards", "replica" => self.name.clone())
             .set(f64::from(of.max(1)));
+        // Until the count is evaluated again, the one in force is wanted.
+        metrics::gauge!("walrelay_replica_shards_desired", "replica" => self.name.clone())
+            .set(f64::from(of.max(1)));
     }
 
     /// How many shards deliver the live stream.
