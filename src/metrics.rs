@@ -196,6 +196,16 @@ pub fn register_replica_at_zero(replica: &str) {
     metrics::gauge!("walrelay_replica_blocked", "replica" => r()).set(0.0);
     // No request has succeeded yet.
     metrics::gauge!("walrelay_replica_up", "replica" => r()).set(0.0);
+    // A replica starts unsharded: one shard, shard 0, until its shipper
+    // restores its stored count or changes it. The most is the default's
+    // until the shipper sets the replica's own bound.
+    metrics::gauge!("walrelay_replica_shards", "replica" => r()).set(1.0);
+    metrics::gauge!("walrelay_replica_shards_desired", "replica" => r()).set(1.0);
+    metrics::gauge!("walrelay_replica_shards_max", "replica" => r())
+        .set(f64::from(crate::types::DEFAULT_SHARDS.bounds().1));
+    metrics::counter!("walrelay_replica_reshards_total", "replica" => r()).increment(0);
+    metrics::gauge!("walrelay_replica_shard_lag_records", "replica" => r(), "shard" => "0")
+        .set(0.0);
     let _ = metrics::histogram!("walrelay_replica_send_duration_seconds", "replica" => r());
 }
 
@@ -460,6 +470,30 @@ fn describe() {
     describe_gauge!(
         "walrelay_replica_up",
         "1 when the last request to the replica succeeded (0 before the first)."
+    );
+    describe_gauge!(
+        "walrelay_replica_shards",
+        "Shards delivering the replica's live stream now, each with one request in flight and the series that hash to it (1: unsharded)."
+    );
+    describe_gauge!(
+        "walrelay_replica_shards_desired",
+        "Shards the replica's live stream is to have: its fixed count, or what the adaptive count asked for at its last evaluation (every --shard-update-interval); the stream moves to it at its next barrier."
+    );
+    describe_gauge!(
+        "walrelay_replica_shards_max",
+        "The most shards the replica's live stream may have: its fixed count, or its max_shards (--max-shards, 16 by default)."
+    );
+    describe_counter!(
+        "walrelay_replica_reshards_total",
+        "Changes of the replica's shard count, each at a barrier (every shard delivers what it was given, then the new count starts there)."
+    );
+    describe_gauge!(
+        "walrelay_replica_shard_lag_records",
+        "Records between the log's head and a shard's position, by shard (0 to shards - 1)."
+    );
+    describe_counter!(
+        "walrelay_replica_backfills_total",
+        "Live-first splits of the replica: a backfill of its gap started while the live stream went on from the head."
     );
     describe_histogram!(
         "walrelay_replica_send_duration_seconds",
