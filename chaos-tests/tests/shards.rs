@@ -17,6 +17,9 @@
 //!   concurrent in-order streams, assigned by record (round-robin) they are
 //!   refused as out of order; cut by series hash, exactly as the relay cuts
 //!   them (`walrelay::ship::cut`), none is.
+//! * A far replica (100 ms each way through the fault proxy) that one shard
+//!   cannot keep up with: its adaptive count grows, and it catches up after
+//!   outages while the relay is SIGKILLed; nothing is lost or refused.
 //!
 //! The tests run one at a time. `CHAOS_SEED` fixes the random choices.
 //! Build the relay first: `cargo build --bins`.
@@ -775,4 +778,130 @@ async fn shards_that_do_not_hash_by_series_are_refused_out_of_order() {
         "every sample of the sharded streams is held"
     );
     assert_eq!(ooo_sharded, 0.0);
+}
+
+// ---------------------------------------------------------------------
+// A far replica.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_replica_catches_up_with_adaptive_shards_through_kills() {
+    let _serial = SERIAL.lock().await;
+    let rounds: u32 = scenario::scaled(2, 10);
+    let mut rng = scenario::rng("shards-far");
+    let mut report = Report::new("sharded_far_replica_kills", "");
+    let a = Prometheus::start_server().await.unwrap();
+    let mut b = Prometheus::start_server().await.unwrap();
+    let proxy = FaultProxy::start_seeded(b.addr(), scenario::seed())
+        .await
+        .unwrap();
+    // 100 ms before each chunk forwarded, each way: a round trip of 200 ms.
+    proxy.set_mode(ProxyMode::Delay(Duration::from_millis(100)));
+    let data = tempfile::tempdir().unwrap();
+    let args = relay_args(&[
+        // 500 samples per 200 ms round trip: 2,500 samples/s per shard,
+        // half the load's 5,000: one shard cannot keep up.
+        "--max-samples-per-send",
+        "500",
+        "--replica-shards",
+        "a=2",
+        "--max-shards",
+        "8",
+        "--shard-update-interval",
+        "1s",
+    ]);
+    let b_url = proxy.write_url();
+    let (mut relay, load) = start(data.path(), &a.write_url(), &b_url, &args, 25).await;
+
+    let mut max_b = 0;
+    let (mut kills, mut during_catch_up, mut max_backlog) = (0u32, 0u32, 0u64);
+    let mut shards_at_kills = Vec::new();
+    let seen = |st: &Value, max_b: &mut u64| *max_b = (*max_b).max(shards(st, "b"));
+    // One shard carries 2,500 samples/s to b, half the load: b's count must
+    // grow before anything else.
+    let st = wait_status(
+        &relay,
+        Duration::from_secs(30),
+        "b delivered by more than one shard (one cannot keep up with the load)",
+        |st| shards(st, "b") > 1,
+    )
+    .await;
+    seen(&st, &mut max_b);
+    for _ in 0..rounds {
+        b.kill().unwrap();
+        let down = Instant::now();
+        let outage = Duration::from_millis(rng.random_range(3000..5000));
+        while down.elapsed() < outage {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let st = relay.status().await.unwrap();
+            seen(&st, &mut max_b);
+            max_backlog = max_backlog.max(lag_records(&st, "b"));
+        }
+        b.start_again().await.unwrap();
+        // Kill the relay at random moments while b catches up.
+        for _ in 0..4 {
+            let d = rng.random_range(300..1500u64);
+            tokio::time::sleep(Duration::from_millis(d)).await;
+            let Ok(st) = relay.status().await else {
+                continue;
+            };
+            seen(&st, &mut max_b);
+            let lag = lag_records(&st, "b");
+            if lag < 100 {
+                break;
+            }
+            relay.sigkill().unwrap();
+            kills += 1;
+            during_catch_up += 1;
+            shards_at_kills.push(shards(&st, "b"));
+            relay.restart().await.unwrap();
+        }
+        wait_status(&relay, Duration::from_secs(120), "b caught up", |st| {
+            seen(st, &mut max_b);
+            lag_records(st, "b") < 100
+        })
+        .await;
+    }
+    let end = scenario::end_run(&relay, load, 0, &a, &b).await.unwrap();
+    let (ack, status, log) = (&end.ack, &end.status, end.log.as_str());
+    seen(status, &mut max_b);
+    let stats = proxy.stats();
+
+    report.set_injected(format!(
+        "replica b behind a proxy adding 100ms each way, adaptive shards 1..8, 500 samples per \
+         request; b SIGKILLed {rounds} times for 3-5s (backlog up to {max_backlog} records); \
+         {kills} SIGKILLs of walrelay during b's catch-up ({during_catch_up} with b 100+ records \
+         behind, b's shards at those kills {shards_at_kills:?}); b used up to {max_b} shards"
+    ));
+    let shard_resends = log
+        .lines()
+        .filter(|l| l.contains("re-sending the request that was in flight"))
+        .filter(|l| l.contains("replica=b") && l.contains("stream=\"shard\""))
+        .count();
+    report
+        .run_end(&end)
+        .note(format!(
+            "relay log over all runs: {}; reshards written for b {}; in-flight re-sends of b's \
+             shards {shard_resends}; {} requests through the proxy",
+            log_events(log),
+            log_count(log, "shards changed", "b"),
+            stats.requests("delay")
+        ))
+        .note(format!("sender: {}", ack.summary()));
+    report.emit();
+    report.assert_lossless();
+
+    assert_eq!(log.matches("panicked at").count(), 0, "walrelay panicked");
+    assert_eq!(log.matches(REJECTED).count(), 0, "{}", relay.log_tail(60));
+    for name in ["a", "b"] {
+        assert_eq!(counter(status, name, "rejected_records"), 0, "{name}");
+    }
+    assert!(max_b > 1, "b never used more than one shard");
+    assert!(
+        shard_resends >= 1,
+        "no kill left a request of one of b's shards in flight"
+    );
+    assert!(
+        during_catch_up >= rounds,
+        "too few kills landed during a catch-up: {during_catch_up}"
+    );
 }
