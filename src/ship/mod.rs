@@ -482,6 +482,14 @@ impl Shipper {
                     if let Stream::Shard { .. } = self.stream {
                         self.deliver_parts(records).await;
                     } else {
+                        if let (Stream::Live, Some(sizing)) = (self.stream, self.sizing.as_mut()) {
+                            // The samples per record the adaptive count
+                            // needs (the dispatcher counts them with
+                            // shards): without them one shard is always
+                            // "enough" and the count never leaves 1.
+                            let samples = records.iter().map(|r| u64::from(r.meta.samples)).sum();
+                            sizing.read(records.len() as u64, samples);
+                        }
                         delivery::deliver(self, records, Resend::No).await;
                     }
                 }
