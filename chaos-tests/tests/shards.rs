@@ -20,6 +20,7 @@
 //! * A far replica (100 ms each way through the fault proxy) that one shard
 //!   cannot keep up with: its adaptive count grows, and it catches up after
 //!   outages while the relay is SIGKILLed; nothing is lost or refused.
+//! * A sharded replica is one replica in the checkpoint store.
 //!
 //! The tests run one at a time. `CHAOS_SEED` fixes the random choices.
 //! Build the relay first: `cargo build --bins`.
@@ -38,7 +39,7 @@ use chaos_tests::{now_ms, LoadHandle, LoadSpec, Prometheus, Relay};
 use rand::Rng;
 use serde_json::Value;
 use wal_format::{PayloadEncoding, PayloadKind, Record, RecordMeta};
-use walrelay::checkpoint::{Checkpoints, Cursor};
+use walrelay::checkpoint::{Checkpoints, Cursor, Stream};
 
 /// One scenario at a time: each starts two or three Prometheus servers and
 /// a relay on a machine of two cores.
@@ -903,5 +904,106 @@ async fn a_far_replica_catches_up_with_adaptive_shards_through_kills() {
     assert!(
         during_catch_up >= rounds,
         "too few kills landed during a catch-up: {during_catch_up}"
+    );
+}
+
+// ---------------------------------------------------------------------
+// The store's view of a sharded replica.
+
+/// A sharded replica is one replica: its shards' keys
+/// (`replica/a/shard/<i>/delivered`) are not other replicas. Taken for
+/// replicas, every start of the relay logs each shard of a as "no longer
+/// configured", and `walrelay cursors list` / `cursors set` treat them as
+/// replicas of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_replica_is_one_replica_in_the_checkpoint_store() {
+    let _serial = SERIAL.lock().await;
+    let a = Prometheus::start_server().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(
+        data.path(),
+        &[("a", &a.write_url())],
+        &["--replica-shards", "a=3"],
+    )
+    .await
+    .unwrap();
+    wait_status(&relay, Duration::from_secs(20), "a with 3 shards", |st| {
+        shards(st, "a") == 3
+    })
+    .await;
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+    let names = Checkpoints::open(&data.path().join("checkpoints"))
+        .unwrap()
+        .replicas()
+        .unwrap();
+    let from = std::fs::metadata(relay.log_path()).map_or(0, |m| m.len());
+    relay.restart().await.unwrap();
+    wait_status(&relay, Duration::from_secs(20), "a with 3 shards", |st| {
+        shards(st, "a") == 3
+    })
+    .await;
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+    let log = log_since(&relay.log_path(), from);
+    let stale: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("replica no longer configured"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "the relay takes a's shards for replicas no longer configured:\n{}",
+        stale.join("\n")
+    );
+    assert_eq!(names, ["a"], "the replicas in the checkpoint store");
+}
+
+/// A guard for the fix of the test above: the relay numbers new records
+/// past every position a replica's checkpoint refers to (a log that lost
+/// its tail must not give old numbers to new records, which a shard past
+/// them would skip). For a sharded replica that is its highest shard's
+/// position and in-flight end, not its lowest position (what
+/// `Checkpoints::cursor` reports as its `delivered`). This holds today
+/// because the shards are listed as replicas of their own; taking them out
+/// of that list must keep it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_ends_before_a_shards_position_numbers_new_records_past_it() {
+    let _serial = SERIAL.lock().await;
+    let data = tempfile::tempdir().unwrap();
+    {
+        // Shards of a at 0, 50 and 0 with 40..70 in flight; the log is
+        // empty.
+        let cp = Checkpoints::open(&data.path().join("checkpoints")).unwrap();
+        cp.set("a", 0).unwrap();
+        cp.reshard("a", 0, 3, None).unwrap();
+        cp.complete_on("a", Stream::Shard { index: 1, of: 3 }, 50)
+            .unwrap();
+        cp.begin_send_on("a", Stream::Shard { index: 2, of: 3 }, 40..70)
+            .unwrap();
+    }
+    // Nothing listens on port 1: a's shards only retry.
+    let mut relay = Relay::start(
+        data.path(),
+        &[("a", "http://127.0.0.1:1/api/v1/write")],
+        &["--replica-shards", "a=3"],
+    )
+    .await
+    .unwrap();
+    let series = chaos_tests::encode::v1_series(
+        &[("__name__", "walrelay_shard_floor"), ("job", "shards")],
+        &[(1.0, now_ms())],
+    );
+    let body = chaos_tests::encode::write_request_body(&prom_remote_write::v1::WriteRequest {
+        timeseries: vec![series],
+        ..Default::default()
+    });
+    let (code, text) = chaos_tests::encode::post_remote_write(&relay.write_url(), body)
+        .await
+        .unwrap();
+    assert!((200..300).contains(&code), "{code} {text}");
+    let st = relay.status().await.unwrap();
+    relay.stop(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        st["wal"]["head_seq"], 71,
+        "the new record is numbered past shard 2's in-flight end (70): {:#}",
+        st["wal"]
     );
 }
