@@ -183,6 +183,30 @@ impl Cursor {
     pub fn shard_count(&self) -> u32 {
         u32::try_from(self.shards.len()).unwrap_or(u32::MAX).max(1)
     }
+
+    /// The highest position the cursor refers to: its position, the end
+    /// of its request in flight, its backfill's end and request in flight,
+    /// and each shard's position and request in flight (a sharded
+    /// replica's `delivered` is its lowest shard's). New records must be
+    /// numbered from here on: a stream past them would skip them.
+    pub fn highest(&self) -> u64 {
+        let backfill = self.backfill.as_ref();
+        let shards = self
+            .shards
+            .iter()
+            .flat_map(|s| [Some(s.delivered), s.inflight.as_ref().map(|i| i.end)]);
+        [
+            self.delivered,
+            self.inflight.as_ref().map(|i| i.end),
+            backfill.map(|b| b.to),
+            backfill.and_then(|b| b.inflight.as_ref()).map(|i| i.end),
+        ]
+        .into_iter()
+        .chain(shards)
+        .flatten()
+        .max()
+        .unwrap_or(0)
+    }
 }
 
 /// One shard's persisted position: as [`Cursor`]'s, for its series only.
@@ -1395,5 +1419,21 @@ mod tests {
         cp.split("a", 0..50).unwrap();
         cp.remove("a").unwrap();
         assert_eq!(cp.cursor("a").unwrap(), Cursor::default());
+    }
+
+    #[test]
+    fn a_sharded_replica_is_one_replica_whose_highest_position_is_its_highest_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoints::open(&dir.path().join("cp")).unwrap();
+        cp.set("a", 10).unwrap();
+        cp.reshard("a", 10, 3, None).unwrap();
+        cp.complete_on("a", Stream::Shard { index: 1, of: 3 }, 50)
+            .unwrap();
+        cp.begin_send_on("a", Stream::Shard { index: 2, of: 3 }, 40..70)
+            .unwrap();
+        assert_eq!(cp.replicas().unwrap(), vec!["a".to_string()]);
+        let c = cp.cursor("a").unwrap();
+        assert_eq!(c.delivered, Some(10), "the lowest shard's position");
+        assert_eq!(c.highest(), 70, "shard 2's request in flight");
     }
 }

@@ -467,6 +467,20 @@ impl Prometheus {
         Err(last.unwrap_or_else(|| anyhow!("cannot restart prometheus")))
     }
 
+    /// `GET /metrics`: this Prometheus' own metrics (Prometheus text
+    /// format, see [`crate::relay::metric_sum`]), e.g. the samples its
+    /// receiver refused as out of order.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let url = format!("{}/metrics", self.url());
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        Ok(resp.error_for_status()?.text().await?)
+    }
+
     /// The query API of this Prometheus (server mode).
     pub fn api(&self) -> PromApi {
         PromApi {

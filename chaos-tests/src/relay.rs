@@ -318,6 +318,12 @@ impl Relay {
         p.terminate(grace).await
     }
 
+    /// Replaces the extra arguments (those after `--replica`) that the next
+    /// [`Relay::restart`] passes: a setting changed between two runs.
+    pub fn set_extra_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Starts again with the same arguments, port and data dir. A relay
     /// still running is stopped with SIGTERM first (SIGKILL after 30 s).
     pub async fn restart(&mut self) -> Result<()> {

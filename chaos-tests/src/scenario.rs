@@ -34,9 +34,10 @@ use rand::SeedableRng;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::load::AckLog;
+use crate::load::{AckLog, Load, LoadHandle, LoadSpec, RetryPolicy};
+use crate::prometheus::Prometheus;
 use crate::relay::Relay;
-use crate::verify::Verdict;
+use crate::verify::{verify, Verdict};
 
 /// The seed used when `CHAOS_SEED` is not set.
 pub const DEFAULT_SEED: u64 = 20_240_501;
@@ -121,6 +122,97 @@ pub async fn wait_caught_up(relay: &Relay, timeout: Duration) -> Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Polls the relay's status until `pred` holds and returns that status;
+/// panics with the replicas' status and the relay's log tail after
+/// `timeout` (a status the relay cannot give, e.g. while it restarts, is
+/// waited through).
+pub async fn wait_status(
+    relay: &Relay,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = relay.status().await;
+        if let Ok(st) = &st {
+            if pred(st) {
+                return st.clone();
+            }
+        }
+        if Instant::now() >= deadline {
+            let last = match st {
+                Ok(s) => format!("{:#}", s["replicas"]),
+                Err(e) => format!("status unavailable: {e:#}"),
+            };
+            panic!(
+                "{what}: not seen within {timeout:?}; replicas: {last}\nwalrelay log tail:\n{}",
+                relay.log_tail(40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A sender like Prometheus's: 4 workers × `series_per_worker` series
+/// every 20 ms, each request retried until it is acknowledged (3 s per
+/// attempt, backing off 10 to 200 ms), seeded with [`seed`].
+pub fn retrying_load(relay: &Relay, series_per_worker: u32) -> Result<LoadHandle> {
+    Load::start(
+        LoadSpec {
+            workers: 4,
+            series_per_worker,
+            interval: Duration::from_millis(20),
+            retry: RetryPolicy::UntilAcked,
+            request_timeout: Duration::from_secs(3),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(200),
+            seed: seed(),
+            ..LoadSpec::default()
+        },
+        &relay.write_url(),
+    )
+}
+
+/// How a run against two replicas a and b ended: see [`end_run`].
+pub struct RunEnd {
+    /// The sender's log.
+    pub ack: AckLog,
+    /// The relay's status once every replica had everything.
+    pub status: Value,
+    /// What replica a holds of what was acknowledged.
+    pub a: Verdict,
+    /// What replica b holds of what was acknowledged.
+    pub b: Verdict,
+    /// The relay's log over all its runs.
+    pub log: String,
+}
+
+/// Ends a run: waits (up to 30 s) for `more_acks` more acknowledged
+/// requests, so the sender was still being served, stops `load`, waits
+/// (up to 120 s) until every replica has everything (lag 0) and verifies
+/// replicas `a` and `b` against what was acknowledged.
+pub async fn end_run(
+    relay: &Relay,
+    load: LoadHandle,
+    more_acks: u64,
+    a: &Prometheus,
+    b: &Prometheus,
+) -> Result<RunEnd> {
+    let before = load.progress().acked_requests;
+    load.wait_acked_requests(before + more_acks, Duration::from_secs(30))
+        .await?;
+    let ack = load.stop().await?;
+    let status = wait_caught_up(relay, Duration::from_secs(120)).await?;
+    Ok(RunEnd {
+        a: verify(a, &ack).await?,
+        b: verify(b, &ack).await?,
+        log: std::fs::read_to_string(relay.log_path()).unwrap_or_default(),
+        ack,
+        status,
+    })
 }
 
 /// What the relay's status says about one replica (counters of the current
@@ -253,6 +345,16 @@ impl Report {
             details: v.details(),
         });
         self
+    }
+
+    /// Everything [`end_run`] found: the sender's counts, replicas a's and
+    /// b's verdicts, the relay's counters and its log's records.
+    pub fn run_end(&mut self, end: &RunEnd) -> &mut Self {
+        self.acknowledged(&end.ack)
+            .replica("a", &end.a)
+            .replica("b", &end.b)
+            .relay_counters(&end.status)
+            .log_records(&end.status)
     }
 
     /// Records the relay's log holds, from a status (`wal.head_seq`): see

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use chaos_tests::scenario::{self, Report};
-use chaos_tests::{verify, Load, LoadSpec, Prometheus, Relay, RetryPolicy};
+use chaos_tests::{Prometheus, Relay};
 use rand::Rng;
 
 /// When a kill landed.
@@ -69,25 +69,6 @@ fn log_events(log: &str) -> String {
     .join(", ")
 }
 
-/// A sender that retries every request until it is acknowledged.
-fn retrying_load(relay: &Relay) -> chaos_tests::LoadHandle {
-    Load::start(
-        LoadSpec {
-            workers: 4,
-            series_per_worker: 25,
-            interval: Duration::from_millis(20),
-            retry: RetryPolicy::UntilAcked,
-            request_timeout: Duration::from_secs(3),
-            backoff_min: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(200),
-            seed: scenario::seed(),
-            ..LoadSpec::default()
-        },
-        &relay.write_url(),
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_under_load() {
     let target_kills: u32 = scenario::scaled(30, 300);
@@ -116,7 +97,7 @@ async fn sigkill_at_random_moments_under_load() {
     .unwrap();
 
     // A real sender: retries every request until it is acknowledged.
-    let load = retrying_load(&relay);
+    let load = scenario::retrying_load(&relay, 25).unwrap();
     load.wait_acked_requests(20, Duration::from_secs(20))
         .await
         .unwrap();
@@ -196,20 +177,9 @@ async fn sigkill_at_random_moments_under_load() {
     }
 
     // The sender kept getting acknowledgements between kills.
-    let before = load.progress().acked_requests;
-    load.wait_acked_requests(before + 20, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let ack = load.stop().await.unwrap();
+    let end = scenario::end_run(&relay, load, 20, &a, &b).await.unwrap();
+    let (ack, va, log) = (&end.ack, &end.a, &end.log);
     let progressed = acked_before_kill.windows(2).filter(|w| w[1] > w[0]).count();
-
-    let status = scenario::wait_caught_up(&relay, Duration::from_secs(120))
-        .await
-        .unwrap();
-    let va = verify(&a, &ack).await.unwrap();
-    let vb = verify(&b, &ack).await.unwrap();
-
-    let log = std::fs::read_to_string(relay.log_path()).unwrap_or_default();
     let panics = log.matches("panicked at").count();
     let starts = log.matches("walrelay serving").count();
 
@@ -224,16 +194,12 @@ async fn sigkill_at_random_moments_under_load() {
         b_down_for.as_secs_f64()
     ));
     report
-        .acknowledged(&ack)
-        .replica("a", &va)
-        .replica("b", &vb)
-        .relay_counters(&status)
-        .log_records(&status)
+        .run_end(&end)
         .note(format!(
             "sender: {}; relay started {starts} times; relay counters are of the last process only",
             ack.summary()
         ))
-        .note(format!("relay log over all runs: {}", log_events(&log)))
+        .note(format!("relay log over all runs: {}", log_events(log)))
         .note(
             "extra = samples of requests the sender never saw acknowledged (relay killed after \
              the commit, before the answer) that are stored anyway: allowed by at-least-once",
@@ -296,7 +262,7 @@ async fn sigkill_while_a_replica_catches_up() {
     )
     .await
     .unwrap();
-    let load = retrying_load(&relay);
+    let load = scenario::retrying_load(&relay, 25).unwrap();
     load.wait_acked_requests(20, Duration::from_secs(20))
         .await
         .unwrap();
@@ -327,17 +293,8 @@ async fn sigkill_while_a_replica_catches_up() {
             }
         }
     }
-    let before = load.progress().acked_requests;
-    load.wait_acked_requests(before + 20, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let ack = load.stop().await.unwrap();
-    let status = scenario::wait_caught_up(&relay, Duration::from_secs(120))
-        .await
-        .unwrap();
-    let va = verify(&a, &ack).await.unwrap();
-    let vb = verify(&b, &ack).await.unwrap();
-    let log = std::fs::read_to_string(relay.log_path()).unwrap_or_default();
+    let end = scenario::end_run(&relay, load, 20, &a, &b).await.unwrap();
+    let (ack, log) = (&end.ack, &end.log);
 
     report.set_injected(format!(
         "replica b SIGKILLed {rounds} times for 3-5s (backlog up to {max_backlog} records); \
@@ -345,12 +302,8 @@ async fn sigkill_while_a_replica_catches_up() {
          100 records behind; 5000 samples per request"
     ));
     report
-        .acknowledged(&ack)
-        .replica("a", &va)
-        .replica("b", &vb)
-        .relay_counters(&status)
-        .log_records(&status)
-        .note(format!("relay log over all runs: {}", log_events(&log)))
+        .run_end(&end)
+        .note(format!("relay log over all runs: {}", log_events(log)))
         .note(format!("sender: {}", ack.summary()));
     report.emit();
     report.assert_lossless();

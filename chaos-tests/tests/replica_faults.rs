@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use chaos_tests::encode::snappy_compress;
 use chaos_tests::proxy::{FaultProxy, ProxyMode};
-use chaos_tests::scenario::{self, lag_records, replica_status, Report};
+use chaos_tests::scenario::{self, lag_records, replica_status, wait_status, Report};
 use chaos_tests::{now_ms, verify, AckLog, Load, LoadHandle, LoadSpec, Prometheus, Relay};
 use rand::Rng;
 use serde_json::Value;
@@ -115,30 +115,6 @@ async fn verdict(rig: &Rig, report: &mut Report, ack: &AckLog, status: &Value) {
 
 fn wal_u64(status: &Value, key: &str) -> u64 {
     status["wal"][key].as_u64().unwrap_or(0)
-}
-
-/// Polls the status until `pred` holds; panics with the status and the log
-/// after `timeout`.
-async fn wait_status(
-    relay: &Relay,
-    timeout: Duration,
-    what: &str,
-    mut pred: impl FnMut(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let st = relay.status().await.unwrap();
-        if pred(&st) {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not seen within {timeout:?}; replicas: {}\nwalrelay log tail:\n{}",
-            st["replicas"],
-            relay.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// During a fault on b: the relay says b is retrying with `error` in its

@@ -266,11 +266,7 @@ fn highest_cursor(dir: &DataDir) -> Result<Option<(String, u64)>> {
     let cp = Checkpoints::open(&path)?;
     let mut best: Option<(String, u64)> = None;
     for name in cp.replicas()? {
-        let c = cp.cursor(&name)?;
-        let pos = c
-            .delivered
-            .unwrap_or(0)
-            .max(c.inflight.map_or(0, |r| r.end));
+        let pos = cp.cursor(&name)?.highest();
         if best.as_ref().is_none_or(|(_, b)| pos > *b) {
             best = Some((name, pos));
         }

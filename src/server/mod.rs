@@ -437,17 +437,7 @@ fn raise_sequence_floor(
             }
             Err(e) => return Err(e.into()),
         };
-        let backfill = cursor.backfill.as_ref();
-        let passed = [
-            cursor.delivered,
-            cursor.inflight.as_ref().map(|i| i.end),
-            backfill.map(|b| b.to),
-            backfill.and_then(|b| b.inflight.as_ref()).map(|i| i.end),
-        ]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(0);
+        let passed = cursor.highest();
         if passed > writer.next_seq() {
             tracing::error!(replica = %name, position = passed, log_end = writer.next_seq(),
                 configured = config.replicas.iter().any(|r| r.name == name),

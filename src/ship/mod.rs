@@ -494,6 +494,9 @@ impl Shipper {
                         continue;
                     }
                     if let Some(sizing) = self.sizing.as_mut() {
+                        // The samples per record the adaptive count needs
+                        // (the dispatcher counts them with shards): without
+                        // them one shard is always "enough".
                         let samples = records.iter().map(|r| u64::from(r.meta.samples)).sum();
                         sizing.read(records.len() as u64, samples);
                     }
