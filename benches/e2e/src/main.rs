@@ -117,8 +117,10 @@ struct Args {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     far_duration: Duration,
     /// Far replica: time between a worker's requests (`--series-per-worker`
-    /// series each); workers = rate x interval / series.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+    /// series each); workers = rate x interval / series. Long enough that
+    /// a slower acknowledgement (up to this) does not lower the rate
+    /// offered: many senders, each with one request in flight.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
     far_interval: Duration,
     /// Far replica: a run keeps up when everything is delivered within this
     /// of the load's end.
