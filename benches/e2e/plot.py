@@ -2,7 +2,8 @@
 """Draws the end-to-end benchmark's PNGs from results.json.
 
 usage: plot.py RESULTS_JSON OUT_DIR
-writes throughput.png, latency.png and resources.png.
+writes throughput.png, latency.png and resources.png (when the closed-loop
+phase ran) and far.png (when the far replica phase ran).
 """
 import json
 import sys
@@ -11,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 COLORS = {
     "walrelay": "#1f77b4",
@@ -24,7 +26,11 @@ def main():
     results, out = sys.argv[1], sys.argv[2]
     with open(results) as f:
         r = json.load(f)
+    if r.get("far"):
+        far(r["far"], out)
     runs = r["throughput"]
+    if not runs:
+        return
     names = [t["system"] for t in runs]
     colors = [COLORS.get(n, "gray") for n in names]
     load = f'{r["args"]["workers"]} workers x {r["args"]["series_per_worker"]} series, one request in flight each'
@@ -102,6 +108,85 @@ def main():
         ax.tick_params(axis="x", labelsize=8, labelrotation=15)
     fig.tight_layout()
     fig.savefig(f"{out}/resources.png", dpi=100)
+
+
+def delivered_b(timeline):
+    """Samples/s delivered to replica b, per second, and its shards."""
+    reps = timeline["replicas"]
+    sent = [x[1]["sent_samples"] for x in reps]
+    rates = [b - a for a, b in zip([0.0] + sent, sent)]
+    return rates, [x[1]["shards"] for x in reps]
+
+
+def far(f, out):
+    """The far replica phase (issue 18): live runs, the ladder, catch-ups."""
+    delays = sorted({c["delay_ms"] for c in f["catchup"]})
+    panels = 2 + len(delays)
+    cols = 2
+    rows = (panels + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(13, 4.2 * rows), squeeze=False)
+    axes = [a for row in axes for a in row]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    ax = axes[0]
+    sh = ax.twinx()
+    for i, t in enumerate(r for r in f["live"] if r["timeline"]["replicas"]):
+        c = palette[i % len(palette)]
+        rates, shards = delivered_b(t["timeline"])
+        xs = range(1, len(rates) + 1)
+        ax.plot(xs, [v / 1e3 for v in rates], color=c, label=t["label"])
+        sh.step(xs, shards, color=c, linestyle=":", where="post")
+    ax.axhline(f["rate"] / 1e3, color="gray", linestyle="--", label="live rate")
+    ax.axvline(f["duration_s"], color="gray", linestyle=":")
+    ax.set_xlabel("second (load, then drain)")
+    ax.set_ylabel("delivered to b (k samples/s), solid")
+    sh.set_ylabel("shards of b, dotted")
+    ax.set_title(f'{f["rate"]/1e3:.0f}k samples/s live, {f["delay_ms"]:.0f} ms per request', fontsize=9)
+    ax.legend(fontsize=8)
+
+    ax = axes[1]
+    systems = []
+    for l in f["ladder"]:
+        if l["run"]["label"] not in systems:
+            systems.append(l["run"]["label"])
+    for i, name in enumerate(systems):
+        steps = [l for l in f["ladder"] if l["run"]["label"] == name]
+        xs = [l["run"]["offered_samples_per_s"] / 1e3 for l in steps]
+        ys = [l["run"]["drain_s"] if l["run"]["drain_s"] is not None else 60 for l in steps]
+        ax.plot(xs, ys, marker="o", color=COLORS.get(name, palette[i % len(palette)]), label=name)
+        for x, y, l in zip(xs, ys, steps):
+            if not l["keeps_up"]:
+                ax.plot([x], [y], marker="x", markersize=12, color="red")
+    ax.axhline(f["keep_up_drain_s"], color="red", linestyle="--", label="keeps up below")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("live rate (k samples/s)")
+    ax.set_ylabel("drain after the load (s, log); x: does not keep up")
+    ax.set_title("largest live rate kept up with", fontsize=9)
+    ax.legend(fontsize=8)
+
+    for ax, d in zip(axes[2:], delays):
+        sh = ax.twinx()
+        for i, c in enumerate(x for x in f["catchup"] if x["delay_ms"] == d):
+            col = palette[i % len(palette)]
+            rates, shards = delivered_b(c["timeline"])
+            xs = range(1, len(rates) + 1)
+            ax.plot(xs, [v / c["live_samples_per_s"] for v in rates], color=col, label=c["label"])
+            sh.step(xs, shards, color=col, linestyle=":", where="post")
+            if c["caught_up_s"] is not None:
+                ax.axvline(c["return_at_s"] + c["caught_up_s"], color=col, linestyle="--", linewidth=0.8)
+        first = next(x for x in f["catchup"] if x["delay_ms"] == d)
+        ax.axvspan(first["outage_at_s"], first["return_at_s"], color="red", alpha=0.1, label="b unreachable")
+        ax.set_xlabel("second of the load (dashed: caught up)")
+        ax.set_ylabel("delivered to b / live rate, solid")
+        sh.set_ylabel("shards of b, dotted")
+        ax.set_title(f"catch-up, {d:.0f} ms per request", fontsize=9)
+        ax.legend(fontsize=8)
+    for ax in axes[panels:]:
+        ax.axis("off")
+    fig.suptitle("Far replica (issue 18)")
+    fig.tight_layout()
+    fig.savefig(f"{out}/far.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
 #   benches/e2e/run.sh --duration 10s ...   # any walrelay-bench flag
 #
 # Results: $OUT (default benches/e2e/results): results.json, results.md,
-# throughput.png, latency.png, resources.png. Run it as root (nginx and the
+# throughput.png, latency.png, resources.png (and far.png with --far-delay:
+# the far replica phase of issue 18). Run it as root (nginx and the
 # packages); the data directories go under --data-root (default /tmp).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,4 +42,4 @@ cargo build --release --bin walrelay --bin walrelay-bench -p walrelay -p walrela
 mkdir -p "$OUT"
 "$TARGET/release/walrelay-bench" --walrelay-bin "$TARGET/release/walrelay" --out "$OUT" "$@"
 python3 benches/e2e/plot.py "$OUT/results.json" "$OUT"
-echo "== results in $OUT: results.md, results.json, throughput.png, latency.png, resources.png"
+echo "== results in $OUT: results.md, results.json, throughput.png, latency.png, resources.png (far.png with --far-delay)"

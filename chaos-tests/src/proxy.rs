@@ -29,6 +29,15 @@ pub enum ProxyMode {
     Pass,
     /// Forward, sleeping this long before forwarding each chunk (each way).
     Delay(Duration),
+    /// Forward each request whole this long after it arrived, once per
+    /// request whatever its size; answers pass at once: a replica whose
+    /// answers come this much later, as one a round trip away (the TCP
+    /// connect itself is not delayed).
+    Latency(Duration),
+    /// Close the listening socket: connections are refused, as by a host
+    /// whose server is down; the same port listens again when the mode
+    /// changes.
+    Refuse,
     /// Accept, then reset the connection (SO_LINGER 0 and close).
     Reset,
     /// Accept, read and discard, never answer.
@@ -77,18 +86,21 @@ impl ProxyMode {
         match self {
             ProxyMode::Pass
             | ProxyMode::Delay(_)
+            | ProxyMode::Latency(_)
             | ProxyMode::DropRandom(_)
             | ProxyMode::BodyLimit { .. } => true,
-            ProxyMode::Reset | ProxyMode::Stall | ProxyMode::Http(..) => false,
+            ProxyMode::Reset | ProxyMode::Refuse | ProxyMode::Stall | ProxyMode::Http(..) => false,
         }
     }
 
-    /// The key used in [`ProxyStats`]: pass, delay, reset, stall, http,
-    /// drop_random, body_limit.
+    /// The key used in [`ProxyStats`]: pass, delay, latency, reset, refuse,
+    /// stall, http, drop_random, body_limit.
     pub fn kind(&self) -> &'static str {
         match self {
             ProxyMode::Pass => "pass",
             ProxyMode::Delay(_) => "delay",
+            ProxyMode::Latency(_) => "latency",
+            ProxyMode::Refuse => "refuse",
             ProxyMode::Reset => "reset",
             ProxyMode::Stall => "stall",
             ProxyMode::Http(..) => "http",
@@ -287,8 +299,31 @@ impl Drop for FaultProxy {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    let addr = listener.local_addr().ok();
+    let mut listener = Some(listener);
+    let mut modes = state.mode.subscribe();
     loop {
-        let Ok((client, _)) = listener.accept().await else {
+        let refuse = modes.borrow_and_update().mode == ProxyMode::Refuse;
+        let Some(l) = listener.as_ref().filter(|_| !refuse) else {
+            // Refuse: no socket listens, so the kernel refuses. Another
+            // mode: listen again on the same port (SO_REUSEADDR, set by
+            // tokio, lets it be bound again at once).
+            listener = None;
+            if refuse {
+                let _ = modes.changed().await;
+            } else if let Some(addr) = addr {
+                match TcpListener::bind(addr).await {
+                    Ok(l) => listener = Some(l),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+            continue;
+        };
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            _ = modes.changed() => continue,
+        };
+        let Ok((client, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -323,7 +358,9 @@ async fn serve(client: TcpStream, mode: ProxyMode, kind: &'static str, state: &S
         ..Forwarding::default()
     };
     let how = match mode {
-        ProxyMode::Reset => {
+        // Refuse accepts nothing; a connection accepted just before the
+        // switch is closed like any of an old mode.
+        ProxyMode::Reset | ProxyMode::Refuse => {
             state.stats().resets += 1;
             reset(client);
             return;
@@ -346,6 +383,7 @@ async fn serve(client: TcpStream, mode: ProxyMode, kind: &'static str, state: &S
         }
         ProxyMode::Pass => how,
         ProxyMode::Delay(delay) => Forwarding { delay, ..how },
+        ProxyMode::Latency(latency) => Forwarding { latency, ..how },
         ProxyMode::DropRandom(drop_p) => Forwarding { drop_p, ..how },
         ProxyMode::BodyLimit { max_body, status } => Forwarding {
             body_limit: Some((max_body, status)),
@@ -362,6 +400,8 @@ struct Forwarding {
     gen: u64,
     /// Slept before each chunk is forwarded, each way.
     delay: Duration,
+    /// Slept once before each request is forwarded.
+    latency: Duration,
     /// Probability of resetting the connection instead of forwarding a
     /// request.
     drop_p: f64,
@@ -566,6 +606,9 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
                         std::io::ErrorKind::ConnectionReset,
                         "dropped by DropRandom",
                     ));
+                }
+                if !how.latency.is_zero() {
+                    tokio::time::sleep(how.latency).await;
                 }
                 write_delayed(w, &buf[..req.len], delay).await?;
                 buf.drain(..req.len);

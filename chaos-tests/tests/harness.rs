@@ -326,6 +326,57 @@ async fn proxy_test_samples(prom: &Prometheus, req: &str, t0: i64) -> usize {
         .sum()
 }
 
+/// Latency holds each request once before forwarding it, and the answer
+/// comes back: every request takes at least that long and arrives. Refuse
+/// closes the port (connections are refused, nothing is forwarded), and
+/// the same port forwards again once the mode changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_proxy_latency_holds_each_request_and_refuse_closes_the_port_until_the_next_mode() {
+    let prom = Prometheus::start_server().await.unwrap();
+    let proxy = FaultProxy::start(prom.addr()).await.unwrap();
+    let client = chaos_tests::client(Duration::from_secs(10)).unwrap();
+    let url = proxy.write_url();
+    let t0 = chaos_tests::now_ms() - 30_000;
+
+    proxy.set_mode(ProxyMode::Latency(Duration::from_millis(300)));
+    for (i, req) in ["late-1", "late-2"].into_iter().enumerate() {
+        let began = Instant::now();
+        let body = proxy_test_body(req, t0 + i as i64 * 1000, 500);
+        let answer = post_remote_write_with(&client, &url, body).await.unwrap();
+        assert_eq!(answer.0, 204, "{answer:?}");
+        assert!(began.elapsed() >= Duration::from_millis(300));
+    }
+    assert_eq!(proxy.stats().forwarded("latency"), 2, "{:?}", proxy.stats());
+    assert_eq!(proxy_test_samples(&prom, "late-1", t0).await, 500);
+
+    proxy.set_mode(ProxyMode::Refuse);
+    // The listener closes as the proxy sees the change (a connection
+    // caught in its backlog meanwhile is reset): wait for a refusal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = tokio::net::TcpStream::connect(proxy.addr()).await;
+        if matches!(&c, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not refused: {c:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let down = post_remote_write_with(&client, &url, proxy_test_body("down", t0 + 5000, 1)).await;
+    assert!(down.is_err(), "{down:?}");
+
+    proxy.set_mode(ProxyMode::Pass);
+    chaos_tests::ports::wait_for_tcp(proxy.addr(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let back = post_remote_write_with(&client, &url, proxy_test_body("back", t0 + 6000, 1))
+        .await
+        .unwrap();
+    assert_eq!(back.0, 204, "{back:?}");
+    assert_eq!(proxy.stats().forwarded("refuse"), 0, "{:?}", proxy.stats());
+    assert_eq!(proxy_test_samples(&prom, "down", t0).await, 0);
+    assert_eq!(proxy_test_samples(&prom, "back", t0).await, 1);
+}
+
 /// 4. BodyLimit, an ingress's body size limit: bodies over the limit are
 /// answered 413 by the proxy, smaller ones forwarded, all on one kept-alive
 /// connection; a chunked body over the limit is read whole too, so what

@@ -24,6 +24,7 @@
 //! and `results.md`; `benches/e2e/plot.py` draws the PNGs from the JSON.
 //! `benches/e2e/run.sh` does everything (install, build, run, plot).
 
+mod far;
 mod nginx;
 mod procstat;
 mod systems;
@@ -38,7 +39,7 @@ use clap::Parser;
 use serde::Serialize;
 
 use nginx::{NullSinks, SinkTraffic};
-use systems::{Kind, Start, System};
+use systems::{Kind, ReplicaNow, Start, System};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -72,7 +73,7 @@ struct Args {
     /// Load: series per worker (= samples per request).
     #[arg(long, default_value_t = 1000)]
     series_per_worker: u32,
-    /// Length of the throughput phase per system.
+    /// Length of the throughput phase per system (0 skips it).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     duration: Duration,
     /// Fixed-rate phase: time between a worker's requests (the same workers
@@ -104,6 +105,74 @@ struct Args {
     /// Catch-up: load before the outage.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     catchup_warmup: Duration,
+    /// Far replica (issue 18): time a proxy in front of each sink holds
+    /// every request before forwarding it (a round trip of this much); 0
+    /// skips the phase.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    far_delay: Duration,
+    /// Far replica: the live rate, samples/s (live and catch-up runs).
+    #[arg(long, default_value_t = 400_000)]
+    far_rate: u64,
+    /// Far replica: length of the load of a live or ladder run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    far_duration: Duration,
+    /// Far replica: time between a worker's requests (`--series-per-worker`
+    /// series each); workers = rate x interval / series. Long enough that
+    /// a slower acknowledgement (up to this) does not lower the rate
+    /// offered: many senders, each with one request in flight.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    far_interval: Duration,
+    /// Far replica: a run keeps up when everything is delivered within this
+    /// of the load's end.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    far_keep_up: Duration,
+    /// Far replica: systems of the live runs, by label (walrelay,
+    /// walrelay-1-shard = `--replica-shards a=1,b=1`, vmagent; none), then
+    /// every --far-variant.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "walrelay,walrelay-1-shard,vmagent"
+    )]
+    far_systems: Vec<String>,
+    /// Far replica: a walrelay variant, LABEL=ARGS (arguments for `walrelay
+    /// serve`, whitespace-separated), e.g. "walrelay-2s=--shard-update-interval
+    /// 2s"; it runs in the live and catch-up runs. Repeatable.
+    #[arg(long, value_parser = far::Variant::parse)]
+    far_variant: Vec<far::Variant>,
+    /// Far replica: live rates (samples/s) each ladder system is stepped
+    /// through, until it no longer keeps up (0 skips the ladder).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "200000,400000,800000,1200000,1600000,2000000"
+    )]
+    far_rates: Vec<u64>,
+    /// Far replica: systems stepped through --far-rates, by label.
+    #[arg(long, value_delimiter = ',', default_value = "walrelay,vmagent")]
+    far_ladder_systems: Vec<String>,
+    /// Far replica: longest wait for a drain in the ladder (longer does not
+    /// keep up anyway).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    far_ladder_drain_timeout: Duration,
+    /// Far replica catch-up: the time added to each request, one run each
+    /// (none skips the catch-up).
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "1ms,100ms")]
+    far_catchup_delays: Vec<Duration>,
+    /// Far replica catch-up: walrelay variants measured, by label, then
+    /// every --far-variant.
+    #[arg(long, value_delimiter = ',', default_value = "walrelay")]
+    far_catchup_systems: Vec<String>,
+    /// Far replica catch-up: how long replica b refuses connections.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    far_outage: Duration,
+    /// Far replica catch-up: load before the outage (the adaptive shard
+    /// count settles: two evaluations at the default 10 s).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    far_warmup: Duration,
+    /// Far replica catch-up: longest wait for b to catch up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "180s")]
+    far_catchup_timeout: Duration,
     /// fdatasync probes for the disk's fsync latency.
     #[arg(long, default_value_t = 500)]
     fsync_probes: usize,
@@ -121,6 +190,8 @@ struct Results {
     fixed_rate: Vec<ThroughputResult>,
     absent: Vec<AbsentResult>,
     catchup: Option<CatchupResult>,
+    /// The far replica phase (issue 18).
+    far: Option<far::FarResults>,
 }
 
 #[derive(Serialize)]
@@ -149,6 +220,10 @@ struct Machine {
 #[derive(Serialize, Clone)]
 struct ThroughputResult {
     system: Kind,
+    /// The system's name, or its variant's (far phase).
+    label: String,
+    /// A fixed-rate load's samples/s (workers x series / interval).
+    offered_samples_per_s: Option<f64>,
     acked_samples: u64,
     acked_requests: u64,
     refused_attempts: u64,
@@ -163,6 +238,10 @@ struct ThroughputResult {
     cpu_s_per_million: f64,
     peak_rss_bytes: u64,
     drain_s: Option<f64>,
+    /// Seconds of the load in `timeline` (the drain follows).
+    load_seconds: usize,
+    /// Per second of the load and the drain.
+    timeline: Timeline,
     /// Per second of the load: acknowledged samples/s.
     timeline_samples_per_s: Vec<f64>,
     /// Per second of the load: CPU use of the system (cores).
@@ -270,8 +349,14 @@ async fn run(args: Args) -> Result<()> {
         data_root: &args.data_root,
     };
     let mut throughput = Vec::new();
-    for &kind in &args.systems {
-        let r = throughput_phase(&args, kind, &sinks, &start, spec(&args, args.duration))
+    let closed_loop = if args.duration.is_zero() {
+        &[][..]
+    } else {
+        &args.systems[..]
+    };
+    for &kind in closed_loop {
+        let run = Run::plain(&args, kind, &sinks, &start, spec(&args, args.duration));
+        let r = throughput_phase(&sinks, run)
             .await
             .with_context(|| format!("throughput phase of {}", kind.label()))?;
         eprintln!(
@@ -293,7 +378,7 @@ async fn run(args: Args) -> Result<()> {
                 interval: args.fixed_interval,
                 ..spec(&args, args.fixed_duration)
             };
-            let r = throughput_phase(&args, kind, &sinks, &start, spec)
+            let r = throughput_phase(&sinks, Run::plain(&args, kind, &sinks, &start, spec))
                 .await
                 .with_context(|| format!("fixed-rate phase of {}", kind.label()))?;
             eprintln!(
@@ -326,6 +411,15 @@ async fn run(args: Args) -> Result<()> {
             absent.push(r);
         }
     }
+    let far = if args.far_delay.is_zero() {
+        None
+    } else {
+        Some(
+            far::far_phase(&args, &sinks, &start)
+                .await
+                .context("far replica phase")?,
+        )
+    };
     sinks.stop();
     let catchup = if args.catchup_workers > 0 && args.systems.contains(&Kind::Walrelay) {
         let c = catchup_phase(&args).await.context("catch-up phase")?;
@@ -355,6 +449,7 @@ async fn run(args: Args) -> Result<()> {
         fixed_rate,
         absent,
         catchup,
+        far,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -371,24 +466,162 @@ fn cpu(pid: u32) -> f64 {
     procstat::cpu_seconds(pid).unwrap_or(f64::NAN)
 }
 
-async fn throughput_phase(
-    args: &Args,
+/// One run of a system under a load.
+struct Run<'a> {
     kind: Kind,
-    sinks: &NullSinks,
-    start: &Start<'_>,
-    spec: LoadSpec,
-) -> Result<ThroughputResult> {
+    /// Its name in the results: the system's, or a variant's (walrelay
+    /// with other arguments).
+    label: String,
+    /// Where it forwards: the sinks, or proxies in front of them.
+    urls: [String; 2],
+    start: Start<'a>,
+    load: LoadSpec,
+    drain_timeout: Duration,
+}
+
+impl Run<'_> {
+    /// A run of `kind` straight into the sinks, as the system comes.
+    fn plain<'a>(
+        args: &Args,
+        kind: Kind,
+        sinks: &NullSinks,
+        start: &Start<'a>,
+        load: LoadSpec,
+    ) -> Run<'a> {
+        Run {
+            kind,
+            label: kind.label().to_string(),
+            urls: [sinks.url(0), sinks.url(1)],
+            start: start.clone(),
+            load,
+            drain_timeout: args.drain_timeout,
+        }
+    }
+}
+
+/// Samples/s a fixed-rate load offers (None for a closed loop).
+fn offered(spec: &LoadSpec) -> Option<f64> {
+    (!spec.interval.is_zero()).then(|| {
+        f64::from(spec.workers)
+            * f64::from(spec.series_per_worker)
+            * f64::from(spec.samples_per_series)
+            / spec.interval.as_secs_f64()
+    })
+}
+
+/// One second's worth of counters.
+#[derive(Clone, Copy)]
+struct Point {
+    acked: u64,
+    cpu: f64,
+    loader_cpu: f64,
+    machine_cpu: f64,
+}
+
+impl Point {
+    fn now(pid: u32, acked: u64) -> Point {
+        Point {
+            acked,
+            cpu: cpu(pid),
+            loader_cpu: cpu(std::process::id()),
+            machine_cpu: procstat::machine_busy_seconds().unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// Per-second samples of a system under load: acknowledged samples, its
+/// CPU and RSS, the bench process's CPU (the load generator, and the
+/// proxies of the far phase), the machine's, and walrelay's replicas.
+#[derive(Default, Serialize, Clone)]
+pub(crate) struct Timeline {
+    /// Acknowledged samples per second.
+    pub samples_per_s: Vec<f64>,
+    /// CPU of the system (cores).
+    pub cpu: Vec<f64>,
+    /// RSS of the system (bytes).
+    pub rss: Vec<u64>,
+    /// CPU of the bench process (cores).
+    pub loader_cpu: Vec<f64>,
+    /// CPU of the whole machine (cores busy).
+    pub machine_cpu: Vec<f64>,
+    /// walrelay: replicas a and b at each second.
+    pub replicas: Vec<[systems::ReplicaNow; 2]>,
+}
+
+/// Takes a [`Timeline`] sample once a second, when ticked.
+struct Sampler {
+    pid: u32,
+    next: Instant,
+    last: Point,
+    timeline: Timeline,
+}
+
+impl Sampler {
+    fn new(pid: u32) -> Sampler {
+        Sampler {
+            pid,
+            next: Instant::now() + Duration::from_secs(1),
+            last: Point::now(pid, 0),
+            timeline: Timeline::default(),
+        }
+    }
+
+    /// Seconds sampled so far.
+    fn seconds(&self) -> usize {
+        self.timeline.samples_per_s.len()
+    }
+
+    /// Takes a sample if a second has passed since the last one.
+    async fn tick(&mut self, sys: &System, acked: u64) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next += Duration::from_secs(1);
+        let now = Point::now(self.pid, acked);
+        let t = &mut self.timeline;
+        t.samples_per_s
+            .push(now.acked.saturating_sub(self.last.acked) as f64);
+        t.cpu.push(now.cpu - self.last.cpu);
+        t.loader_cpu.push(now.loader_cpu - self.last.loader_cpu);
+        t.machine_cpu.push(now.machine_cpu - self.last.machine_cpu);
+        t.rss.push(procstat::rss(self.pid).unwrap_or(0));
+        if let Ok(Some(r)) = sys.replicas().await {
+            t.replicas.push(r);
+        }
+        self.last = now;
+    }
+
+    /// Ticks every 20 ms for `d`.
+    async fn run_for(&mut self, d: Duration, sys: &System, acked: impl Fn() -> u64) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.tick(sys, acked()).await;
+        }
+    }
+}
+
+async fn throughput_phase(sinks: &NullSinks, run: Run<'_>) -> Result<ThroughputResult> {
+    let Run {
+        kind,
+        label,
+        urls,
+        start,
+        load: spec,
+        drain_timeout,
+    } = run;
     eprintln!(
-        "== {}: {}",
+        "== {}: {label}{}",
         if spec.interval.is_zero() {
             "throughput"
         } else {
             "fixed rate"
         },
-        kind.label()
+        offered(&spec).map_or(String::new(), |r| format!(" at {r:.0} samples/s"))
     );
     sinks.check_running()?;
-    let sys = System::start(kind, [sinks.url(0), sinks.url(1)], start).await?;
+    let offered_rate = offered(&spec);
+    let sys = System::start(kind, urls, &start).await?;
     // Let the system settle (Prometheus replays nothing, but starts queues).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = sys.pid()?;
@@ -397,51 +630,36 @@ async fn throughput_phase(
     let cpu0 = cpu(pid);
     let my_cpu0 = cpu(me);
     let load = Load::start(spec, &sys.write_url())?;
-    let mut timeline_samples = Vec::new();
-    let mut timeline_cpu = Vec::new();
-    let mut timeline_rss = Vec::new();
-    let mut last_acked = 0u64;
-    let mut last_cpu = cpu0;
-    // Timeline samples every second; the end of the load is noticed within
-    // 20 ms (the load's elapsed time runs until it is joined).
-    let mut next_sample = Instant::now() + Duration::from_secs(1);
+    let mut sampler = Sampler::new(pid);
+    // The end of the load is noticed within 20 ms (the load's elapsed time
+    // runs until it is joined).
     while !load.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if Instant::now() < next_sample {
-            continue;
-        }
-        next_sample += Duration::from_secs(1);
-        let acked = load.progress().acked_samples;
-        let c = cpu(pid);
-        timeline_samples.push((acked - last_acked) as f64);
-        timeline_cpu.push(c - last_cpu);
-        timeline_rss.push(procstat::rss(pid).unwrap_or(0));
-        last_acked = acked;
-        last_cpu = c;
+        sampler.tick(&sys, load.progress().acked_samples).await;
     }
+    let load_seconds = sampler.seconds();
     let log = load.join().await?;
     let my_cpu = cpu(me) - my_cpu0;
     let load_end = Instant::now();
     let summary = log.summary();
     let acked = summary.counts.acked_samples;
-    let drain_s = wait_drained(&sys, acked, args.drain_timeout, load_end).await?;
+    let drain_s = wait_drained(&sys, acked, drain_timeout, load_end, &mut sampler).await?;
     let cpu_s = cpu(pid) - cpu0;
     let peak_rss = procstat::peak_rss(pid)?;
     // nginx writes its access log at least every second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sink_traffic = sinks.traffic_since(log_offset)?;
     if drain_s.is_none() {
-        eprintln!(
-            "   {} did not drain; log tail:\n{}",
-            kind.label(),
-            sys.log_tail(20)
-        );
+        eprintln!("   {label} did not drain; log tail:\n{}", sys.log_tail(20));
     }
     sys.stop().await?;
     let lat = latencies_ms(&log);
     let pct = |p: f64| quantile(&lat, p);
+    let timeline = sampler.timeline;
     Ok(ThroughputResult {
         system: kind,
+        label,
+        offered_samples_per_s: offered_rate,
         acked_samples: acked,
         acked_requests: summary.counts.acked_requests,
         refused_attempts: summary.counts.refused,
@@ -456,9 +674,11 @@ async fn throughput_phase(
         cpu_s_per_million: cpu_s / (acked.max(1) as f64 / 1e6),
         peak_rss_bytes: peak_rss,
         drain_s,
-        timeline_samples_per_s: timeline_samples,
-        timeline_cpu,
-        timeline_rss,
+        load_seconds,
+        timeline_samples_per_s: timeline.samples_per_s[..load_seconds].to_vec(),
+        timeline_cpu: timeline.cpu[..load_seconds].to_vec(),
+        timeline_rss: timeline.rss[..load_seconds].to_vec(),
+        timeline,
         latency_quantiles_ms: (0..=100).map(|i| pct(f64::from(i) / 100.0)).collect(),
         loader_cpu_s: my_cpu,
         sinks: sink_traffic,
@@ -466,12 +686,14 @@ async fn throughput_phase(
 }
 
 /// Polls until `sys` has delivered `acked` samples to both URLs; returns
-/// the seconds since `since`, or None after `timeout`.
+/// the seconds since `since`, or None after `timeout`. `sampler` goes on
+/// sampling meanwhile.
 async fn wait_drained(
     sys: &System,
     acked: u64,
     timeout: Duration,
     since: Instant,
+    sampler: &mut Sampler,
 ) -> Result<Option<f64>> {
     let deadline = since + timeout;
     loop {
@@ -484,6 +706,7 @@ async fn wait_drained(
             return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+        sampler.tick(sys, acked).await;
     }
 }
 
@@ -568,24 +791,8 @@ async fn catchup_phase(args: &Args) -> Result<CatchupResult> {
     let live_start = (Instant::now(), load.progress().acked_samples);
     b.stop().await?;
     tokio::time::sleep(args.catchup_outage).await;
-    let sent_b = |st: &serde_json::Value| -> f64 {
-        st["replicas"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["name"] == "b")
-            .and_then(|r| r["sent_samples"].as_f64())
-            .unwrap_or(0.0)
-    };
-    let lag_b = |st: &serde_json::Value| -> u64 {
-        st["replicas"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["name"] == "b")
-            .and_then(|r| r["lag_records"].as_u64())
-            .unwrap_or(u64::MAX)
-    };
+    let sent_b = |st: &serde_json::Value| ReplicaNow::of(st, "b").sent_samples;
+    let lag_b = |st: &serde_json::Value| ReplicaNow::of(st, "b").lag_records;
     b.start_again().await?;
     let ready = Instant::now();
     let acked_at_ready = load.progress().acked_samples;
@@ -729,14 +936,9 @@ fn markdown(r: &Results) -> String {
         .iter()
         .find(|a| a.system == Kind::PrometheusAgent)
         .map(|a| a.bytes_per_sample);
-    let _ = writeln!(
-        s,
-        "| system | acked samples/s | × vmagent | ack p50 | ack p99 | CPU s per M samples | × vmagent | peak RSS | × vmagent | drain | disk bytes/sample, absent replica | × agent |"
-    );
-    let _ = writeln!(
-        s,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    );
+    if !r.throughput.is_empty() {
+        table_head(&mut s, "| system | acked samples/s | × vmagent | ack p50 | ack p99 | CPU s per M samples | × vmagent | peak RSS | × vmagent | drain | disk bytes/sample, absent replica | × agent |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
     for t in &r.throughput {
         let ratio = |f: fn(&ThroughputResult) -> f64| {
             vm.map_or("".into(), |v| format!("{:.2}", f(t) / f(v)))
@@ -745,7 +947,7 @@ fn markdown(r: &Results) -> String {
         let _ = writeln!(
             s,
             "| {} | {:.0} | {} | {:.2} ms | {:.2} ms | {:.2} | {} | {:.0} MiB | {} | {} | {} | {} |",
-            t.system.label(),
+            t.label,
             t.samples_per_s,
             ratio(|t| t.samples_per_s),
             t.p50_ms,
@@ -768,16 +970,12 @@ fn markdown(r: &Results) -> String {
             "\nAt a fixed rate ({} workers x {} series every {:.0} ms):\n",
             r.args.workers, r.args.series_per_worker, r.args.fixed_interval_ms
         );
-        let _ = writeln!(
-            s,
-            "| system | acked samples/s | ack p50 | ack p90 | ack p99 | max | CPU s per M samples | peak RSS | drain |"
-        );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        table_head(&mut s, "| system | acked samples/s | ack p50 | ack p90 | ack p99 | max | CPU s per M samples | peak RSS | drain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for t in &r.fixed_rate {
             let _ = writeln!(
                 s,
                 "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} ms | {:.2} | {:.0} MiB | {} |",
-                t.system.label(),
+                t.label,
                 t.samples_per_s,
                 t.p50_ms,
                 t.p90_ms,
@@ -815,18 +1013,20 @@ fn markdown(r: &Results) -> String {
             c.effective_multiple_of_live
         );
     }
-    let _ = writeln!(s, "\nWhat the null sinks received (requests, MB, kinds):\n");
-    let _ = writeln!(
-        s,
-        "| system | sink | requests | MB | bytes/sample | content-encoding, type, user agent |"
-    );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---|");
+    if !r.throughput.is_empty() {
+        let _ = writeln!(s, "\nWhat the null sinks received (requests, MB, kinds):\n");
+        table_head(
+            &mut s,
+            "| system | sink | requests | MB | bytes/sample | content-encoding, type, user agent |",
+            "|---|---|---:|---:|---:|---|",
+        );
+    }
     for t in &r.throughput {
         for (i, k) in t.sinks.iter().enumerate() {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.1} | {:.2} | {} |",
-                t.system.label(),
+                t.label,
                 ["a", "b"][i],
                 k.requests,
                 k.request_bytes as f64 / 1e6,
@@ -835,5 +1035,16 @@ fn markdown(r: &Results) -> String {
             );
         }
     }
+    if let Some(f) = &r.far {
+        s.push_str(&far::markdown(f));
+    }
     s
+}
+
+/// A Markdown table's header line and its alignment line.
+fn table_head(s: &mut String, head: &str, align: &str) {
+    s.push_str(head);
+    s.push('\n');
+    s.push_str(align);
+    s.push('\n');
 }

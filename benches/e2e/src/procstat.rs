@@ -26,6 +26,25 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / clock_ticks())
 }
 
+/// CPU seconds the whole machine spent busy (every CPU, everything but
+/// idle and iowait), from the first line of `/proc/stat`.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat.lines().next().unwrap_or_default();
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if fields.len() < 5 || !line.starts_with("cpu ") {
+        bail!("/proc/stat: unexpected first line {line:?}");
+    }
+    // user nice system idle iowait irq softirq steal ...: guest time is
+    // already in user and nice.
+    let busy: u64 = fields.iter().take(8).sum::<u64>() - fields[3] - fields[4];
+    Ok(busy as f64 / clock_ticks())
+}
+
 fn clock_ticks() -> f64 {
     #[allow(unsafe_code)]
     // SAFETY: sysconf has no preconditions.

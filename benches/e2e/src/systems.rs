@@ -55,6 +55,7 @@ pub struct System {
 }
 
 /// Settings of a system start.
+#[derive(Clone)]
 pub struct Start<'a> {
     pub walrelay_bin: &'a Path,
     pub baseline_bin: Option<&'a Path>,
@@ -153,13 +154,8 @@ impl System {
         match &self.handle {
             Handle::Relay(r) => {
                 let st = r.status().await?;
-                let mut sent = [0.0; 2];
-                for rep in st["replicas"].as_array().into_iter().flatten() {
-                    let i = usize::from(rep["name"] != "a");
-                    sent[i] = rep["sent_samples"].as_f64().unwrap_or(0.0);
-                }
                 Ok(Counters {
-                    sent,
+                    sent: ["a", "b"].map(|n| ReplicaNow::of(&st, n).sent_samples),
                     ..Counters::default()
                 })
             }
@@ -196,6 +192,16 @@ impl System {
                 })
             }
         }
+    }
+
+    /// walrelay: replicas a and b as `/api/v1/status` has them; None for
+    /// the other systems.
+    pub async fn replicas(&self) -> Result<Option<[ReplicaNow; 2]>> {
+        let Handle::Relay(r) = &self.handle else {
+            return Ok(None);
+        };
+        let st = r.status().await?;
+        Ok(Some(["a", "b"].map(|n| ReplicaNow::of(&st, n))))
     }
 
     /// True when everything acknowledged has been delivered to both URLs.
@@ -254,6 +260,44 @@ impl System {
             Handle::Vmagent(p) => p.log_tail(n),
             Handle::Agent(p) => p.log_tail(n),
         }
+    }
+}
+
+/// One walrelay replica at a moment, from `/api/v1/status`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ReplicaNow {
+    /// Samples delivered since the relay started.
+    pub sent_samples: f64,
+    /// Shards delivering its live stream.
+    pub shards: u32,
+    /// Everything below it is delivered (the lowest shard's position).
+    pub cursor: u64,
+    /// Records between the log's head and `cursor`.
+    pub lag_records: u64,
+}
+
+impl ReplicaNow {
+    /// Replica `name` of a status answer (zeros if it is not there).
+    pub fn of(status: &serde_json::Value, name: &str) -> ReplicaNow {
+        let Some(r) = status["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == name)
+        else {
+            return ReplicaNow::default();
+        };
+        ReplicaNow {
+            sent_samples: r["sent_samples"].as_f64().unwrap_or(0.0),
+            shards: r["shards"].as_u64().map_or(1, |n| n as u32),
+            cursor: r["cursor"].as_u64().unwrap_or(0),
+            lag_records: r["lag_records"].as_u64().unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The log's head as this replica sees it.
+    pub fn head(&self) -> u64 {
+        self.cursor.saturating_add(self.lag_records)
     }
 }
 
