@@ -44,6 +44,13 @@ USER 65532:65532
 # No WALRELAY_* variables are set here: the environment would win over a
 # --config file. The defaults already fit the image: --data-dir ./data is
 # /data from the working directory /, --listen is 0.0.0.0:9201.
+# glibc's malloc gives threads up to eight arenas per core, and memory freed
+# into one is not reused by the others: threads that come and go (tokio's
+# blocking pool, sled's I/O threads) fragment the heap. Two arenas measured
+# the same throughput (1.9 million samples/s, two replicas) with a third less
+# peak memory (47 against 70 MiB; 127 against 158 MiB with 16 delivery
+# shards catching up). Not a WALRELAY_* setting: nothing to override.
+ENV MALLOC_ARENA_MAX=2
 WORKDIR /
 VOLUME ["/data"]
 EXPOSE 9201

@@ -153,7 +153,8 @@ start agent-b prometheus --enable-feature=agent --web.enable-remote-write-receiv
   --web.listen-address="127.0.0.1:$p_b"
 wait_ready agent-a "http://127.0.0.1:$p_a/-/ready"
 wait_ready agent-b "http://127.0.0.1:$p_b/-/ready"
-start walrelay "$relay_bin" serve --listen "127.0.0.1:$p_relay" --data-dir "$state/walrelay" \
+# Two malloc arenas, as the image runs it (docs/operations.md, Sizing memory).
+start walrelay env MALLOC_ARENA_MAX=2 "$relay_bin" serve --listen "127.0.0.1:$p_relay" --data-dir "$state/walrelay" \
   --replica "a=http://127.0.0.1:$p_a/api/v1/write" --replica "b=http://127.0.0.1:$p_b/api/v1/write" \
   --new-replica-start oldest
 wait_ready walrelay "http://127.0.0.1:$p_relay/-/ready"
