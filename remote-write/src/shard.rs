@@ -8,13 +8,18 @@
 //!
 //! # The shard of a series
 //!
-//! `shard = mix(Σ fnv1a(name ‖ 0xff ‖ value)) mod N`, where the sum runs
+//! `shard = mix(Σ fnv1a(name, 0xff, value)) mod N`, where the sum runs
 //! over the series' labels, wrapping at 2^64:
 //!
 //! * `fnv1a` is 64-bit FNV-1a (offset basis `0xcbf29ce484222325`, prime
-//!   `0x100000001b3`) over the label's name bytes, one `0xff` byte, and its
-//!   value bytes. `0xff` never occurs in UTF-8, so no two (name, value)
-//!   pairs give the same bytes.
+//!   `0x100000001b3`) taken a word at a time: over the label's name, then
+//!   the one byte `0xff`, then its value. Over a string of bytes, each
+//!   whole 8-byte word from its start, read little-endian, is one step
+//!   (`h ^= word; h *= prime`), then each byte left over is one step
+//!   (`h ^= byte; h *= prime`). `0xff` never occurs in UTF-8, so the name
+//!   ends where it stands. A word at a time takes an eighth of the
+//!   multiplications of a byte at a time: the hash runs for every series
+//!   delivered through shards.
 //! * The sum makes the hash independent of the order of the labels: a 1.0
 //!   request may hold them in any order (ingest stores the request as it
 //!   came), and a 2.0 record of the same series, its labels resolved through
@@ -35,15 +40,23 @@ use crate::sink::Sink;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
+/// FNV-1a over `bytes` a word at a time (see the module documentation).
 fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(w);
+        h ^= u64::from_le_bytes(word);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    for &b in words.remainder() {
         h ^= u64::from(b);
         h = h.wrapping_mul(FNV_PRIME);
     }
     h
 }
 
-/// The hash of one label: FNV-1a of `name ‖ 0xff ‖ value`.
+/// The hash of one label: FNV-1a of its name, `0xff`, then its value.
 fn label_hash(name: &[u8], value: &[u8]) -> u64 {
     fnv1a(fnv1a(fnv1a(FNV_OFFSET, name), &[0xff]), value)
 }
