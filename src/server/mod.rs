@@ -234,6 +234,8 @@ pub async fn run(
 
     // Retention sees every replica's position from the first shipper on.
     fleet.start(ShipperConfig::all(&config)).await?;
+    // Exposed from the first scrape, not from housekeeping's first round.
+    set_wal_gauges(&wal);
     let housekeeping_stop = CancellationToken::new();
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&retention),
@@ -530,11 +532,7 @@ async fn housekeeping(
             metrics::gauge!("walrelay_disk_free_bytes").set(free as f64);
             metrics::gauge!("walrelay_disk_total_bytes").set(total as f64);
         }
-        let extent = wal.extent();
-        metrics::gauge!("walrelay_wal_bytes").set(extent.bytes as f64);
-        metrics::gauge!("walrelay_wal_segments").set(extent.segments as f64);
-        metrics::gauge!("walrelay_wal_first_seq").set(extent.first_seq as f64);
-        metrics::gauge!("walrelay_wal_head_seq").set(extent.end_seq as f64);
+        let extent = set_wal_gauges(&wal);
         for r in &fleet.states() {
             let s = r.status(extent.end_seq, lag_bytes(&wal, r.low_water()));
             let name = r.name.clone();
@@ -548,6 +546,16 @@ async fn housekeeping(
         // Lets tests (and curious operators) tell that retention has run.
         metrics::counter!("walrelay_housekeeping_runs_total").increment(1);
     }
+}
+
+/// The log's size and extent gauges; returns the extent.
+fn set_wal_gauges(wal: &Wal) -> crate::wal::WalExtent {
+    let extent = wal.extent();
+    metrics::gauge!("walrelay_wal_bytes").set(extent.bytes as f64);
+    metrics::gauge!("walrelay_wal_segments").set(extent.segments as f64);
+    metrics::gauge!("walrelay_wal_first_seq").set(extent.first_seq as f64);
+    metrics::gauge!("walrelay_wal_head_seq").set(extent.end_seq as f64);
+    extent
 }
 
 /// `walrelay_replica_shard_lag_records{replica,shard}`: records between
