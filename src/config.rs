@@ -605,16 +605,27 @@ fn file_replica(r: &FileReplica) -> Result<ReplicaConfig, String> {
     Ok(c)
 }
 
-/// `--replica-shards NAME=N`: replica NAME has N shards, fixed.
-fn apply_shards(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(), String> {
-    let (name, n) = arg
+/// The replica a per-replica flag `arg` (`NAME=VALUE`, spelled `form`)
+/// names, and its value.
+fn named_replica<'r, 'a>(
+    replicas: &'r mut [ReplicaConfig],
+    arg: &'a str,
+    form: &str,
+) -> Result<(&'r mut ReplicaConfig, &'a str), String> {
+    let (name, value) = arg
         .split_once('=')
-        .ok_or_else(|| format!("{arg:?} must be NAME=N"))?;
+        .ok_or_else(|| format!("{arg:?} must be {form}"))?;
     let name = name.trim();
     let replica = replicas
         .iter_mut()
         .find(|r| r.name == name)
         .ok_or_else(|| format!("{arg:?}: no replica is named {name:?}"))?;
+    Ok((replica, value))
+}
+
+/// `--replica-shards NAME=N`: replica NAME has N shards, fixed.
+fn apply_shards(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(), String> {
+    let (replica, n) = named_replica(replicas, arg, "NAME=N")?;
     let n: u32 = n
         .trim()
         .parse()
@@ -686,14 +697,7 @@ impl ReplicaAccess {
 /// Applies `--replica-drop-on-status NAME=STATUS[,STATUS]` to the replica it
 /// names (which must be configured).
 fn apply_drop_on_status(replicas: &mut [ReplicaConfig], arg: &str) -> Result<(), String> {
-    let (name, statuses) = arg
-        .split_once('=')
-        .ok_or_else(|| format!("{arg:?} must be NAME=STATUS[,STATUS]"))?;
-    let name = name.trim();
-    let replica = replicas
-        .iter_mut()
-        .find(|r| r.name == name)
-        .ok_or_else(|| format!("{arg:?}: no replica is named {name:?}"))?;
+    let (replica, statuses) = named_replica(replicas, arg, "NAME=STATUS[,STATUS]")?;
     let statuses = parse_statuses(statuses)
         .and_then(|list| StatusPolicy::with_drop_on(&list))
         .map_err(|m| format!("{arg:?}: {m}"))?;

@@ -48,9 +48,9 @@ use tokio_util::sync::CancellationToken;
 use wal_format::Record;
 
 use super::adapt::{self, Window};
-use super::{backfill, cut, Shipper};
+use super::{cut, Shipper};
 use crate::checkpoint::Cursor;
-use crate::types::{now_ms, CatchUp, Shards};
+use crate::types::Shards;
 use crate::wal::{Gap, ReadItem, WalError, WalReader};
 
 /// What the live stream does once a run of its shards (or of its single
@@ -404,23 +404,14 @@ async fn send(queue: &PartsTx, item: ReadItem, drain: &CancellationToken) -> boo
 }
 
 /// The gap to leave to a backfill before dispatching `r`, for a live-first
-/// replica lagging too far ([`backfill::split_gap`]); only where a barrier
-/// may be.
+/// replica lagging too far (the unsharded stream's rule,
+/// [`Shipper::split_gap`], for this one record); only where a barrier may
+/// be.
 fn split_gap(live: &Shipper, r: &Record, lowest_barrier: u64) -> Option<std::ops::Range<u64>> {
-    let CatchUp::LiveFirst { after } = live.catch_up else {
-        return None;
-    };
     if r.seq < lowest_barrier {
         return None;
     }
-    backfill::split_gap(
-        Some(after),
-        live.state.backfill().is_some(),
-        now_ms(),
-        r.meta.receive_time_ms,
-        &(r.seq..r.seq + 1),
-        live.wal.durable_end(),
-    )
+    live.split_gap(std::slice::from_ref(r))
 }
 
 #[cfg(test)]
