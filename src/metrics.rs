@@ -91,6 +91,7 @@ fn register_at_zero() {
     }
     metrics::gauge!("walrelay_wal_writer_failed").set(0.0);
     metrics::gauge!("walrelay_checkpoint_store_failed").set(0.0);
+    metrics::counter!("walrelay_checkpoint_store_set_aside_total").increment(0);
     metrics::gauge!("walrelay_ingest_requests_in_flight").set(0.0);
     metrics::gauge!("walrelay_ingest_inflight_bytes").set(0.0);
     for reason in ["concurrency", "memory", "password_checks"] {

@@ -483,3 +483,126 @@ async fn damaged_log_is_reported_and_only_the_damage_is_skipped() {
         );
     }
 }
+
+/// The checkpoint store damaged under a relay killed with SIGKILL, the two
+/// ways sled is known to be damaged:
+///
+/// * its settings file (`checkpoints/conf`) torn: sled writes it in place,
+///   in two writes, when it creates the store, and a relay killed between
+///   them could never open its store again. The relay must write it again
+///   whole and keep every position (a is not sent anything again).
+/// * a file sled refuses (here a snapshot that does not check out): the
+///   relay must start anyway, with the store moved aside, and start every
+///   replica at the oldest record, so that b, away the whole time and
+///   holding nothing, still receives every acknowledged sample, and a,
+///   which had everything, loses nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_checkpoint_store_neither_stops_the_relay_nor_skips_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let mut b = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let args = ["--retry-min-backoff", "50ms", "--retry-max-backoff", "1s"];
+    let mut relay = Relay::start(
+        &data,
+        &[("a", &a.write_url()), ("b", &b.write_url())],
+        &args,
+    )
+    .await
+    .unwrap();
+    b.kill().unwrap();
+
+    let run_id = LoadSpec::new_run_id();
+    let spec = |worker: u32, seed: u64| LoadSpec {
+        workers: 2,
+        first_worker: worker,
+        series_per_worker: 40,
+        samples_per_series: 2,
+        requests_per_worker: Some(scaled(60, 600)),
+        retry: RetryPolicy::Never,
+        run_id: run_id.clone(),
+        seed,
+        ..LoadSpec::default()
+    };
+    let ack1 = Load::run(spec(0, scenario::seed()), &relay.write_url())
+        .await
+        .unwrap();
+    assert_eq!(ack1.counts().acked_requests, 2 * scaled(60, 600));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let head = loop {
+        let st = relay.status().await.unwrap();
+        if scenario::lag_records(&st, "a") == 0 {
+            break st["wal"]["head_seq"].as_u64().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "a did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let store = data.join("checkpoints");
+
+    // 1. The settings file torn: the settings without their CRC.
+    relay.sigkill().unwrap();
+    let conf = store.join("conf");
+    let whole = std::fs::read(&conf).unwrap();
+    std::fs::write(&conf, &whole[..whole.len() - 4]).unwrap();
+    relay.restart().await.unwrap();
+    let st = relay.status().await.unwrap();
+    let ra = replica_status(&st, "a");
+    assert_eq!(ra["cursor"], head, "a's position kept: {ra:#}");
+    assert_eq!(ra["sent_records"], 0, "nothing sent to a again: {ra:#}");
+    assert_eq!(std::fs::read(&conf).unwrap(), whole, "written again whole");
+    let log = std::fs::read_to_string(relay.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("settings file was torn"),
+        "{}",
+        relay.log_tail(30)
+    );
+    assert_eq!(
+        relay
+            .metric_sum("walrelay_checkpoint_store_set_aside_total", &[])
+            .await
+            .unwrap(),
+        0.0
+    );
+
+    // 2. A file sled refuses: the store is moved aside.
+    relay.sigkill().unwrap();
+    std::fs::write(store.join("snap.000000000000FFFF"), [0xA5u8; 40]).unwrap();
+    relay.restart().await.unwrap();
+    assert_eq!(
+        relay
+            .metric_sum("walrelay_checkpoint_store_set_aside_total", &[])
+            .await
+            .unwrap(),
+        1.0,
+        "{}",
+        relay.log_tail(30)
+    );
+    let aside: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoints.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged store is kept: {aside:?}");
+    assert!(data.join(&aside[0]).join("snap.000000000000FFFF").exists());
+
+    // b comes back; more load; both replicas must hold everything.
+    b.start_again().await.unwrap();
+    let ack2 = Load::run(spec(2, scenario::seed() + 1), &relay.write_url())
+        .await
+        .unwrap();
+    let st = scenario::wait_caught_up(&relay, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let mut ack = ack1.clone();
+    ack.merge(ack2).unwrap();
+    let va = verify(&a, &ack).await.unwrap();
+    let vb = verify(&b, &ack).await.unwrap();
+    let ra = replica_status(&st, "a");
+    assert!(
+        ra["sent_records"].as_u64().unwrap() >= head,
+        "a starts again at the oldest record: {ra:#}"
+    );
+    va.assert_lossless();
+    vb.assert_lossless();
+    relay.stop(Duration::from_secs(20)).await.unwrap();
+}

@@ -142,7 +142,18 @@ pub async fn run(
     report_recovery(&recovery);
     load_tombstones(&wal);
     let checkpoints_dir = config.data_dir.join("checkpoints");
-    let checkpoints = Checkpoints::open(&checkpoints_dir)?;
+    let (checkpoints, set_aside) = Checkpoints::open_or_set_aside(&checkpoints_dir)?;
+    if let Some(damaged) = &set_aside {
+        metrics::counter!("walrelay_checkpoint_store_set_aside_total").increment(1);
+        tracing::error!(
+            store = %checkpoints_dir.display(),
+            moved_to = %damaged.to.display(),
+            cause = %damaged.cause,
+            "the checkpoint store is damaged: moved aside and started empty; every replica \
+             starts again at the oldest record (nothing is skipped, delivered records are \
+             sent again)"
+        );
+    }
     make_durable(&config.data_dir, &checkpoints_dir)?;
 
     let retention = Arc::new(

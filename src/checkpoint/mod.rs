@@ -112,6 +112,8 @@
 //! what is on disk, as after a restart); the failed call itself returns the
 //! error and its caller retries.
 
+mod settings;
+
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -146,6 +148,24 @@ pub enum CheckpointError {
     DataFile {
         path: String,
         file: String,
+        source: std::io::Error,
+    },
+    /// sled's settings file could not be checked or written whole (see
+    /// [`settings`]).
+    #[error("checkpoint store {path}: cannot make sled's settings file whole: {source}")]
+    Settings {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A damaged store could not be moved aside (see
+    /// [`Checkpoints::open_or_set_aside`]).
+    #[error(
+        "checkpoint store {path} is damaged ({cause}) and cannot be moved aside to {to}: {source}"
+    )]
+    SetAside {
+        path: String,
+        to: String,
+        cause: String,
         source: std::io::Error,
     },
     /// A stored shard count is beyond what the relay ever writes: the store
@@ -275,6 +295,35 @@ struct Syncs {
     cause: String,
 }
 
+/// Where [`Checkpoints::open_or_set_aside`] moved a damaged store, and why.
+#[derive(Debug)]
+pub struct SetAside {
+    pub to: PathBuf,
+    pub cause: String,
+}
+
+/// `<store>.damaged-<unix seconds>`, with `-<n>` added if that exists.
+fn set_aside_path(store: &Path) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut name = store
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".damaged-{secs}"));
+    let first = store.with_file_name(&name);
+    let mut to = first.clone();
+    let mut n = 1;
+    while to.exists() {
+        let mut numbered = name.clone();
+        numbered.push(format!("-{n}"));
+        to = store.with_file_name(numbered);
+        n += 1;
+    }
+    to
+}
+
 /// What makes the bytes sled has written durable: an fdatasync of sled's
 /// data file. A trait so that tests can fail or hold a sync on demand.
 trait SyncTarget: Send + Sync {
@@ -390,12 +439,57 @@ impl Checkpoints {
         Self::open_with(path, open_data_file)
     }
 
+    /// [`Self::open`] for the relay: a store that sled reports damaged when
+    /// it opens it is moved aside, to `<store>.damaged-<unix seconds>`, and a
+    /// new empty store is opened in its place. Returns where the damaged one
+    /// went, and why.
+    ///
+    /// Why a relay does not simply refuse to start: then every sender is
+    /// refused until somebody repairs the store by hand, while nothing the
+    /// store held is needed to stay lossless. Positions only have to be
+    /// conservative, and an empty store beside a log with records makes
+    /// the relay start every replica at the oldest record (see
+    /// `crate::server`): acknowledged records are sent again, never skipped.
+    /// The damaged store is kept for a post-mortem.
+    ///
+    /// # Errors
+    /// As [`Self::open`], for anything but damage;
+    /// [`CheckpointError::SetAside`] when the damaged store cannot be moved.
+    pub fn open_or_set_aside(path: &Path) -> Result<(Self, Option<SetAside>), CheckpointError> {
+        let cause = match Self::open(path) {
+            Err(
+                e @ CheckpointError::Store {
+                    source: sled::Error::Corruption { .. },
+                    ..
+                },
+            ) => e.to_string(),
+            other => return other.map(|cp| (cp, None)),
+        };
+        let to = set_aside_path(path);
+        let moved = std::fs::rename(path, &to).and_then(|()| {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            std::fs::File::open(parent.unwrap_or(Path::new(".")))?.sync_all()
+        });
+        moved.map_err(|source| CheckpointError::SetAside {
+            path: path.display().to_string(),
+            to: to.display().to_string(),
+            cause: cause.clone(),
+            source,
+        })?;
+        let cp = Self::open(path)?;
+        Ok((cp, Some(SetAside { to, cause })))
+    }
+
     /// [`Self::open`] with the sync target opened by `open_target`.
     fn open_with(
         path: &Path,
         open_target: impl FnOnce(&Path) -> std::io::Result<Box<dyn SyncTarget>>,
     ) -> Result<Self, CheckpointError> {
         let p = path.display().to_string();
+        settings::ensure(path, open_db).map_err(|source| CheckpointError::Settings {
+            path: p.clone(),
+            source,
+        })?;
         // Before sled: its own first writes are then covered too.
         let data_file = open_target(path).map_err(|source| CheckpointError::DataFile {
             path: p.clone(),
@@ -1435,5 +1529,89 @@ mod tests {
         let c = cp.cursor("a").unwrap();
         assert_eq!(c.delivered, Some(10), "the lowest shard's position");
         assert_eq!(c.highest(), 70, "shard 2's request in flight");
+    }
+
+    /// A store holding positions of replicas `r0`..`r4`, closed.
+    fn store_with_positions(p: &Path) {
+        let cp = Checkpoints::open(p).unwrap();
+        for i in 0..50u64 {
+            cp.set(&format!("r{}", i % 5), i).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_torn_settings_file_is_written_again_whole_and_every_position_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cp");
+        store_with_positions(&p);
+        let conf = p.join("conf");
+        let whole = std::fs::read(&conf).unwrap();
+        // Killed between sled's two writes: the settings without their CRC.
+        std::fs::write(&conf, &whole[..whole.len() - 4]).unwrap();
+        match sled::Config::new().path(&p).open() {
+            Err(sled::Error::Corruption { .. }) => {}
+            other => panic!("sled should refuse a torn settings file: {other:?}"),
+        }
+        let cp = Checkpoints::open(&p).unwrap();
+        assert_eq!(cp.cursor("r1").unwrap().delivered, Some(46));
+        assert_eq!(cp.cursor("r4").unwrap().delivered, Some(49));
+        drop(cp);
+        assert_eq!(std::fs::read(&conf).unwrap(), whole);
+        // Empty (power lost before writeback), then absent: the same.
+        for torn in [Some(&[][..]), None] {
+            match torn {
+                Some(b) => std::fs::write(&conf, b).unwrap(),
+                None => std::fs::remove_file(&conf).unwrap(),
+            }
+            let cp = Checkpoints::open(&p).unwrap();
+            assert_eq!(cp.cursor("r1").unwrap().delivered, Some(46));
+            drop(cp);
+            assert_eq!(std::fs::read(&conf).unwrap(), whole);
+        }
+        let names: BTreeSet<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, BTreeSet::from(["cp".to_string()]), "no scratch left");
+        assert!(!p.join("conf.tmp").exists());
+    }
+
+    #[test]
+    fn a_store_sled_reports_damaged_is_moved_aside_and_an_empty_one_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("checkpoints");
+        store_with_positions(&p);
+        // A snapshot that does not check out: sled refuses the store.
+        std::fs::write(p.join("snap.000000000000FFFF"), [0xA5u8; 40]).unwrap();
+        assert!(matches!(
+            Checkpoints::open(&p),
+            Err(CheckpointError::Store {
+                source: sled::Error::Corruption { .. },
+                ..
+            })
+        ));
+        let (cp, aside) = Checkpoints::open_or_set_aside(&p).unwrap();
+        let aside = aside.expect("set aside");
+        assert!(aside.cause.contains("corrupt"), "{}", aside.cause);
+        let name = aside.to.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("checkpoints.damaged-"), "{name}");
+        assert!(
+            aside.to.join("snap.000000000000FFFF").exists(),
+            "kept whole"
+        );
+        assert!(cp.replicas().unwrap().is_empty(), "a new, empty store");
+        cp.set("a", 7).unwrap();
+        drop(cp);
+        // A second damage the same second does not overwrite the first.
+        std::fs::write(p.join("snap.000000000000FFFF"), [0xA5u8; 40]).unwrap();
+        let (_cp, again) = Checkpoints::open_or_set_aside(&p).unwrap();
+        let again = again.expect("set aside again");
+        assert_ne!(again.to, aside.to);
+        assert!(aside.to.exists() && again.to.exists());
+        // An intact store is opened as it is.
+        drop(_cp);
+        let (cp, none) = Checkpoints::open_or_set_aside(&p).unwrap();
+        assert!(none.is_none());
+        assert!(cp.replicas().unwrap().is_empty());
     }
 }
