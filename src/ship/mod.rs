@@ -772,8 +772,10 @@ impl Shipper {
         };
         let mut fill = BatchFill::new(&records[0]);
         let limits = self.current;
-        let mut lingered = false;
+        let linger_until = tokio::time::Instant::now() + LINGER;
+        let mut waited = false;
         loop {
+            let taken = records.len();
             while fill.has_room(limits) {
                 match reader.try_next()? {
                     Some(ReadItem::Record(r)) => {
@@ -790,18 +792,29 @@ impl Shipper {
                     None => break,
                 }
             }
-            // A small batch waits a moment for the next group commit: fewer,
-            // larger requests cost the replica and the relay less per sample.
-            if lingered
-                || self.held.is_some()
+            // A small batch waits for more group commits, up to LINGER after
+            // its first record was read: fewer, larger requests cost the
+            // replica and the relay less per sample (each request is a
+            // checkpoint write and an HTTP exchange).
+            if self.held.is_some()
                 || matches!(self.stream, Stream::Backfill { .. })
                 || fill.samples >= limits.max_samples / 2
                 || fill.bytes >= limits.max_bytes / 2
+                // A wait that brought nothing readable (a source that
+                // does not wait, such as a shard's queue at a barrier)
+                // would only spin.
+                || waited && records.len() == taken
+                || tokio::time::Instant::now() >= linger_until
             {
                 break;
             }
-            lingered = true;
-            let _ = tokio::time::timeout(LINGER, reader.wait_for_more()).await;
+            waited = true;
+            if tokio::time::timeout_at(linger_until, reader.wait_for_more())
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
         Ok(Batch::Records(records))
     }

@@ -596,3 +596,24 @@ fn headers_alone_index_a_segment_even_when_a_body_is_damaged() {
         "bad_body_checksum"
     );
 }
+
+#[test]
+fn the_kept_compression_context_writes_what_a_fresh_one_writes() {
+    // Frames must not depend on what the thread compressed before.
+    let bodies: Vec<Vec<u8>> = (0..6u8)
+        .map(|i| {
+            (0..4000u32)
+                .map(|j| (j % (7 + u32::from(i))) as u8)
+                .collect()
+        })
+        .collect();
+    for level in [3, 3, 1, 3, 19] {
+        for raw in &bodies {
+            assert_eq!(
+                super::compress(raw, level).unwrap(),
+                zstd::bulk::compress(raw, level).unwrap(),
+                "level {level}"
+            );
+        }
+    }
+}
