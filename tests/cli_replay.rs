@@ -238,8 +238,14 @@ async fn a_sharded_replay_keeps_each_series_in_order_and_resumes_a_killed_run() 
     let state_s = state.to_str().unwrap();
 
     // 60 samples per record; 4 shards of at most 60 samples per request,
-    // 480 samples/s: 60 records take ~7.5 s.
-    let url = prom.write_url();
+    // 480 samples/s: 60 records take ~7.5 s. Each request is held 300 ms
+    // on its way, so that a batch stays in flight long enough to be seen
+    // there (the pacing comes before a batch is journaled in flight: at
+    // Prometheus's own speed the window is a few milliseconds, and a
+    // loaded machine's polls missed every one of them once).
+    let proxy = chaos_tests::FaultProxy::start(prom.addr()).await.unwrap();
+    proxy.set_mode(chaos_tests::ProxyMode::Latency(Duration::from_millis(300)));
+    let url = proxy.write_url();
     let args = ["--to", &url, "--state-file", state_s];
     let more = [
         "--shards",
@@ -258,11 +264,13 @@ async fn a_sharded_replay_keeps_each_series_in_order_and_resumes_a_killed_run() 
     let partial = count_over_hour(&prom, metric).await;
     assert!(partial < w.total_samples(), "partly delivered: {partial}");
 
+    // The same URL (the journal names it), without the delay.
+    proxy.set_mode(chaos_tests::ProxyMode::Pass);
     let o = replay(
         tmp.path(),
         &[
             "--to",
-            &prom.write_url(),
+            &url,
             "--state-file",
             state_s,
             "--shards",
