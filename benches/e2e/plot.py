@@ -3,7 +3,8 @@
 
 usage: plot.py RESULTS_JSON OUT_DIR
 writes throughput.png, latency.png and resources.png (when the closed-loop
-phase ran) and far.png (when the far replica phase ran).
+phase ran), far.png (when the far replica phase ran) and sweep.png (when
+the concurrency sweep ran).
 """
 import json
 import sys
@@ -28,6 +29,8 @@ def main():
         r = json.load(f)
     if r.get("far"):
         far(r["far"], out)
+    if r.get("sweep"):
+        sweep(r["sweep"], out)
     runs = r["throughput"]
     if not runs:
         return
@@ -187,6 +190,42 @@ def far(f, out):
     fig.suptitle("Far replica (issue 18)")
     fig.tight_layout()
     fig.savefig(f"{out}/far.png", dpi=100)
+
+
+def sweep(points, out):
+    """Acknowledged samples/s and CPU per sample against senders."""
+    systems = []
+    for p in points:
+        for t in p["results"]:
+            if t["label"] not in systems:
+                systems.append(t["label"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in systems:
+        xs, ys, cs = [], [], []
+        for p in points:
+            for t in p["results"]:
+                if t["label"] == name:
+                    xs.append(p["workers"])
+                    ys.append(t["samples_per_s"] / 1e6)
+                    cs.append(t["cpu_s_per_million"])
+        color = COLORS.get(name, "gray")
+        ax1.plot(xs, ys, marker="o", label=name, color=color)
+        ax2.plot(xs, cs, marker="o", label=name, color=color)
+    labels = [f'{p["workers"]}\n×{p["series_per_worker"]}' for p in points]
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([p["workers"] for p in points])
+        ax.set_xticklabels(labels)
+        ax.set_xlabel("senders × series per request (one request in flight each)")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    ax1.set_ylabel("acknowledged samples/s (millions)")
+    ax1.set_title("throughput")
+    ax2.set_ylabel("relay CPU seconds per million samples")
+    ax2.set_title("CPU per sample")
+    fig.suptitle("Concurrency sweep (two null-sink replicas)")
+    fig.tight_layout()
+    fig.savefig(f"{out}/sweep.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@
 mod far;
 mod nginx;
 mod procstat;
+mod sweep;
 mod systems;
 
 use std::path::PathBuf;
@@ -176,6 +177,11 @@ struct Args {
     /// fdatasync probes for the disk's fsync latency.
     #[arg(long, default_value_t = 500)]
     fsync_probes: usize,
+    /// Concurrency sweep: points `SENDERSxSERIES` (e.g.
+    /// `4x500,8x1000,16x500,64x100`), each a throughput phase of
+    /// `--duration` for every system; see `sweep.rs`. Empty: no sweep.
+    #[arg(long, value_delimiter = ',', value_parser = sweep::Point::parse)]
+    sweep: Vec<sweep::Point>,
 }
 
 /// Everything one run measured.
@@ -192,6 +198,8 @@ struct Results {
     catchup: Option<CatchupResult>,
     /// The far replica phase (issue 18).
     far: Option<far::FarResults>,
+    /// The concurrency sweep (issue 19).
+    sweep: Vec<sweep::SweepPoint>,
 }
 
 #[derive(Serialize)]
@@ -299,9 +307,14 @@ fn main() -> Result<()> {
 }
 
 fn spec(args: &Args, duration: Duration) -> LoadSpec {
+    spec_of(args.workers, args.series_per_worker, duration)
+}
+
+/// The closed-loop load: `workers` senders of `series_per_worker` series.
+fn spec_of(workers: u32, series_per_worker: u32, duration: Duration) -> LoadSpec {
     LoadSpec {
-        workers: args.workers,
-        series_per_worker: args.series_per_worker,
+        workers,
+        series_per_worker,
         samples_per_series: 1,
         duration: Some(duration),
         retry: RetryPolicy::Retryable,
@@ -411,6 +424,9 @@ async fn run(args: Args) -> Result<()> {
             absent.push(r);
         }
     }
+    let sweep = sweep::sweep(&args, &sinks, &start)
+        .await
+        .context("concurrency sweep")?;
     let far = if args.far_delay.is_zero() {
         None
     } else {
@@ -450,6 +466,7 @@ async fn run(args: Args) -> Result<()> {
         absent,
         catchup,
         far,
+        sweep,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -1038,6 +1055,7 @@ fn markdown(r: &Results) -> String {
     if let Some(f) = &r.far {
         s.push_str(&far::markdown(f));
     }
+    sweep::markdown(&r.sweep, &mut s);
     s
 }
 
