@@ -986,6 +986,9 @@ impl Checkpoints {
                     tracing::warn!(path = %self.path, error = %e,
                         "checkpoint store out of space; it will be reopened at the next attempt");
                     store.db = None;
+                    // Closed before the lock is released: the next call's
+                    // reopen must not meet this handle's file lock.
+                    drop(db);
                 }
                 Err(self.err(e))
             }
