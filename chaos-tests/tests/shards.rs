@@ -3,7 +3,7 @@
 //! older than what they hold for its series.
 //!
 //! * A replica with a fixed count whose N changes between runs (4, 7, 3, 1,
-//!   5) and an adaptive one, the relay SIGKILLed again and again under a
+//!   5, 2, 6, 3) and an adaptive one, the relay SIGKILLed again and again under a
 //!   retrying load: while serving, before or right after readiness (the
 //!   shards' in-flight re-sends), and inside the barrier of a change of N
 //!   (begun in the log, not yet stored). The checkpoint store is read after
@@ -340,7 +340,11 @@ async fn a_sharded_replica_gets_every_acknowledged_sample_through_kills_and_resh
     let _serial = SERIAL.lock().await;
     let mut rng = scenario::rng("shards-kill");
     let mut report = Report::new("sharded_kills_and_reshards", "");
-    let counts: [u32; 5] = [4, 7, 3, 1, 5];
+    // Seven changes of N: whether a kill lands inside a barrier depends on
+    // what the shards still hold when it begins (a barrier with nothing to
+    // deliver is stored at once), and one CI run on a loaded machine saw
+    // none land in four.
+    let counts: [u32; 8] = [4, 7, 3, 1, 5, 2, 6, 3];
     let kills_per_count = scenario::scaled(4, 40);
 
     let a = Prometheus::start_server().await.unwrap();
@@ -477,10 +481,11 @@ async fn a_sharded_replica_gets_every_acknowledged_sample_through_kills_and_resh
         assert_eq!(counter(status, name, "rejected_records"), 0, "{name}");
     }
     let ra = replica_status(status, "a");
-    assert_eq!(ra["shards"], 5, "a's final count: {ra:#}");
+    let last = counts[counts.len() - 1];
+    assert_eq!(ra["shards"], last, "a's final count: {ra:#}");
     assert_eq!(
         ra["shard_cursors"].as_array().map(Vec::len),
-        Some(5),
+        Some(last as usize),
         "a's shard cursors: {ra:#}"
     );
     assert!(
