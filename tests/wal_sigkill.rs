@@ -26,6 +26,7 @@ fn options() -> WalOptions {
         zstd_level: 1,
         max_frame_bytes: 64 << 10,
         initial_seq: 0,
+        segment_max_age: None,
     }
 }
 

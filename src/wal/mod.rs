@@ -21,10 +21,14 @@
 //!   bytes a record): the writer notes them as it appends, and
 //!   [`Wal::count_samples`] reads them from a segment written before a
 //!   restart. A drop then never has to decode the segment it deletes.
+//! - [`Wal::repack`] rewrites a sealed segment as the same records in fewer,
+//!   larger frames at a higher zstd level ([`repack`]), for the replicas
+//!   that are behind: the log of an outage takes a fraction of the disk.
 
 pub mod env;
 pub mod reader;
 pub mod recovery;
+pub mod repack;
 pub mod segment;
 #[cfg(test)]
 pub mod sim;
@@ -145,6 +149,11 @@ pub struct WalOptions {
     pub max_frame_bytes: usize,
     /// Sequence number of the first record of a brand-new log.
     pub initial_seq: u64,
+    /// A segment holding records is sealed at the first append after it
+    /// has been the active one this long (None: only by size). A sender
+    /// at a low rate would otherwise keep one segment active for hours,
+    /// and only a sealed segment can be repacked ([`repack`]).
+    pub segment_max_age: Option<std::time::Duration>,
 }
 
 impl Default for WalOptions {
@@ -155,6 +164,7 @@ impl Default for WalOptions {
             zstd_level: 1,
             max_frame_bytes: 4 << 20,
             initial_seq: 0,
+            segment_max_age: None,
         }
     }
 }
@@ -173,6 +183,10 @@ pub struct SegmentMeta {
     /// (salted with `first_seq` from the file name). Only
     /// [`Wal::count_samples`] counts such a segment as holding nothing.
     pub unreadable: Option<String>,
+    /// How many times the file was replaced by a denser copy of itself
+    /// since the log was opened ([`repack`]): a reader reading the
+    /// segment through an older file opens it again.
+    pub generation: u32,
 }
 
 /// Where the durable log ends: records `..end_seq` are durable.
@@ -376,6 +390,28 @@ impl Shared {
         self.tail.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Opens a cursor at the start of the segment `first_seq`, and returns
+    /// it with what the log knows of the segment, both as of one moment:
+    /// the segment list is held while the file is opened, so a repack
+    /// (which replaces the file and its length under the write lock) never
+    /// pairs a new file with an old length. None when no such segment.
+    ///
+    /// # Errors
+    /// I/O errors opening the file.
+    fn open_segment(
+        &self,
+        first_seq: u64,
+    ) -> Result<Option<(SegmentMeta, segment::SegmentCursor)>, WalError> {
+        let segs = self.segments();
+        let Some(meta) = segs.get(&first_seq).cloned() else {
+            return Ok(None);
+        };
+        let cursor =
+            segment::SegmentCursor::open(self.storage.as_ref(), &meta.path, first_seq, meta.len)?;
+        drop(segs);
+        Ok(Some((meta, cursor)))
+    }
+
     /// Records a damaged place; true the first time it is seen.
     fn note_damage(&self, file: &Path, offset: u64) -> bool {
         self.damage_seen
@@ -567,6 +603,8 @@ impl Wal {
         let mut unread = seg.unreadable.clone();
         if unread.is_none() {
             let storage = self.shared.storage.as_ref();
+            // Not through `Shared::open_segment`: a segment whose samples
+            // are being counted is not repacked (see `crate::repacker`).
             match segment::SegmentCursor::open(storage, &seg.path, first, seg.len) {
                 Err(WalError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                     return Ok(false);

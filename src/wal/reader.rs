@@ -74,7 +74,9 @@ struct PendingDamage {
 pub struct WalReader {
     shared: Arc<Shared>,
     next_seq: u64,
-    cursor: Option<(u64, SegmentCursor)>,
+    /// The segment being read: its first sequence, the generation of its
+    /// file ([`super::SegmentMeta::generation`]) and the cursor.
+    cursor: Option<(u64, u32, SegmentCursor)>,
     pending: VecDeque<Record>,
     damage: Option<PendingDamage>,
 }
@@ -199,7 +201,11 @@ impl WalReader {
                 }
             }
         };
-        let reuse = matches!(&self.cursor, Some((first, _)) if *first == seg.first_seq);
+        // A cursor on a file that a repack has since replaced would still
+        // read correct records (the old file stays whole while open), but it
+        // would keep the old file's disk space in use: open the new one.
+        let reuse = matches!(&self.cursor,
+            Some((first, generation, _)) if *first == seg.first_seq && *generation == seg.generation);
         if let (false, Some(reason)) = (reuse, &seg.unreadable) {
             // The header is damaged, but frames carry their own checksums,
             // salted with the first sequence number the file name gives:
@@ -216,17 +222,20 @@ impl WalReader {
                 });
             }
         }
-        if !reuse {
-            let mut c = SegmentCursor::open(
-                self.shared.storage.as_ref(),
-                &seg.path,
-                seg.first_seq,
-                seg.len,
-            )?;
+        let seg = if reuse {
+            seg
+        } else {
+            // The file and its length as of one moment (see
+            // `Shared::open_segment`).
+            let Some((now, mut c)) = self.shared.open_segment(seg.first_seq)? else {
+                // Deleted since: the next step finds the gap.
+                return Ok(None);
+            };
             c.skip_to(self.next_seq)?;
-            self.cursor = Some((seg.first_seq, c));
-        }
-        let Some((_, cursor)) = self.cursor.as_mut() else {
+            self.cursor = Some((now.first_seq, now.generation, c));
+            now
+        };
+        let Some((_, _, cursor)) = self.cursor.as_mut() else {
             return Ok(None);
         };
         cursor.set_limit(seg.len);

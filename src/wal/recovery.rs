@@ -42,6 +42,9 @@
 //! 10. *fdatasync fails*: the writer stops for good (`writer.rs`) and the
 //!     relay refuses writes until it is restarted; this recovery runs at the
 //!     restart and applies 3, 4 and 6 to what reached the disk.
+//! 11. *Crash during a repack*: the copy a repack left beside its segment
+//!     (`*.wal.repack`) is removed ([`super::repack::remove_leftovers`]);
+//!     the segment itself is whole, original or copy.
 //!
 //! Only the last segment is scanned in full at open, so recovery time does not
 //! grow with the size of the log; sealed segments are checked as they are read
@@ -85,7 +88,8 @@ pub struct RecoveryReport {
     pub truncated: Option<Truncation>,
     pub damage: Vec<Damage>,
     /// Files named like segments that were removed as empty leftovers of a
-    /// crash during segment creation.
+    /// crash during segment creation, and the copies of repacks a crash
+    /// cut short (`*.wal.repack`, see [`super::repack`]).
     pub removed: Vec<PathBuf>,
 }
 
@@ -110,7 +114,10 @@ pub fn open(
         .collect();
     names.sort();
 
-    let mut report = RecoveryReport::default();
+    let mut report = RecoveryReport {
+        removed: super::repack::remove_leftovers(storage.as_ref(), dir)?,
+        ..RecoveryReport::default()
+    };
     let mut segments = BTreeMap::new();
     let last = names.pop();
     for (first_seq, name) in &names {
@@ -311,6 +318,7 @@ fn sealed_segment(
         len,
         sealed: true,
         unreadable,
+        generation: 0,
     })
 }
 
@@ -379,6 +387,7 @@ fn recover_last(
             len,
             sealed: true,
             unreadable: Some(reason),
+            generation: 0,
         };
         let mut scratch = RecoveryReport::default();
         let (end, _) = scan_tail(

@@ -24,6 +24,7 @@ fn small_options(compression: Compression) -> WalOptions {
         zstd_level: 1,
         max_frame_bytes: 1024,
         initial_seq: 0,
+        segment_max_age: None,
     }
 }
 
@@ -863,5 +864,167 @@ proptest! {
         for pos in 0..=wal.durable_end() {
             check_reader_from(&wal, &model, pos, lost.clone());
         }
+    }
+}
+
+// Repacking sealed segments (`repack.rs`).
+
+fn repack_options() -> repack::RepackOptions {
+    repack::RepackOptions {
+        zstd_level: 3,
+        max_frame_bytes: 64 << 10,
+    }
+}
+
+fn sealed_firsts(wal: &Wal) -> Vec<u64> {
+    wal.segments()
+        .into_iter()
+        .filter(|s| s.sealed)
+        .map(|s| s.first_seq)
+        .collect()
+}
+
+fn repack(wal: &Wal, first_seq: u64) -> repack::Repacked {
+    wal.repack(first_seq, repack_options(), &AtomicBool::new(false))
+        .unwrap()
+}
+
+#[test]
+fn a_repacked_segment_holds_the_same_records_in_one_frame_and_fewer_bytes() {
+    let storage = synced_log(60, 200);
+    let (_w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    let before = records_of(&read_all(&wal, 0));
+    assert_eq!(before.len(), 60);
+    let sealed = sealed_firsts(&wal);
+    assert!(sealed.len() >= 3, "{sealed:?}");
+    let bytes_before = wal.extent().bytes;
+    for &first in &sealed {
+        match repack(&wal, first) {
+            repack::Repacked::Done { before, after, .. } => assert!(after < before / 2),
+            other => panic!("segment {first}: {other:?}"),
+        }
+        let seg = wal.segments().into_iter().find(|s| s.first_seq == first);
+        let seg = seg.unwrap();
+        assert_eq!(seg.generation, 1);
+        assert_eq!(frames_of(&storage, &seg).len(), 1, "one frame");
+        assert_eq!(
+            repack(&wal, first),
+            repack::Repacked::AlreadyDense,
+            "never twice"
+        );
+    }
+    assert!(wal.extent().bytes < bytes_before);
+    assert_eq!(records_of(&read_all(&wal, 0)), before);
+    for pos in [0, 7, 16, 33, 59] {
+        assert_eq!(
+            records_of(&read_all(&wal, pos)),
+            before[pos as usize..].to_vec()
+        );
+    }
+    // Durable: the same records after a power loss and a reopen.
+    drop(_w);
+    storage.crash(|_| 0);
+    let (_w, wal, report) = open_sim(&storage, small_options(Compression::None));
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    assert_eq!(records_of(&read_all(&wal, 0)), before);
+}
+
+#[test]
+fn a_reader_inside_a_segment_reads_on_across_its_repack_without_a_gap() {
+    let storage = synced_log(60, 200);
+    let (_w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    let all = records_of(&read_all(&wal, 0));
+    let mut reader = wal.reader(2);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(reader.try_next().unwrap().unwrap());
+    }
+    for first in sealed_firsts(&wal) {
+        assert!(matches!(repack(&wal, first), repack::Repacked::Done { .. }));
+    }
+    while let Some(item) = reader.try_next().unwrap() {
+        seen.push(item);
+    }
+    assert!(
+        seen.iter().all(|i| matches!(i, ReadItem::Record(_))),
+        "{seen:?}"
+    );
+    assert_eq!(records_of(&seen), all[2..].to_vec());
+}
+
+#[test]
+fn a_damaged_segment_is_left_as_it_is_and_its_damage_still_reported() {
+    let storage = synced_log(60, 200);
+    let seg = flip_in_second_frame_body(&storage);
+    let len = storage.file_len(&seg);
+    let (_w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    assert!(matches!(repack(&wal, 0), repack::Repacked::Damaged { .. }));
+    assert_eq!(storage.file_len(&seg), len);
+    let gaps: Vec<_> = read_all(&wal, 0)
+        .into_iter()
+        .filter_map(|i| match i {
+            ReadItem::Gap(g) => Some((g.from, g.to)),
+            ReadItem::Record(_) => None,
+        })
+        .collect();
+    assert_eq!(gaps, vec![(1, 2)]);
+    let mut copy = seg.into_os_string();
+    copy.push(repack::REPACK_SUFFIX);
+    assert_eq!(storage.file_len(&PathBuf::from(copy)), None, "no copy left");
+}
+
+#[test]
+fn the_copy_of_a_repack_cut_short_is_removed_at_open() {
+    let storage = synced_log(60, 200);
+    let copy = dir().join(format!(
+        "{}{}",
+        wal_format::segment_file_name(0),
+        repack::REPACK_SUFFIX
+    ));
+    {
+        let mut f = env::Storage::create_new(&storage, &copy).unwrap();
+        f.append(b"half a copy").unwrap();
+        f.sync_data().unwrap();
+        env::Storage::sync_dir(&storage, &dir()).unwrap();
+    }
+    let (_w, wal, report) = open_sim(&storage, small_options(Compression::None));
+    assert!(report.removed.contains(&copy), "{report:?}");
+    assert_eq!(storage.file_len(&copy), None);
+    assert_eq!(records_of(&read_all(&wal, 0)).len(), 60);
+}
+
+#[test]
+fn a_raised_stop_abandons_the_copy_and_the_active_segment_is_never_repacked() {
+    let storage = synced_log(60, 200);
+    let (_w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    let stopped = wal.repack(0, repack_options(), &AtomicBool::new(true));
+    assert_eq!(stopped.unwrap(), repack::Repacked::Stopped);
+    let active = wal.segments().last().unwrap().clone();
+    assert!(!active.sealed);
+    assert_eq!(repack(&wal, active.first_seq), repack::Repacked::Gone);
+    assert_eq!(repack(&wal, 12_345), repack::Repacked::Gone);
+    let names = env::Storage::list(&storage, &dir()).unwrap();
+    assert!(
+        names.iter().all(|n| !n.ends_with(repack::REPACK_SUFFIX)),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_segment_past_its_age_is_sealed_at_the_next_append() {
+    for (age, segments) in [(None, 1), (Some(std::time::Duration::ZERO), 3)] {
+        let storage = SimStorage::new();
+        let options = WalOptions {
+            segment_bytes: 1 << 20,
+            segment_max_age: age,
+            ..small_options(Compression::None)
+        };
+        let (mut w, wal, _) = open_sim(&storage, options);
+        for i in 0..3 {
+            append(&mut w, &[payload(i, 100)]);
+            w.sync().unwrap();
+        }
+        assert_eq!(wal.segments().len(), segments, "age {age:?}");
+        assert_eq!(records_of(&read_all(&wal, 0)).len(), 3);
     }
 }

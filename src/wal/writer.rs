@@ -16,6 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use wal_format::{encode_frame, RecordRef};
 
@@ -86,6 +87,9 @@ struct ActiveFile {
     header_len: u64,
     /// Roll before the next append (recovery found damage in this segment).
     seal: bool,
+    /// When this writer began appending to it (its age, for
+    /// [`WalOptions::segment_max_age`]; a restart starts the count anew).
+    since: Instant,
 }
 
 impl WalWriter {
@@ -109,6 +113,7 @@ impl WalWriter {
                         len: a.len,
                         sealed: false,
                         unreadable: None,
+                        generation: 0,
                     },
                 );
                 Some(ActiveFile {
@@ -119,6 +124,7 @@ impl WalWriter {
                     dirty: false,
                     header_len: wal_format::SEGMENT_HEADER_LEN as u64,
                     seal: a.seal,
+                    since: Instant::now(),
                 })
             }
             None => None,
@@ -178,7 +184,14 @@ impl WalWriter {
         let needs_roll = match &self.active {
             None => true,
             Some(a) => {
-                a.seal || (a.len > a.header_len && a.len + estimate > self.options.segment_bytes)
+                let holds_records = a.len > a.header_len;
+                a.seal
+                    || (holds_records && a.len + estimate > self.options.segment_bytes)
+                    || (holds_records
+                        && self
+                            .options
+                            .segment_max_age
+                            .is_some_and(|age| a.since.elapsed() >= age))
             }
         };
         if needs_roll {
@@ -264,6 +277,7 @@ impl WalWriter {
                 len,
                 sealed: false,
                 unreadable: None,
+                generation: 0,
             },
         );
         self.active = Some(ActiveFile {
@@ -274,6 +288,7 @@ impl WalWriter {
             dirty: false,
             header_len: len,
             seal: false,
+            since: Instant::now(),
         });
         Ok(())
     }
