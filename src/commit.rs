@@ -42,7 +42,7 @@ const DISK_RESERVE_BYTES: u64 = 16 << 20;
 /// reserve; None when the filesystem cannot be asked or reports no size
 /// (some FUSE and network filesystems), so that it is never refused on a
 /// number that means nothing.
-fn disk_space_left(dir: &std::path::Path) -> Option<u64> {
+pub(crate) fn disk_space_left(dir: &std::path::Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let total = st.f_blocks.saturating_mul(st.f_frsize);

@@ -221,6 +221,15 @@ pub struct ServeArgs {
     /// zstd level for log frames (1 is fast and already pays). [default: 1]
     #[arg(long, env = "WALRELAY_ZSTD_LEVEL")]
     pub zstd_level: Option<i32>,
+    /// A segment holding records is sealed at the first write after it has
+    /// been the active one this long, so that it can be repacked (0s: only
+    /// by size). [default: 5m]
+    #[arg(long, env = "WALRELAY_SEGMENT_MAX_AGE")]
+    pub segment_max_age: Option<String>,
+    /// zstd level at which sealed segments that replicas still need are
+    /// rewritten in large frames, in the background (0: never). [default: 6]
+    #[arg(long, env = "WALRELAY_REPACK_ZSTD_LEVEL")]
+    pub repack_zstd_level: Option<i32>,
     /// Most samples coalesced into one request to a replica. [default: 20000]
     #[arg(long, env = "WALRELAY_MAX_SAMPLES_PER_SEND")]
     pub max_samples_per_send: Option<u64>,
@@ -324,6 +333,8 @@ struct FileConfig {
     segment_bytes: Option<toml::Value>,
     compression: Option<String>,
     zstd_level: Option<i32>,
+    segment_max_age: Option<String>,
+    repack_zstd_level: Option<i32>,
     max_samples_per_send: Option<u64>,
     max_bytes_per_send: Option<toml::Value>,
     send_timeout: Option<String>,
@@ -430,6 +441,10 @@ pub struct ServeConfig {
     pub segment_bytes: u64,
     pub compression: Compression,
     pub zstd_level: i32,
+    /// None: segments are sealed by size only.
+    pub segment_max_age: Option<Duration>,
+    /// 0: no repacking.
+    pub repack_zstd_level: i32,
     pub max_samples_per_send: u64,
     pub max_bytes_per_send: usize,
     pub send_timeout: Duration,
@@ -858,6 +873,14 @@ impl ServeArgs {
             segment_bytes,
             compression: self.compression(f)?,
             zstd_level: pick(self.zstd_level, f.zstd_level, 1),
+            segment_max_age: Some(merged_duration(
+                "segment-max-age",
+                &self.segment_max_age,
+                &f.segment_max_age,
+                Duration::from_secs(300),
+            )?)
+            .filter(|d| !d.is_zero()),
+            repack_zstd_level: self.repack_zstd_level(f)?,
             max_samples_per_send: pick(self.max_samples_per_send, f.max_samples_per_send, 20_000)
                 .max(1),
             max_bytes_per_send: merged_bytes(
@@ -1057,6 +1080,19 @@ impl ServeArgs {
         }
     }
 
+    /// The repack level: 0 (off) or a zstd level from 1 to 19 (20 and up
+    /// need far more memory, for little more).
+    fn repack_zstd_level(&self, file: &FileConfig) -> Result<i32, ConfigError> {
+        let level = pick(self.repack_zstd_level, file.repack_zstd_level, 6);
+        if !(0..=19).contains(&level) {
+            return Err(invalid(
+                "repack-zstd-level",
+                format!("{level} (expected 0 to turn repacking off, or 1 to 19)"),
+            ));
+        }
+        Ok(level)
+    }
+
     /// Whether logs are JSON lines (else text).
     fn log_json(&self, file: &FileConfig) -> Result<bool, ConfigError> {
         match self
@@ -1250,6 +1286,20 @@ mod tests {
             ..Default::default()
         }
         .resolve()
+    }
+
+    #[test]
+    fn segments_are_sealed_by_age_and_repacked_at_level_6_unless_told_otherwise() {
+        let c = resolve_file("").unwrap();
+        assert_eq!(c.segment_max_age, Some(Duration::from_secs(300)));
+        assert_eq!(c.repack_zstd_level, 6);
+        let c = resolve_file("segment_max_age = \"0s\"\nrepack_zstd_level = 0\n").unwrap();
+        assert_eq!(c.segment_max_age, None, "0s: by size only");
+        assert_eq!(c.repack_zstd_level, 0, "0: no repacking");
+        for bad in ["repack_zstd_level = 20\n", "repack_zstd_level = -1\n"] {
+            let e = resolve_file(bad).unwrap_err().to_string();
+            assert!(e.contains("repack-zstd-level"), "{e}");
+        }
     }
 
     #[test]

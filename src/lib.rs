@@ -32,6 +32,9 @@
 //!   after its replica accepted the records.
 //! * [`retention`]: deletes whole segments every replica has passed, or the
 //!   oldest under the disk budget, counting what a replica lost.
+//! * [`repacker`]: rewrites sealed segments that replicas still need as the
+//!   same records in fewer, larger frames (`wal::repack`), at the lowest
+//!   CPU priority.
 //! * [`fleet`]: the set of running shippers, started, changed and stopped
 //!   at a reload.
 //! * [`cli`]: the operator commands (`wal inspect/verify/dump/replay/repair`,
@@ -54,6 +57,7 @@ pub mod fleet;
 pub mod ingest;
 pub mod lock;
 pub mod metrics;
+pub mod repacker;
 pub mod retention;
 pub mod server;
 pub mod ship;

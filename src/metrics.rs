@@ -77,6 +77,10 @@ fn register_at_zero() {
     ] {
         let _ = metrics::histogram!(name);
     }
+    for outcome in crate::repacker::OUTCOMES {
+        metrics::counter!("walrelay_wal_repacks_total", "outcome" => outcome).increment(0);
+    }
+    metrics::counter!("walrelay_wal_repack_saved_bytes_total").increment(0);
     for reason in ["delivered", "disk_budget", "retention_age"] {
         metrics::counter!("walrelay_wal_segments_deleted_total", "reason" => reason).increment(0);
     }
@@ -372,6 +376,16 @@ fn describe() {
     describe_counter!(
         "walrelay_wal_segments_deleted_total",
         "Segments deleted, by reason."
+    );
+    describe_counter!(
+        "walrelay_wal_repacks_total",
+        "Sealed segments looked at by the repacker, by outcome (repacked, already_dense, \
+         not_worth, damaged, gone, stopped, error)."
+    );
+    describe_counter!(
+        "walrelay_wal_repack_saved_bytes_total",
+        Unit::Bytes,
+        "Disk bytes the repacked segments no longer take."
     );
     describe_gauge!(
         "walrelay_replica_rate_limit_samples_per_second",

@@ -29,9 +29,11 @@ use crate::fleet::{Fleet, ShipperConfig};
 use crate::ingest::budget::MemoryBudget;
 use crate::ingest::pool::DecodePool;
 use crate::ingest::Ingest;
+use crate::repacker::Repacker;
 use crate::retention::Retention;
 use crate::tls::ServerTls;
 use crate::types::StartAt;
+use crate::wal::repack::RepackOptions;
 use crate::wal::{self, RealStorage, RecoveryReport, Wal, WalOptions};
 
 mod http;
@@ -102,6 +104,8 @@ pub enum ServeError {
     },
     #[error("starting the commit thread: {0}")]
     CommitThread(#[source] std::io::Error),
+    #[error("starting the repack thread: {0}")]
+    RepackThread(#[source] std::io::Error),
     #[error(transparent)]
     Fleet(#[from] crate::fleet::FleetError),
 }
@@ -128,8 +132,10 @@ pub async fn run(
         segment_bytes,
         compression: config.compression,
         zstd_level: config.zstd_level,
+        segment_max_age: config.segment_max_age,
         ..WalOptions::default()
     };
+    let max_frame_bytes = options.max_frame_bytes;
     let (mut writer, wal, recovery) = {
         let dir = wal_dir.clone();
         tokio::task::spawn_blocking(move || wal::open(Arc::new(RealStorage), &dir, options))
@@ -247,6 +253,18 @@ pub async fn run(
     fleet.start(ShipperConfig::all(&config)).await?;
     // Exposed from the first scrape, not from housekeeping's first round.
     set_wal_gauges(&wal);
+    let repacker = if config.repack_zstd_level > 0 {
+        let options = RepackOptions {
+            zstd_level: config.repack_zstd_level,
+            max_frame_bytes,
+        };
+        Some(
+            Repacker::start(wal.clone(), Arc::clone(&retention), options)
+                .map_err(ServeError::RepackThread)?,
+        )
+    } else {
+        None
+    };
     let housekeeping_stop = CancellationToken::new();
     let housekeeping = tokio::spawn(housekeeping(
         Arc::clone(&retention),
@@ -369,6 +387,9 @@ pub async fn run(
     fleet.stop_all().await;
     housekeeping_stop.cancel();
     let _ = housekeeping.await;
+    if let Some(r) = repacker {
+        let _ = tokio::task::spawn_blocking(move || r.stop()).await;
+    }
     tracing::info!("walrelay stopped");
     Ok(())
 }
@@ -492,7 +513,14 @@ fn report_recovery(r: &RecoveryReport) {
         metrics::counter!("walrelay_wal_corruptions_total").increment(1);
     }
     for p in &r.removed {
-        tracing::warn!(file = %p.display(), "removed an empty segment left by a crash");
+        if p.to_string_lossy()
+            .ends_with(crate::wal::repack::REPACK_SUFFIX)
+        {
+            tracing::info!(file = %p.display(),
+                "removed the copy of a repack cut short by a crash (its segment is whole)");
+        } else {
+            tracing::warn!(file = %p.display(), "removed an empty segment left by a crash");
+        }
     }
 }
 
