@@ -321,23 +321,26 @@ pub struct SetAside {
     pub cause: String,
 }
 
+/// `<store><suffix>`: a directory beside the store.
+fn sibling(store: &Path, suffix: &str) -> PathBuf {
+    let mut name = store
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(suffix);
+    store.with_file_name(name)
+}
+
 /// `<store>.damaged-<unix seconds>`, with `-<n>` added if that exists.
 fn set_aside_path(store: &Path) -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let mut name = store
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".damaged-{secs}"));
-    let first = store.with_file_name(&name);
-    let mut to = first.clone();
+    let first = format!(".damaged-{secs}");
+    let mut to = sibling(store, &first);
     let mut n = 1;
     while to.exists() {
-        let mut numbered = name.clone();
-        numbered.push(format!("-{n}"));
-        to = store.with_file_name(numbered);
+        to = sibling(store, &format!("{first}-{n}"));
         n += 1;
     }
     to

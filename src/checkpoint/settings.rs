@@ -36,8 +36,7 @@ fn whole(bytes: &[u8]) -> bool {
 }
 
 /// Makes `<store>/conf` whole (see the module docs), creating `store` if
-/// needed. Returns true when it wrote the file, and says so in the log
-/// when it replaced a torn one.
+/// needed, and says so in the log when it replaced a torn one.
 ///
 /// # Errors
 /// I/O errors reading, writing or syncing the file; sled errors opening the
@@ -45,11 +44,11 @@ fn whole(bytes: &[u8]) -> bool {
 pub(super) fn ensure(
     store: &Path,
     open: impl FnOnce(&Path) -> sled::Result<sled::Db>,
-) -> std::io::Result<bool> {
+) -> std::io::Result<()> {
     std::fs::create_dir_all(store)?;
     let path = store.join(FILE);
     let old = match std::fs::read(&path) {
-        Ok(bytes) if whole(&bytes) => return Ok(false),
+        Ok(bytes) if whole(&bytes) => return Ok(()),
         Ok(bytes) => Some(bytes.len()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e),
@@ -71,7 +70,7 @@ pub(super) fn ensure(
              written again whole, the checkpoints themselves are untouched"
         );
     }
-    Ok(true)
+    Ok(())
 }
 
 /// The settings file sled writes for a new store opened by `open`.
@@ -98,13 +97,9 @@ fn written_by_sled(
     Ok(bytes)
 }
 
+/// Where sled writes a fresh store and its settings file, beside the store.
 fn scratch_dir(store: &Path) -> PathBuf {
-    let mut name = store
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".conf-scratch");
-    store.with_file_name(name)
+    super::sibling(store, ".conf-scratch")
 }
 
 #[cfg(test)]

@@ -943,6 +943,26 @@ fn fmt_opt(v: Option<f64>, unit: &str) -> String {
     v.map_or("did not drain".to_string(), |v| format!("{v:.2} {unit}"))
 }
 
+/// The cells of a throughput row from the rate to the peak RSS, each with
+/// its ratio to vmagent's (`vm`) when there is one: acked samples/s, ×,
+/// ack p50, ack p99, CPU s per M samples, ×, peak RSS, ×.
+fn throughput_cells(t: &ThroughputResult, vm: Option<&ThroughputResult>) -> String {
+    let ratio = |f: fn(&ThroughputResult) -> f64| {
+        vm.map_or(String::new(), |v| format!("{:.2}", f(t) / f(v)))
+    };
+    format!(
+        "{:.0} | {} | {:.2} ms | {:.2} ms | {:.2} | {} | {:.0} MiB | {}",
+        t.samples_per_s,
+        ratio(|t| t.samples_per_s),
+        t.p50_ms,
+        t.p99_ms,
+        t.cpu_s_per_million,
+        ratio(|t| t.cpu_s_per_million),
+        t.peak_rss_bytes as f64 / 1048576.0,
+        ratio(|t| t.peak_rss_bytes as f64),
+    )
+}
+
 /// The results as the Markdown table that goes into benches/README.md.
 fn markdown(r: &Results) -> String {
     use std::fmt::Write;
@@ -957,22 +977,12 @@ fn markdown(r: &Results) -> String {
         table_head(&mut s, "| system | acked samples/s | × vmagent | ack p50 | ack p99 | CPU s per M samples | × vmagent | peak RSS | × vmagent | drain | disk bytes/sample, absent replica | × agent |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     for t in &r.throughput {
-        let ratio = |f: fn(&ThroughputResult) -> f64| {
-            vm.map_or("".into(), |v| format!("{:.2}", f(t) / f(v)))
-        };
         let absent = r.absent.iter().find(|a| a.system == t.system);
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {} | {:.2} ms | {:.2} ms | {:.2} | {} | {:.0} MiB | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             t.label,
-            t.samples_per_s,
-            ratio(|t| t.samples_per_s),
-            t.p50_ms,
-            t.p99_ms,
-            t.cpu_s_per_million,
-            ratio(|t| t.cpu_s_per_million),
-            t.peak_rss_bytes as f64 / 1048576.0,
-            ratio(|t| t.peak_rss_bytes as f64),
+            throughput_cells(t, vm),
             fmt_opt(t.drain_s, "s"),
             absent.map_or("".into(), |a| format!("{:.2}", a.bytes_per_sample)),
             match (absent, agent_bytes) {

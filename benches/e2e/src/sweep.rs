@@ -100,23 +100,13 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
     for p in points {
         let vm = p.results.iter().find(|t| t.system == Kind::Vmagent);
         for t in &p.results {
-            let ratio = |f: fn(&ThroughputResult) -> f64| {
-                vm.map_or(String::new(), |v| format!("{:.2}", f(t) / f(v)))
-            };
             let _ = writeln!(
                 s,
-                "| {} × {} | {} | {:.0} | {} | {:.2} ms | {:.2} ms | {:.2} | {} | {:.0} MiB | {} |",
+                "| {} × {} | {} | {} |",
                 p.point.workers,
                 p.point.series_per_worker,
                 t.label,
-                t.samples_per_s,
-                ratio(|t| t.samples_per_s),
-                t.p50_ms,
-                t.p99_ms,
-                t.cpu_s_per_million,
-                ratio(|t| t.cpu_s_per_million),
-                t.peak_rss_bytes as f64 / 1048576.0,
-                ratio(|t| t.peak_rss_bytes as f64),
+                crate::throughput_cells(t, vm),
             );
         }
     }
