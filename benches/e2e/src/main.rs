@@ -27,6 +27,7 @@
 mod far;
 mod nginx;
 mod procstat;
+mod senders;
 mod sweep;
 mod systems;
 
@@ -182,6 +183,14 @@ struct Args {
     /// `--duration` for every system; see `sweep.rs`. Empty: no sweep.
     #[arg(long, value_delimiter = ',', value_parser = sweep::Point::parse)]
     sweep: Vec<sweep::Point>,
+    /// Real senders (issue 19): how long each of a Prometheus agent and a
+    /// vmagent sends into each system after a warm-up (0 skips the phase).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    senders_duration: Duration,
+    /// Real senders: targets each sender scrapes every second, of
+    /// 2,000 series each.
+    #[arg(long, default_value_t = 50)]
+    senders_targets: usize,
 }
 
 /// Everything one run measured.
@@ -200,6 +209,8 @@ struct Results {
     far: Option<far::FarResults>,
     /// The concurrency sweep (issue 19).
     sweep: Vec<sweep::SweepPoint>,
+    /// Real senders (issue 19).
+    senders: Vec<senders::SenderResult>,
 }
 
 #[derive(Serialize)]
@@ -427,6 +438,19 @@ async fn run(args: Args) -> Result<()> {
     let sweep = sweep::sweep(&args, &sinks, &start)
         .await
         .context("concurrency sweep")?;
+    let senders = if args.senders_duration.is_zero() {
+        Vec::new()
+    } else {
+        senders::senders_phase(
+            &args.systems,
+            args.senders_targets,
+            args.senders_duration,
+            &sinks,
+            &start,
+        )
+        .await
+        .context("real senders")?
+    };
     let far = if args.far_delay.is_zero() {
         None
     } else {
@@ -467,6 +491,7 @@ async fn run(args: Args) -> Result<()> {
         catchup,
         far,
         sweep,
+        senders,
     };
     std::fs::write(
         args.out.join("results.json"),
@@ -1066,6 +1091,7 @@ fn markdown(r: &Results) -> String {
         s.push_str(&far::markdown(f));
     }
     sweep::markdown(&r.sweep, &mut s);
+    senders::markdown(&r.senders, &mut s);
     s
 }
 

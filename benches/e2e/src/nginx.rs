@@ -1,7 +1,8 @@
 //! Two nginx null sinks: every POST is answered 204 after its body is read.
 //! The access log records, per request, the port, the body length and the
 //! `Content-Encoding` / `Content-Type` / `User-Agent`, so the benchmark can
-//! show what each system really sent.
+//! show what each system really sent. `GET /metrics` serves a file for real
+//! senders to scrape ([`NullSinks::serve_metrics`]), unlogged.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -77,6 +78,17 @@ impl NullSinks {
 
     pub fn url(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}/api/v1/write", self.ports[i])
+    }
+
+    /// Makes `GET /metrics` on both sinks answer `text` (a Prometheus
+    /// exposition).
+    pub fn serve_metrics(&self, text: &str) -> Result<()> {
+        std::fs::write(self.dir.path().join("metrics.txt"), text).context("write metrics.txt")
+    }
+
+    /// `host:port` of sink `i`, as a scrape target.
+    pub fn metrics_addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
     }
 
     fn access_log(&self) -> PathBuf {
@@ -163,8 +175,8 @@ http {{
   client_body_buffer_size 1m;
   keepalive_requests 100000000;
   keepalive_timeout 300s;
-  server {{ listen 127.0.0.1:{a}; location / {{ return 204; }} }}
-  server {{ listen 127.0.0.1:{b}; location / {{ return 204; }} }}
+  server {{ listen 127.0.0.1:{a}; location / {{ return 204; }} location = /metrics {{ access_log off; default_type "text/plain; version=0.0.4"; alias {p}/metrics.txt; }} }}
+  server {{ listen 127.0.0.1:{b}; location / {{ return 204; }} location = /metrics {{ access_log off; default_type "text/plain; version=0.0.4"; alias {p}/metrics.txt; }} }}
 }}
 "#,
         a = ports[0],

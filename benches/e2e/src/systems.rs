@@ -149,6 +149,21 @@ impl System {
         Ok(r.text().await?)
     }
 
+    /// Samples the system has taken in from its senders so far (its own
+    /// counter).
+    pub async fn samples_taken_in(&self) -> Result<f64> {
+        let m = self.metrics().await?;
+        match &self.handle {
+            Handle::Relay(_) => Ok(metric_sum(&m, "walrelay_ingest_samples_total", &[])),
+            Handle::Vmagent(_) => Ok(metric_sum(
+                &m,
+                "vmagent_rows_inserted_total",
+                &[("type", "promremotewrite")],
+            )),
+            Handle::Agent(_) => bail!("a Prometheus agent takes no remote-write in"),
+        }
+    }
+
     /// The delivery counters (see [`Counters`]).
     async fn counters(&self) -> Result<Counters> {
         match &self.handle {
