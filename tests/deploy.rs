@@ -494,6 +494,28 @@ async fn every_metric_of_the_dashboard_and_alerts_is_exposed_by_a_shipping_relay
     )
     .await
     .unwrap();
+    // b stays down until retention has dropped the two aged segments: its
+    // shipper is then still re-sending the request that was in flight and
+    // has read none of their other records, so they are lost to b (a
+    // shipper that reads them first delivers them, and nothing is dropped).
+    wait_for(
+        "retention drops the two aged segments",
+        Duration::from_secs(60),
+        &relay,
+        || {
+            let r = &relay;
+            async move {
+                metric(
+                    r,
+                    "walrelay_wal_segments_deleted_total",
+                    &[("reason", "retention_age")],
+                )
+                .await
+                    >= 2.0
+            }
+        },
+    )
+    .await;
     b.set_mode(ProxyMode::Pass);
     wait_for(
         "replica b catches up",

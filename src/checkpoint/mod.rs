@@ -1299,8 +1299,13 @@ mod tests {
             // A and B write while C's sync runs: it does not cover them.
             let a = s.spawn(|| cp.set("a", 1));
             let b = s.spawn(|| cp.set("b", 1));
-            wait_until("A's and B's writes are in the store", || {
-                cp.replicas().unwrap().len() == 3
+            // In sled's file, not only in its memory: a sync covers what
+            // was flushed when it began, and B's flush may still run when
+            // A's sync begins (then B syncs on its own, one sync more).
+            wait_until("A's and B's writes are in the store's file", || {
+                let replicas = cp.replicas().unwrap().len();
+                let store = lock(&cp.store);
+                replicas == 3 && store.written == store.applied
             });
             held.release();
             for t in [c, a, b] {
