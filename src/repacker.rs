@@ -107,7 +107,8 @@ fn run(wal: &Wal, retention: &Retention, options: RepackOptions, stop: &Stop) {
     let mut looked_at: HashSet<(u64, u32)> = HashSet::new();
     while !stop.raised.load(Ordering::Relaxed) {
         let segments = wal.segments();
-        looked_at.retain(|(first, _)| segments.iter().any(|s| s.first_seq == *first));
+        let present: HashSet<u64> = segments.iter().map(|s| s.first_seq).collect();
+        looked_at.retain(|(first, _)| present.contains(first));
         let Some(seg) = next_candidate(wal, retention, &segments, &looked_at) else {
             if stop.sleep(IDLE) {
                 return;

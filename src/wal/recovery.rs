@@ -106,18 +106,19 @@ pub fn open(
     storage
         .create_dir_all(dir)
         .map_err(|e| WalError::io("create directory", dir, e))?;
-    let mut names: Vec<(u64, String)> = storage
+    let listed = storage
         .list(dir)
-        .map_err(|e| WalError::io("list directory", dir, e))?
+        .map_err(|e| WalError::io("list directory", dir, e))?;
+    let mut report = RecoveryReport {
+        removed: super::repack::remove_leftovers(storage.as_ref(), dir, &listed)?,
+        ..RecoveryReport::default()
+    };
+    let mut names: Vec<(u64, String)> = listed
         .into_iter()
         .filter_map(|n| parse_segment_file_name(&n).map(|s| (s, n)))
         .collect();
     names.sort();
 
-    let mut report = RecoveryReport {
-        removed: super::repack::remove_leftovers(storage.as_ref(), dir)?,
-        ..RecoveryReport::default()
-    };
     let mut segments = BTreeMap::new();
     let last = names.pop();
     for (first_seq, name) in &names {

@@ -134,11 +134,10 @@ impl<'a> Records<'a> {
     fn next(&mut self) -> Result<Option<Record>, Unread> {
         loop {
             if let Some(r) = self.pending.pop_front() {
-                if self.next_seq.is_some_and(|n| n != r.seq) {
+                if let Some(n) = self.next_seq.filter(|&n| n != r.seq) {
                     return Err(Unread::Damage(format!(
-                        "record {} follows record {}",
-                        r.seq,
-                        self.next_seq.map_or(0, |n| n.saturating_sub(1))
+                        "record {} where record {n} was due",
+                        r.seq
                     )));
                 }
                 self.next_seq = Some(r.seq + 1);
@@ -279,14 +278,16 @@ impl Wal {
 }
 
 /// Removes the copies that unfinished repacks left in `dir` (a crash before
-/// the rename: each original is whole). Returns their paths.
+/// the rename: each original is whole), found among `names` (the
+/// directory's listing). Returns their paths.
 ///
 /// # Errors
-/// I/O errors listing the directory or removing a file.
-pub fn remove_leftovers(storage: &dyn Storage, dir: &Path) -> Result<Vec<PathBuf>, WalError> {
-    let names = storage
-        .list(dir)
-        .map_err(|e| WalError::io("list directory", dir, e))?;
+/// I/O errors removing a file or syncing the directory.
+pub fn remove_leftovers(
+    storage: &dyn Storage,
+    dir: &Path,
+    names: &[String],
+) -> Result<Vec<PathBuf>, WalError> {
     let mut removed = Vec::new();
     for name in names {
         let Some(segment) = name.strip_suffix(REPACK_SUFFIX) else {
@@ -295,7 +296,7 @@ pub fn remove_leftovers(storage: &dyn Storage, dir: &Path) -> Result<Vec<PathBuf
         if wal_format::parse_segment_file_name(segment).is_none() {
             continue;
         }
-        let path = dir.join(&name);
+        let path = dir.join(name);
         storage
             .remove(&path)
             .map_err(|e| WalError::io("remove unfinished repack copy", &path, e))?;
@@ -362,18 +363,14 @@ fn write_copy(
     }
     .encode(&mut out);
     let mut written = Written { len: 0, records: 0 };
-    let mut frame: Vec<Record> = Vec::new();
-    let mut raw = 0usize;
-    let mut next = Some(first);
+    let mut raw = record_entry_len(first.payload.len());
+    let mut frame = vec![first];
     loop {
-        let record = match next.take() {
-            Some(r) => Some(r),
-            None => records.next()?,
-        };
-        let full = record.as_ref().is_none_or(|r| {
-            !frame.is_empty() && raw + record_entry_len(r.payload.len()) > options.max_frame_bytes
-        });
-        if full && !frame.is_empty() {
+        let record = records.next()?;
+        let full = record
+            .as_ref()
+            .is_none_or(|r| raw + record_entry_len(r.payload.len()) > options.max_frame_bytes);
+        if full {
             let refs: Vec<RecordRef<'_>> = frame.iter().map(Record::as_record_ref).collect();
             encode_frame(
                 first_seq,
@@ -394,11 +391,6 @@ fn write_copy(
         let Some(record) = record else { break };
         raw += record_entry_len(record.payload.len());
         frame.push(record);
-    }
-    if !out.is_empty() {
-        // A segment that held no record (not reached: `first` exists).
-        file.append(&out).map_err(|e| WalError::write(temp, e))?;
-        written.len += out.len() as u64;
     }
     file.sync_data().map_err(|e| WalError::SyncFailed {
         path: temp.to_path_buf(),
