@@ -236,6 +236,9 @@ pub struct ServeArgs {
     /// Most decoded bytes coalesced into one request to a replica. [default: 8MiB]
     #[arg(long, env = "WALRELAY_MAX_BYTES_PER_SEND")]
     pub max_bytes_per_send: Option<String>,
+    /// How long a request to a replica under half the send limits waits for more records (0s: sent at once). [default: 100ms]
+    #[arg(long, env = "WALRELAY_BATCH_LINGER")]
+    pub batch_linger: Option<String>,
     /// A request to a replica not answered within this is slow: later ones are made smaller; it is given up after 4 times this. [default: 30s]
     #[arg(long, env = "WALRELAY_SEND_TIMEOUT")]
     pub send_timeout: Option<String>,
@@ -337,6 +340,7 @@ struct FileConfig {
     repack_zstd_level: Option<i32>,
     max_samples_per_send: Option<u64>,
     max_bytes_per_send: Option<toml::Value>,
+    batch_linger: Option<String>,
     send_timeout: Option<String>,
     retry_min_backoff: Option<String>,
     retry_max_backoff: Option<String>,
@@ -447,6 +451,7 @@ pub struct ServeConfig {
     pub repack_zstd_level: i32,
     pub max_samples_per_send: u64,
     pub max_bytes_per_send: usize,
+    pub batch_linger: Duration,
     pub send_timeout: Duration,
     pub retry_min_backoff: Duration,
     pub retry_max_backoff: Duration,
@@ -890,6 +895,12 @@ impl ServeArgs {
                 8 << 20,
             )?
             .max(1) as usize,
+            batch_linger: merged_duration(
+                "batch-linger",
+                &self.batch_linger,
+                &f.batch_linger,
+                crate::ship::DEFAULT_LINGER,
+            )?,
             send_timeout: merged_duration(
                 "send-timeout",
                 &self.send_timeout,
@@ -1286,6 +1297,24 @@ mod tests {
             ..Default::default()
         }
         .resolve()
+    }
+
+    #[test]
+    fn small_batches_linger_100ms_unless_told_otherwise() {
+        assert_eq!(
+            resolve_file("").unwrap().batch_linger,
+            Duration::from_millis(100)
+        );
+        let c = resolve_file("batch_linger = \"0s\"\n").unwrap();
+        assert_eq!(c.batch_linger, Duration::ZERO, "0s: sent as soon as read");
+        let c = ServeArgs {
+            batch_linger: Some("1s".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.batch_linger, Duration::from_secs(1));
+        assert!(resolve_file("batch_linger = \"soon\"\n").is_err());
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct ShipperConfig {
     pub retry_max_backoff: Duration,
     pub start_at: StartAt,
     pub shard_update_interval: Duration,
+    /// How long a small batch waits for more records.
+    pub linger: Duration,
 }
 
 impl ShipperConfig {
@@ -101,6 +103,7 @@ impl ShipperConfig {
                 retry_max_backoff: config.retry_max_backoff,
                 start_at: config.new_replica_start,
                 shard_update_interval: config.shard_update_interval,
+                linger: config.batch_linger,
             })
             .collect()
     }
@@ -361,6 +364,7 @@ impl Fleet {
             c.start_at,
         )
         .with_catch_up(r.catch_up)
+        .with_linger(c.linger)
         .with_shards(r.shards, c.shard_update_interval);
         let drain = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -482,6 +486,7 @@ mod tests {
             retry_max_backoff: Duration::from_millis(100),
             start_at: StartAt::Head,
             shard_update_interval: Duration::from_secs(10),
+            linger: crate::ship::DEFAULT_LINGER,
         }
     }
 

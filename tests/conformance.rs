@@ -424,10 +424,7 @@ async fn drained(relay: &Relay, timeout: Duration) {
     loop {
         let status = relay.status().await.unwrap();
         let replicas = status["replicas"].as_array().unwrap();
-        if replicas
-            .iter()
-            .all(|r| r["lag_records"].as_u64() == Some(0))
-        {
+        if replicas.iter().all(chaos_tests::scenario::settled) {
             return;
         }
         assert!(

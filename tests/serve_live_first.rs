@@ -159,7 +159,7 @@ async fn drained(relay: &Relay, timeout: Duration) -> Duration {
     let started = Instant::now();
     loop {
         let r = replica_status(&relay.status().await.unwrap());
-        if r["lag_records"].as_u64() == Some(0) && r["backfill"].is_null() {
+        if chaos_tests::scenario::settled(&r) && r["backfill"].is_null() {
             return started.elapsed();
         }
         assert!(

@@ -90,7 +90,7 @@ async fn caught_up(r: &Relay, name: &str) -> serde_json::Value {
     let started = Instant::now();
     loop {
         let st = replica(r, name).await;
-        if st["lag_records"] == 0 {
+        if chaos_tests::scenario::settled(&st) {
             return st;
         }
         assert!(

@@ -86,6 +86,15 @@ pub fn replica_status<'a>(status: &'a Value, name: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
+/// True when a replica's status entry shows everything delivered and
+/// checkpointed: `lag_records` 0 and no delivery waiting to be written
+/// (`checkpoint_pending`, at most ~100 ms after the last request). What a
+/// test waits for before a SIGKILL after which nothing may be re-sent.
+pub fn settled(replica: &Value) -> bool {
+    replica["lag_records"].as_u64() == Some(0)
+        && replica["checkpoint_pending"].as_bool() == Some(false)
+}
+
 /// `lag_records` of replica `name` (u64::MAX if absent).
 pub fn lag_records(status: &Value, name: &str) -> u64 {
     replica_status(status, name)["lag_records"]
@@ -93,7 +102,8 @@ pub fn lag_records(status: &Value, name: &str) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Waits until every replica's `lag_records` is 0 and returns that status.
+/// Waits until every replica is [`settled`] (`lag_records` 0, its
+/// deliveries checkpointed) and returns that status.
 /// Fails after `timeout` with the last status and the relay's log tail.
 pub async fn wait_caught_up(relay: &Relay, timeout: Duration) -> Result<Value> {
     let deadline = Instant::now() + timeout;
@@ -101,11 +111,7 @@ pub async fn wait_caught_up(relay: &Relay, timeout: Duration) -> Result<Value> {
         let st = relay.status().await;
         if let Ok(s) = &st {
             let replicas = s["replicas"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-            if !replicas.is_empty()
-                && replicas
-                    .iter()
-                    .all(|r| r["lag_records"].as_u64() == Some(0))
-            {
+            if !replicas.is_empty() && replicas.iter().all(settled) {
                 return Ok(s.clone());
             }
         }
@@ -115,7 +121,7 @@ pub async fn wait_caught_up(relay: &Relay, timeout: Duration) -> Result<Value> {
                 Err(e) => format!("status unavailable: {e:#}"),
             };
             bail!(
-                "the replicas did not catch up (lag_records 0) within {timeout:?}; \
+                "the replicas did not catch up (lag_records 0, checkpointed) within {timeout:?}; \
                  last replica status:\n{last}\nwalrelay log tail:\n{}",
                 relay.log_tail(40)
             );

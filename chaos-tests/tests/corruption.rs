@@ -237,7 +237,7 @@ async fn damaged_log_is_reported_and_only_the_damage_is_skipped() {
     assert_eq!(st["wal"]["head_seq"], requests, "one record per request");
     // a has everything before anything is damaged.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while scenario::lag_records(&relay.status().await.unwrap(), "a") != 0 {
+    while !scenario::settled(replica_status(&relay.status().await.unwrap(), "a")) {
         assert!(std::time::Instant::now() < deadline, "a did not catch up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -531,7 +531,7 @@ async fn a_damaged_checkpoint_store_neither_stops_the_relay_nor_skips_a_record()
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let head = loop {
         let st = relay.status().await.unwrap();
-        if scenario::lag_records(&st, "a") == 0 {
+        if scenario::settled(replica_status(&st, "a")) {
             break st["wal"]["head_seq"].as_u64().unwrap();
         }
         assert!(std::time::Instant::now() < deadline, "a did not catch up");

@@ -146,6 +146,7 @@ fn restart_only(c: &ServeConfig) -> String {
     c.replicas.clear();
     c.max_samples_per_send = 0;
     c.max_bytes_per_send = 0;
+    c.batch_linger = Duration::ZERO;
     c.send_timeout = Duration::ZERO;
     c.retry_min_backoff = Duration::ZERO;
     c.retry_max_backoff = Duration::ZERO;

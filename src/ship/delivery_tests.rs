@@ -251,6 +251,28 @@ async fn the_startup_resend_retries_a_read_error_instead_of_checkpointing_unread
     assert_eq!(checkpoints.cursor("r").unwrap().delivered, Some(10));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_shipper_writes_its_last_delivery_and_says_so_only_once_written() {
+    let receiver = Receiver::start().await;
+    let (state, stop, checkpoints) = ship_ten(&receiver, None).await;
+    // No further record comes: the delivery's completion cannot ride on a
+    // next request and is written on its own, with no stop to force it.
+    let mut checked = 0;
+    until("the last delivery is in the checkpoint store", || {
+        let status = state.status(10, 0);
+        if status.cursor == 10 && !status.checkpoint_pending {
+            // Read after the status: a status that says nothing is
+            // pending speaks for a write already made.
+            assert_eq!(checkpoints.cursor("r").unwrap().delivered, Some(10));
+            checked += 1;
+        }
+        checked > 0
+    })
+    .await;
+    assert_eq!(receiver.stored(), (1000..1010).collect::<Vec<i64>>());
+    stop.cancel();
+}
+
 /// Starts a shipper for replica "r" at position 0 of a 10-record log
 /// (with record `bad` refused by the receiver).
 async fn ship_ten(

@@ -14,8 +14,9 @@
 //! own first, and a 4xx for it then means the replica already had it.
 //! While records keep coming, a delivery's completion is checkpointed
 //! together with the next request's range (one flush per request, see
-//! [`Checkpoints::complete_and_begin`]); when the shipper goes idle or
-//! stops, on its own.
+//! [`Checkpoints::complete_and_begin`]); on its own when the shipper has
+//! been idle for [`IDLE_CHECKPOINT`] (a crash before re-sends that one
+//! delivered request, as a crash during its send would) or stops.
 //!
 //! Outcomes ([`policy`] has the whole table and the reasons): 2xx
 //! advances; only an answer about the data (400, 409, 422) skips a record,
@@ -95,6 +96,8 @@ pub struct Shipper {
     /// format) and body buffers; its sender reports to `state`.
     link: Link,
     limits: BatchLimits,
+    /// How long a batch under half the limits waits for more records.
+    linger: Duration,
     start_at: StartAt,
     /// An item read past the end of the current batch, kept for the next.
     held: Option<ReadItem>,
@@ -104,8 +107,9 @@ pub struct Shipper {
     current: BatchLimits,
     /// Everything below this was delivered, but the checkpoint store does
     /// not have it yet: it is written with the next request's in-flight
-    /// range (one flush for both), or on its own when the shipper goes idle
-    /// or stops.
+    /// range (one flush for both), or on its own when the shipper has been
+    /// idle for [`IDLE_CHECKPOINT`] or stops. Set through
+    /// [`Shipper::set_unflushed`], which the status counts.
     unflushed: Option<u64>,
     /// The replica's rate limits, consulted before each request; shared by
     /// its live and backfill streams, so that together they keep to them.
@@ -130,8 +134,25 @@ pub struct Shipper {
     ready: Option<oneshot::Sender<u64>>,
 }
 
-/// How long a batch under half the limits waits for more records.
-const LINGER: Duration = Duration::from_millis(5);
+/// How long a batch under half the limits waits for more records, unless
+/// set (`--batch-linger`). Every request costs a checkpoint write (a sled
+/// flush and an fdatasync), an HTTP exchange and a body of its own; a sender
+/// whose requests come one at a time (a Prometheus queue shard, ~200 a
+/// second of 500 samples each) made a caught-up replica's shipper send
+/// nearly one request per group commit at 5 ms. vmagent waits up to 1 s
+/// (`-remoteWrite.flushInterval`), Prometheus up to 5 s
+/// (`batch_send_deadline`).
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(100);
+
+/// How long an idle stream keeps a delivery's completion unwritten, in case
+/// the next request comes and carries it (one checkpoint flush instead of
+/// two). A sender whose requests come one at a time (a Prometheus queue
+/// shard: ~200 a second, each its own group commit) leaves the shipper idle
+/// between nearly every two of them; without the wait each delivery cost a
+/// flush of its own. A crash within it re-sends the delivered request: its
+/// range is stored as in flight, and the restart re-sends that exact range
+/// on its own, as after any crash during a send.
+const IDLE_CHECKPOINT: Duration = Duration::from_millis(100);
 
 /// Smallest adaptive limits: a record is always sent, whatever its size.
 const MIN_BATCH: BatchLimits = BatchLimits {
@@ -161,6 +182,7 @@ impl Shipper {
             checkpoints,
             link: Link::new(sender, protocol, observer),
             limits,
+            linger: DEFAULT_LINGER,
             start_at,
             held: None,
             current: limits,
@@ -181,6 +203,12 @@ impl Shipper {
     /// Sets the replica's catch-up mode (in order unless set).
     pub fn with_catch_up(mut self, catch_up: CatchUp) -> Self {
         self.catch_up = catch_up;
+        self
+    }
+
+    /// Sets how long a batch under half the limits waits for more records.
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -206,6 +234,7 @@ impl Shipper {
                 Arc::clone(&self.link.observer),
             ),
             limits: self.limits,
+            linger: self.linger,
             start_at: self.start_at,
             held: None,
             current: self.limits,
@@ -281,6 +310,17 @@ impl Shipper {
         }
     }
 
+    /// Sets [`Shipper::unflushed`], counting the streams that hold a
+    /// delivery unwritten for the status.
+    fn set_unflushed(&mut self, delivered: Option<u64>) {
+        match (self.unflushed.is_some(), delivered.is_some()) {
+            (false, true) => self.state.unstored_delivery(true),
+            (true, false) => self.state.unstored_delivery(false),
+            _ => {}
+        }
+        self.unflushed = delivered;
+    }
+
     fn set_position(&self, seq: u64) {
         match self.stream {
             Stream::Live => self.state.set_delivered(seq),
@@ -335,6 +375,7 @@ impl Shipper {
                 tracing::warn!(replica = %self.state.name, error = %e,
                     "cannot checkpoint the last delivery; it will be re-sent at the next start");
             }
+            self.set_unflushed(None);
         }
         for shard in std::mem::take(&mut self.shard_tasks) {
             let _ = shard.await;
@@ -564,7 +605,7 @@ impl Shipper {
         delivery::deliver(self, parts, Resend::No).await;
         if end > self.position() {
             self.set_position(end);
-            self.unflushed = Some(end);
+            self.set_unflushed(Some(end));
         }
     }
 
@@ -611,7 +652,7 @@ impl Shipper {
         // What was read past the batch lies inside the gap: the backfill
         // sends it. The delivery not checkpointed yet is below the gap.
         self.held = None;
-        self.unflushed = None;
+        self.set_unflushed(None);
         self.state.set_delivered(gap.end);
         reader.seek(gap.end);
         self.start_backfill();
@@ -739,15 +780,28 @@ impl Shipper {
                 // never waits for more.
                 None if matches!(self.stream, Stream::Backfill { .. }) => return Ok(Batch::End),
                 None => {
-                    // Idle: checkpoint what was delivered before waiting.
-                    self.flush_delivered().await;
                     match self.stream {
                         Stream::Shard { index, .. } => self.state.set_shard_pending_since(index, 0),
                         _ => self.state.set_caught_up(),
                     }
-                    match reader.next().await? {
+                    // Idle: what was delivered rides on the next request if
+                    // one comes soon, and is checkpointed on its own before
+                    // a longer wait.
+                    let soon = if self.unflushed.is_some() {
+                        let _ = tokio::time::timeout(IDLE_CHECKPOINT, reader.wait_for_more()).await;
+                        reader.try_next()?
+                    } else {
+                        None
+                    };
+                    match soon {
                         Some(item) => item,
-                        None => return Ok(Batch::End),
+                        None => {
+                            self.flush_delivered().await;
+                            match reader.next().await? {
+                                Some(item) => item,
+                                None => return Ok(Batch::End),
+                            }
+                        }
                     }
                 }
             },
@@ -772,7 +826,7 @@ impl Shipper {
         };
         let mut fill = BatchFill::new(&records[0]);
         let limits = self.current;
-        let linger_until = tokio::time::Instant::now() + LINGER;
+        let linger_until = tokio::time::Instant::now() + self.linger;
         let mut waited = false;
         loop {
             let taken = records.len();
@@ -792,7 +846,7 @@ impl Shipper {
                     None => break,
                 }
             }
-            // A small batch waits for more group commits, up to LINGER after
+            // A small batch waits for more group commits, up to `linger` after
             // its first record was read: fewer, larger requests cost the
             // replica and the relay less per sample (each request is a
             // checkpoint write and an HTTP exchange).
@@ -854,7 +908,6 @@ impl Shipper {
                 delivered, position, "refusing to move a cursor backwards");
             return;
         }
-        self.unflushed = None;
         loop {
             let cp = self.checkpoints.clone();
             let name = self.state.name.clone();
@@ -867,6 +920,9 @@ impl Shipper {
                 }
             }
         }
+        // Only once written: the status says nothing is pending when the
+        // store has it (what a test waits for before a SIGKILL).
+        self.set_unflushed(None);
         self.set_position(delivered);
     }
 }
@@ -911,7 +967,7 @@ impl Ledger for Shipper {
             self.state.set_error(format!("checkpoint store: {e}"));
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        self.unflushed = None;
+        self.set_unflushed(None);
         self.state.set_phase("sending");
         self.set_in_flight(Some((range.start, range.end)));
         ControlFlow::Continue(())
@@ -938,7 +994,7 @@ impl Ledger for Shipper {
                     self.grow();
                 }
                 // Checkpointed with the next request's range, or when idle.
-                self.unflushed = Some(end);
+                self.set_unflushed(Some(end));
                 self.set_position(end);
                 return;
             }

@@ -61,6 +61,9 @@ struct Inner {
     blocked_since_ms: Option<i64>,
     /// Each shard of the live stream, when it has more than one.
     shards: Vec<ShardSlot>,
+    /// The replica's streams holding a delivery that the checkpoint store
+    /// does not have yet (see [`ReplicaStatus::checkpoint_pending`]).
+    unstored: u32,
 }
 
 /// One shard's part of the live stream's state.
@@ -135,6 +138,11 @@ pub struct ReplicaStatus {
     /// data (401, 403, 404, ...; the answer is in `last_error`). Nothing is
     /// skipped meanwhile: the request is retried until it passes.
     pub blocked_since_unix_ms: Option<i64>,
+    /// A delivery is not in the checkpoint store yet: it is written with
+    /// the stream's next request, or after 100 ms without one. A crash
+    /// meanwhile re-sends that request (the replica gets it twice); a
+    /// clean stop writes it first. `cursor` counts it as delivered.
+    pub checkpoint_pending: bool,
     pub last_error: Option<String>,
     pub last_error_unix_ms: Option<i64>,
     pub last_success_unix_ms: Option<i64>,
@@ -324,6 +332,17 @@ impl ReplicaState {
 
     pub(crate) fn set_caught_up(&self) {
         self.pending_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// A stream of this replica now holds (`true`) or no longer holds a
+    /// delivery the checkpoint store does not have yet.
+    pub(crate) fn unstored_delivery(&self, held: bool) {
+        let mut i = self.inner();
+        i.unstored = if held {
+            i.unstored + 1
+        } else {
+            i.unstored.saturating_sub(1)
+        };
     }
 
     /// The live stream is now delivered by `of` shards, all at `at`.
@@ -573,6 +592,7 @@ impl ReplicaState {
                 })
                 .collect(),
             blocked_since_unix_ms: i.blocked_since_ms,
+            checkpoint_pending: i.unstored > 0,
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,
