@@ -385,11 +385,14 @@ impl Job {
             reservation: _reservation,
         } = received;
         let size = declared.unwrap_or(body.len());
+        // A 1.0 body is kept for the readers' tail cache (until the commit
+        // its reservation covers it): shippers put it into their requests
+        // as it is. A copy of its exact size: the body may be a slice of
+        // the connection's read buffer, which the cache would keep whole.
+        let wire = (protocol == Protocol::V1).then(|| Bytes::copy_from_slice(&body));
         let checked = pool
             .run(size, move || -> Result<_, DecodeError> {
                 let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
-                // Not needed any more: validation's working memory takes its
-                // place.
                 drop(body);
                 let limits = Limits {
                     max_translated_bytes: translation_limit(&limits, decoded.len()),
@@ -425,7 +428,10 @@ impl Job {
             encoding: PayloadEncoding::Identity,
         };
         let samples = summary.samples + summary.histograms;
-        match committer.append(meta, Bytes::from(decoded)).await {
+        match committer
+            .append_with_wire(meta, Bytes::from(decoded), wire)
+            .await
+        {
             Ok(_seq) => {
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NO_CONTENT;

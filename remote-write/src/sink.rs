@@ -19,6 +19,19 @@ pub trait Sink {
     /// Appends `bytes`.
     fn put(&mut self, bytes: &[u8]);
 
+    /// Appends the bytes that `body`, a snappy (raw format) body known to
+    /// decompress (a request body that ingest decompressed), decompresses
+    /// to.
+    ///
+    /// # Errors
+    /// `body`'s length header is not valid (here: any of it is not valid
+    /// snappy; a compressing sink does not decode the elements again).
+    fn put_snappy(&mut self, body: &[u8]) -> Result<(), snap::Error> {
+        let raw = snap::raw::Decoder::new().decompress_vec(body)?;
+        self.put(&raw);
+        Ok(())
+    }
+
     /// The most an encoder writing into this sink buffers before handing
     /// bytes over. It needs a nested message's length before its bytes: a
     /// message larger than this is measured first, then written in parts.
@@ -135,12 +148,7 @@ impl SnappyWriter {
     /// The body is too large for snappy (about 3.6 GiB, as
     /// [`snap::raw::max_compress_len`] says).
     pub fn finish(&mut self) -> Result<Bytes, snap::Error> {
-        if !self.window.is_empty() {
-            let window = std::mem::take(&mut self.window);
-            self.compress(&window);
-            self.window = window;
-            self.window.clear();
-        }
+        self.flush_window();
         let blocks = std::mem::take(&mut self.blocks);
         let compressed = std::mem::take(&mut self.compressed);
         if let Some(e) = self.failed.take() {
@@ -159,6 +167,16 @@ impl SnappyWriter {
             body.extend_from_slice(&block);
         }
         Ok(Bytes::from(body))
+    }
+
+    /// Compresses what the window holds now, as a block of its own.
+    fn flush_window(&mut self) {
+        if !self.window.is_empty() {
+            let window = std::mem::take(&mut self.window);
+            self.compress(&window);
+            self.window = window;
+            self.window.clear();
+        }
     }
 
     /// Keeps the elements of `input` (at most one block).
@@ -181,6 +199,28 @@ impl SnappyWriter {
 }
 
 impl Sink for SnappyWriter {
+    /// Takes the elements of an already compressed body as they are,
+    /// without compressing them again: a copy's offset counts back from
+    /// where it is decompressed, and the copies of a body that decompresses
+    /// reach no further back than its own start (the decoder checks that,
+    /// and that the elements make up exactly the declared length), so its
+    /// elements decompress to the same bytes after anything. What was given
+    /// before is compressed first, as a block of its own.
+    fn put_snappy(&mut self, body: &[u8]) -> Result<(), snap::Error> {
+        let len = snap::raw::decompress_len(body)?;
+        // Its header: the varint of that length, however many bytes long.
+        let header = body
+            .iter()
+            .position(|b| b & 0x80 == 0)
+            .map_or(body.len(), |i| i + 1);
+        let elements = &body[header..];
+        self.flush_window();
+        self.total += len as u64;
+        self.compressed += elements.len();
+        self.blocks.push(elements.into());
+        Ok(())
+    }
+
     fn put(&mut self, mut bytes: &[u8]) {
         self.total += bytes.len() as u64;
         if self.window.capacity() < SNAPPY_BLOCK {
@@ -249,6 +289,29 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Compressed bodies taken as they are, between bytes compressed
+        /// here, decompress to everything in order.
+        #[test]
+        fn compressed_bodies_spliced_in_decompress_to_what_they_hold(
+            parts in proptest::collection::vec((body(), any::<bool>()), 0..6),
+        ) {
+            let mut w = SnappyWriter::default();
+            w.begin();
+            let mut want = Vec::new();
+            for (data, compressed) in &parts {
+                if *compressed {
+                    w.put_snappy(&snappy_compress(data)).unwrap();
+                } else {
+                    w.put(data);
+                }
+                want.extend_from_slice(data);
+            }
+            prop_assert_eq!(w.len(), want.len() as u64);
+            let body = w.finish().unwrap();
+            let got = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+            prop_assert_eq!(got, want);
+        }
 
         #[test]
         fn a_body_compressed_as_it_comes_is_the_body_compressed_at_once(

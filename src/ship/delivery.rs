@@ -45,7 +45,7 @@ impl BatchFill {
     pub(crate) fn new(first: &Record) -> Self {
         BatchFill {
             samples: u64::from(first.meta.samples),
-            bytes: first.payload.len(),
+            bytes: payload::decoded_len(first),
             kind: first.meta.kind,
         }
     }
@@ -64,7 +64,7 @@ impl BatchFill {
         protocol: ReplicaProtocol,
     ) -> bool {
         let samples = self.samples + u64::from(r.meta.samples);
-        let bytes = self.bytes + r.payload.len();
+        let bytes = self.bytes + payload::decoded_len(r);
         if samples > limits.max_samples
             || bytes > limits.max_bytes
             || !payload::same_request(protocol, self.kind, r.meta.kind)
@@ -151,7 +151,7 @@ impl Request {
             range: first.seq..last.seq + 1,
             records: records.len() as u64,
             samples: records.iter().map(|r| u64::from(r.meta.samples)).sum(),
-            bytes: records.iter().map(|r| r.payload.len() as u64).sum(),
+            bytes: records.iter().map(|r| payload::decoded_len(r) as u64).sum(),
             first_received_ms: first.meta.receive_time_ms,
         })
     }

@@ -189,7 +189,7 @@ impl BodyBuilder {
         protocol: ReplicaProtocol,
         shard: Shard,
     ) -> Result<Built, PayloadError> {
-        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        let bytes: usize = records.iter().map(decoded_len).sum();
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if bytes > BLOCK_IN_PLACE_BYTES && multi_thread {
@@ -261,6 +261,17 @@ pub fn protobuf(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> 
     }
 }
 
+/// The size of a record's protobuf message, however it is held: what the
+/// batch limits and rate limits count.
+pub fn decoded_len(r: &Record) -> usize {
+    match r.meta.encoding {
+        PayloadEncoding::Identity => r.payload.len(),
+        // Read from the header; a header that does not parse counts as
+        // stored (the build then reports the record).
+        PayloadEncoding::Snappy => snap::raw::decompress_len(&r.payload).unwrap_or(r.payload.len()),
+    }
+}
+
 /// Writes the 1.0 encoding of `records` into `out`; returns what
 /// translating 2.0 records dropped.
 fn append_v1(
@@ -270,6 +281,19 @@ fn append_v1(
 ) -> Result<Dropped, PayloadError> {
     let mut dropped = Dropped::default();
     for r in records {
+        if r.meta.kind == PayloadKind::RemoteWriteV1
+            && r.meta.encoding == PayloadEncoding::Snappy
+            && shard.is_whole()
+        {
+            // The sender's own compressed body (records in the writer's
+            // tail cache): its elements go into the request as they are.
+            out.put_snappy(&r.payload)
+                .map_err(|e| PayloadError::Snappy {
+                    seq: r.seq,
+                    message: e.to_string(),
+                })?;
+            continue;
+        }
         let bytes = protobuf(r)?;
         match r.meta.kind {
             PayloadKind::RemoteWriteV1 if shard.is_whole() => encode::concat_v1(&[&bytes], out),
@@ -358,6 +382,52 @@ mod tests {
         prost::encoding::encode_varint(series.len() as u64, &mut body);
         body.extend_from_slice(&series);
         super::super::test_record(seq, PayloadKind::RemoteWriteV1, 1, body)
+    }
+
+    /// `r` as the writer's tail cache holds a 1.0 record: the body its
+    /// sender sent, snappy-compressed.
+    fn as_received(r: &Record) -> Record {
+        let mut wire = r.clone();
+        wire.payload = Bytes::from(prom_remote_write::encode::snappy_compress(&r.payload));
+        wire.meta.encoding = PayloadEncoding::Snappy;
+        wire
+    }
+
+    #[test]
+    fn records_held_as_received_go_into_a_1_0_request_as_they_would_decoded() {
+        let records: Vec<Record> = (0..6)
+            .map(|i| record(i, 10 + 40_000 * i as usize))
+            .collect();
+        // Mixed: some from the tail cache, some read from disk.
+        let mixed: Vec<Record> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                if i % 3 == 1 {
+                    r.clone()
+                } else {
+                    as_received(r)
+                }
+            })
+            .collect();
+        let want = unsnappy(&build_v1(&records).unwrap());
+        for protocol in [ReplicaProtocol::V1, ReplicaProtocol::V2] {
+            let built = BodyBuilder::default().build(&mixed, protocol).unwrap();
+            assert_eq!(built.protocol, Protocol::V1);
+            assert_eq!(unsnappy(&built.body), want, "{protocol:?}");
+        }
+        // A shard of them is cut from the decoded records, as before.
+        let shard = Shard { index: 0, of: 2 };
+        let cut = |rs: &[Record]| {
+            let b = BodyBuilder::default()
+                .build_shard(rs, ReplicaProtocol::V1, shard)
+                .unwrap();
+            unsnappy(&b.body)
+        };
+        assert_eq!(cut(&mixed), cut(&records));
+        let sizes: Vec<usize> = mixed.iter().map(decoded_len).collect();
+        let stored: Vec<usize> = records.iter().map(|r| r.payload.len()).collect();
+        assert_eq!(sizes, stored, "limits count the decoded size");
     }
 
     #[test]

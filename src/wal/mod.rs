@@ -257,9 +257,13 @@ pub const TAIL_CACHE_BYTES: usize = 16 << 20;
 /// The newest durable records, kept in memory by the writer so that readers
 /// trailing it closely (shippers of replicas that keep up) take them from
 /// here instead of reading, checking and decompressing the frames the
-/// writer has just written. The payloads are the very buffers ingest
-/// appended (reference-counted), so keeping them costs no copy; the cache
-/// is bounded by [`TAIL_CACHE_BYTES`] of payload. A reader takes records
+/// writer has just written. The payloads are the buffers the writer was
+/// given to stage (reference-counted, see
+/// [`WalWriter::stage_for_readers`]): for a 1.0 request, the snappy body
+/// its sender sent, marked with the encoding `Snappy`, which a shipper
+/// puts into its request without compressing it again; else the decoded
+/// record ingest appended. The cache is bounded by [`TAIL_CACHE_BYTES`] of
+/// payload as held. A reader takes records
 /// from here only while their segment is still in the log (a deleted
 /// segment is a gap, whatever memory still holds).
 #[derive(Default)]
