@@ -111,6 +111,9 @@ pub struct Shipper {
     /// idle for [`IDLE_CHECKPOINT`] or stops. Set through
     /// [`Shipper::set_unflushed`], which the status counts.
     unflushed: Option<u64>,
+    /// While `unflushed` is set: the position the store still has, held
+    /// back from retention in the replica's state.
+    held_from: Option<u64>,
     /// The replica's rate limits, consulted before each request; shared by
     /// its live and backfill streams, so that together they keep to them.
     limiter: Arc<Mutex<rate::Limiter>>,
@@ -187,6 +190,7 @@ impl Shipper {
             held: None,
             current: limits,
             unflushed: None,
+            held_from: None,
             limiter: Arc::new(Mutex::new(rate::Limiter::new(rate))),
             stream: Stream::Live,
             catch_up: CatchUp::InOrder,
@@ -239,6 +243,7 @@ impl Shipper {
             held: None,
             current: self.limits,
             unflushed: None,
+            held_from: None,
             limiter: Arc::clone(&self.limiter),
             stream,
             catch_up: self.catch_up,
@@ -312,10 +317,22 @@ impl Shipper {
 
     /// Sets [`Shipper::unflushed`], counting the streams that hold a
     /// delivery unwritten for the status.
+    ///
+    /// Called before the position moves past the delivery: while it is
+    /// unwritten, the store still has the position from before it (and the
+    /// delivered request as in flight), which a restart re-sends from, so
+    /// the replica's state holds that position back from retention.
     fn set_unflushed(&mut self, delivered: Option<u64>) {
-        match (self.unflushed.is_some(), delivered.is_some()) {
-            (false, true) => self.state.unstored_delivery(true),
-            (true, false) => self.state.unstored_delivery(false),
+        match (self.held_from, delivered.is_some()) {
+            (None, true) => {
+                let from = self.position();
+                self.state.hold(from);
+                self.held_from = Some(from);
+            }
+            (Some(from), false) => {
+                self.state.release(from);
+                self.held_from = None;
+            }
             _ => {}
         }
         self.unflushed = delivered;
@@ -604,8 +621,8 @@ impl Shipper {
         }
         delivery::deliver(self, parts, Resend::No).await;
         if end > self.position() {
-            self.set_position(end);
             self.set_unflushed(Some(end));
+            self.set_position(end);
         }
     }
 

@@ -61,9 +61,11 @@ struct Inner {
     blocked_since_ms: Option<i64>,
     /// Each shard of the live stream, when it has more than one.
     shards: Vec<ShardSlot>,
-    /// The replica's streams holding a delivery that the checkpoint store
-    /// does not have yet (see [`ReplicaStatus::checkpoint_pending`]).
-    unstored: u32,
+    /// For each of the replica's streams holding a delivery that the
+    /// checkpoint store does not have yet (see
+    /// [`ReplicaStatus::checkpoint_pending`]): the position the store still
+    /// has for it, which a restart would re-send from.
+    held: Vec<u64>,
 }
 
 /// One shard's part of the live stream's state.
@@ -300,16 +302,18 @@ impl ReplicaState {
     }
 
     /// The lowest position any of the replica's streams still needs: what
-    /// holds segments back from deletion.
+    /// holds segments back from deletion. A delivery not yet in the
+    /// checkpoint store still needs its records: a restart re-sends them.
     pub fn low_water(&self) -> u64 {
         // The live cursor is read first: a split sets the backfill before it
         // moves the cursor, so a cursor seen past the gap comes with the
-        // backfill that covers it.
+        // backfill that covers it; a stream holds its stored position
+        // before it moves its own past a delivery.
         let delivered = self.delivered();
-        match self.backfill() {
-            Some(b) => delivered.min(b.start),
-            None => delivered,
-        }
+        let i = self.inner();
+        let backfill = i.backfill.as_ref().map_or(u64::MAX, |b| b.start);
+        let held = i.held.iter().copied().min().unwrap_or(u64::MAX);
+        delivered.min(backfill).min(held)
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -334,15 +338,20 @@ impl ReplicaState {
         self.pending_since_ms.store(0, Ordering::Relaxed);
     }
 
-    /// A stream of this replica now holds (`true`) or no longer holds a
-    /// delivery the checkpoint store does not have yet.
-    pub(crate) fn unstored_delivery(&self, held: bool) {
+    /// A stream of this replica delivered past what the checkpoint store
+    /// has for it, `from`: segments from there on are kept until it is
+    /// written ([`Self::release`]), since a crash meanwhile re-sends from
+    /// there.
+    pub(crate) fn hold(&self, from: u64) {
+        self.inner().held.push(from);
+    }
+
+    /// The delivery held at `from` is in the checkpoint store now.
+    pub(crate) fn release(&self, from: u64) {
         let mut i = self.inner();
-        i.unstored = if held {
-            i.unstored + 1
-        } else {
-            i.unstored.saturating_sub(1)
-        };
+        if let Some(k) = i.held.iter().position(|&h| h == from) {
+            i.held.swap_remove(k);
+        }
     }
 
     /// The live stream is now delivered by `of` shards, all at `at`.
@@ -592,7 +601,7 @@ impl ReplicaState {
                 })
                 .collect(),
             blocked_since_unix_ms: i.blocked_since_ms,
-            checkpoint_pending: i.unstored > 0,
+            checkpoint_pending: !i.held.is_empty(),
             last_error: i.last_error.clone(),
             last_error_unix_ms: i.last_error_ms,
             last_success_unix_ms: i.last_success_ms,
@@ -704,6 +713,33 @@ impl SendObserver for ReplicaState {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn a_delivery_not_yet_checkpointed_holds_its_records_from_retention() {
+        let state = ReplicaState::new("r", "http://x/", 10);
+        assert_eq!(state.low_water(), 10);
+        assert!(!state.status(40, 0).checkpoint_pending);
+        // The live stream delivered 10..20 and a shard-like second stream
+        // 10..30; neither is in the store yet.
+        state.hold(10);
+        state.hold(10);
+        state.set_delivered(30);
+        assert_eq!(state.low_water(), 10, "a restart re-sends from 10");
+        assert!(state.status(40, 0).checkpoint_pending);
+        state.release(10);
+        assert_eq!(state.low_water(), 10, "one stream still holds 10");
+        state.release(10);
+        assert_eq!(state.low_water(), 30);
+        assert!(!state.status(40, 0).checkpoint_pending);
+        // With a backfill: the lowest of all.
+        state.set_backfill(25..28);
+        state.hold(27);
+        assert_eq!(state.low_water(), 25);
+        state.clear_backfill();
+        assert_eq!(state.low_water(), 27);
+        state.release(27);
+        assert_eq!(state.low_water(), 30);
+    }
 
     #[test]
     fn what_the_sender_reports_shows_in_the_replica_status() {
