@@ -236,7 +236,7 @@ pub struct ServeArgs {
     /// Most decoded bytes coalesced into one request to a replica. [default: 8MiB]
     #[arg(long, env = "WALRELAY_MAX_BYTES_PER_SEND")]
     pub max_bytes_per_send: Option<String>,
-    /// How long a request to a replica under half the send limits waits for more records (0s: sent at once). [default: 100ms]
+    /// How long a request to a replica below the send limits waits for more records (0s: sent at once). [default: 100ms]
     #[arg(long, env = "WALRELAY_BATCH_LINGER")]
     pub batch_linger: Option<String>,
     /// A request to a replica not answered within this is slow: later ones are made smaller; it is given up after 4 times this. [default: 30s]
