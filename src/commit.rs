@@ -110,7 +110,9 @@ struct Append {
     meta: RecordMeta,
     payload: Bytes,
     /// The request body as it came, snappy-compressed: what the readers'
-    /// tail cache holds instead of `payload` when there is one.
+    /// tail cache holds instead of `payload` when there is one (a copy of
+    /// its exact size: the body may be a slice of a connection's read
+    /// buffer, which the cache would otherwise keep whole).
     wire: Option<Bytes>,
     reply: oneshot::Sender<Result<u64, CommitError>>,
 }
@@ -323,7 +325,7 @@ fn commit_batch(
                     encoding: PayloadEncoding::Snappy,
                     ..a.meta.clone()
                 },
-                wire.clone(),
+                Bytes::copy_from_slice(wire),
             ),
             None => (a.meta.clone(), a.payload.clone()),
         }),

@@ -385,11 +385,10 @@ impl Job {
             reservation: _reservation,
         } = received;
         let size = declared.unwrap_or(body.len());
-        // A 1.0 body is kept for the readers' tail cache (until the commit
-        // its reservation covers it): shippers put it into their requests
-        // as it is. A copy of its exact size: the body may be a slice of
-        // the connection's read buffer, which the cache would keep whole.
-        let wire = (protocol == Protocol::V1).then(|| Bytes::copy_from_slice(&body));
+        // A 1.0 body is kept until the commit, for the readers' tail cache
+        // (shippers put it into their requests as it is); its reservation
+        // covers it until then. The commit thread copies it for the cache.
+        let wire = (protocol == Protocol::V1).then(|| body.clone());
         let checked = pool
             .run(size, move || -> Result<_, DecodeError> {
                 let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
