@@ -110,10 +110,7 @@ pub struct Shipper {
     /// range (one flush for both), or on its own when the shipper has been
     /// idle for [`IDLE_CHECKPOINT`] or stops. Set through
     /// [`Shipper::set_unflushed`], which the status counts.
-    unflushed: Option<u64>,
-    /// While `unflushed` is set: the position the store still has, held
-    /// back from retention in the replica's state.
-    held_from: Option<u64>,
+    unflushed: Option<Unflushed>,
     /// The replica's rate limits, consulted before each request; shared by
     /// its live and backfill streams, so that together they keep to them.
     limiter: Arc<Mutex<rate::Limiter>>,
@@ -157,6 +154,16 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(100);
 /// on its own, as after any crash during a send.
 const IDLE_CHECKPOINT: Duration = Duration::from_millis(100);
 
+/// A delivery the checkpoint store does not have yet.
+#[derive(Debug, Clone, Copy)]
+struct Unflushed {
+    /// Everything below it was delivered.
+    delivered: u64,
+    /// The position the store still has, held back from retention in the
+    /// replica's state until the delivery is written.
+    held_from: u64,
+}
+
 /// Smallest adaptive limits: a record is always sent, whatever its size.
 const MIN_BATCH: BatchLimits = BatchLimits {
     max_samples: 100,
@@ -190,7 +197,6 @@ impl Shipper {
             held: None,
             current: limits,
             unflushed: None,
-            held_from: None,
             limiter: Arc::new(Mutex::new(rate::Limiter::new(rate))),
             stream: Stream::Live,
             catch_up: CatchUp::InOrder,
@@ -243,7 +249,6 @@ impl Shipper {
             held: None,
             current: self.limits,
             unflushed: None,
-            held_from: None,
             limiter: Arc::clone(&self.limiter),
             stream,
             catch_up: self.catch_up,
@@ -323,19 +328,22 @@ impl Shipper {
     /// delivered request as in flight), which a restart re-sends from, so
     /// the replica's state holds that position back from retention.
     fn set_unflushed(&mut self, delivered: Option<u64>) {
-        match (self.held_from, delivered.is_some()) {
-            (None, true) => {
-                let from = self.position();
-                self.state.hold(from);
-                self.held_from = Some(from);
+        self.unflushed = match (self.unflushed, delivered) {
+            (None, Some(delivered)) => {
+                let held_from = self.position();
+                self.state.hold(held_from);
+                Some(Unflushed {
+                    delivered,
+                    held_from,
+                })
             }
-            (Some(from), false) => {
-                self.state.release(from);
-                self.held_from = None;
+            (Some(u), Some(delivered)) => Some(Unflushed { delivered, ..u }),
+            (Some(u), None) => {
+                self.state.release(u.held_from);
+                None
             }
-            _ => {}
-        }
-        self.unflushed = delivered;
+            (None, None) => None,
+        };
     }
 
     fn set_position(&self, seq: u64) {
@@ -384,7 +392,7 @@ impl Shipper {
         }
         // Stopped while a delivery was not checkpointed yet: write it, so
         // that a clean restart does not re-send it.
-        if let Some(delivered) = self.unflushed {
+        if let Some(Unflushed { delivered, .. }) = self.unflushed {
             let cp = self.checkpoints.clone();
             let name = self.state.name.clone();
             let stream = self.stream;
@@ -911,7 +919,7 @@ impl Shipper {
 
     /// Writes a delivery that was not checkpointed yet.
     async fn flush_delivered(&mut self) {
-        if let Some(delivered) = self.unflushed {
+        if let Some(Unflushed { delivered, .. }) = self.unflushed {
             self.checkpoint(delivered).await;
         }
     }
@@ -972,7 +980,7 @@ impl Ledger for Shipper {
         let cp = self.checkpoints.clone();
         let name = self.state.name.clone();
         let range = request.range.clone();
-        let previous = self.unflushed;
+        let previous = self.unflushed.map(|u| u.delivered);
         let stream = self.stream;
         while let Err(e) = blocking({
             let (cp, name, range) = (cp.clone(), name.clone(), range.clone());
