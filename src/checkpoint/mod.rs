@@ -1694,7 +1694,22 @@ mod tests {
         drop(cp);
         // A second damage the same second does not overwrite the first.
         std::fs::write(p.join("snap.000000000000FFFF"), [0xA5u8; 40]).unwrap();
-        let (_cp, again) = Checkpoints::open_or_set_aside(&p).unwrap();
+        // sled's own threads may hold the dropped store's file lock a
+        // moment longer: wait for it to be released, not for a time.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (_cp, again) = loop {
+            match Checkpoints::open_or_set_aside(&p) {
+                Err(CheckpointError::Store {
+                    source: sled::Error::Io(e),
+                    ..
+                }) if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
         let again = again.expect("set aside again");
         assert_ne!(again.to, aside.to);
         assert!(aside.to.exists() && again.to.exists());
