@@ -10,7 +10,8 @@
 //! would only share the same cores and hold more decoded bytes at once);
 //! the workers stay free for I/O, health, metrics and small requests.
 //! Requests below [`INLINE_BELOW`] decoded bytes run where they are: they
-//! take well under a millisecond, less than the hand-off would cost them.
+//! take half a millisecond or less in the usual shapes, and the hand-off
+//! costs them more than it spares (see [`INLINE_BELOW`]).
 
 use std::sync::Arc;
 
@@ -21,11 +22,21 @@ use tokio::sync::Semaphore;
 /// Measured (release build, 2 vCPU, 2026-12-03): a hand-off to a blocking
 /// thread and back costs 3 to 10 µs; decompression and validation run at
 /// ~480 MB/s for plain 1.0 requests (8-label series) and at 20-25 MB/s for
-/// the densest shapes decoded into structs. At 64 KiB a request thus takes
-/// ~135 µs inline (at most ~3 ms in the densest shape), where a hand-off
-/// would add ~5%; for the 1-20 KiB requests most senders send, it would
-/// add 25-100%.
-pub const INLINE_BELOW: usize = 64 << 10;
+/// the densest shapes decoded into structs. At 256 KiB a request thus
+/// takes ~0.55 ms inline, and at most ~12 ms in the densest shape: a
+/// worker busy that long still answers `/-/healthy` well within any probe's
+/// timeout, and the other worker steals what is queued behind it.
+///
+/// The hand-off costs more than its own 3-10 µs under load: with 16
+/// senders, tokio's blocking pool (its lock, and its threads parking and
+/// waking per request) was ~11 % of the relay's CPU. Moved from 64 KiB
+/// (which sent the benchmark's 500- and 1000-series requests, 75 and 150
+/// KB decoded, to the pool) on three alternated A/B pairs of the
+/// benchmark's sweep (2026-12-04, `benches/e2e/results/issue19-inline/`):
+/// 16 × 500 0.87x the CPU per sample and 1.12x the samples/s; 4 × 500
+/// 0.89x the CPU, ack p50 0.57-0.62 ms against 0.66-0.75; 8 × 1000 within
+/// noise (0.96x the CPU).
+pub const INLINE_BELOW: usize = 256 << 10;
 
 /// A bound on the CPU-heavy work running at once.
 #[derive(Debug)]
