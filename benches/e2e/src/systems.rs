@@ -69,8 +69,14 @@ impl System {
             .prefix(&format!("walrelay-bench-{}-", kind.label()))
             .tempdir_in(s.data_root)?;
         chaos_tests::install_tls_provider();
+        // Idle connections are dropped well before a server's own idle
+        // timeout (walrelay closes a kept-alive connection idle for its
+        // header-read timeout): reusing one as the server closes it fails
+        // the GET ("connection closed before message completed"), which
+        // ended a run whose phases read /metrics 30 s apart.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()?;
         let (handle, data_dir, base) = match kind {
             Kind::Walrelay | Kind::WalrelayBaseline => {
