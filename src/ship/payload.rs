@@ -189,26 +189,27 @@ impl BodyBuilder {
         protocol: ReplicaProtocol,
         shard: Shard,
     ) -> Result<Built, PayloadError> {
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi_thread && build_work(records, protocol, shard) > BLOCK_IN_PLACE_BYTES {
-            tokio::task::block_in_place(|| self.build_here(records, protocol, shard))
-        } else {
-            self.build_here(records, protocol, shard)
-        }
-    }
-
-    fn build_here(
-        &mut self,
-        records: &[Record],
-        protocol: ReplicaProtocol,
-        shard: Shard,
-    ) -> Result<Built, PayloadError> {
-        let first_seq = records.first().map_or(0, |r| r.seq);
         let kind = records
             .first()
             .map_or(PayloadKind::RemoteWriteV1, |r| r.meta.kind);
         let wire = request_protocol(protocol, kind);
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread && build_work(records, wire, shard) > BLOCK_IN_PLACE_BYTES {
+            tokio::task::block_in_place(|| self.build_here(records, wire, shard))
+        } else {
+            self.build_here(records, wire, shard)
+        }
+    }
+
+    /// Builds the request, as `wire` (see [`request_protocol`]).
+    fn build_here(
+        &mut self,
+        records: &[Record],
+        wire: Protocol,
+        shard: Shard,
+    ) -> Result<Built, PayloadError> {
+        let first_seq = records.first().map_or(0, |r| r.seq);
         self.snappy.begin();
         let made = match wire {
             Protocol::V1 => append_v1(records, shard, &mut self.snappy).map(|d| (d, None)),
@@ -248,18 +249,15 @@ fn spliced(r: &Record, shard: Shard) -> bool {
         && shard.is_whole()
 }
 
-/// The bytes a build of `records` works through, for the choice of
+/// The bytes a build of `records` as `wire` works through, for the choice of
 /// [`tokio::task::block_in_place`]: a spliced record's compressed bytes
 /// (copied, at least as cheap per byte as compressing), any other record's
 /// decoded bytes (decoded and compressed). Counting spliced records decoded
 /// sent every full request of a busy replica (20,000 samples, a few MiB
 /// decoded, built in tens of µs) through a hand-off of the worker to
 /// another thread.
-fn build_work(records: &[Record], protocol: ReplicaProtocol, shard: Shard) -> usize {
-    let kind = records
-        .first()
-        .map_or(PayloadKind::RemoteWriteV1, |r| r.meta.kind);
-    let v1 = request_protocol(protocol, kind) == Protocol::V1;
+fn build_work(records: &[Record], wire: Protocol, shard: Shard) -> usize {
+    let v1 = wire == Protocol::V1;
     records
         .iter()
         .map(|r| {
@@ -469,14 +467,12 @@ mod tests {
         let copied: usize = received.iter().map(|r| r.payload.len()).sum();
         assert!(copied * 10 < decoded_bytes, "{copied} of {decoded_bytes}");
         for protocol in [ReplicaProtocol::V1, ReplicaProtocol::V2] {
-            assert_eq!(build_work(&received, protocol, Shard::WHOLE), copied);
-            assert_eq!(build_work(&decoded, protocol, Shard::WHOLE), decoded_bytes);
+            let wire = request_protocol(protocol, PayloadKind::RemoteWriteV1);
+            assert_eq!(build_work(&received, wire, Shard::WHOLE), copied);
+            assert_eq!(build_work(&decoded, wire, Shard::WHOLE), decoded_bytes);
         }
         let shard = Shard { index: 0, of: 2 };
-        assert_eq!(
-            build_work(&received, ReplicaProtocol::V1, shard),
-            decoded_bytes
-        );
+        assert_eq!(build_work(&received, Protocol::V1, shard), decoded_bytes);
     }
 
     #[test]
