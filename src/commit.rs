@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use wal_format::{PayloadEncoding, RecordMeta, RecordRef};
+use wal_format::{RecordMeta, RecordRef};
 
 use crate::retention::Retention;
 use crate::types::FullPolicy;
@@ -109,11 +109,11 @@ enum Msg {
 struct Append {
     meta: RecordMeta,
     payload: Bytes,
-    /// The request body as it came, snappy-compressed: what the readers'
-    /// tail cache holds instead of `payload` when there is one (a copy of
-    /// its exact size: the body may be a slice of a connection's read
-    /// buffer, which the cache would otherwise keep whole).
-    wire: Option<Bytes>,
+    /// `payload` is a request body as it came: the readers' tail cache
+    /// holds a copy of its exact size (the body may be a slice of a
+    /// connection's read buffer, which the cache would otherwise keep
+    /// whole).
+    received: bool,
     reply: oneshot::Sender<Result<u64, CommitError>>,
 }
 
@@ -157,29 +157,32 @@ impl Committer {
     /// # Errors
     /// See [`CommitError`]; in every case nothing was acknowledged.
     pub async fn append(&self, meta: RecordMeta, payload: Bytes) -> Result<u64, CommitError> {
-        self.append_with_wire(meta, payload, None).await
+        self.send(meta, payload, false).await
     }
 
-    /// [`Self::append`] of a record whose `payload` is what `wire`, a
-    /// snappy body that was decompressed to it, holds. The log stores
-    /// `payload`; the readers' in-memory tail cache keeps `wire` instead
-    /// (with the encoding `Snappy`): a tenth of the memory, and a shipper
+    /// [`Self::append`] of a request body as its sender sent it (a 1.0
+    /// body, snappy-compressed, with the encoding `Snappy`): the log and
+    /// the readers' in-memory tail cache hold it as it is, and a shipper
     /// puts it into a 1.0 request without compressing it again.
     ///
     /// # Errors
     /// As [`Self::append`].
-    pub async fn append_with_wire(
+    pub async fn append_received(&self, meta: RecordMeta, body: Bytes) -> Result<u64, CommitError> {
+        self.send(meta, body, true).await
+    }
+
+    async fn send(
         &self,
         meta: RecordMeta,
         payload: Bytes,
-        wire: Option<Bytes>,
+        received: bool,
     ) -> Result<u64, CommitError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Append(Append {
                 meta,
                 payload,
-                wire,
+                received,
                 reply,
             }))
             .map_err(|_| CommitError::ShuttingDown)?;
@@ -319,15 +322,13 @@ fn commit_batch(
     };
     writer.stage_for_readers(
         range.start,
-        batch.iter().map(|a| match &a.wire {
-            Some(wire) => (
-                RecordMeta {
-                    encoding: PayloadEncoding::Snappy,
-                    ..a.meta.clone()
-                },
-                Bytes::copy_from_slice(wire),
-            ),
-            None => (a.meta.clone(), a.payload.clone()),
+        batch.iter().map(|a| {
+            let payload = if a.received {
+                Bytes::copy_from_slice(&a.payload)
+            } else {
+                a.payload.clone()
+            };
+            (a.meta.clone(), payload)
         }),
     );
     metrics::histogram!("walrelay_wal_append_duration_seconds").record(t.elapsed().as_secs_f64());

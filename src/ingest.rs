@@ -385,9 +385,8 @@ impl Job {
             reservation: _reservation,
         } = received;
         let size = declared.unwrap_or(body.len());
-        // A 1.0 body is kept until the commit, for the readers' tail cache
-        // (shippers put it into their requests as it is); its reservation
-        // covers it until then. The commit thread copies it for the cache.
+        // A 1.0 body is kept until the commit, which stores it as it is
+        // (below); its reservation covers it until then.
         let wire = (protocol == Protocol::V1).then(|| body.clone());
         let checked = pool
             .run(size, move || -> Result<_, DecodeError> {
@@ -415,6 +414,17 @@ impl Job {
                 );
             }
         };
+        // A 1.0 body is stored as its sender compressed it, unless snappy
+        // made it larger: the commit then writes about a tenth of the
+        // bytes, and zstd over them costs as much less (see
+        // wal-format/SPEC.md, "Record entries").
+        let (payload, encoding, received) = match wire {
+            Some(wire) if wire.len() <= decoded.len() => {
+                drop(decoded);
+                (wire, PayloadEncoding::Snappy, true)
+            }
+            _ => (Bytes::from(decoded), PayloadEncoding::Identity, false),
+        };
         let meta = RecordMeta {
             receive_time_ms: now_ms(),
             min_sample_ts: summary.min_ts,
@@ -424,13 +434,15 @@ impl Job {
                 Protocol::V1 => PayloadKind::RemoteWriteV1,
                 Protocol::V2 => PayloadKind::RemoteWriteV2,
             },
-            encoding: PayloadEncoding::Identity,
+            encoding,
         };
         let samples = summary.samples + summary.histograms;
-        match committer
-            .append_with_wire(meta, Bytes::from(decoded), wire)
-            .await
-        {
+        let appended = if received {
+            committer.append_received(meta, payload).await
+        } else {
+            committer.append(meta, payload).await
+        };
+        match appended {
             Ok(_seq) => {
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NO_CONTENT;

@@ -15,7 +15,8 @@
 //!   and the wiring of everything below; startup and shutdown.
 //! * [`ingest`]: one remote-write request: authentication, limits and the
 //!   memory budget, snappy decompression and validation
-//!   (`prom_remote_write::decode`), then hands the decoded protobuf to
+//!   (`prom_remote_write::decode`), then hands the validated request (a
+//!   1.0 body as its sender compressed it, a 2.0 one decoded) to
 //!   [`commit`] and answers once it is durable.
 //! * [`commit`]: group commit: one thread appends the queued requests and
 //!   fsyncs once for all of them; a failed fsync stops it until a restart.

@@ -336,7 +336,7 @@ fn describe() {
     describe_counter!(
         "walrelay_wal_appended_bytes_total",
         Unit::Bytes,
-        "Decoded payload bytes appended to the log."
+        "Payload bytes appended to the log, as records hold them before frame compression (a 1.0 request as its sender compressed it, a 2.0 request decoded)."
     );
     describe_counter!(
         "walrelay_wal_append_errors_total",

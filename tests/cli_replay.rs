@@ -374,7 +374,7 @@ async fn replay_of_a_segment_range_sends_headers_and_the_bearer_token() {
         src.path(),
         &t,
         &[],
-        &["--segment-bytes", "64KiB", "--compression", "none"],
+        &["--segment-bytes", "16KiB", "--compression", "none"],
     )
     .await;
     let segs = segments(src.path());

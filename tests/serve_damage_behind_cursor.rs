@@ -65,11 +65,11 @@ async fn a_replica_checkpointed_past_a_damaged_frame_header_gets_every_record_fr
         BIN,
         dir,
         &[("r", &prom.write_url())],
-        &["--segment-bytes", "64KiB", "--compression", "none"],
+        &["--segment-bytes", "16KiB", "--compression", "none"],
     )
     .await
     .unwrap();
-    // One request (40 series x 2 samples) to a frame, a dozen frames to a
+    // One request (40 series x 2 samples) to a frame, several frames to a
     // segment; one request at a time, so record i is request i.
     let t = Traffic {
         metric: "damage_behind_cursor_total".into(),

@@ -45,7 +45,7 @@ async fn a_relay_without_replicas_keeps_every_acknowledged_segment() {
         BIN,
         tmp.path(),
         &[],
-        &["--segment-bytes", "64KiB", "--compression", "none"],
+        &["--segment-bytes", "16KiB", "--compression", "none"],
     )
     .await
     .unwrap();

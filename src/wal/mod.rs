@@ -259,10 +259,9 @@ pub const TAIL_CACHE_BYTES: usize = 16 << 20;
 /// here instead of reading, checking and decompressing the frames the
 /// writer has just written. The payloads are the buffers the writer was
 /// given to stage (reference-counted, see
-/// [`WalWriter::stage_for_readers`]): for a 1.0 request, the snappy body
-/// its sender sent, marked with the encoding `Snappy`, which a shipper
-/// puts into its request without compressing it again; else the decoded
-/// record ingest appended. The cache is bounded by [`TAIL_CACHE_BYTES`] of
+/// [`WalWriter::stage_for_readers`]): the record as ingest appended it,
+/// for a 1.0 request the snappy body its sender sent (encoding `Snappy`),
+/// which a shipper puts into its request without compressing it again. The cache is bounded by [`TAIL_CACHE_BYTES`] of
 /// payload as held. A reader takes records
 /// from here only while their segment is still in the log (a deleted
 /// segment is a gap, whatever memory still holds).

@@ -930,6 +930,70 @@ fn a_repacked_segment_holds_the_same_records_in_one_frame_and_fewer_bytes() {
 }
 
 #[test]
+fn a_repack_stores_snappy_records_decoded_and_keeps_one_that_does_not_decode() {
+    // As ingest stores 1.0 bodies: the sender's snappy body, `encoding = 1`.
+    // Record 5 is marked snappy but is not: it is copied as it is.
+    let message = |i: u64| -> Vec<u8> {
+        let mut m = b"__name__ up job node instance host:9100 ".repeat(8);
+        m.extend_from_slice(&i.to_le_bytes());
+        m
+    };
+    let stored = |i: u64| -> Vec<u8> {
+        if i == 5 {
+            vec![0xff; 40]
+        } else {
+            snap::raw::Encoder::new().compress_vec(&message(i)).unwrap()
+        }
+    };
+    let storage = SimStorage::new();
+    let (mut w, _, _) = open_sim(&storage, small_options(Compression::None));
+    let snappy_meta = |i: u64| RecordMeta {
+        encoding: PayloadEncoding::Snappy,
+        ..meta(i as i64)
+    };
+    for i in 0..60u64 {
+        let payload = stored(i);
+        w.append(&[RecordRef {
+            meta: snappy_meta(i),
+            payload: &payload,
+        }])
+        .unwrap();
+        w.sync().unwrap();
+    }
+    drop(w);
+    let (_w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    let sealed = sealed_firsts(&wal);
+    assert!(!sealed.is_empty());
+    for &first in &sealed {
+        assert!(
+            matches!(repack(&wal, first), repack::Repacked::Done { .. }),
+            "segment {first}"
+        );
+    }
+    let active = wal.segments().last().unwrap().first_seq;
+    for item in read_all(&wal, 0) {
+        let ReadItem::Record(r) = item else {
+            panic!("{item:?}")
+        };
+        let (encoding, payload) = if r.seq >= active || r.seq == 5 {
+            (PayloadEncoding::Snappy, stored(r.seq))
+        } else {
+            (PayloadEncoding::Identity, message(r.seq))
+        };
+        assert_eq!(
+            r.meta,
+            RecordMeta {
+                encoding,
+                ..snappy_meta(r.seq)
+            },
+            "record {}",
+            r.seq
+        );
+        assert_eq!(r.payload.to_vec(), payload, "record {}", r.seq);
+    }
+}
+
+#[test]
 fn a_reader_inside_a_segment_reads_on_across_its_repack_without_a_gap() {
     let storage = synced_log(60, 200);
     let (_w, wal, _) = open_sim(&storage, small_options(Compression::None));
