@@ -27,7 +27,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -174,11 +174,15 @@ fn lost_of(d: &Value) -> Option<std::ops::Range<u64>> {
 }
 
 /// A copy of `ack` in which the requests whose records are in `lost` count
-/// as not acknowledged: what a replica must still hold.
-fn without(ack: &AckLog, lost: &BTreeSet<u64>) -> AckLog {
+/// as not acknowledged: what a replica must still hold. `record` maps a
+/// request (worker, number within the worker) to its record.
+fn without(ack: &AckLog, lost: &BTreeSet<u64>, record: &BTreeMap<(u32, u64), u64>) -> AckLog {
     let mut a = ack.clone();
     for b in &mut a.batches {
-        if lost.contains(&b.seq) {
+        if record
+            .get(&(b.worker, b.seq))
+            .is_some_and(|r| lost.contains(r))
+        {
             b.acked = false;
         }
     }
@@ -188,16 +192,16 @@ fn without(ack: &AckLog, lost: &BTreeSet<u64>) -> AckLog {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_log_is_reported_and_only_the_damage_is_skipped() {
     let mut report = Report::new("corruption", "");
-    // Requests of 40 series x 2 samples are 8626-byte frames, 7 to a 64 KiB
-    // segment: 7k + 4 requests leave 4 frames in the newest segment.
-    let requests = scaled(242u64, 2405);
+    // Requests of 40 series x 2 samples, stored as their senders'
+    // snappy bodies: frames of about 1.2 KB, 13 to a 16 KiB segment.
+    let requests = scaled(160u64, 1600);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
     let mut b = Prometheus::start(PrometheusOpts::server()).await.unwrap();
     let args = [
         "--segment-bytes",
-        "64KiB",
+        "16KiB",
         "--compression",
         "none",
         "--retry-min-backoff",
@@ -226,15 +230,41 @@ async fn damaged_log_is_reported_and_only_the_damage_is_skipped() {
         seed: scenario::seed(),
         ..LoadSpec::default()
     };
-    let ack1 = Load::run(spec, &relay.write_url()).await.unwrap();
+    let ack1 = Load::run(spec.clone(), &relay.write_url()).await.unwrap();
     let c = ack1.counts();
     assert_eq!(c.acked_requests, requests, "{}", ack1.summary());
     assert!(ack1
         .batches
         .iter()
         .all(|b| b.attempts == 1 && b.seq < requests));
+    // The newest segment needs 3 frames (below). How many it has depends
+    // on the bodies' sizes, so requests of further one-request workers of
+    // the same run are added, one at a time, until it has them.
+    let mut ack1 = ack1;
+    let mut record: BTreeMap<(u32, u64), u64> = (0..requests).map(|i| ((0, i), i)).collect();
+    let mut written = requests;
+    // Worker 1 is phase 2's.
+    let mut worker = 2;
+    while parse_log(&data.join("wal"))
+        .last()
+        .is_none_or(|s| s.frames.len() < 3)
+    {
+        let more = LoadSpec {
+            workers: 1,
+            first_worker: worker,
+            requests_per_worker: Some(1),
+            seed: scenario::seed() + u64::from(worker),
+            ..spec.clone()
+        };
+        let more = Load::run(more, &relay.write_url()).await.unwrap();
+        assert_eq!(more.counts().acked_requests, 1, "{}", more.summary());
+        ack1.merge(more).unwrap();
+        record.insert((worker, 0), written);
+        written += 1;
+        worker += 1;
+    }
     let st = relay.status().await.unwrap();
-    assert_eq!(st["wal"]["head_seq"], requests, "one record per request");
+    assert_eq!(st["wal"]["head_seq"], written, "one record per request");
     // a has everything before anything is damaged.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !scenario::settled(replica_status(&relay.status().await.unwrap(), "a")) {
@@ -248,7 +278,7 @@ async fn damaged_log_is_reported_and_only_the_damage_is_skipped() {
     let segs = parse_log(&wal);
     let n = segs.len();
     assert!(n >= 10, "want at least 10 segments, got {n}");
-    assert_eq!(segs[n - 1].end_seq(), requests);
+    assert_eq!(segs[n - 1].end_seq(), written);
     let mut injuries = Vec::new();
     let mid = |s: &Segment| s.frames[s.frames.len() / 2].clone();
     // Body bytes of a middle frame of segment 2.
@@ -400,7 +430,7 @@ async fn damaged_log_is_reported_and_only_the_damage_is_skipped() {
     let va = verify(&a, &ack).await.unwrap();
     // b: exactly the damaged records are missing, nothing else.
     let vb_all = verify(&b, &ack).await.unwrap();
-    let mut required_b = without(&ack1, &lost_records);
+    let mut required_b = without(&ack1, &lost_records, &record);
     required_b.merge(ack2.clone()).unwrap();
     let vb = verify(&b, &required_b).await.unwrap();
     let per_request: u64 = 40 * 2;
