@@ -250,10 +250,11 @@ async fn disk_budget_answers_429_with_retry_after_and_recovers_when_the_replica_
     .await
     .unwrap();
     prom.stop().await.unwrap();
-    // Distinct series so every request is ~20 KiB raw.
+    // Distinct series so every request is ~20 KiB decoded (a few KiB as
+    // the snappy body the log stores).
     let mut refused = None;
     let mut accepted = 0;
-    for i in 0..400 {
+    for i in 0..4000 {
         let (s, text, ra) = post(
             &r.write_url(),
             body(&request(&format!("budget_{i}"), 1000)),
