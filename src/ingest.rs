@@ -415,9 +415,9 @@ impl Job {
             }
         };
         // A 1.0 body is stored as its sender compressed it, unless snappy
-        // made it larger: the commit then writes about a tenth of the
-        // bytes, and zstd over them costs as much less (see
-        // wal-format/SPEC.md, "Record entries").
+        // made it larger: the commit then copies about a tenth of the
+        // bytes, and zstd over them costs less than half as much per
+        // sample (see wal-format/SPEC.md, "Record entries").
         let (payload, encoding, received) = match wire {
             Some(wire) if wire.len() <= decoded.len() => {
                 drop(decoded);
