@@ -6,7 +6,7 @@
 //! request of a sender repeats are stored again in every frame. Once a
 //! segment is sealed it never changes, and nothing forces that framing any
 //! more: [`Wal::repack`] rewrites it as the same records (sequence numbers,
-//! metadata and payloads, byte for byte) in frames of up to
+//! metadata and messages) in frames of up to
 //! `max_frame_bytes` raw bytes at a higher zstd level, where one request's
 //! labels are found again in the last one's. A record the writer stored as
 //! its sender's snappy body (`encoding = 1`, what ingest stores for a 1.0
@@ -54,11 +54,10 @@
 //! position. Positions are sequence numbers, never byte offsets, so no
 //! cursor or checkpoint changes.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-use std::borrow::Cow;
 
 use wal_format::{
     encode_frame, record_entry_len, Compression, PayloadEncoding, Record, RecordRef, SegmentHeader,
@@ -335,9 +334,9 @@ fn unread_outcome(unread: Unread) -> Result<Repacked, WalError> {
 
 /// True when the segment's first frame already holds at least half a full
 /// frame of raw bytes, or holds the whole segment: a repacked segment (or
-/// one written under heavy load), not worth reading further.
-/// A segment whose first frame holds a snappy record is never dense: the
-/// copy stores it decoded.
+/// one written under heavy load), not worth reading further. A segment
+/// whose first frame holds a snappy record is never dense: the copy stores
+/// it decoded.
 fn already_dense(records: &Records<'_>, first: &Record, len: u64, max_frame_bytes: usize) -> bool {
     let first_frame = || std::iter::once(first).chain(records.pending.iter());
     if first_frame().any(|r| r.meta.encoding == PayloadEncoding::Snappy) {
