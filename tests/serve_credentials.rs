@@ -691,10 +691,15 @@ async fn a_replica_whose_token_file_is_emptied_is_sent_no_stale_token() {
     }
     // The series is reset when the removed replica's client is dropped,
     // which may come a moment after the status stops listing it.
-    while token_file_ok(&sender).await != 1.0 {
-        assert!(Instant::now() < deadline, "{}", sender.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    sender
+        .wait_metric(
+            "walrelay_auth_credentials_file_ok",
+            TOKEN_FILE_LABELS,
+            1.0,
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
 }
 
 /// Writes one sample to `r`, which takes it: 1.
@@ -705,10 +710,11 @@ async fn write_one(c: &reqwest::Client, r: &Relay) -> u64 {
 
 /// `walrelay_auth_credentials_file_ok` of replica r's token file.
 async fn token_file_ok(r: &Relay) -> f64 {
-    r.metric_sum(
-        "walrelay_auth_credentials_file_ok",
-        &[("used_for", "replica_bearer_token"), ("replica", "r")],
-    )
-    .await
-    .unwrap()
+    r.metric_sum("walrelay_auth_credentials_file_ok", TOKEN_FILE_LABELS)
+        .await
+        .unwrap()
 }
+
+/// The labels of replica r's token file's series.
+const TOKEN_FILE_LABELS: &[(&str, &str)] =
+    &[("used_for", "replica_bearer_token"), ("replica", "r")];

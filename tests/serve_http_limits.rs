@@ -105,19 +105,9 @@ async fn password_checks(r: &Relay) -> f64 {
 
 /// Waits until metric `name` with `labels` is `want`.
 async fn wait_metric(r: &Relay, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = Instant::now() + CLOSE_WITHIN;
-    loop {
-        let got = metric(r, name, labels).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{labels:?} is {got}, not {want}, after {CLOSE_WITHIN:?}; log:\n{}",
-            r.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    r.wait_metric(name, labels, want, CLOSE_WITHIN)
+        .await
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------

@@ -55,19 +55,14 @@ async fn reload_succeeded(r: &Relay) -> f64 {
 
 /// Waits until `walrelay_config_last_reload_successful` is `want`.
 async fn until_reload_succeeded_is(r: &Relay, want: f64, what: &str) {
-    let started = Instant::now();
-    loop {
-        let got = reload_succeeded(r).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what}: last_reload_successful is {got}, not {want}\n{}",
-            r.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    r.wait_metric(
+        "walrelay_config_last_reload_successful",
+        &[],
+        want,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e:#}"));
 }
 
 fn sighup(r: &Relay) {

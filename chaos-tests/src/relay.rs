@@ -287,6 +287,34 @@ impl Relay {
         Ok(metric_sum(&self.metrics_text().await?, name, labels))
     }
 
+    /// Waits until [`Self::metric_sum`] of `name` with `labels` is `want`
+    /// (a scrape that fails, e.g. during a restart, is waited through).
+    ///
+    /// # Errors
+    /// Not so within `timeout`: the last value and the relay's log tail.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.metric_sum(name, labels).await;
+            if got.as_ref().is_ok_and(|&v| v == want) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{name}{labels:?} is {got:?}, not {want}, after {timeout:?}; log:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL and reap (the data directory stays).
     pub fn sigkill(&mut self) -> Result<()> {
         if let Some(p) = self.proc.take() {
