@@ -271,23 +271,18 @@ fn build_work(records: &[Record], wire: Protocol, shard: Shard) -> usize {
 }
 
 /// A stored record's payload as the protobuf message it holds (1.0 or
-/// 2.0, as its kind says): the bytes as stored, or uncompressed when they
-/// were stored snappy-compressed. What every reader of payloads starts
-/// from: the shippers' builds, `wal dump` and `wal verify`.
+/// 2.0, as its kind says): [`crate::wal::message::of`], its error named
+/// with the record. What the shippers' builds, `wal dump` and `wal verify`
+/// start from.
 ///
 /// # Errors
-/// A snappy payload that does not decompress.
+/// A snappy payload that does not decompress, or declares more than a
+/// record may hold.
 pub fn protobuf(r: &Record) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
-    match r.meta.encoding {
-        PayloadEncoding::Identity => Ok(std::borrow::Cow::Borrowed(&r.payload)),
-        PayloadEncoding::Snappy => snap::raw::Decoder::new()
-            .decompress_vec(&r.payload)
-            .map(std::borrow::Cow::Owned)
-            .map_err(|e| PayloadError::Snappy {
-                seq: r.seq,
-                message: e.to_string(),
-            }),
-    }
+    crate::wal::message::of(r).map_err(|e| PayloadError::Snappy {
+        seq: r.seq,
+        message: e.to_string(),
+    })
 }
 
 /// The size of a record's protobuf message, however it is held: what the

@@ -26,6 +26,7 @@
 //!   that are behind: the log of an outage takes a fraction of the disk.
 
 pub mod env;
+pub mod message;
 pub mod reader;
 pub mod recovery;
 pub mod repack;

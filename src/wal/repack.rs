@@ -54,17 +54,17 @@
 //! position. Positions are sequence numbers, never byte offsets, so no
 //! cursor or checkpoint changes.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use wal_format::{
     encode_frame, record_entry_len, Compression, PayloadEncoding, Record, RecordRef, SegmentHeader,
-    FORMAT_VERSION, MAX_RECORD_PAYLOAD,
+    FORMAT_VERSION,
 };
 
 use super::env::Storage;
+use super::message;
 use super::segment::{Scan, SegmentCursor};
 use super::{Wal, WalError};
 
@@ -349,25 +349,6 @@ fn already_dense(records: &Records<'_>, first: &Record, len: u64, max_frame_byte
     whole_segment || in_first_frame.saturating_mul(2) >= max_frame_bytes
 }
 
-/// The message a record holds, decoded if it is stored snappy-encoded;
-/// None for a snappy payload that does not decompress, or would decompress
-/// past [`MAX_RECORD_PAYLOAD`].
-fn message(r: &Record) -> Option<Cow<'_, [u8]>> {
-    match r.meta.encoding {
-        PayloadEncoding::Identity => Some(Cow::Borrowed(&r.payload)),
-        PayloadEncoding::Snappy => {
-            let len = snap::raw::decompress_len(&r.payload).ok()?;
-            if len > MAX_RECORD_PAYLOAD {
-                return None;
-            }
-            snap::raw::Decoder::new()
-                .decompress_vec(&r.payload)
-                .ok()
-                .map(Cow::Owned)
-        }
-    }
-}
-
 /// `r` as the copy stores it: decoded if it is stored snappy-encoded. A
 /// snappy payload that does not decode is kept as it is (readers report it
 /// where they meet it; a repack neither mends nor hides it).
@@ -375,8 +356,8 @@ fn decoded(r: Record) -> Record {
     if r.meta.encoding != PayloadEncoding::Snappy {
         return r;
     }
-    match message(&r) {
-        Some(m) => Record {
+    match message::of(&r) {
+        Ok(m) => Record {
             seq: r.seq,
             meta: wal_format::RecordMeta {
                 encoding: PayloadEncoding::Identity,
@@ -384,7 +365,7 @@ fn decoded(r: Record) -> Record {
             },
             payload: m.into_owned().into(),
         },
-        None => r,
+        Err(_) => r,
     }
 }
 
@@ -401,7 +382,7 @@ fn same_record(original: &Record, copy: &Record) -> bool {
     if original.meta.encoding == copy.meta.encoding {
         return original.payload == copy.payload;
     }
-    matches!((message(original), message(copy)), (Some(a), Some(b)) if a == b)
+    matches!((message::of(original), message::of(copy)), (Ok(a), Ok(b)) if a == b)
 }
 
 /// What [`write_copy`] wrote.
