@@ -256,6 +256,7 @@ fn commit_loop(
             }
         }
     }
+    writer.close();
     writer
 }
 

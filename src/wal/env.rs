@@ -5,23 +5,36 @@
 //!
 //! The trait is deliberately narrow. It has exactly the operations whose
 //! durability the log reasons about: create a file (its directory entry is not
-//! durable until [`Storage::sync_dir`]), append, `sync_data` (fdatasync), set
-//! the length (to cut a torn tail), read at an offset, list, remove.
+//! durable until [`Storage::sync_dir`]), append, reserve (zeros ahead of the
+//! appends), `sync_data` (fdatasync), set the length (to cut a torn tail),
+//! read at an offset, list, remove.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// A file opened for appending. Writes go to the end of the file.
+/// A file opened for appending. Appends go to the *append position*: the
+/// end of the file when it is opened, and then the end of the last append,
+/// which is before the end of the file once zeros were reserved after it.
 pub trait WritableFile: Send {
-    /// Appends all of `buf`. A short or failed write may leave part of `buf`
-    /// in the file: the caller cuts it off with [`WritableFile::set_len`].
+    /// Writes all of `buf` at the append position and moves it past them.
+    /// A short or failed write may leave part of `buf` in the file: the
+    /// caller cuts it off with [`WritableFile::set_len`].
     fn append(&mut self, buf: &[u8]) -> io::Result<()>;
-    /// Makes every byte appended so far durable (fdatasync).
+    /// Writes zero bytes from the end of the file up to `upto` (nothing if
+    /// the file is that long already), leaving the append position where it
+    /// is. Appends that then land on those zeros overwrite blocks the file
+    /// already has, so their fdatasync has no file size or block allocation
+    /// to make durable as well (see `writer.rs`). A failed call may leave
+    /// part of the zeros: the caller cuts them off with
+    /// [`WritableFile::set_len`].
+    fn reserve(&mut self, upto: u64) -> io::Result<()>;
+    /// Makes every byte written so far durable (fdatasync).
     fn sync_data(&mut self) -> io::Result<()>;
-    /// Truncates (or extends) the file to `len` bytes.
+    /// Truncates (or extends) the file to `len` bytes and puts the append
+    /// position there.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
 }
 
@@ -78,17 +91,53 @@ pub trait Storage: Send + Sync + 'static {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
 
-struct RealWritable(File);
+/// A file written at explicit offsets (not opened with `O_APPEND`, under
+/// which Linux ignores the offset of a positional write).
+struct RealWritable {
+    file: File,
+    /// The append position.
+    pos: u64,
+    /// The file's length as this handle made it.
+    len: u64,
+}
+
+impl RealWritable {
+    fn at_end(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(Self {
+            file,
+            pos: len,
+            len,
+        })
+    }
+}
+
+/// Zeros written at once by [`WritableFile::reserve`].
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 impl WritableFile for RealWritable {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.0.write_all(buf)
+        self.file.write_all_at(buf, self.pos)?;
+        self.pos += buf.len() as u64;
+        self.len = self.len.max(self.pos);
+        Ok(())
+    }
+    fn reserve(&mut self, upto: u64) -> io::Result<()> {
+        while self.len < upto {
+            let n = (upto - self.len).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], self.len)?;
+            self.len += n as u64;
+        }
+        Ok(())
     }
     fn sync_data(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)?;
+        self.pos = len;
+        self.len = len;
+        Ok(())
     }
 }
 
@@ -110,15 +159,12 @@ impl ReadableFile for RealReadable {
 
 impl Storage for RealStorage {
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
-        let f = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(path)?;
-        Ok(Box::new(RealWritable(f)))
+        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        Ok(Box::new(RealWritable::at_end(f)?))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
-        let f = OpenOptions::new().append(true).open(path)?;
-        Ok(Box::new(RealWritable(f)))
+        let f = OpenOptions::new().write(true).open(path)?;
+        Ok(Box::new(RealWritable::at_end(f)?))
     }
     fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadableFile>> {
         Ok(Arc::new(RealReadable(File::open(path)?)))

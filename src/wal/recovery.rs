@@ -265,7 +265,17 @@ fn scan_tail(
                     reason,
                 });
             }
-            Scan::End => return Ok((next_seq, good_end)),
+            Scan::End => {
+                // Zeros the writer reserved after its last frame (or
+                // nothing): not damage, but cut like a torn tail, so that
+                // the writer appends right after the last frame again.
+                if good_end < len && torn == TornTail::Cut {
+                    cut(storage, path, good_end)?;
+                    tracing::debug!(path = %path.display(), bytes = len - good_end,
+                        "cut the zeros reserved after the newest segment's last frame");
+                }
+                return Ok((next_seq, good_end));
+            }
         }
     }
 }

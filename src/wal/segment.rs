@@ -7,6 +7,13 @@
 //! a frame with its records, damage (with the exact byte offset, after which it
 //! has already re-synchronised on the next intact frame, if any), or the end.
 //! Damage is never fatal and never loops: every answer advances the offset.
+//!
+//! Zero bytes from where a frame would begin up to the limit are the end,
+//! not damage: the writer reserves zeros ahead of its appends (`writer.rs`),
+//! and a crash leaves the ones not yet written over after the last frame
+//! (recovery then cuts them off). No frame begins with a zero byte (its
+//! magic is `WRFR`), so this never hides a frame; bytes of a torn frame
+//! before the zeros are still reported as damage.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -170,6 +177,10 @@ impl SegmentCursor {
             .map_err(|e| WalError::io("read frame header", &self.path, e))?;
         let header = match decode_frame_header(self.salt, &hdr[..n]) {
             Ok(h) => h,
+            Err(_) if self.zeros_to_limit(offset)? => {
+                self.offset = self.limit;
+                return Ok(Scan::End);
+            }
             Err(HeaderStatus::Incomplete) => {
                 return self.damage(offset, "incomplete frame header".into(), "incomplete", true)
             }
@@ -230,6 +241,28 @@ impl SegmentCursor {
         }
     }
 
+    /// True when every byte from `from` up to the limit is zero (the zeros
+    /// a writer reserved and did not write over).
+    fn zeros_to_limit(&mut self, from: u64) -> Result<bool, WalError> {
+        let mut at = from;
+        let mut chunk = vec![0u8; ((self.limit - from) as usize).min(64 << 10)];
+        while at < self.limit {
+            let len = ((self.limit - at) as usize).min(chunk.len());
+            let n = self
+                .file
+                .read_full_at(&mut chunk[..len], at)
+                .map_err(|e| WalError::io("read segment", &self.path, e))?;
+            if chunk[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            if n < len {
+                break;
+            }
+            at += n as u64;
+        }
+        Ok(true)
+    }
+
     fn corrupt(&mut self, offset: u64, reason: &CorruptReason) -> Result<Scan, WalError> {
         self.damage(offset, reason.to_string(), reason.as_error_code(), false)
     }
@@ -245,13 +278,58 @@ impl SegmentCursor {
     ) -> Result<Scan, WalError> {
         let resume = self.resync(offset + 1)?;
         self.offset = resume;
+        let tail = resume >= self.limit;
+        let incomplete = incomplete || (tail && self.runs_into_zeros(offset)?);
         Ok(Scan::Damage {
             offset,
             resume,
             reason,
             error_code,
-            incomplete_tail: incomplete && resume >= self.limit,
+            incomplete_tail: incomplete && tail,
         })
+    }
+
+    /// True when the frame at `offset`, the last thing before the limit,
+    /// was cut short by zeros: the file holds only zeros from a sector
+    /// (512 bytes) before its declared end, or from inside its header when
+    /// the header does not decode. That is a write into the writer's
+    /// reserved zeros that a crash tore, not corruption. (A frame whose last
+    /// bytes happen to be zeros ends inside a sector that is not all zeros.)
+    fn runs_into_zeros(&mut self, offset: u64) -> Result<bool, WalError> {
+        let zeros = self.zeros_from(offset)?;
+        if zeros >= self.limit {
+            return Ok(false);
+        }
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        let n = self
+            .file
+            .read_full_at(&mut hdr, offset)
+            .map_err(|e| WalError::io("read frame header", &self.path, e))?;
+        Ok(match decode_frame_header(self.salt, &hdr[..n]) {
+            Ok(h) => offset + h.total_len() as u64 > zeros.div_ceil(512) * 512,
+            Err(_) => zeros < offset + FRAME_HEADER_LEN as u64,
+        })
+    }
+
+    /// Where the run of zero bytes that ends at the limit begins, searching
+    /// back no further than `from` (the limit when the last byte is not
+    /// zero).
+    fn zeros_from(&mut self, from: u64) -> Result<u64, WalError> {
+        let mut end = self.limit;
+        let mut chunk = vec![0u8; 64 << 10];
+        while end > from {
+            let start = end.saturating_sub(chunk.len() as u64).max(from);
+            let len = (end - start) as usize;
+            let n = self
+                .file
+                .read_full_at(&mut chunk[..len], start)
+                .map_err(|e| WalError::io("read segment", &self.path, e))?;
+            if let Some(i) = chunk[..n].iter().rposition(|&b| b != 0) {
+                return Ok(start + i as u64 + 1);
+            }
+            end = start;
+        }
+        Ok(from)
     }
 
     /// The offset of the first fully intact frame (both checksums) at or after

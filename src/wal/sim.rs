@@ -36,6 +36,7 @@ struct State {
 pub struct SimStorage {
     state: Arc<Mutex<State>>,
     fail_next_sync: Arc<AtomicBool>,
+    fail_next_reserve: Arc<AtomicBool>,
     /// Reads still to fail with EIO (see [`SimStorage::fail_reads`]).
     fail_reads: Arc<AtomicU64>,
 }
@@ -51,20 +52,31 @@ impl SimStorage {
 
     /// Simulates power loss. Files whose directory entry was never synced
     /// vanish; removals that were never synced are undone; each surviving
-    /// file keeps its durable bytes plus `keep_unsynced(unsynced_len)` bytes
-    /// of what was written after its last sync.
+    /// file keeps its durable bytes, except that `keep_unsynced(unsynced_len)`
+    /// bytes of what was written after its last sync survive, from the first
+    /// byte where the written content differs from the durable one (past the
+    /// durable length for appends, on the durable zeros for appends into a
+    /// reservation).
     pub fn crash(&self, mut keep_unsynced: impl FnMut(usize) -> usize) {
         let mut st = lock(&self.state);
         let mut files = BTreeMap::new();
         for (path, file) in &st.durable_entries {
             let mut f = lock(file);
-            let durable_len = f.durable.len();
             let mut kept = f.durable.clone();
-            // Unsynced bytes past the durable length may partly survive.
-            if f.written.len() > durable_len && f.written.starts_with(&f.durable) {
-                let extra = f.written.len() - durable_len;
+            let differs = f
+                .written
+                .iter()
+                .zip(&f.durable)
+                .position(|(w, d)| w != d)
+                .unwrap_or(f.written.len().min(f.durable.len()));
+            if f.written.len() > differs {
+                let extra = f.written.len() - differs;
                 let keep = keep_unsynced(extra).min(extra);
-                kept.extend_from_slice(&f.written[durable_len..durable_len + keep]);
+                let end = differs + keep;
+                if kept.len() < end {
+                    kept.resize(end, 0);
+                }
+                kept[differs..end].copy_from_slice(&f.written[differs..end]);
             }
             f.written = kept.clone();
             f.durable = kept;
@@ -77,6 +89,12 @@ impl SimStorage {
     /// Makes the next `sync_data` on any file fail with EIO.
     pub fn fail_next_sync(&self) {
         self.fail_next_sync.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next `reserve` on any file fail with ENOSPC after writing
+    /// half of its zeros.
+    pub fn fail_next_reserve(&self) {
+        self.fail_next_reserve.store(true, Ordering::SeqCst);
     }
 
     /// Makes the next `n` reads of any file fail with EIO (a bad sector, a
@@ -139,11 +157,45 @@ impl SimStorage {
 struct SimWritable {
     file: Arc<Mutex<SimFile>>,
     fail_next_sync: Arc<AtomicBool>,
+    fail_next_reserve: Arc<AtomicBool>,
+    /// The append position.
+    pos: usize,
+}
+
+impl SimWritable {
+    fn at_end(storage: &SimStorage, file: Arc<Mutex<SimFile>>) -> Self {
+        let pos = lock(&file).written.len();
+        Self {
+            file,
+            fail_next_sync: Arc::clone(&storage.fail_next_sync),
+            fail_next_reserve: Arc::clone(&storage.fail_next_reserve),
+            pos,
+        }
+    }
 }
 
 impl WritableFile for SimWritable {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        lock(&self.file).written.extend_from_slice(buf);
+        let mut f = lock(&self.file);
+        let end = self.pos + buf.len();
+        if f.written.len() < end {
+            f.written.resize(end, 0);
+        }
+        f.written[self.pos..end].copy_from_slice(buf);
+        self.pos = end;
+        Ok(())
+    }
+    fn reserve(&mut self, upto: u64) -> io::Result<()> {
+        let mut f = lock(&self.file);
+        let upto = upto as usize;
+        if f.written.len() < upto {
+            if self.fail_next_reserve.swap(false, Ordering::SeqCst) {
+                let half = f.written.len() + (upto - f.written.len()) / 2;
+                f.written.resize(half, 0);
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            f.written.resize(upto, 0);
+        }
         Ok(())
     }
     fn sync_data(&mut self) -> io::Result<()> {
@@ -159,6 +211,7 @@ impl WritableFile for SimWritable {
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         let mut f = lock(&self.file);
         f.written.resize(len as usize, 0);
+        self.pos = len as usize;
         Ok(())
     }
 }
@@ -198,16 +251,10 @@ impl Storage for SimStorage {
         }
         let file = Arc::new(Mutex::new(SimFile::default()));
         st.files.insert(path.to_path_buf(), Arc::clone(&file));
-        Ok(Box::new(SimWritable {
-            file,
-            fail_next_sync: Arc::clone(&self.fail_next_sync),
-        }))
+        Ok(Box::new(SimWritable::at_end(self, file)))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
-        Ok(Box::new(SimWritable {
-            file: self.file(path)?,
-            fail_next_sync: Arc::clone(&self.fail_next_sync),
-        }))
+        Ok(Box::new(SimWritable::at_end(self, self.file(path)?)))
     }
     fn open_read(&self, path: &Path) -> io::Result<Arc<dyn ReadableFile>> {
         Ok(Arc::new(SimReadable(

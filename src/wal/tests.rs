@@ -276,13 +276,130 @@ fn writer_truncates_torn_tail_instead_of_failing_open() {
     w.sync().unwrap();
     append(&mut w, &[payload(2, 300)]);
     drop(w);
-    // Keep 50 of the unsynced frame's bytes: a torn write.
+    // Keep 50 of the unsynced frame's bytes: a torn write, into the zeros
+    // the writer reserved after its frames.
     storage.crash(|n| n.min(50));
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let len = storage.file_len(&seg).unwrap() as u64;
     let (_, wal, report) = open_sim(&storage, small_options(Compression::None));
     let t = report.truncated.expect("the torn tail is reported");
-    assert_eq!(t.bytes_removed, 50);
+    assert!(t.reason.starts_with("torn write"), "{}", t.reason);
+    assert_eq!(
+        t.bytes_removed,
+        len - t.offset,
+        "the cut takes the zeros too"
+    );
+    assert_eq!(storage.file_len(&seg).unwrap() as u64, t.offset);
     assert_eq!(report.next_seq, 2);
     assert_eq!(read_all(&wal, 0).len(), 2);
+}
+
+#[test]
+fn the_writer_reserves_zeros_ahead_and_a_crash_leaves_them_as_the_end_not_as_damage() {
+    let storage = SimStorage::new();
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let data_len = |wal: &Wal| wal.segments()[0].len;
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    append(&mut w, &[payload(0, 100), payload(1, 100)]);
+    w.sync().unwrap();
+    let file = storage.file_len(&seg).unwrap() as u64;
+    assert!(
+        file > data_len(&wal),
+        "zeros reserved after the frames: {file}"
+    );
+
+    // A crash after the sync: the zeros are still there, and recovery
+    // cuts them without reporting anything.
+    append(&mut w, &[payload(2, 50)]);
+    w.sync().unwrap();
+    let data = data_len(&wal);
+    drop(w);
+    storage.crash(|_| 0);
+    assert!(storage.file_len(&seg).unwrap() as u64 > data);
+    let (mut w, wal, report) = open_sim(&storage, small_options(Compression::None));
+    assert!(report.truncated.is_none(), "{:?}", report.truncated);
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    assert_eq!(storage.file_len(&seg).unwrap() as u64, data, "zeros cut");
+    assert_eq!(read_all(&wal, 0).len(), 3);
+
+    // Appending goes on right after the last frame, and closing the writer
+    // cuts the new reservation: a clean stop leaves no zeros.
+    append(&mut w, &[payload(3, 70)]);
+    w.sync().unwrap();
+    assert!(storage.file_len(&seg).unwrap() as u64 > data_len(&wal));
+    w.close();
+    assert_eq!(storage.file_len(&seg).unwrap() as u64, data_len(&wal));
+    drop(w);
+    storage.crash(|_| 0);
+    let (_, wal, report) = open_sim(&storage, small_options(Compression::None));
+    assert!(report.truncated.is_none() && report.damage.is_empty());
+    assert_eq!(read_all(&wal, 0).len(), 4);
+}
+
+#[test]
+fn a_failed_reservation_is_cut_off_and_appends_go_on() {
+    let storage = SimStorage::new();
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    storage.fail_next_reserve();
+    append(&mut w, &[payload(0, 100)]);
+    w.sync().unwrap();
+    let data = wal.segments()[0].len;
+    assert_eq!(
+        storage.file_len(&seg).unwrap() as u64,
+        data,
+        "half-written zeros cut"
+    );
+    // The next append that makes the file longer reserves again.
+    append(&mut w, &[payload(1, 100)]);
+    w.sync().unwrap();
+    assert!(storage.file_len(&seg).unwrap() as u64 > wal.segments()[0].len);
+    drop(w);
+    storage.crash(|_| 0);
+    let (_, wal, report) = open_sim(&storage, small_options(Compression::None));
+    assert!(report.truncated.is_none() && report.damage.is_empty());
+    assert_eq!(read_all(&wal, 0).len(), 2);
+}
+
+#[test]
+fn a_damaged_last_frame_before_the_reserved_zeros_is_a_corrupt_tail_not_a_torn_one() {
+    let storage = SimStorage::new();
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    append(&mut w, &[payload(0, 100)]);
+    w.sync().unwrap();
+    let first_end = wal.segments()[0].len;
+    append(&mut w, &[payload(1, 300)]);
+    w.sync().unwrap();
+    drop(w);
+    // Acknowledged, whole, then damaged on the medium: not a torn write.
+    storage.flip_bit(&seg, first_end as usize + 100, 3);
+    storage.crash(|_| 0);
+    let (_, _, report) = open_sim(&storage, small_options(Compression::None));
+    let t = report.truncated.expect("the damaged tail is reported");
+    assert_eq!(t.offset, first_end);
+    assert!(t.reason.starts_with("corrupt tail"), "{}", t.reason);
+}
+
+#[test]
+fn a_sealed_segment_ends_with_its_last_frame() {
+    let storage = SimStorage::new();
+    let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
+    for i in 0..40 {
+        append(&mut w, &[payload(i, 200)]);
+        w.sync().unwrap();
+    }
+    let segments = wal.segments();
+    assert!(segments.len() > 1, "the writer rolled");
+    for s in &segments[..segments.len() - 1] {
+        assert!(s.sealed);
+        assert_eq!(
+            storage.file_len(&s.path).unwrap() as u64,
+            s.len,
+            "{}",
+            s.path.display()
+        );
+    }
 }
 
 #[test]
