@@ -337,6 +337,40 @@ fn the_writer_reserves_zeros_ahead_and_a_crash_leaves_them_as_the_end_not_as_dam
 }
 
 #[test]
+fn a_small_segment_reserves_no_more_zeros_than_it_holds_from_16_kib() {
+    use super::writer::{MIN_RESERVE_BYTES, RESERVE_BYTES};
+    let storage = SimStorage::new();
+    let seg = dir().join(wal_format::segment_file_name(0));
+    let options = WalOptions {
+        segment_bytes: 4 << 20,
+        max_frame_bytes: 64 << 10,
+        ..small_options(Compression::None)
+    };
+    let (mut w, wal, _) = open_sim(&storage, options);
+    let zeros = |wal: &Wal| storage.file_len(&seg).unwrap() as u64 - wal.segments()[0].len;
+    append(&mut w, &[payload(0, 100)]);
+    w.sync().unwrap();
+    assert_eq!(zeros(&wal), MIN_RESERVE_BYTES);
+    let mut i = 1;
+    while wal.segments()[0].len < 100 << 10 {
+        append(&mut w, &[payload(i, 4000)]);
+        w.sync().unwrap();
+        i += 1;
+        let (held, zeros) = (wal.segments()[0].len, zeros(&wal));
+        assert!(
+            zeros <= held.max(MIN_RESERVE_BYTES),
+            "{zeros} zeros after {held} bytes"
+        );
+    }
+    while wal.segments()[0].len < 600 << 10 {
+        append(&mut w, &[payload(i, 60_000)]);
+        w.sync().unwrap();
+        i += 1;
+        assert!(zeros(&wal) <= RESERVE_BYTES);
+    }
+}
+
+#[test]
 fn a_failed_reservation_is_cut_off_and_appends_go_on() {
     let storage = SimStorage::new();
     let seg = dir().join(wal_format::segment_file_name(0));
