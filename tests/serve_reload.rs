@@ -16,13 +16,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chaos_tests::load::{Load, LoadSpec};
 use chaos_tests::prometheus::{Prometheus, PrometheusOpts};
 use chaos_tests::proxy::{FaultProxy, ProxyMode};
 use chaos_tests::relay::Relay;
-use chaos_tests::scenario::wait_caught_up;
+use chaos_tests::scenario::{wait_caught_up, wait_status};
 use chaos_tests::verify::verify;
 use serde_json::Value;
 
@@ -73,23 +73,6 @@ fn sighup(r: &Relay) {
         .unwrap()
         .success();
     assert!(ok, "kill -HUP {pid}");
-}
-
-/// Waits until `cond` holds for the relay's status.
-async fn until(r: &Relay, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let started = Instant::now();
-    loop {
-        let status = r.status().await.unwrap();
-        if cond(&status) {
-            return status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what}: {status:#}\n{}",
-            r.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,7 +209,10 @@ async fn replicas_are_added_changed_and_removed_without_a_restart_and_nothing_is
     // b removed by SIGHUP: its shipper stops; a keeps shipping.
     write_config(&config, &[("a", &a_url, "")]);
     sighup(&r);
-    until(&r, "b removed", |s| names(s) == ["a"]).await;
+    wait_status(&r, Duration::from_secs(30), "b removed", |s| {
+        names(s) == ["a"]
+    })
+    .await;
     // The gauge is set after the change is applied, so the status can
     // show b gone a moment before the gauge says the reload succeeded.
     until_reload_succeeded_is(&r, 1.0, "SIGHUP with a good file").await;
