@@ -177,7 +177,7 @@ impl SegmentCursor {
             .map_err(|e| WalError::io("read frame header", &self.path, e))?;
         let header = match decode_frame_header(self.salt, &hdr[..n]) {
             Ok(h) => h,
-            Err(_) if self.zeros_to_limit(offset)? => {
+            Err(_) if self.zeros_from(offset)? == offset => {
                 self.offset = self.limit;
                 return Ok(Scan::End);
             }
@@ -241,28 +241,6 @@ impl SegmentCursor {
         }
     }
 
-    /// True when every byte from `from` up to the limit is zero (the zeros
-    /// a writer reserved and did not write over).
-    fn zeros_to_limit(&mut self, from: u64) -> Result<bool, WalError> {
-        let mut at = from;
-        let mut chunk = vec![0u8; ((self.limit - from) as usize).min(64 << 10)];
-        while at < self.limit {
-            let len = ((self.limit - at) as usize).min(chunk.len());
-            let n = self
-                .file
-                .read_full_at(&mut chunk[..len], at)
-                .map_err(|e| WalError::io("read segment", &self.path, e))?;
-            if chunk[..n].iter().any(|&b| b != 0) {
-                return Ok(false);
-            }
-            if n < len {
-                break;
-            }
-            at += n as u64;
-        }
-        Ok(true)
-    }
-
     fn corrupt(&mut self, offset: u64, reason: &CorruptReason) -> Result<Scan, WalError> {
         self.damage(offset, reason.to_string(), reason.as_error_code(), false)
     }
@@ -313,7 +291,8 @@ impl SegmentCursor {
 
     /// Where the run of zero bytes that ends at the limit begins, searching
     /// back no further than `from` (the limit when the last byte is not
-    /// zero).
+    /// zero; `from` when every byte from there on is zero, the zeros a
+    /// writer reserved and did not write over).
     fn zeros_from(&mut self, from: u64) -> Result<u64, WalError> {
         let mut end = self.limit;
         let mut chunk = vec![0u8; 64 << 10];

@@ -294,69 +294,78 @@ fn writer_truncates_torn_tail_instead_of_failing_open() {
     assert_eq!(read_all(&wal, 0).len(), 2);
 }
 
+/// Bytes of the first segment's file after its last frame: the zeros the
+/// writer reserved (or left).
+fn reserved_zeros(storage: &SimStorage, wal: &Wal) -> u64 {
+    let first = &wal.segments()[0];
+    storage.file_len(&first.path).unwrap() as u64 - first.len
+}
+
+/// Reopens the log after a crash: recovery reports nothing and reads
+/// `records` records.
+fn reopen_clean(storage: &SimStorage, records: usize) -> (WalWriter, Wal) {
+    let (w, wal, report) = open_sim(storage, small_options(Compression::None));
+    assert!(report.truncated.is_none(), "{:?}", report.truncated);
+    assert!(report.damage.is_empty(), "{:?}", report.damage);
+    assert_eq!(read_all(&wal, 0).len(), records);
+    (w, wal)
+}
+
 #[test]
 fn the_writer_reserves_zeros_ahead_and_a_crash_leaves_them_as_the_end_not_as_damage() {
     let storage = SimStorage::new();
-    let seg = dir().join(wal_format::segment_file_name(0));
-    let data_len = |wal: &Wal| wal.segments()[0].len;
     let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
     append(&mut w, &[payload(0, 100), payload(1, 100)]);
     w.sync().unwrap();
-    let file = storage.file_len(&seg).unwrap() as u64;
     assert!(
-        file > data_len(&wal),
-        "zeros reserved after the frames: {file}"
+        reserved_zeros(&storage, &wal) > 0,
+        "zeros reserved after the frames"
     );
 
     // A crash after the sync: the zeros are still there, and recovery
     // cuts them without reporting anything.
     append(&mut w, &[payload(2, 50)]);
     w.sync().unwrap();
-    let data = data_len(&wal);
     drop(w);
     storage.crash(|_| 0);
-    assert!(storage.file_len(&seg).unwrap() as u64 > data);
-    let (mut w, wal, report) = open_sim(&storage, small_options(Compression::None));
-    assert!(report.truncated.is_none(), "{:?}", report.truncated);
-    assert!(report.damage.is_empty(), "{:?}", report.damage);
-    assert_eq!(storage.file_len(&seg).unwrap() as u64, data, "zeros cut");
-    assert_eq!(read_all(&wal, 0).len(), 3);
+    assert!(
+        reserved_zeros(&storage, &wal) > 0,
+        "the zeros survive the crash"
+    );
+    let (mut w, wal) = reopen_clean(&storage, 3);
+    assert_eq!(reserved_zeros(&storage, &wal), 0, "zeros cut");
 
     // Appending goes on right after the last frame, and closing the writer
     // cuts the new reservation: a clean stop leaves no zeros.
     append(&mut w, &[payload(3, 70)]);
     w.sync().unwrap();
-    assert!(storage.file_len(&seg).unwrap() as u64 > data_len(&wal));
+    assert!(reserved_zeros(&storage, &wal) > 0);
     w.close();
-    assert_eq!(storage.file_len(&seg).unwrap() as u64, data_len(&wal));
+    assert_eq!(reserved_zeros(&storage, &wal), 0);
     drop(w);
     storage.crash(|_| 0);
-    let (_, wal, report) = open_sim(&storage, small_options(Compression::None));
-    assert!(report.truncated.is_none() && report.damage.is_empty());
-    assert_eq!(read_all(&wal, 0).len(), 4);
+    reopen_clean(&storage, 4);
 }
 
 #[test]
 fn a_small_segment_reserves_no_more_zeros_than_it_holds_from_16_kib() {
     use super::writer::{MIN_RESERVE_BYTES, RESERVE_BYTES};
     let storage = SimStorage::new();
-    let seg = dir().join(wal_format::segment_file_name(0));
     let options = WalOptions {
         segment_bytes: 4 << 20,
         max_frame_bytes: 64 << 10,
         ..small_options(Compression::None)
     };
     let (mut w, wal, _) = open_sim(&storage, options);
-    let zeros = |wal: &Wal| storage.file_len(&seg).unwrap() as u64 - wal.segments()[0].len;
     append(&mut w, &[payload(0, 100)]);
     w.sync().unwrap();
-    assert_eq!(zeros(&wal), MIN_RESERVE_BYTES);
+    assert_eq!(reserved_zeros(&storage, &wal), MIN_RESERVE_BYTES);
     let mut i = 1;
     while wal.segments()[0].len < 100 << 10 {
         append(&mut w, &[payload(i, 4000)]);
         w.sync().unwrap();
         i += 1;
-        let (held, zeros) = (wal.segments()[0].len, zeros(&wal));
+        let (held, zeros) = (wal.segments()[0].len, reserved_zeros(&storage, &wal));
         assert!(
             zeros <= held.max(MIN_RESERVE_BYTES),
             "{zeros} zeros after {held} bytes"
@@ -366,33 +375,25 @@ fn a_small_segment_reserves_no_more_zeros_than_it_holds_from_16_kib() {
         append(&mut w, &[payload(i, 60_000)]);
         w.sync().unwrap();
         i += 1;
-        assert!(zeros(&wal) <= RESERVE_BYTES);
+        assert!(reserved_zeros(&storage, &wal) <= RESERVE_BYTES);
     }
 }
 
 #[test]
 fn a_failed_reservation_is_cut_off_and_appends_go_on() {
     let storage = SimStorage::new();
-    let seg = dir().join(wal_format::segment_file_name(0));
     let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
     storage.fail_next_reserve();
     append(&mut w, &[payload(0, 100)]);
     w.sync().unwrap();
-    let data = wal.segments()[0].len;
-    assert_eq!(
-        storage.file_len(&seg).unwrap() as u64,
-        data,
-        "half-written zeros cut"
-    );
+    assert_eq!(reserved_zeros(&storage, &wal), 0, "half-written zeros cut");
     // The next append that makes the file longer reserves again.
     append(&mut w, &[payload(1, 100)]);
     w.sync().unwrap();
-    assert!(storage.file_len(&seg).unwrap() as u64 > wal.segments()[0].len);
+    assert!(reserved_zeros(&storage, &wal) > 0);
     drop(w);
     storage.crash(|_| 0);
-    let (_, wal, report) = open_sim(&storage, small_options(Compression::None));
-    assert!(report.truncated.is_none() && report.damage.is_empty());
-    assert_eq!(read_all(&wal, 0).len(), 2);
+    reopen_clean(&storage, 2);
 }
 
 #[test]

@@ -436,10 +436,9 @@ impl WalWriter {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if active.dirty || active.reserved == active.len {
+        if active.dirty || !active.trim() {
             return;
         }
-        active.trim();
         if let Err(e) = active.file.sync_data() {
             self.failed = Some(
                 WalError::SyncFailed {
@@ -486,19 +485,23 @@ impl ActiveFile {
     }
 
     /// Cuts the reserved zeros after the last frame (to be made durable by
-    /// the caller's next sync). A failure leaves them, which readers treat
-    /// as the end of the segment.
-    fn trim(&mut self) {
+    /// the caller's next sync) and says whether it cut any. A failure
+    /// leaves them, which readers treat as the end of the segment.
+    fn trim(&mut self) -> bool {
         if self.reserved == self.len {
-            return;
+            return false;
         }
         match self.file.set_len(self.len) {
             Ok(()) => {
                 self.reserved = self.len;
                 self.dirty = true;
+                true
             }
-            Err(e) => tracing::warn!(path = %self.path.display(), error = %e,
-                "could not cut the reserved zeros after the segment's last frame"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e,
+                    "could not cut the reserved zeros after the segment's last frame");
+                false
+            }
         }
     }
 }
