@@ -36,7 +36,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use wal_format::{
-    decode_frame, decode_records, Decoded, PayloadEncoding, SegmentHeader, FRAME_HEADER_LEN,
+    decode_frame, ChainDecoder, Decoded, PayloadEncoding, SegmentHeader, FRAME_HEADER_LEN,
     SEGMENT_HEADER_LEN,
 };
 
@@ -102,6 +102,7 @@ fn read_segment(path: &str) -> Result<(Vec<Rec>, usize), String> {
     let buf = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
     let header = SegmentHeader::decode(&buf).map_err(|e| format!("{path}: segment header: {e}"))?;
     let mut offset = SEGMENT_HEADER_LEN;
+    let mut chain = ChainDecoder::new();
     let mut recs = Vec::new();
     let mut frame_bytes = 0;
     while buf.len() - offset >= FRAME_HEADER_LEN {
@@ -109,8 +110,9 @@ fn read_segment(path: &str) -> Result<(Vec<Rec>, usize), String> {
         else {
             break;
         };
-        let records =
-            decode_records(&h, body).map_err(|e| format!("{path}: frame at byte {offset}: {e}"))?;
+        let records = chain
+            .decode(&h, body)
+            .map_err(|e| format!("{path}: frame at byte {offset}: {e}"))?;
         for r in records {
             let (snappy, decoded) = match r.meta.encoding {
                 PayloadEncoding::Snappy => {

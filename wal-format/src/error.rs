@@ -51,8 +51,9 @@ pub enum CorruptReason {
         /// The non-zero value found.
         value: u64,
     },
-    /// The compression byte is neither 0 (none) nor 1 (zstd).
-    #[error("unknown frame compression {0} (this build knows 0 = none, 1 = zstd)")]
+    /// The compression byte is not one this build knows (0 = none,
+    /// 1 = zstd, 2 and 3 = a zstd chain's first and later frames).
+    #[error("unknown frame compression {0} (this build knows 0 = none, 1 = zstd, 2 = zstd chain start, 3 = zstd chain continued)")]
     BadCompression(u8),
     /// The header declares zero records; every frame holds at least one.
     #[error("frame declares zero records")]
@@ -106,6 +107,15 @@ pub enum CorruptReason {
     /// (including: it would produce more than `raw_len` bytes).
     #[error("zstd decompression failed: {0}")]
     Decompress(String),
+    /// The frame continues a zstd chain (compression 3) whose frames before
+    /// it were not decoded by this reader, right before it: one of them is
+    /// damaged, or the reader did not start at the chain's first frame. Its
+    /// bytes verified, but they cannot be decompressed without the chain's
+    /// earlier output.
+    #[error(
+        "frame continues a zstd chain whose earlier frames were not decoded (damaged, or not read)"
+    )]
+    ChainBroken,
     /// The zstd body holds bytes after its single zstd frame.
     #[error("zstd body holds {trailing} bytes after its zstd frame")]
     ZstdTrailingBytes {
@@ -166,6 +176,7 @@ impl CorruptReason {
             Self::BodyLengthMismatch { .. } => "body_length_mismatch",
             Self::Decompress(_) => "decompress",
             Self::ZstdTrailingBytes { .. } => "zstd_trailing_bytes",
+            Self::ChainBroken => "chain_broken",
             Self::EntryOverrun { .. } => "entry_overrun",
             Self::UnknownKind(_) => "unknown_kind",
             Self::UnknownEncoding(_) => "unknown_encoding",
@@ -203,7 +214,7 @@ pub enum SegmentHeaderError {
     /// The file was written by a format version this build does not read.
     /// Not recoverable by this build: upgrade walrelay (or, if the number is
     /// implausible, the header is damaged).
-    #[error("unsupported segment format version {0} (this build reads version {ver}); upgrade walrelay or restore the file", ver = crate::FORMAT_VERSION)]
+    #[error("unsupported segment format version {0} (this build reads versions 1 and 2); upgrade walrelay or restore the file")]
     UnsupportedVersion(u32),
     /// The header checksum does not match: the header is damaged. Not
     /// recoverable for this file (its salt, `first_seq`, is untrusted; the

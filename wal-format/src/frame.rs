@@ -31,6 +31,14 @@ pub enum Compression {
     None = 0,
     /// The body is one zstd frame that decompresses to the raw entries.
     Zstd = 1,
+    /// The body begins a zstd stream and ends at a flush: it decompresses
+    /// to the raw entries on its own, and the next frames of its chain
+    /// continue the stream (see [`crate::chain`]).
+    ZstdChainStart = 2,
+    /// The body continues the zstd stream of the frame right before it in
+    /// the segment, up to a flush: only a decoder that decoded that frame
+    /// can decompress it.
+    ZstdChained = 3,
 }
 
 impl Compression {
@@ -39,8 +47,15 @@ impl Compression {
         match v {
             0 => Some(Self::None),
             1 => Some(Self::Zstd),
+            2 => Some(Self::ZstdChainStart),
+            3 => Some(Self::ZstdChained),
             _ => None,
         }
+    }
+
+    /// True for the frames of a zstd chain (2 and 3).
+    pub fn is_chained(self) -> bool {
+        matches!(self, Self::ZstdChainStart | Self::ZstdChained)
     }
 }
 
@@ -173,28 +188,55 @@ pub fn encode_frame(
             return Err(e);
         }
     };
+    Ok(write_header(
+        salt,
+        first_seq,
+        records.len(),
+        raw_len,
+        stored,
+        start,
+        out,
+    ))
+}
+
+/// Writes the header of the frame whose body ends `out` and whose header
+/// space begins at `start` (the body right after it).
+pub(crate) fn write_header(
+    salt: u64,
+    first_seq: u64,
+    record_count: usize,
+    raw_len: usize,
+    compression: Compression,
+    start: usize,
+    out: &mut [u8],
+) -> FrameSummary {
+    let body_start = start + FRAME_HEADER_LEN;
     let body = &out[body_start..];
-    // The casts are lossless: raw_len <= MAX_FRAME_RAW and a stored body is
-    // never longer than the raw one.
+    // The casts are lossless: the caller checked the record count and
+    // raw_len against the limits, and a body is at most zstd's bound of
+    // raw_len (never longer than it, outside a chain).
     let header = FrameHeader {
         first_seq,
-        record_count: records.len() as u32,
+        record_count: record_count as u32,
         body_len: body.len() as u32,
         raw_len: raw_len as u32,
-        compression: stored,
+        compression,
         body_crc: crc32fast::hash(body),
     };
     out[start..body_start].copy_from_slice(&header.encode(salt));
-    Ok(FrameSummary {
+    FrameSummary {
         first_seq,
         record_count: header.record_count,
         len: out.len() - start,
         raw_len,
-    })
+    }
 }
 
 /// Checks the batch against every limit and returns its raw body length.
-fn checked_raw_len(first_seq: u64, records: &[RecordRef<'_>]) -> Result<usize, EncodeError> {
+pub(crate) fn checked_raw_len(
+    first_seq: u64,
+    records: &[RecordRef<'_>],
+) -> Result<usize, EncodeError> {
     if records.is_empty() {
         return Err(EncodeError::Empty);
     }
@@ -412,10 +454,16 @@ fn over_limit(field: &'static str, len: u32, limit: usize) -> Result<(), Corrupt
 /// `body` must be the body [`decode_frame`] returned with `header`; its
 /// checksum is not checked again here.
 ///
+/// The frames of a zstd chain (compression 2 and 3) decode only in order,
+/// each after the ones before it in its chain, by a [`crate::ChainDecoder`]
+/// (which decodes every other frame as this does): here they are
+/// [`CorruptReason::ChainBroken`].
+///
 /// # Errors
 /// [`CorruptReason::BodyLengthMismatch`] if `body` is not `body_len` bytes;
 /// `Decompress`, `ZstdTrailingBytes` or `RawLengthMismatch` for a zstd body
-/// that is invalid or does not produce exactly `raw_len` bytes; and
+/// that is invalid or does not produce exactly `raw_len` bytes; `ChainBroken`
+/// for a chain's later frame; and
 /// `EntryOverrun`, `LengthOverLimit`, `UnknownKind`, `UnknownEncoding`,
 /// `ReservedNotZero`, `TrailingBytes` or `RecordCountMismatch` when the raw
 /// body is not exactly `record_count` well-formed entries.
@@ -429,6 +477,9 @@ pub fn decode_records(header: &FrameHeader, body: &[u8]) -> Result<Vec<Record>, 
     let raw = match header.compression {
         Compression::None => Bytes::copy_from_slice(body),
         Compression::Zstd => Bytes::from(decompress(body, header.raw_len)?),
+        Compression::ZstdChainStart | Compression::ZstdChained => {
+            return Err(CorruptReason::ChainBroken)
+        }
     };
     if raw.len() != header.raw_len as usize {
         return Err(CorruptReason::RawLengthMismatch {

@@ -31,12 +31,14 @@
 
 #![forbid(unsafe_code)]
 
+mod chain;
 mod error;
 mod frame;
 mod le;
 mod record;
 mod segment;
 
+pub use chain::{ChainDecoder, ChainEncoder, CHAIN_WINDOW_LOG};
 pub use error::{CorruptReason, EncodeError, HeaderStatus, SegmentHeaderError};
 pub use frame::{
     decode_frame, decode_frame_header, decode_records, encode_frame, find_next_frame, Compression,
@@ -48,6 +50,6 @@ pub use record::{
     MAX_RECORD_PAYLOAD, RECORD_ENTRY_HEADER_LEN,
 };
 pub use segment::{
-    parse_segment_file_name, segment_file_name, SegmentHeader, FORMAT_VERSION, SEGMENT_HEADER_LEN,
-    SEGMENT_MAGIC,
+    parse_segment_file_name, segment_file_name, SegmentHeader, FORMAT_VERSION, READ_VERSIONS,
+    SEGMENT_HEADER_LEN, SEGMENT_MAGIC,
 };

@@ -5,8 +5,14 @@ use crate::le::{put, u32_at, u64_at};
 
 /// The first eight bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WALRELAY";
-/// The format version this build writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 adds zstd chains
+/// (frame compression 2 and 3) to version 1; this build reads both
+/// ([`READ_VERSIONS`]). A relay that knows only version 1 refuses a log
+/// holding a version 2 segment at start, instead of taking its chained
+/// frames for damage.
+pub const FORMAT_VERSION: u32 = 2;
+/// The format versions this build reads.
+pub const READ_VERSIONS: [u32; 2] = [1, 2];
 /// Length of the segment header; the first frame starts at this offset.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 
@@ -87,7 +93,7 @@ impl SegmentHeader {
             return Err(SegmentHeaderError::BadMagic);
         }
         let version = u32_at(h, 8);
-        if version != FORMAT_VERSION {
+        if !READ_VERSIONS.contains(&version) {
             return Err(SegmentHeaderError::UnsupportedVersion(version));
         }
         if u32_at(h, 28) != crc32fast::hash(&h[..28]) {
@@ -166,6 +172,18 @@ mod tests {
     }
 
     #[test]
+    fn both_versions_are_read_and_the_newer_one_is_written() {
+        assert_eq!(SegmentHeader::new(1).version, 2);
+        for version in READ_VERSIONS {
+            let h = SegmentHeader {
+                version,
+                first_seq: 1000,
+            };
+            assert_eq!(SegmentHeader::decode(&encoded(h)).unwrap(), h);
+        }
+    }
+
+    #[test]
     fn segment_header_shorter_than_32_bytes_is_incomplete_at_every_length() {
         let b = encoded(SegmentHeader::new(7));
         for n in 0..SEGMENT_HEADER_LEN {
@@ -211,13 +229,13 @@ mod tests {
     #[test]
     fn newer_version_is_refused_as_unsupported_even_if_its_checksum_lives_elsewhere() {
         let mut b = encoded(SegmentHeader {
-            version: 2,
+            version: 3,
             first_seq: 7,
         });
         b[28] ^= 0xff;
         let err = SegmentHeader::decode(&b).unwrap_err();
-        assert_eq!(err, SegmentHeaderError::UnsupportedVersion(2));
-        assert!(err.to_string().contains("version 2"), "{err}");
+        assert_eq!(err, SegmentHeaderError::UnsupportedVersion(3));
+        assert!(err.to_string().contains("version 3"), "{err}");
         assert_eq!(err.as_error_code(), "segment_unsupported_version");
     }
 }

@@ -15,13 +15,20 @@
 use std::collections::BTreeMap;
 
 use wal_format::{
-    decode_frame, decode_records, encode_frame, Compression, Decoded, PayloadEncoding, PayloadKind,
-    Record, RecordMeta, RecordRef, SegmentHeader, SEGMENT_HEADER_LEN,
+    decode_frame, decode_records, encode_frame, ChainDecoder, ChainEncoder, Compression, Decoded,
+    PayloadEncoding, PayloadKind, Record, RecordMeta, RecordRef, SegmentHeader, SEGMENT_HEADER_LEN,
 };
 
 const SPEC: &str = include_str!("../SPEC.md");
 
 /// The lines of the fenced block that follows `<!-- vector:NAME -->`.
+/// The documented segment is a version 1 segment, which this build still
+/// reads (version 2 adds chains, below).
+const V1_HEADER: SegmentHeader = SegmentHeader {
+    version: 1,
+    first_seq: 1000,
+};
+
 fn vector_block(name: &str) -> Vec<&'static str> {
     let marker = format!("<!-- vector:{name} -->");
     let (_, after) = SPEC
@@ -138,7 +145,7 @@ fn the_documented_crc_is_crc32_ieee_with_its_standard_check_value() {
 fn encoding_the_documented_segment_gives_the_documented_bytes() {
     let recs = record_vector("segment-v1-records");
     let mut out = Vec::new();
-    SegmentHeader::new(1000).encode(&mut out);
+    V1_HEADER.encode(&mut out);
     encode_frames(1000, &recs, Compression::None, &mut out);
     let expected = hex_vector("segment-v1");
     assert_eq!(
@@ -153,7 +160,7 @@ fn encoding_the_documented_segment_gives_the_documented_bytes() {
 fn decoding_the_documented_segment_gives_the_documented_records() {
     let bytes = hex_vector("segment-v1");
     let header = SegmentHeader::decode(&bytes).unwrap();
-    assert_eq!(header, SegmentHeader::new(1000));
+    assert_eq!(header, V1_HEADER);
     let frames = decode_all(header.first_seq, &bytes[SEGMENT_HEADER_LEN..]);
     assert_eq!(frames.len(), 2);
     let decoded: Vec<Record> = frames.into_iter().flat_map(|(_, r)| r).collect();
@@ -186,6 +193,70 @@ fn this_build_still_compresses_the_zstd_vector_records() {
     assert_eq!(frames[0].1, records_of(&recs));
 }
 
+/// The records as one chain (level 1, the relay's default), one frame per
+/// distinct `frame` number.
+fn encode_chain(salt: u64, recs: &[SpecRecord]) -> Vec<u8> {
+    let mut frames: BTreeMap<u32, Vec<&Record>> = BTreeMap::new();
+    for r in recs {
+        frames.entry(r.frame).or_default().push(&r.record);
+    }
+    let mut chain = ChainEncoder::new(1, 1 << 20);
+    let mut out = Vec::new();
+    for records in frames.values() {
+        let refs: Vec<RecordRef<'_>> = records.iter().map(|r| r.as_record_ref()).collect();
+        chain
+            .encode_frame(salt, records[0].seq, &refs, &mut out)
+            .unwrap();
+    }
+    out
+}
+
+#[test]
+fn the_documented_chain_decodes_in_order_to_the_documented_records() {
+    let bytes = hex_vector("frame-chain-v2");
+    let mut decoder = ChainDecoder::new();
+    let mut at = 0;
+    let mut records = Vec::new();
+    let mut kinds = Vec::new();
+    while at < bytes.len() {
+        let Decoded::Frame { header, body } = decode_frame(3000, &bytes[at..]) else {
+            panic!("bad frame at {at}");
+        };
+        kinds.push(header.compression);
+        records.extend(decoder.decode(&header, body).unwrap());
+        if header.compression == Compression::ZstdChained {
+            // Not without the frame before it.
+            assert!(decode_records(&header, body).is_err());
+        }
+        at += header.total_len();
+    }
+    assert_eq!(
+        kinds,
+        [Compression::ZstdChainStart, Compression::ZstdChained]
+    );
+    assert_eq!(
+        records,
+        records_of(&record_vector("frame-chain-v2-records"))
+    );
+}
+
+#[test]
+fn this_build_still_chains_the_chain_vector_records() {
+    let recs = record_vector("frame-chain-v2-records");
+    let bytes = encode_chain(3000, &recs);
+    let mut decoder = ChainDecoder::new();
+    let mut at = 0;
+    let mut records = Vec::new();
+    while at < bytes.len() {
+        let Decoded::Frame { header, body } = decode_frame(3000, &bytes[at..]) else {
+            panic!("bad frame at {at}");
+        };
+        records.extend(decoder.decode(&header, body).unwrap());
+        at += header.total_len();
+    }
+    assert_eq!(records, records_of(&recs));
+}
+
 /// The annotated blocks in SPEC.md are exactly what the code renders from
 /// the documented records, annotations included: the comments beside the
 /// bytes cannot go stale either. After a deliberate format change, run
@@ -194,7 +265,7 @@ fn this_build_still_compresses_the_zstd_vector_records() {
 #[test]
 fn spec_md_holds_exactly_the_annotated_blocks_the_code_renders() {
     let mut seg = Vec::new();
-    SegmentHeader::new(1000).encode(&mut seg);
+    V1_HEADER.encode(&mut seg);
     encode_frames(
         1000,
         &record_vector("segment-v1-records"),
@@ -211,7 +282,15 @@ fn spec_md_holds_exactly_the_annotated_blocks_the_code_renders() {
         ),
         format!(
             "<!-- vector:frame-zstd-v1 -->\n```text\n{}```",
-            annotate_frames(&z, 0)
+            annotate_frames(&z, 0, 2000)
+        ),
+        format!(
+            "<!-- vector:frame-chain-v2 -->\n```text\n{}```",
+            annotate_frames(
+                &encode_chain(3000, &record_vector("frame-chain-v2-records")),
+                0,
+                3000
+            )
         ),
     ];
     for block in &blocks {
@@ -313,13 +392,12 @@ fn annotate_segment(seg: &[u8]) -> String {
     let mut out = String::from("# segment header\n");
     let mut at = 0;
     fields(&mut out, seg, &mut at, 0, SEGMENT_FIELDS);
-    out.push_str(&annotate_frames(seg, SEGMENT_HEADER_LEN));
+    out.push_str(&annotate_frames(seg, SEGMENT_HEADER_LEN, 1000));
     out
 }
 
-fn annotate_frames(buf: &[u8], mut at: usize) -> String {
+fn annotate_frames(buf: &[u8], mut at: usize, salt: u64) -> String {
     let mut out = String::new();
-    let salt = if at == 0 { 2000 } else { 1000 };
     while at < buf.len() {
         let Decoded::Frame { header, body } = decode_frame(salt, &buf[at..]) else {
             panic!("bad frame at {at}");
@@ -330,8 +408,14 @@ fn annotate_frames(buf: &[u8], mut at: usize) -> String {
             header.end_seq() - 1
         ));
         fields(&mut out, buf, &mut at, 0, FRAME_FIELDS);
-        if header.compression == Compression::Zstd {
-            chunks(&mut out, body, at, 0, "zstd frame");
+        let label = match header.compression {
+            Compression::None => None,
+            Compression::Zstd => Some("zstd frame"),
+            Compression::ZstdChainStart => Some("zstd stream (chain start)"),
+            Compression::ZstdChained => Some("zstd stream (continued)"),
+        };
+        if let Some(label) = label {
+            chunks(&mut out, body, at, 0, label);
             at += body.len();
             continue;
         }

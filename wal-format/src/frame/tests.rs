@@ -297,9 +297,9 @@ fn nonzero_reserved_header_fields_are_corrupt() {
 #[test]
 fn unknown_compression_is_corrupt() {
     let mut buf = encode(&[b"a"], Compression::None);
-    buf[28] = 2;
+    buf[28] = 4;
     reseal_header(&mut buf);
-    assert_eq!(expect_corrupt(&buf), CorruptReason::BadCompression(2));
+    assert_eq!(expect_corrupt(&buf), CorruptReason::BadCompression(4));
 }
 
 #[test]
