@@ -157,9 +157,10 @@ fn scan(c: &mut Criterion) {
         }
         w.sync().unwrap();
         g.throughput(Throughput::Bytes(records * size as u64));
-        let name = match compression {
-            Compression::None => "none",
-            Compression::Zstd => "zstd",
+        let name = if compression == Compression::None {
+            "none"
+        } else {
+            "zstd"
         };
         g.bench_function(name, |b| {
             b.iter(|| {

@@ -753,7 +753,7 @@ mod spec_statements {
     use super::*;
 
     #[test]
-    fn the_default_log_compresses_its_frames_with_zstd_as_the_spec_says() {
+    fn the_default_log_compresses_its_frames_as_zstd_chains_as_the_spec_says() {
         let options = WalOptions::default();
         assert_eq!(options.compression, Compression::Zstd);
         assert_eq!(options.zstd_level, 1);
@@ -770,20 +770,34 @@ mod spec_statements {
             kind: PayloadKind::RemoteWriteV1,
             encoding: PayloadEncoding::Identity,
         };
-        writer
-            .append(&[RecordRef {
-                meta,
-                payload: &payload,
-            }])
-            .unwrap();
-        writer.sync().unwrap();
+        for _ in 0..2 {
+            writer
+                .append(&[RecordRef {
+                    meta: meta.clone(),
+                    payload: &payload,
+                }])
+                .unwrap();
+            writer.sync().unwrap();
+        }
 
         let path = dir.join(segment_file_name(0));
         let file = storage.open_read(&path).unwrap();
         let mut bytes = vec![0; file.len().unwrap() as usize];
         assert_eq!(file.read_at(&mut bytes, 0).unwrap(), bytes.len());
-        let header = decode_frame_header(0, &bytes[SEGMENT_HEADER_LEN..]).unwrap();
-        assert_eq!(header.compression, Compression::Zstd);
-        assert!(header.body_len < header.raw_len);
+        let segment = wal_format::SegmentHeader::decode(&bytes).unwrap();
+        assert_eq!(segment.version, wal_format::FORMAT_VERSION);
+        assert_eq!(segment.version, 2);
+        let first = decode_frame_header(0, &bytes[SEGMENT_HEADER_LEN..]).unwrap();
+        assert_eq!(first.compression, Compression::ZstdChainStart);
+        assert!(first.body_len < first.raw_len);
+        let second =
+            decode_frame_header(0, &bytes[SEGMENT_HEADER_LEN + first.total_len()..]).unwrap();
+        assert_eq!(second.compression, Compression::ZstdChained);
+        assert!(
+            second.body_len * 3 < first.body_len,
+            "the second frame finds the first's bytes: {} against {}",
+            second.body_len,
+            first.body_len
+        );
     }
 }

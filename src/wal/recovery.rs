@@ -352,6 +352,7 @@ fn recover_last(
         .map_err(|e| WalError::io("stat segment", &path, e))?;
     let header = read_header(file.as_ref(), &path);
     drop(file);
+    let version = header.as_ref().map_or(0, |h| h.version);
     let reason = match header {
         Ok(h) if h.first_seq == first_seq => None,
         Ok(h) => Some(format!(
@@ -434,6 +435,7 @@ fn recover_last(
             first_seq,
             path,
             len: good_end,
+            version,
             seal,
         }),
         next_seq,

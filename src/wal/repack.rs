@@ -60,7 +60,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use wal_format::{
     encode_frame, record_entry_len, Compression, PayloadEncoding, Record, RecordRef, SegmentHeader,
-    FORMAT_VERSION,
 };
 
 use super::env::Storage;
@@ -406,11 +405,7 @@ fn write_copy(
         .create_new(temp)
         .map_err(|e| WalError::write(temp, e))?;
     let mut out = Vec::new();
-    SegmentHeader {
-        version: FORMAT_VERSION,
-        first_seq,
-    }
-    .encode(&mut out);
+    SegmentHeader::new(first_seq).encode(&mut out);
     let mut written = Written { len: 0, records: 0 };
     let first = decoded(first);
     let mut raw = record_entry_len(first.payload.len());

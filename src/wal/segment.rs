@@ -14,13 +14,19 @@
 //! (recovery then cuts them off). No frame begins with a zero byte (its
 //! magic is `WRFR`), so this never hides a frame; bytes of a torn frame
 //! before the zeros are still reported as damage.
+//!
+//! Frames of a zstd chain (SPEC, "Chains") decode only in order from the
+//! chain's first frame: the cursor decodes every frame with one
+//! [`ChainDecoder`], goes back to a chain's first frame when a skip stops
+//! inside it, and reports a frame whose chain it cannot decode (damage
+//! before it in the chain) as damage that runs to the chain's end.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use wal_format::{
-    decode_frame, decode_frame_header, decode_records, find_next_frame, segment_file_name,
-    CorruptReason, Decoded, FrameHeader, HeaderStatus, Record, SegmentHeader, FORMAT_VERSION,
+    decode_frame, decode_frame_header, find_next_frame, segment_file_name, ChainDecoder,
+    Compression, CorruptReason, Decoded, FrameHeader, HeaderStatus, Record, SegmentHeader,
     FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 
@@ -66,6 +72,12 @@ pub struct SegmentCursor {
     passed_seq: u64,
     limit: u64,
     buf: Vec<u8>,
+    /// Decodes frames in order, zstd chains included.
+    chain: ChainDecoder,
+    /// Where the chain of the frame at `offset` began, and `passed_seq`
+    /// there: a reader that skips to a frame inside a chain must decode it
+    /// from there ([`Self::skip_to`]). None when no chain is under way.
+    chain_from: Option<(u64, u64)>,
 }
 
 /// Reads and checks a segment header.
@@ -107,6 +119,8 @@ impl SegmentCursor {
             passed_seq: salt,
             limit,
             buf: Vec::new(),
+            chain: ChainDecoder::new(),
+            chain_from: None,
         })
     }
 
@@ -139,24 +153,78 @@ impl SegmentCursor {
     /// begin at [`Self::passed_seq`] and end where the next intact frame
     /// begins, and only the reader can tell whether that reaches `seq`.
     ///
+    /// A frame that continues a zstd chain cannot be decoded without the
+    /// frames before it in its chain: when it stops at one, the cursor goes
+    /// back to the chain's first frame, and [`Self::read_next`] returns the
+    /// chain's frames from there, records below `seq` included.
+    ///
     /// # Errors
     /// I/O errors.
     pub fn skip_to(&mut self, seq: u64) -> Result<(), WalError> {
-        let mut hdr = [0u8; FRAME_HEADER_LEN];
-        while self.offset + FRAME_HEADER_LEN as u64 <= self.limit {
-            let n = self
-                .file
-                .read_full_at(&mut hdr, self.offset)
-                .map_err(|e| WalError::io("read frame header", &self.path, e))?;
-            match decode_frame_header(self.salt, &hdr[..n]) {
-                Ok(h) if h.end_seq() <= seq && self.offset + h.total_len() as u64 <= self.limit => {
-                    self.offset += h.total_len() as u64;
-                    self.passed_seq = h.end_seq();
-                }
-                _ => break,
+        let mut skipped = false;
+        while let Some(h) = self.header_at(self.offset)? {
+            if h.end_seq() > seq {
+                break;
             }
+            self.pass_chain(self.offset, h.compression);
+            self.offset += h.total_len() as u64;
+            self.passed_seq = h.end_seq();
+            skipped = true;
+        }
+        if !skipped {
+            return Ok(());
+        }
+        self.chain.break_chain();
+        let inside_a_chain = self
+            .header_at(self.offset)?
+            .is_some_and(|h| h.compression == Compression::ZstdChained);
+        match self.chain_from {
+            Some((offset, passed_seq)) if inside_a_chain => {
+                self.offset = offset;
+                self.passed_seq = passed_seq;
+            }
+            _ => self.chain_from = None,
         }
         Ok(())
+    }
+
+    /// Keeps [`Self::chain_from`] as the cursor passes the frame at
+    /// `offset`, before `passed_seq` moves past it.
+    fn pass_chain(&mut self, offset: u64, compression: Compression) {
+        match compression {
+            Compression::ZstdChainStart => self.chain_from = Some((offset, self.passed_seq)),
+            Compression::ZstdChained => {}
+            Compression::None | Compression::Zstd => self.chain_from = None,
+        }
+    }
+
+    /// The clean header of a whole frame at `offset` within the limit, if
+    /// there is one.
+    fn header_at(&mut self, offset: u64) -> Result<Option<FrameHeader>, WalError> {
+        if offset + FRAME_HEADER_LEN as u64 > self.limit {
+            return Ok(None);
+        }
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
+        let n = self
+            .file
+            .read_full_at(&mut hdr, offset)
+            .map_err(|e| WalError::io("read frame header", &self.path, e))?;
+        Ok(decode_frame_header(self.salt, &hdr[..n])
+            .ok()
+            .filter(|h| offset + h.total_len() as u64 <= self.limit))
+    }
+
+    /// Where the chain that the frame at `offset` belongs to ends: the first
+    /// offset from `offset` on that is not a clean header of a frame
+    /// continuing a chain.
+    fn chain_end(&mut self, mut offset: u64) -> Result<u64, WalError> {
+        while let Some(h) = self.header_at(offset)? {
+            if h.compression != Compression::ZstdChained {
+                break;
+            }
+            offset += h.total_len() as u64;
+        }
+        Ok(offset)
     }
 
     /// Reads the next frame, or reports damage and re-synchronises.
@@ -211,8 +279,9 @@ impl SegmentCursor {
             );
         }
         match decode_frame(self.salt, &self.buf) {
-            Decoded::Frame { header, body } => match decode_records(&header, body) {
+            Decoded::Frame { header, body } => match self.chain.decode(&header, body) {
                 Ok(records) => {
+                    self.pass_chain(offset, header.compression);
                     self.offset = offset + total as u64;
                     self.passed_seq = header.end_seq();
                     Ok(Scan::Frame {
@@ -222,9 +291,15 @@ impl SegmentCursor {
                     })
                 }
                 // The frame's checksums hold but its content does not parse:
-                // only this frame is lost, and the next one starts right after.
+                // only this frame is lost, and the next one starts right
+                // after; unless it is a chain's, whose later frames cannot
+                // be decoded without it: they are lost with it.
                 Err(reason) => {
                     self.offset = offset + total as u64;
+                    if header.compression.is_chained() {
+                        self.offset = self.chain_end(self.offset)?;
+                        self.chain_from = None;
+                    }
                     Ok(Scan::Damage {
                         offset,
                         resume: self.offset,
@@ -255,6 +330,10 @@ impl SegmentCursor {
         incomplete: bool,
     ) -> Result<Scan, WalError> {
         let resume = self.resync(offset + 1)?;
+        // A chain that continues after the damage lost its stream with it.
+        self.chain.break_chain();
+        let resume = self.chain_end(resume)?;
+        self.chain_from = None;
         self.offset = resume;
         let tail = resume >= self.limit;
         let incomplete = incomplete || (tail && self.runs_into_zeros(offset)?);
@@ -368,6 +447,9 @@ pub(super) struct Active {
     pub first_seq: u64,
     pub path: PathBuf,
     pub len: u64,
+    /// Its format version. The writer appends only to a segment of the
+    /// version it writes (SPEC, "Version policy"), and seals an older one.
+    pub version: u32,
     /// Damage was found inside it: seal it and append to a new segment, so
     /// the damaged file is never written again.
     pub seal: bool,
@@ -389,11 +471,7 @@ pub(super) fn create_segment(
         .create_new(&path)
         .map_err(|e| WalError::write(&path, e))?;
     let mut buf = Vec::with_capacity(wal_format::SEGMENT_HEADER_LEN);
-    SegmentHeader {
-        version: FORMAT_VERSION,
-        first_seq,
-    }
-    .encode(&mut buf);
+    SegmentHeader::new(first_seq).encode(&mut buf);
     if let Err(e) = file.append(&buf) {
         // Leave no half-made segment behind: the next attempt recreates it.
         drop(file);

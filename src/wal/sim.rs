@@ -37,6 +37,7 @@ pub struct SimStorage {
     state: Arc<Mutex<State>>,
     fail_next_sync: Arc<AtomicBool>,
     fail_next_reserve: Arc<AtomicBool>,
+    fail_next_append: Arc<AtomicBool>,
     /// Reads still to fail with EIO (see [`SimStorage::fail_reads`]).
     fail_reads: Arc<AtomicU64>,
 }
@@ -95,6 +96,12 @@ impl SimStorage {
     /// half of its zeros.
     pub fn fail_next_reserve(&self) {
         self.fail_next_reserve.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next `append` to any file fail with ENOSPC after writing
+    /// half of its bytes.
+    pub fn fail_next_append(&self) {
+        self.fail_next_append.store(true, Ordering::SeqCst);
     }
 
     /// Makes the next `n` reads of any file fail with EIO (a bad sector, a
@@ -158,6 +165,7 @@ struct SimWritable {
     file: Arc<Mutex<SimFile>>,
     fail_next_sync: Arc<AtomicBool>,
     fail_next_reserve: Arc<AtomicBool>,
+    fail_next_append: Arc<AtomicBool>,
     /// The append position.
     pos: usize,
 }
@@ -169,6 +177,7 @@ impl SimWritable {
             file,
             fail_next_sync: Arc::clone(&storage.fail_next_sync),
             fail_next_reserve: Arc::clone(&storage.fail_next_reserve),
+            fail_next_append: Arc::clone(&storage.fail_next_append),
             pos,
         }
     }
@@ -177,6 +186,16 @@ impl SimWritable {
 impl WritableFile for SimWritable {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut f = lock(&self.file);
+        if self.fail_next_append.swap(false, Ordering::SeqCst) {
+            let half = &buf[..buf.len() / 2];
+            let end = self.pos + half.len();
+            if f.written.len() < end {
+                f.written.resize(end, 0);
+            }
+            f.written[self.pos..end].copy_from_slice(half);
+            self.pos = end;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         let end = self.pos + buf.len();
         if f.written.len() < end {
             f.written.resize(end, 0);

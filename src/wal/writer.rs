@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use wal_format::{encode_frame, RecordRef};
+use wal_format::{encode_frame, ChainEncoder, Compression, RecordRef, FORMAT_VERSION};
 
 use super::env::WritableFile;
 use super::segment::{create_segment, Active};
@@ -61,9 +61,11 @@ pub const MIN_RESERVE_BYTES: u64 = 16 << 10;
 
 /// Encodes `records` (sequence numbers from `first`) into `out` as frames of
 /// at most about `max_frame_bytes` raw bytes each, salted for the segment
-/// starting at `salt`.
+/// starting at `salt`: the next frames of `chain` when given (zstd), else
+/// frames compressed alone (or not at all).
 fn encode_frames(
     options: &WalOptions,
+    mut chain: Option<&mut ChainEncoder>,
     salt: u64,
     first: u64,
     records: &[RecordRef<'_>],
@@ -78,14 +80,18 @@ fn encode_frames(
             raw += records[end].payload.len();
             end += 1;
         }
-        encode_frame(
-            salt,
-            first + start as u64,
-            &records[start..end],
-            options.compression,
-            options.zstd_level,
-            out,
-        )?;
+        let seq = first + start as u64;
+        match chain.as_deref_mut() {
+            Some(chain) => chain.encode_frame(salt, seq, &records[start..end], out)?,
+            None => encode_frame(
+                salt,
+                seq,
+                &records[start..end],
+                options.compression,
+                options.zstd_level,
+                out,
+            )?,
+        };
         start = end;
     }
     Ok(())
@@ -104,6 +110,13 @@ pub struct WalWriter {
     buf: Vec<u8>,
     /// Records appended since the last sync, for the tail cache.
     staged: Vec<wal_format::Record>,
+    /// With zstd, frames are chained (`wal_format::chain`): a light load's
+    /// one-request frames are 3-4 times smaller than compressed alone. A
+    /// chain restarts at every new segment, after a failed append, at a
+    /// restart (a new writer), and after `max_frame_bytes` raw bytes, which
+    /// bounds what damage to one frame costs, as the frame limit does for
+    /// a frame.
+    chain: ChainEncoder,
 }
 
 struct ActiveFile {
@@ -157,7 +170,9 @@ impl WalWriter {
                     reserved: a.len,
                     dirty: false,
                     header_len: wal_format::SEGMENT_HEADER_LEN as u64,
-                    seal: a.seal,
+                    // A segment of an older format version is appended to
+                    // no more (SPEC, "Version policy").
+                    seal: a.seal || a.version != FORMAT_VERSION,
                     since: Instant::now(),
                 })
             }
@@ -165,13 +180,14 @@ impl WalWriter {
         };
         Ok(Self {
             shared,
-            options,
             active,
             next_seq,
             durable_seq: next_seq,
             failed: None,
             buf: Vec::new(),
             staged: Vec::new(),
+            chain: ChainEncoder::new(options.zstd_level, options.max_frame_bytes),
+            options,
         })
     }
 
@@ -236,15 +252,24 @@ impl WalWriter {
                 cause: "no active segment".into(),
             });
         };
-        encode_frames(
+        let chain = (self.options.compression == Compression::Zstd).then_some(&mut self.chain);
+        if let Err(e) = encode_frames(
             &self.options,
+            chain,
             active.first_seq,
             first,
             records,
             &mut self.buf,
-        )?;
+        ) {
+            // Frames of this batch encoded before the one that failed are
+            // in the chain's stream, and will not be on the disk.
+            self.chain.restart();
+            return Err(e);
+        }
         let end = active.len + self.buf.len() as u64;
         if let Err(e) = active.file.append(&self.buf) {
+            // The chain's stream holds frames that are not on the disk.
+            self.chain.restart();
             let err = WalError::write(&active.path, e);
             // All or nothing: cut back whatever part of the batch landed
             // (and the reservation with it).
@@ -311,6 +336,9 @@ impl WalWriter {
             // readers learn of it only at the next sync, which is when the
             // appender learns it too.
         }
+        // Frames are salted for their segment, and a chain never crosses
+        // one: its first frame starts a new chain.
+        self.chain.restart();
         let (file, path, len) =
             create_segment(self.shared.storage.as_ref(), &self.shared.dir, first_seq)?;
         self.shared.segments_mut().insert(
