@@ -162,22 +162,22 @@ impl SegmentCursor {
     /// I/O errors.
     pub fn skip_to(&mut self, seq: u64) -> Result<(), WalError> {
         let mut skipped = false;
-        while let Some(h) = self.header_at(self.offset)? {
-            if h.end_seq() > seq {
-                break;
+        let stop = loop {
+            match self.header_at(self.offset)? {
+                Some(h) if h.end_seq() <= seq => {
+                    self.pass_chain(self.offset, h.compression);
+                    self.offset += h.total_len() as u64;
+                    self.passed_seq = h.end_seq();
+                    skipped = true;
+                }
+                stop => break stop,
             }
-            self.pass_chain(self.offset, h.compression);
-            self.offset += h.total_len() as u64;
-            self.passed_seq = h.end_seq();
-            skipped = true;
-        }
+        };
         if !skipped {
             return Ok(());
         }
         self.chain.break_chain();
-        let inside_a_chain = self
-            .header_at(self.offset)?
-            .is_some_and(|h| h.compression == Compression::ZstdChained);
+        let inside_a_chain = stop.is_some_and(|h| h.compression == Compression::ZstdChained);
         match self.chain_from {
             Some((offset, passed_seq)) if inside_a_chain => {
                 self.offset = offset;
@@ -204,14 +204,23 @@ impl SegmentCursor {
         if offset + FRAME_HEADER_LEN as u64 > self.limit {
             return Ok(None);
         }
+        Ok(self
+            .frame_header_at(offset)?
+            .ok()
+            .filter(|h| offset + h.total_len() as u64 <= self.limit))
+    }
+
+    /// The frame header at `offset` as the file holds it, decoded.
+    fn frame_header_at(
+        &mut self,
+        offset: u64,
+    ) -> Result<Result<FrameHeader, HeaderStatus>, WalError> {
         let mut hdr = [0u8; FRAME_HEADER_LEN];
         let n = self
             .file
             .read_full_at(&mut hdr, offset)
             .map_err(|e| WalError::io("read frame header", &self.path, e))?;
-        Ok(decode_frame_header(self.salt, &hdr[..n])
-            .ok()
-            .filter(|h| offset + h.total_len() as u64 <= self.limit))
+        Ok(decode_frame_header(self.salt, &hdr[..n]))
     }
 
     /// Where the chain that the frame at `offset` belongs to ends: the first
@@ -357,12 +366,7 @@ impl SegmentCursor {
         if zeros >= self.limit {
             return Ok(false);
         }
-        let mut hdr = [0u8; FRAME_HEADER_LEN];
-        let n = self
-            .file
-            .read_full_at(&mut hdr, offset)
-            .map_err(|e| WalError::io("read frame header", &self.path, e))?;
-        Ok(match decode_frame_header(self.salt, &hdr[..n]) {
+        Ok(match self.frame_header_at(offset)? {
             Ok(h) => offset + h.total_len() as u64 > zeros.div_ceil(512) * 512,
             Err(_) => zeros < offset + FRAME_HEADER_LEN as u64,
         })
@@ -421,18 +425,10 @@ impl SegmentCursor {
     }
 
     fn frame_is_intact(&mut self, offset: u64) -> Result<bool, WalError> {
-        let mut hdr = [0u8; FRAME_HEADER_LEN];
-        let n = self
-            .file
-            .read_full_at(&mut hdr, offset)
-            .map_err(|e| WalError::io("read frame header", &self.path, e))?;
-        let Ok(header) = decode_frame_header(self.salt, &hdr[..n]) else {
+        let Some(header) = self.header_at(offset)? else {
             return Ok(false);
         };
         let total = header.total_len();
-        if offset + total as u64 > self.limit {
-            return Ok(false);
-        }
         let mut buf = vec![0u8; total];
         let n = self
             .file

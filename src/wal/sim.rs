@@ -186,22 +186,18 @@ impl SimWritable {
 impl WritableFile for SimWritable {
     fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut f = lock(&self.file);
-        if self.fail_next_append.swap(false, Ordering::SeqCst) {
-            let half = &buf[..buf.len() / 2];
-            let end = self.pos + half.len();
-            if f.written.len() < end {
-                f.written.resize(end, 0);
-            }
-            f.written[self.pos..end].copy_from_slice(half);
-            self.pos = end;
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-        }
+        let fail = self.fail_next_append.swap(false, Ordering::SeqCst);
+        // A failing append writes half of its bytes, as a disk that filled up.
+        let buf = if fail { &buf[..buf.len() / 2] } else { buf };
         let end = self.pos + buf.len();
         if f.written.len() < end {
             f.written.resize(end, 0);
         }
         f.written[self.pos..end].copy_from_slice(buf);
         self.pos = end;
+        if fail {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         Ok(())
     }
     fn reserve(&mut self, upto: u64) -> io::Result<()> {

@@ -26,7 +26,8 @@ use zstd::zstd_safe::{
 
 use crate::error::{CorruptReason, EncodeError};
 use crate::frame::{
-    checked_raw_len, write_header, Compression, FrameHeader, FrameSummary, FRAME_HEADER_LEN,
+    check_body_len, checked_raw_len, write_header, Compression, FrameHeader, FrameSummary,
+    FRAME_HEADER_LEN,
 };
 use crate::record::{encode_entry, split_entries, Record, RecordRef};
 
@@ -101,14 +102,11 @@ impl ChainEncoder {
             self.in_chain = 0;
             return Err(EncodeError::Compress(e));
         }
-        self.in_chain = if start {
-            raw_len
-        } else {
-            self.in_chain + raw_len
-        };
         let compression = if start {
+            self.in_chain = raw_len;
             Compression::ZstdChainStart
         } else {
+            self.in_chain += raw_len;
             Compression::ZstdChained
         };
         Ok(write_header(
@@ -201,12 +199,7 @@ impl ChainDecoder {
                 Err(CorruptReason::ChainBroken)
             }
             Compression::ZstdChainStart | Compression::ZstdChained => {
-                if body.len() != header.body_len as usize {
-                    return Err(CorruptReason::BodyLengthMismatch {
-                        expected: header.body_len,
-                        actual: body.len(),
-                    });
-                }
+                check_body_len(header, body)?;
                 let raw = self.decompress(header, body)?;
                 let records = split_entries(&raw.into(), header.first_seq, header.record_count)?;
                 self.live = Some(header.end_seq());
@@ -247,13 +240,6 @@ impl ChainDecoder {
             }
             output.pos()
         };
-        let more = |dctx: &mut DCtx<'_>, input: &mut InBuffer<'_>| {
-            let mut probe = [0u8; 1];
-            let mut output = OutBuffer::around(&mut probe[..]);
-            dctx.decompress_stream(&mut output, input)
-                .map(|_| output.pos() > 0)
-                .map_err(failed)
-        };
         if produced < raw_len {
             return Err(CorruptReason::RawLengthMismatch {
                 expected: header.raw_len,
@@ -262,7 +248,11 @@ impl ChainDecoder {
         }
         // The body must end at the stream's flush after exactly raw_len
         // bytes: nothing left unread, and nothing more to come out.
-        if input.pos() < body.len() || more(dctx, &mut input)? {
+        let mut probe = [0u8; 1];
+        let mut more = OutBuffer::around(&mut probe[..]);
+        dctx.decompress_stream(&mut more, &mut input)
+            .map_err(failed)?;
+        if input.pos() < body.len() || more.pos() > 0 {
             return Err(CorruptReason::Decompress(format!(
                 "the stream holds more than raw_len {raw_len} bytes"
             )));

@@ -468,12 +468,7 @@ fn over_limit(field: &'static str, len: u32, limit: usize) -> Result<(), Corrupt
 /// `ReservedNotZero`, `TrailingBytes` or `RecordCountMismatch` when the raw
 /// body is not exactly `record_count` well-formed entries.
 pub fn decode_records(header: &FrameHeader, body: &[u8]) -> Result<Vec<Record>, CorruptReason> {
-    if body.len() != header.body_len as usize {
-        return Err(CorruptReason::BodyLengthMismatch {
-            expected: header.body_len,
-            actual: body.len(),
-        });
-    }
+    check_body_len(header, body)?;
     let raw = match header.compression {
         Compression::None => Bytes::copy_from_slice(body),
         Compression::Zstd => Bytes::from(decompress(body, header.raw_len)?),
@@ -488,6 +483,18 @@ pub fn decode_records(header: &FrameHeader, body: &[u8]) -> Result<Vec<Record>, 
         });
     }
     split_entries(&raw, header.first_seq, header.record_count)
+}
+
+/// `body` is the `body_len` bytes its header declares (a caller's slice,
+/// not damage on disk, when it is not).
+pub(crate) fn check_body_len(header: &FrameHeader, body: &[u8]) -> Result<(), CorruptReason> {
+    if body.len() != header.body_len as usize {
+        return Err(CorruptReason::BodyLengthMismatch {
+            expected: header.body_len,
+            actual: body.len(),
+        });
+    }
+    Ok(())
 }
 
 /// Decompresses a body that must be exactly one zstd frame producing exactly
