@@ -23,7 +23,9 @@
 //!   record, so that a frame's compressed bytes end where its record does
 //!   and a reader that has decoded the chain's earlier frames can decode it;
 //!   a chain restarts after `cap` raw bytes, which bounds what damage to one
-//!   frame costs (the frames after it in its chain cannot be decoded);
+//!   frame costs (the frames after it in its chain cannot be decoded); and
+//!   the snappy bodies' chains at levels 2 to 9, through which the writer
+//!   climbs under a light load;
 //! - **repacked**: decoded records in frames of 4 MiB at level 6 (what
 //!   `Wal::repack` writes), for reference.
 //!
@@ -225,6 +227,18 @@ fn report(path: &str, recs: &[Rec], frame_bytes: usize) -> std::io::Result<()> {
                 );
             }
         }
+    }
+    // The writer's chains climb from level 1 to 6 under a light load
+    // (`src/wal/chain_level.rs`): what each level costs and saves.
+    for level in [2, 4, 5, 6, 7, 9] {
+        let t = Instant::now();
+        let bytes = chained(recs, Form::Snappy, level, 4 << 20)?;
+        row(
+            &format!("chained, snappy body, zstd {level}, 2 MiB window, 4 MiB chains"),
+            bytes,
+            t.elapsed(),
+            samples,
+        );
     }
     let t = Instant::now();
     let mut bytes = 0;

@@ -73,6 +73,20 @@ impl ChainEncoder {
         self.in_chain = 0;
     }
 
+    /// The zstd level of the chain being written.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Compresses at `level` from the next frame on, which starts a new
+    /// chain if the level changes (a stream has one level).
+    pub fn set_level(&mut self, level: i32) {
+        if level != self.level {
+            self.level = level;
+            self.in_chain = 0;
+        }
+    }
+
     /// Encodes one frame of `records` (sequence numbers from `first_seq`)
     /// for the segment whose first sequence is `salt` and appends it to
     /// `out`: the next frame of the current chain, or the first of a new
@@ -127,8 +141,6 @@ impl ChainEncoder {
             Some(c) => c,
             None => {
                 let mut c = CCtx::create();
-                c.set_parameter(CParameter::CompressionLevel(self.level))
-                    .map_err(zstd_error)?;
                 c.set_parameter(CParameter::WindowLog(CHAIN_WINDOW_LOG))
                     .map_err(zstd_error)?;
                 self.cctx.insert(c)
@@ -136,6 +148,11 @@ impl ChainEncoder {
         };
         if start {
             cctx.reset(ResetDirective::SessionOnly)
+                .map_err(zstd_error)?;
+            // A level set on a stream that began applies from the next
+            // one; the window set above sticks (zstd keeps parameters set
+            // by hand when the level changes).
+            cctx.set_parameter(CParameter::CompressionLevel(self.level))
                 .map_err(zstd_error)?;
         }
         let mut input = InBuffer::around(&self.raw);

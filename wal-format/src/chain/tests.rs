@@ -157,6 +157,30 @@ fn a_chain_ends_at_its_cap_and_at_a_restart() {
     assert_eq!(parts(&again[0]).0.compression, S);
 }
 
+#[test]
+fn a_level_change_starts_a_chain_and_keeps_the_window() {
+    let mut enc = ChainEncoder::new(1, 1 << 20);
+    let (first, _) = chain_of(&mut enc, 2);
+    enc.set_level(1);
+    let (same, _) = chain_of(&mut enc, 1);
+    use Compression::{ZstdChainStart as S, ZstdChained as C};
+    assert_eq!(parts(&same[0]).0.compression, C, "the same level goes on");
+    // Level 19 alone would open an 8 MiB window on a stream of unknown
+    // size, which a reader refuses (CHAIN_WINDOW_LOG).
+    enc.set_level(19);
+    assert_eq!(enc.level(), 19);
+    let (high, payloads) = chain_of(&mut enc, 3);
+    assert_eq!(parts(&high[0]).0.compression, S);
+    let mut dec = ChainDecoder::new();
+    for (i, f) in high.iter().enumerate() {
+        let (h, b) = parts(f);
+        let records = dec.decode(&h, b).unwrap();
+        assert_eq!(&records[0].payload[..], &payloads[i][..]);
+    }
+    let (h, b) = parts(&first[0]);
+    ChainDecoder::new().decode(&h, b).unwrap();
+}
+
 fn frame_raw_len() -> usize {
     crate::record_entry_len(payload(0).len())
 }
