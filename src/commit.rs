@@ -211,6 +211,8 @@ fn commit_loop(
 ) -> WalWriter {
     let mut batch: Vec<Append> = Vec::new();
     let mut stopping = false;
+    let mut level = writer.zstd_level();
+    metrics::gauge!("walrelay_wal_zstd_level").set(f64::from(level));
     while !stopping {
         let Some(first) = rx.blocking_recv() else {
             break;
@@ -237,6 +239,10 @@ fn commit_loop(
             continue;
         }
         let result = commit_batch(&mut writer, &wal, &retention, budget, &batch, bytes);
+        if writer.zstd_level() != level {
+            level = writer.zstd_level();
+            metrics::gauge!("walrelay_wal_zstd_level").set(f64::from(level));
+        }
         if writer.failed().is_some() {
             failed.store(true, Ordering::Relaxed);
             metrics::gauge!("walrelay_wal_writer_failed").set(1.0);

@@ -218,9 +218,16 @@ pub struct ServeArgs {
     /// Compression of log frames: zstd or none. [default: zstd]
     #[arg(long, env = "WALRELAY_COMPRESSION")]
     pub compression: Option<String>,
-    /// zstd level for log frames (1 is fast and already pays). [default: 1]
+    /// zstd level for log frames under load (1 is fast and already pays).
+    /// [default: 1]
     #[arg(long, env = "WALRELAY_ZSTD_LEVEL")]
     pub zstd_level: Option<i32>,
+    /// Highest zstd level for log frames: the writer climbs from
+    /// --zstd-level towards it while compressing takes under 0.5% of a
+    /// core (a light load), and drops back when it takes more; at or below
+    /// --zstd-level, one level always. [default: 6]
+    #[arg(long, env = "WALRELAY_ZSTD_MAX_LEVEL")]
+    pub zstd_max_level: Option<i32>,
     /// A segment holding records is sealed at the first write after it has
     /// been the active one this long, so that it can be repacked (0s: only
     /// by size). [default: 5m]
@@ -336,6 +343,7 @@ struct FileConfig {
     segment_bytes: Option<toml::Value>,
     compression: Option<String>,
     zstd_level: Option<i32>,
+    zstd_max_level: Option<i32>,
     segment_max_age: Option<String>,
     repack_zstd_level: Option<i32>,
     max_samples_per_send: Option<u64>,
@@ -445,6 +453,8 @@ pub struct ServeConfig {
     pub segment_bytes: u64,
     pub compression: Compression,
     pub zstd_level: i32,
+    /// At or below `zstd_level`: one level.
+    pub zstd_max_level: i32,
     /// None: segments are sealed by size only.
     pub segment_max_age: Option<Duration>,
     /// 0: no repacking.
@@ -878,6 +888,7 @@ impl ServeArgs {
             segment_bytes,
             compression: self.compression(f)?,
             zstd_level: pick(self.zstd_level, f.zstd_level, 1),
+            zstd_max_level: self.zstd_max_level(f)?,
             segment_max_age: Some(merged_duration(
                 "segment-max-age",
                 &self.segment_max_age,
@@ -1104,6 +1115,18 @@ impl ServeArgs {
         Ok(level)
     }
 
+    /// The highest level of the log's chains: 1 to 19, as a repack's.
+    fn zstd_max_level(&self, file: &FileConfig) -> Result<i32, ConfigError> {
+        let level = pick(self.zstd_max_level, file.zstd_max_level, 6);
+        if !(1..=19).contains(&level) {
+            return Err(invalid(
+                "zstd-max-level",
+                format!("{level} (expected 1 to 19; at or below --zstd-level for one level)"),
+            ));
+        }
+        Ok(level)
+    }
+
     /// Whether logs are JSON lines (else text).
     fn log_json(&self, file: &FileConfig) -> Result<bool, ConfigError> {
         match self
@@ -1315,6 +1338,25 @@ mod tests {
         .unwrap();
         assert_eq!(c.batch_linger, Duration::from_secs(1));
         assert!(resolve_file("batch_linger = \"soon\"\n").is_err());
+    }
+
+    #[test]
+    fn frames_are_written_at_levels_1_to_6_unless_told_otherwise() {
+        let c = resolve_file("").unwrap();
+        assert_eq!((c.zstd_level, c.zstd_max_level), (1, 6));
+        let c = resolve_file("zstd_level = 3\nzstd_max_level = 3\n").unwrap();
+        assert_eq!((c.zstd_level, c.zstd_max_level), (3, 3));
+        let c = ServeArgs {
+            zstd_max_level: Some(9),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.zstd_max_level, 9);
+        for bad in ["zstd_max_level = 0\n", "zstd_max_level = 20\n"] {
+            let e = resolve_file(bad).unwrap_err().to_string();
+            assert!(e.contains("zstd-max-level"), "{e}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ fn options() -> WalOptions {
         segment_bytes: 256 << 10,
         compression: Compression::Zstd,
         zstd_level: 1,
+        zstd_max_level: 6,
         max_frame_bytes: 64 << 10,
         initial_seq: 0,
         segment_max_age: None,

@@ -132,6 +132,7 @@ pub async fn run(
         segment_bytes,
         compression: config.compression,
         zstd_level: config.zstd_level,
+        zstd_max_level: config.zstd_max_level,
         segment_max_age: config.segment_max_age,
         ..WalOptions::default()
     };

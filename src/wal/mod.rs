@@ -25,6 +25,7 @@
 //!   larger frames at a higher zstd level ([`repack`]), for the replicas
 //!   that are behind: the log of an outage takes a fraction of the disk.
 
+pub mod chain_level;
 pub mod env;
 pub mod message;
 pub mod reader;
@@ -143,8 +144,12 @@ pub struct WalOptions {
     pub segment_bytes: u64,
     /// Compression of frame bodies.
     pub compression: Compression,
-    /// zstd level when compressing.
+    /// zstd level when compressing: under load, and always for frames
+    /// that are not chained.
     pub zstd_level: i32,
+    /// The highest level a chain is compressed at while the load leaves
+    /// room for it ([`chain_level`]); at or below `zstd_level`, one level.
+    pub zstd_max_level: i32,
     /// A batch is split into frames of at most about this many raw bytes, so
     /// one damaged frame costs a bounded number of records.
     pub max_frame_bytes: usize,
@@ -163,6 +168,7 @@ impl Default for WalOptions {
             segment_bytes: 128 << 20,
             compression: Compression::Zstd,
             zstd_level: 1,
+            zstd_max_level: 6,
             max_frame_bytes: 4 << 20,
             initial_seq: 0,
             segment_max_age: None,

@@ -22,6 +22,7 @@ fn small_options(compression: Compression) -> WalOptions {
         segment_bytes: 4096,
         compression,
         zstd_level: 1,
+        zstd_max_level: 1,
         max_frame_bytes: 1024,
         initial_seq: 0,
         segment_max_age: None,
@@ -1358,6 +1359,41 @@ fn a_damaged_frame_of_a_chain_costs_the_rest_of_its_chain_and_no_more() {
     for pos in 0..=wal.durable_end() {
         check_reader_from(&wal, &model, pos, lost.clone());
     }
+}
+
+#[test]
+fn a_new_level_starts_a_chain_and_every_reader_reads_across_the_change() {
+    let storage = SimStorage::new();
+    let (mut w, _, _) = open_sim(&storage, small_options(Compression::Zstd));
+    let mut model = Vec::new();
+    // The level changes at appends 4, 8 and 12: each starts a chain.
+    for (i, level) in [1, 1, 1, 1, 6, 6, 6, 6, 19, 19, 19, 19, 3, 3]
+        .into_iter()
+        .enumerate()
+    {
+        w.pin_zstd_level(level);
+        let p = payload(i as u64, 60);
+        append(&mut w, std::slice::from_ref(&p));
+        model.push(p);
+        w.sync().unwrap();
+        assert_eq!(w.zstd_level(), level);
+    }
+    drop(w);
+    let (mut w, wal, report) = open_sim(&storage, small_options(Compression::Zstd));
+    assert!(
+        report.damage.is_empty() && report.truncated.is_none(),
+        "{report:?}"
+    );
+    let segs = wal.segments();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let starts: Vec<u64> = frame_kinds(&storage, &segs[0])
+        .iter()
+        .filter(|k| k.3 == Compression::ZstdChainStart)
+        .map(|k| k.1)
+        .collect();
+    assert_eq!(starts, [0, 4, 8, 12]);
+    let model = with_newer_records(&mut w, model);
+    every_reader_reads_the_model(&wal, &model);
 }
 
 #[test]

@@ -36,6 +36,7 @@ use std::time::Instant;
 
 use wal_format::{encode_frame, ChainEncoder, Compression, RecordRef, FORMAT_VERSION};
 
+use super::chain_level::ChainLevel;
 use super::env::WritableFile;
 use super::segment::{create_segment, Active};
 use super::{Durable, SegmentMeta, Shared, WalError, WalOptions};
@@ -117,6 +118,8 @@ pub struct WalWriter {
     /// bounds what damage to one frame costs, as the frame limit does for
     /// a frame.
     chain: ChainEncoder,
+    /// The chains' level, from the time spent compressing them.
+    level: ChainLevel,
 }
 
 struct ActiveFile {
@@ -187,8 +190,21 @@ impl WalWriter {
             buf: Vec::new(),
             staged: Vec::new(),
             chain: ChainEncoder::new(options.zstd_level, options.max_frame_bytes),
+            level: ChainLevel::new(options.zstd_level, options.zstd_max_level),
             options,
         })
+    }
+
+    /// The zstd level of the chain being written (see [`ChainLevel`]).
+    pub fn zstd_level(&self) -> i32 {
+        self.chain.level()
+    }
+
+    /// Compresses at `level` from the next append on, whatever the load.
+    #[cfg(test)]
+    pub(super) fn pin_zstd_level(&mut self, level: i32) {
+        self.level = ChainLevel::new(level, level);
+        self.chain.set_level(level);
     }
 
     /// The sequence number the next appended record will get.
@@ -252,10 +268,11 @@ impl WalWriter {
                 cause: "no active segment".into(),
             });
         };
-        let chain = (self.options.compression == Compression::Zstd).then_some(&mut self.chain);
+        let chained = self.options.compression == Compression::Zstd;
+        let started = Instant::now();
         if let Err(e) = encode_frames(
             &self.options,
-            chain,
+            chained.then_some(&mut self.chain),
             active.first_seq,
             first,
             records,
@@ -265,6 +282,11 @@ impl WalWriter {
             // in the chain's stream, and will not be on the disk.
             self.chain.restart();
             return Err(e);
+        }
+        if chained {
+            let now = Instant::now();
+            let level = self.level.record(now.duration_since(started), now);
+            self.chain.set_level(level);
         }
         let end = active.len + self.buf.len() as u64;
         if let Err(e) = active.file.append(&self.buf) {
