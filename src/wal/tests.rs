@@ -385,6 +385,31 @@ fn a_small_segment_reserves_no_more_zeros_than_it_holds_from_16_kib() {
 }
 
 #[test]
+fn a_reservation_is_about_a_second_of_appends() {
+    use super::writer::AppendRate;
+    use std::time::Duration;
+    let t = std::time::Instant::now();
+    let mut rate = AppendRate::new(t);
+    // A real Prometheus: a 2 KB frame every 2.4 s.
+    let mut last = 0;
+    for i in 1..=20u32 {
+        last = rate.note(2000, t + Duration::from_millis(2400) * i);
+    }
+    assert!(last <= 3000, "{last} bytes a second");
+    // Group commits of 1.7 KB every half millisecond from then on: past
+    // 256 KiB within 100 ms.
+    let t = t + Duration::from_secs(50);
+    for i in 1..=200u32 {
+        last = rate.note(1700, t + Duration::from_micros(500) * i);
+    }
+    assert!(last >= 256 << 10, "{last} bytes a second");
+    // A quiet spell after it: the next window says so.
+    let t = t + Duration::from_secs(1);
+    rate.note(2000, t + Duration::from_secs(30));
+    assert!(rate.note(2000, t + Duration::from_secs(33)) <= 30_000);
+}
+
+#[test]
 fn a_failed_reservation_is_cut_off_and_appends_go_on() {
     let storage = SimStorage::new();
     let (mut w, wal, _) = open_sim(&storage, small_options(Compression::None));
