@@ -340,7 +340,7 @@ fn describe() {
     );
     describe_gauge!(
         "walrelay_wal_zstd_level",
-        "zstd level of the log's frames being written: --zstd-level under load, up to --zstd-max-level while compressing takes under 0.5% of a core."
+        "zstd level of the log's frames being written: --zstd-level under load, up to --zstd-max-level while compressing takes under 0.5% of a core (0: --compression none)."
     );
     describe_counter!(
         "walrelay_wal_append_errors_total",

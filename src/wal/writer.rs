@@ -241,9 +241,13 @@ impl WalWriter {
         })
     }
 
-    /// The zstd level of the chain being written (see [`ChainLevel`]).
+    /// The zstd level of the chain being written (see [`ChainLevel`]); 0
+    /// when frames are not compressed.
     pub fn zstd_level(&self) -> i32 {
-        self.chain.level()
+        match self.options.compression {
+            Compression::Zstd => self.chain.level(),
+            _ => 0,
+        }
     }
 
     /// Compresses at `level` from the next append on, whatever the load.
