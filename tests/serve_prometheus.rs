@@ -93,3 +93,61 @@ async fn a_replica_killed_mid_load_gets_everything_after_its_restart() {
         v.assert_lossless();
     }
 }
+
+/// Under a light load the writer climbs to a higher zstd level (a new
+/// chain in the middle of a segment); what it wrote at both levels reads
+/// back from disk, and the replica holds every acknowledged sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_light_load_is_compressed_at_a_higher_level_and_every_sample_arrives() {
+    let a = Prometheus::start(PrometheusOpts::server()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = relay(dir.path(), &[("a", &a.write_url())], &[]).await;
+    assert_eq!(
+        r.metric_sum("walrelay_wal_zstd_level", &[]).await.unwrap(),
+        1.0
+    );
+    // Two small requests a second: far under the compression budget.
+    let light = LoadSpec {
+        duration: None,
+        interval: Duration::from_millis(500),
+        ..spec(1, 50, 0)
+    };
+    let load = Load::start(light, &r.write_url()).unwrap();
+    // The level is decided 10 s after the first frame, and then at every
+    // frame 10 s after the last decision: wait for it, not for a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let level = r.metric_sum("walrelay_wal_zstd_level", &[]).await.unwrap();
+        if level > 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still at level {level} after 120 s of a light load"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // More requests at the new level, in the same segment.
+    let acked = load.progress().acked_requests;
+    load.wait_acked_requests(acked + 4, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let ack = load.stop().await.unwrap();
+    wait_caught_up(&r, Duration::from_secs(60)).await.unwrap();
+    let v = verify(&a, &ack).await.unwrap();
+    eprintln!("{v}");
+    v.assert_lossless();
+    assert_eq!(v.delivered, v.acknowledged);
+    r.stop(Duration::from_secs(10)).await.unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["wal", "verify", "--data-dir"])
+        .arg(r.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wal verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
