@@ -366,7 +366,7 @@ impl<'a> FastLabels<'a> {
             || (limits.max_label_value_len != 0 && value.len() > limits.max_label_value_len)
             || !utf8(name)
             || !utf8(value)
-            || (self.count > 0 && name <= self.previous)
+            || (self.count > 0 && !after(name, self.previous))
         {
             return None;
         }
@@ -383,6 +383,19 @@ impl<'a> FastLabels<'a> {
         let too_many =
             limits.max_labels_per_series != 0 && self.count > limits.max_labels_per_series;
         (self.count > 0 && !too_many && self.has_name).then_some(())
+    }
+}
+
+/// Whether `name` sorts strictly after `previous` (as bytes). Sorted label
+/// names nearly always differ in their first byte, which decides it
+/// without the call to `memcmp` that comparing slices makes: that call,
+/// for names of a few bytes, was 6.7 % of the relay's CPU under 64 senders
+/// of 100 series (`benches/README.md`).
+#[inline]
+fn after(name: &[u8], previous: &[u8]) -> bool {
+    match (name.first(), previous.first()) {
+        (Some(a), Some(b)) if a != b => a > b,
+        _ => name > previous,
     }
 }
 
@@ -501,6 +514,26 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn after_is_the_order_of_byte_slices() {
+        let names: [&[u8]; 9] = [
+            b"",
+            b"a",
+            b"ab",
+            b"b",
+            b"ba",
+            b"__name__",
+            b"job",
+            b"\xff",
+            b"a\0",
+        ];
+        for x in names {
+            for y in names {
+                assert_eq!(after(x, y), x > y, "{x:?} after {y:?}");
+            }
+        }
+    }
 
     #[test]
     fn fast_path_takes_plain_requests_only() {
