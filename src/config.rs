@@ -90,6 +90,21 @@ impl ConfigError {
     }
 }
 
+/// `level` if it is from `lowest` to 19 (levels 20 and up need far more
+/// memory, for little more), else `setting`'s error saying what is.
+fn level_within(
+    setting: &'static str,
+    level: i32,
+    lowest: i32,
+    expected: &str,
+) -> Result<i32, ConfigError> {
+    if (lowest..=19).contains(&level) {
+        Ok(level)
+    } else {
+        Err(invalid(setting, format!("{level} (expected {expected})")))
+    }
+}
+
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         setting,
@@ -1105,26 +1120,22 @@ impl ServeArgs {
     /// The repack level: 0 (off) or a zstd level from 1 to 19 (20 and up
     /// need far more memory, for little more).
     fn repack_zstd_level(&self, file: &FileConfig) -> Result<i32, ConfigError> {
-        let level = pick(self.repack_zstd_level, file.repack_zstd_level, 6);
-        if !(0..=19).contains(&level) {
-            return Err(invalid(
-                "repack-zstd-level",
-                format!("{level} (expected 0 to turn repacking off, or 1 to 19)"),
-            ));
-        }
-        Ok(level)
+        level_within(
+            "repack-zstd-level",
+            pick(self.repack_zstd_level, file.repack_zstd_level, 6),
+            0,
+            "0 to turn repacking off, or 1 to 19",
+        )
     }
 
     /// The highest level of the log's chains: 1 to 19, as a repack's.
     fn zstd_max_level(&self, file: &FileConfig) -> Result<i32, ConfigError> {
-        let level = pick(self.zstd_max_level, file.zstd_max_level, 6);
-        if !(1..=19).contains(&level) {
-            return Err(invalid(
-                "zstd-max-level",
-                format!("{level} (expected 1 to 19; at or below --zstd-level for one level)"),
-            ));
-        }
-        Ok(level)
+        level_within(
+            "zstd-max-level",
+            pick(self.zstd_max_level, file.zstd_max_level, 6),
+            1,
+            "1 to 19; at or below --zstd-level for one level",
+        )
     }
 
     /// Whether logs are JSON lines (else text).

@@ -115,18 +115,15 @@ async fn a_light_load_is_compressed_at_a_higher_level_and_every_sample_arrives()
     let load = Load::start(light, &r.write_url()).unwrap();
     // The level is decided 10 s after the first frame, and then at every
     // frame 10 s after the last decision: wait for it, not for a moment.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let level = r.metric_sum("walrelay_wal_zstd_level", &[]).await.unwrap();
-        if level > 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still at level {level} after 120 s of a light load"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    r.wait_metric_until(
+        "walrelay_wal_zstd_level",
+        &[],
+        "above 1",
+        |level| level > 1.0,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
     // More requests at the new level, in the same segment.
     let acked = load.progress().acked_requests;
     load.wait_acked_requests(acked + 4, Duration::from_secs(60))
@@ -139,15 +136,5 @@ async fn a_light_load_is_compressed_at_a_higher_level_and_every_sample_arrives()
     v.assert_lossless();
     assert_eq!(v.delivered, v.acknowledged);
     r.stop(Duration::from_secs(10)).await.unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["wal", "verify", "--data-dir"])
-        .arg(r.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "wal verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    r.verify_log().unwrap();
 }

@@ -299,10 +299,27 @@ impl Relay {
         want: f64,
         timeout: Duration,
     ) -> Result<()> {
+        self.wait_metric_until(name, labels, &format!("{want}"), |v| v == want, timeout)
+            .await
+    }
+
+    /// Waits until [`Self::metric_sum`] of `name` with `labels` satisfies
+    /// `ok` (described as `want` in the error), as [`Self::wait_metric`].
+    ///
+    /// # Errors
+    /// Not so within `timeout`: the last value and the relay's log tail.
+    pub async fn wait_metric_until(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: &str,
+        ok: impl Fn(f64) -> bool,
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let got = self.metric_sum(name, labels).await;
-            if got.as_ref().is_ok_and(|&v| v == want) {
+            if got.as_ref().is_ok_and(|&v| ok(v)) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -313,6 +330,26 @@ impl Relay {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs `walrelay wal verify` on the data directory (the relay stopped
+    /// first: it reads every record from disk).
+    ///
+    /// # Errors
+    /// The command failed to run or found damage: its output.
+    pub fn verify_log(&self) -> Result<()> {
+        let out = std::process::Command::new(&self.bin)
+            .args(["wal", "verify", "--data-dir"])
+            .arg(&self.data_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "wal verify: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// SIGKILL and reap (the data directory stays).

@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use chaos_tests::relay::walrelay_bin;
 use chaos_tests::scenario::{self, scaled};
 use chaos_tests::{verify, AckLog, Load, LoadSpec, Prometheus, PrometheusOpts, Relay, RetryPolicy};
 
@@ -116,17 +115,7 @@ async fn segments_repacked_during_an_outage_lose_nothing_across_sigkills() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
     // Every segment, repacked or not, reads whole.
-    let out = std::process::Command::new(walrelay_bin().unwrap())
-        .args(["wal", "verify", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "wal verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    relay.verify_log().unwrap();
     relay.restart().await.unwrap();
 
     // The replica comes back and must get everything, from the repacked

@@ -210,31 +210,26 @@ fn report(path: &str, recs: &[Rec], frame_bytes: usize) -> std::io::Result<()> {
             ""
         );
     }
+    let mut cases = Vec::new();
     for form in [Form::Snappy, Form::Decoded] {
         for level in [1, 3] {
             for cap in [4usize << 20, 16 << 20] {
-                let t = Instant::now();
-                let bytes = chained(recs, form, level, cap)?;
-                row(
-                    &format!(
-                        "chained, {}, zstd {level}, 2 MiB window, {} MiB chains",
-                        form.name(),
-                        cap >> 20
-                    ),
-                    bytes,
-                    t.elapsed(),
-                    samples,
-                );
+                cases.push((form, level, cap));
             }
         }
     }
     // The writer's chains climb from level 1 to 6 under a light load
     // (`src/wal/chain_level.rs`): what each level costs and saves.
-    for level in [2, 4, 5, 6, 7, 9] {
+    cases.extend([2, 4, 5, 6, 7, 9].map(|level| (Form::Snappy, level, 4 << 20)));
+    for (form, level, cap) in cases {
         let t = Instant::now();
-        let bytes = chained(recs, Form::Snappy, level, 4 << 20)?;
+        let bytes = chained(recs, form, level, cap)?;
         row(
-            &format!("chained, snappy body, zstd {level}, 2 MiB window, 4 MiB chains"),
+            &format!(
+                "chained, {}, zstd {level}, 2 MiB window, {} MiB chains",
+                form.name(),
+                cap >> 20
+            ),
             bytes,
             t.elapsed(),
             samples,
