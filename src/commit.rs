@@ -176,8 +176,13 @@ struct Append {
     /// connection's read buffer, which the cache would otherwise keep
     /// whole).
     received: bool,
+    /// Dropped before the answer (see [`Committer::append_holding`]).
+    held: Held,
     reply: oneshot::Sender<Result<u64, CommitError>>,
 }
+
+/// What must live as long as a record waits for its commit.
+pub type Held = Box<dyn Send>;
 
 /// The handle request handlers use.
 #[derive(Clone)]
@@ -219,7 +224,8 @@ impl Committer {
     /// # Errors
     /// See [`CommitError`]; in every case nothing was acknowledged.
     pub async fn append(&self, meta: RecordMeta, payload: Bytes) -> Result<u64, CommitError> {
-        self.send(meta, payload, false).await
+        self.append_holding(meta, payload, false, Box::new(()))
+            .await
     }
 
     /// [`Self::append`] of a request body as its sender sent it (a 1.0
@@ -230,14 +236,25 @@ impl Committer {
     /// # Errors
     /// As [`Self::append`].
     pub async fn append_received(&self, meta: RecordMeta, body: Bytes) -> Result<u64, CommitError> {
-        self.send(meta, body, true).await
+        self.append_holding(meta, body, true, Box::new(())).await
     }
 
-    async fn send(
+    /// [`Self::append_received`] when `received`, else [`Self::append`],
+    /// of a record that comes with `held`: what must live as long as the
+    /// record is the request's (ingest's memory reservation). The commit
+    /// thread drops it once the record is stored or refused, before it
+    /// answers. A caller that goes away meanwhile (its client gone) does not
+    /// drop it early: the memory of a record waiting in the queue stays
+    /// counted without a task of its own for every request.
+    ///
+    /// # Errors
+    /// As [`Self::append`].
+    pub async fn append_holding(
         &self,
         meta: RecordMeta,
         payload: Bytes,
         received: bool,
+        held: Held,
     ) -> Result<u64, CommitError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -245,6 +262,7 @@ impl Committer {
                 meta,
                 payload,
                 received,
+                held,
                 reply,
             }))
             .map_err(|_| CommitError::ShuttingDown)?;
@@ -321,6 +339,7 @@ fn commit_loop(
         match result {
             Ok(first_seq) => {
                 for (i, a) in batch.drain(..).enumerate() {
+                    drop(a.held);
                     let _ = a.reply.send(Ok(first_seq + i as u64));
                 }
             }
@@ -328,6 +347,7 @@ fn commit_loop(
                 metrics::counter!("walrelay_wal_append_errors_total", "reason" => e.as_error_code())
                     .increment(1);
                 for a in batch.drain(..) {
+                    drop(a.held);
                     let _ = a.reply.send(Err(e.clone()));
                 }
             }
@@ -416,12 +436,13 @@ fn commit_batch(
             (a.meta.clone(), payload)
         }),
     );
-    metrics::histogram!("walrelay_wal_append_duration_seconds").record(t.elapsed().as_secs_f64());
+    let hot = crate::metrics::hot();
+    hot.wal_append_duration.record(t.elapsed().as_secs_f64());
     let t = Instant::now();
     writer.sync()?;
-    metrics::histogram!("walrelay_wal_fsync_duration_seconds").record(t.elapsed().as_secs_f64());
-    metrics::histogram!("walrelay_wal_group_commit_requests").record(batch.len() as f64);
-    metrics::counter!("walrelay_wal_appended_bytes_total").increment(bytes as u64);
+    hot.wal_fsync_duration.record(t.elapsed().as_secs_f64());
+    hot.wal_group_commit_requests.record(batch.len() as f64);
+    hot.wal_appended_bytes.increment(bytes as u64);
     Ok(range.start)
 }
 
@@ -530,6 +551,72 @@ mod tests {
         }
         assert_eq!(read, 64);
         drop(wal);
+    }
+
+    /// Sets its flag when dropped.
+    struct Guard(Arc<AtomicBool>);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn guard() -> (Held, Arc<AtomicBool>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        (Box::new(Guard(Arc::clone(&dropped))), dropped)
+    }
+
+    #[tokio::test]
+    async fn what_an_append_holds_is_dropped_before_its_answer_and_not_with_a_caller_gone() {
+        let storage = SimStorage::new();
+        let (committer, wal) = start(&storage, NO_BUDGET);
+        // Stored: released before the answer (ingest's 204 finds the
+        // request's memory given back).
+        let (held, dropped) = guard();
+        committer
+            .append_holding(meta(), Bytes::from_static(b"a"), false, held)
+            .await
+            .unwrap();
+        assert!(dropped.load(Ordering::SeqCst));
+        // Refused: likewise.
+        storage.fail_next_sync();
+        let (held, dropped) = guard();
+        let refused = committer
+            .append_holding(meta(), Bytes::from_static(b"b"), true, held)
+            .await;
+        assert!(refused.is_err());
+        assert!(dropped.load(Ordering::SeqCst));
+        drop((committer, wal));
+
+        // A caller that goes away once its record is queued: the record is
+        // still stored, and what it held goes with it, not with the caller.
+        let storage = SimStorage::new();
+        let (committer, wal) = start(&storage, NO_BUDGET);
+        let (held, dropped) = guard();
+        {
+            let append = committer.append_holding(meta(), Bytes::from_static(b"c"), false, held);
+            let mut append = std::pin::pin!(append);
+            // The first poll queues the record; the caller then goes.
+            let _ = futures_util::FutureExt::now_or_never(append.as_mut());
+        }
+        // The commit thread answers in order: the next append's answer
+        // means the queued one was stored before it.
+        assert_eq!(
+            committer
+                .append(meta(), Bytes::from_static(b"d"))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(dropped.load(Ordering::SeqCst));
+        let mut reader = wal.reader(0);
+        let mut read = 0;
+        while let Some(item) = reader.try_next().unwrap() {
+            assert!(matches!(item, ReadItem::Record(_)));
+            read += 1;
+        }
+        assert_eq!(read, 2, "the record of the caller that went away is stored");
     }
 
     #[tokio::test]

@@ -94,12 +94,16 @@ impl Ingest {
     pub async fn handle(&self, req: Request<Incoming>) -> HttpResponse {
         let started = Instant::now();
         let (resp, samples) = self.handle_inner(req).await;
-        let status = resp.status().as_u16().to_string();
-        metrics::counter!("walrelay_ingest_requests_total", "status" => status).increment(1);
-        metrics::histogram!("walrelay_ingest_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let hot = crate::metrics::hot();
+        if resp.status() == StatusCode::NO_CONTENT {
+            hot.ingest_stored.increment(1);
+        } else {
+            let status = resp.status().as_u16().to_string();
+            metrics::counter!("walrelay_ingest_requests_total", "status" => status).increment(1);
+        }
+        hot.ingest_duration.record(started.elapsed().as_secs_f64());
         if resp.status().is_success() {
-            metrics::counter!("walrelay_ingest_samples_total").increment(samples);
+            hot.ingest_samples.increment(samples);
         }
         resp
     }
@@ -161,31 +165,23 @@ impl Ingest {
             Ok(b) => b,
             Err(r) => return (r, 0),
         };
-        metrics::counter!("walrelay_ingest_bytes_total").increment(received.body.len() as u64);
-        // The rest runs in a task of its own, which owns the reservation: a
-        // client that goes away drops this handler, but not the decoding or
-        // the append already under way, whose memory stays counted until
-        // they are done.
+        crate::metrics::hot()
+            .ingest_bytes
+            .increment(received.body.len() as u64);
+        // Not a task of its own: the reservation goes with the work that
+        // holds the memory (to the blocking pool and back, then to the
+        // commit thread), so a client that goes away drops this handler
+        // without releasing the memory of a decoding or an append still
+        // under way. A spawn per request cost a task and the wake of an
+        // idle worker to steal it (issue 19).
         let job = Job {
             received,
             protocol,
             limits: self.limits,
-            committer: self.committer.clone(),
-            pool: Arc::clone(&self.pool),
+            committer: &self.committer,
+            pool: &self.pool,
         };
-        match tokio::spawn(job.run()).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                tracing::error!(error = %e, "a write request's processing failed unexpectedly");
-                (
-                    text(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal error while processing the request; nothing was stored",
-                    ),
-                    0,
-                )
-            }
-        }
+        job.run().await
     }
 
     /// The 401 for a request without the credentials ingest asks for, with
@@ -360,17 +356,16 @@ impl Ingest {
     }
 }
 
-/// A request's work after its body is read, in a task that owns its memory
-/// reservation.
-struct Job {
+/// A request's work after its body is read.
+struct Job<'a> {
     received: Received,
     protocol: Protocol,
     limits: Limits,
-    committer: Committer,
-    pool: Arc<DecodePool>,
+    committer: &'a Committer,
+    pool: &'a DecodePool,
 }
 
-impl Job {
+impl Job<'_> {
     async fn run(self) -> (HttpResponse, u64) {
         let Job {
             received,
@@ -382,27 +377,30 @@ impl Job {
         let Received {
             body,
             declared,
-            reservation: _reservation,
+            reservation,
         } = received;
         let size = declared.unwrap_or(body.len());
         // A 1.0 body is kept until the commit, which stores it as it is
         // (below); its reservation covers it until then.
         let wire = (protocol == Protocol::V1).then(|| body.clone());
         let checked = pool
-            .run(size, move || -> Result<_, DecodeError> {
-                let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
-                drop(body);
-                let limits = Limits {
-                    max_translated_bytes: translation_limit(&limits, decoded.len()),
-                    ..limits
-                };
-                let summary = decode::validate(protocol, &decoded, &limits)?;
-                Ok((decoded, summary))
+            .run(size, move || {
+                let checked = (|| -> Result<_, DecodeError> {
+                    let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
+                    drop(body);
+                    let limits = Limits {
+                        max_translated_bytes: translation_limit(&limits, decoded.len()),
+                        ..limits
+                    };
+                    let summary = decode::validate(protocol, &decoded, &limits)?;
+                    Ok((decoded, summary))
+                })();
+                (checked, reservation)
             })
             .await;
-        let (decoded, summary) = match checked {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => return (decode_error(&e), 0),
+        let (decoded, summary, reservation) = match checked {
+            Ok((Ok((decoded, summary)), reservation)) => (decoded, summary, reservation),
+            Ok((Err(e), _)) => return (decode_error(&e), 0),
             Err(e) => {
                 tracing::error!(error = %e, "a write request's validation failed unexpectedly");
                 return (
@@ -437,11 +435,9 @@ impl Job {
             encoding,
         };
         let samples = summary.samples + summary.histograms;
-        let appended = if received {
-            committer.append_received(meta, payload).await
-        } else {
-            committer.append(meta, payload).await
-        };
+        let appended = committer
+            .append_holding(meta, payload, received, Box::new(reservation))
+            .await;
         match appended {
             Ok(_seq) => {
                 let mut r = Response::new(Full::new(Bytes::new()));
@@ -509,14 +505,18 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn new(permit: tokio::sync::SemaphorePermit<'a>) -> Self {
-        metrics::gauge!("walrelay_ingest_requests_in_flight").increment(1.0);
+        crate::metrics::hot()
+            .ingest_requests_in_flight
+            .increment(1.0);
         Self { _permit: permit }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        metrics::gauge!("walrelay_ingest_requests_in_flight").decrement(1.0);
+        crate::metrics::hot()
+            .ingest_requests_in_flight
+            .decrement(1.0);
     }
 }
 

@@ -120,6 +120,12 @@ pub fn parse_content_type(ct: Option<&str>) -> Result<Protocol, ContentTypeError
         Some(s) if s.trim().is_empty() => return Ok(Protocol::V1),
         Some(s) => s,
     };
+    // The header every 1.0 sender sends, decided without the parser's
+    // allocations (issue 19: they were 0.6 % of the relay's CPU at 64
+    // senders of 100 series each).
+    if raw.eq_ignore_ascii_case(MEDIA_TYPE_PROTOBUF) {
+        return Ok(Protocol::V1);
+    }
     let malformed = || ContentTypeError::Malformed(raw.to_string());
     let mut parts = split_params(raw).ok_or_else(malformed)?.into_iter();
     let media = parts.next().unwrap_or_default();

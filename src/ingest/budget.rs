@@ -132,7 +132,9 @@ pub struct Reservation {
 impl Reservation {
     fn new(permit: Option<OwnedSemaphorePermit>) -> Self {
         let r = Reservation { permit };
-        metrics::gauge!("walrelay_ingest_inflight_bytes").increment(r.bytes() as f64);
+        crate::metrics::hot()
+            .ingest_inflight_bytes
+            .increment(r.bytes() as f64);
         r
     }
 
@@ -154,7 +156,8 @@ impl Reservation {
         let excess = p.num_permits().saturating_sub(keep);
         if excess > 0 {
             if let Some(given_back) = p.split(excess) {
-                metrics::gauge!("walrelay_ingest_inflight_bytes")
+                crate::metrics::hot()
+                    .ingest_inflight_bytes
                     .decrement((excess as u64 * UNIT) as f64);
                 drop(given_back);
             }
@@ -164,7 +167,9 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        metrics::gauge!("walrelay_ingest_inflight_bytes").decrement(self.bytes() as f64);
+        crate::metrics::hot()
+            .ingest_inflight_bytes
+            .decrement(self.bytes() as f64);
     }
 }
 

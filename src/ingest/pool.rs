@@ -77,7 +77,10 @@ impl DecodePool {
         F: FnOnce() -> T + Send + 'static,
     {
         if size < self.inline_below {
-            return Ok(work());
+            // As a blocking thread's panic is: an answer, not a torn
+            // connection.
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .map_err(|_| Panicked("the work panicked".into()));
         }
         // The semaphore is never closed.
         let slot = Arc::clone(&self.slots)
@@ -148,5 +151,15 @@ mod tests {
         let r: Result<(), _> = pool.run(1, || panic!("boom")).await;
         assert!(r.is_err());
         assert_eq!(pool.run(1, || 7).await.unwrap(), 7, "the slot came back");
+        // Inline too: the request is answered, its connection not torn.
+        let pool = DecodePool::new(1, 1000);
+        let here = std::thread::current().id();
+        let r = pool
+            .run(1, move || {
+                assert_eq!(std::thread::current().id(), here);
+                panic!("boom")
+            })
+            .await;
+        assert!(matches!(r, Err(Panicked(_))));
     }
 }
