@@ -55,6 +55,7 @@ pub mod commit;
 pub mod config;
 pub mod connections;
 pub mod fleet;
+pub mod free_space;
 pub mod ingest;
 pub mod lock;
 pub mod metrics;

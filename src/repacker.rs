@@ -140,7 +140,7 @@ fn run(wal: &Wal, retention: &Retention, options: RepackOptions, stop: &Stop) {
 /// than the segment) besides the space the commit path keeps free. True when
 /// the filesystem cannot tell.
 fn room_for_a_copy(wal: &Wal, seg: &SegmentMeta) -> bool {
-    crate::commit::disk_space_left(wal.dir()).is_none_or(|left| left >= seg.len)
+    crate::free_space::disk_space_left(wal.dir()).is_none_or(|left| left >= seg.len)
 }
 
 /// The newest segment worth a look, if any (see the module documentation).
