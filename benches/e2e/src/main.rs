@@ -183,6 +183,13 @@ struct Args {
     /// `--duration` for every system; see `sweep.rs`. Empty: no sweep.
     #[arg(long, value_delimiter = ',', value_parser = sweep::Point::parse)]
     sweep: Vec<sweep::Point>,
+    /// Rounds of the sweep: every point runs every system this many times,
+    /// the systems taking turns, and reports each system's median round by
+    /// CPU per sample (the others in `rounds` of results.json). This
+    /// machine's CPU per sample varies by a quarter from one 20 s run to
+    /// the next; alternated rounds put both sides' noise in the ratio.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    sweep_rounds: u32,
     /// Real senders (issue 19): how long each of a Prometheus agent and a
     /// vmagent sends into each system after a warm-up (0 skips the phase).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]

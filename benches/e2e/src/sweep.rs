@@ -48,41 +48,88 @@ impl Point {
 pub struct SweepPoint {
     #[serde(flatten)]
     pub point: Point,
+    /// Each system's median round by CPU per sample (its only round
+    /// without `--sweep-rounds`).
     pub results: Vec<ThroughputResult>,
+    /// With several rounds, each system's CPU s per M samples in every
+    /// round, in the order they ran, and the rounds themselves.
+    pub rounds: Vec<Rounds>,
 }
 
-/// Runs every point of `--sweep` for every system.
+/// One system's rounds at one point.
+#[derive(Serialize)]
+pub struct Rounds {
+    pub system: Kind,
+    pub cpu_s_per_million: Vec<f64>,
+    pub samples_per_s: Vec<f64>,
+    pub runs: Vec<ThroughputResult>,
+}
+
+/// Runs every point of `--sweep` for every system, `--sweep-rounds` times
+/// with the systems taking turns.
 pub async fn sweep(args: &Args, sinks: &NullSinks, start: &Start<'_>) -> Result<Vec<SweepPoint>> {
     let mut out = Vec::new();
     for &point in &args.sweep {
-        let mut results = Vec::new();
-        for &kind in &args.systems {
-            let spec = spec_of(point.workers, point.series_per_worker, args.duration);
-            let run = Run::plain(args, kind, sinks, start, spec);
-            let r = throughput_phase(sinks, run).await.with_context(|| {
-                format!(
-                    "sweep point {}x{} of {}",
+        let mut runs: Vec<Vec<ThroughputResult>> =
+            args.systems.iter().map(|_| Vec::new()).collect();
+        for round in 0..args.sweep_rounds {
+            for (i, &kind) in args.systems.iter().enumerate() {
+                let spec = spec_of(point.workers, point.series_per_worker, args.duration);
+                let run = Run::plain(args, kind, sinks, start, spec);
+                let r = throughput_phase(sinks, run).await.with_context(|| {
+                    format!(
+                        "sweep point {}x{} of {}, round {}",
+                        point.workers,
+                        point.series_per_worker,
+                        kind.label(),
+                        round + 1
+                    )
+                })?;
+                eprintln!(
+                    "   {}x{} {}{}: {:.0} samples/s, p50 {:.2} ms, p99 {:.2} ms, {:.2} CPU s/M, peak RSS {:.0} MiB",
                     point.workers,
                     point.series_per_worker,
-                    kind.label()
-                )
-            })?;
-            eprintln!(
-                "   {}x{} {}: {:.0} samples/s, p50 {:.2} ms, p99 {:.2} ms, {:.2} CPU s/M, peak RSS {:.0} MiB",
-                point.workers,
-                point.series_per_worker,
-                kind.label(),
-                r.samples_per_s,
-                r.p50_ms,
-                r.p99_ms,
-                r.cpu_s_per_million,
-                r.peak_rss_bytes as f64 / 1048576.0,
-            );
-            results.push(r);
+                    kind.label(),
+                    if args.sweep_rounds > 1 { format!(" (round {})", round + 1) } else { String::new() },
+                    r.samples_per_s,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.cpu_s_per_million,
+                    r.peak_rss_bytes as f64 / 1048576.0,
+                );
+                runs[i].push(r);
+            }
         }
-        out.push(SweepPoint { point, results });
+        let mut results = Vec::new();
+        let mut rounds = Vec::new();
+        for (&kind, mut runs) in args.systems.iter().zip(runs) {
+            let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_s_per_million).collect();
+            let samples: Vec<f64> = runs.iter().map(|r| r.samples_per_s).collect();
+            let median = median_index(&cpu);
+            results.push(runs.swap_remove(median));
+            if args.sweep_rounds > 1 {
+                rounds.push(Rounds {
+                    system: kind,
+                    cpu_s_per_million: cpu,
+                    samples_per_s: samples,
+                    runs,
+                });
+            }
+        }
+        out.push(SweepPoint {
+            point,
+            results,
+            rounds,
+        });
     }
     Ok(out)
+}
+
+/// The index of the median of `values` (the lower one of an even count).
+fn median_index(values: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    order[(values.len() - 1) / 2]
 }
 
 /// The sweep as a table: a row per point and system, with the ratios to
@@ -110,12 +157,58 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
             );
         }
     }
+    if points.iter().all(|p| p.rounds.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nEach row above is the system's median round by CPU per sample. Every \
+         round (the systems took turns), CPU s per M samples and, for walrelay, \
+         its ratio to vmagent's round beside it:\n\n\
+         | senders × series | system | CPU s per M, by round | samples/s, by round | × vmagent's CPU, by round |\n\
+         |---|---|---|---|---|"
+    );
+    for p in points {
+        let vm = p.rounds.iter().find(|r| r.system == Kind::Vmagent);
+        for r in &p.rounds {
+            let join = |v: &[f64], f: fn(f64) -> String| {
+                v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
+            };
+            let ratios = match vm {
+                Some(vm) if r.system != Kind::Vmagent => r
+                    .cpu_s_per_million
+                    .iter()
+                    .zip(&vm.cpu_s_per_million)
+                    .map(|(a, b)| format!("{:.2}", a / b))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "| {} × {} | {} | {} | {} | {} |",
+                p.point.workers,
+                p.point.series_per_worker,
+                r.system.label(),
+                join(&r.cpu_s_per_million, |x| format!("{x:.2}")),
+                join(&r.samples_per_s, |x| format!("{:.2} M", x / 1e6)),
+                ratios,
+            );
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_median_round_is_the_middle_one_by_value() {
+        assert_eq!(median_index(&[0.4]), 0);
+        assert_eq!(median_index(&[0.45, 0.37, 0.40]), 2);
+        assert_eq!(median_index(&[0.45, 0.37, 0.40, 0.38]), 3);
+    }
 
     #[test]
     fn a_point_is_senders_x_series() {
