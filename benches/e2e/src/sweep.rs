@@ -163,8 +163,8 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
     let _ = writeln!(
         s,
         "\nEach row above is the system's median round by CPU per sample. Every \
-         round (the systems took turns), CPU s per M samples and, for walrelay, \
-         its ratio to vmagent's round beside it:\n\n\
+         round (the systems took turns), CPU s per M samples and, for every \
+         system but vmagent, its ratio to vmagent's round of the same number:\n\n\
          | senders × series | system | CPU s per M, by round | samples/s, by round | × vmagent's CPU, by round |\n\
          |---|---|---|---|---|"
     );
