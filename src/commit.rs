@@ -147,24 +147,18 @@ impl Committer {
             .await
     }
 
-    /// [`Self::append`] of a request body as its sender sent it (a 1.0
+    /// [`Self::append`] of a record that comes with `held`: what must live
+    /// as long as the record is the request's (ingest's memory
+    /// reservation). The commit thread drops it once the record is stored
+    /// or refused, before it answers. A caller that goes away meanwhile
+    /// (its client gone) does not drop it early: the memory of a record
+    /// waiting in the queue stays counted without a task of its own for
+    /// every request.
+    ///
+    /// `received`: `payload` is a request body as its sender sent it (a 1.0
     /// body, snappy-compressed, with the encoding `Snappy`): the log and
     /// the readers' in-memory tail cache hold it as it is, and a shipper
     /// puts it into a 1.0 request without compressing it again.
-    ///
-    /// # Errors
-    /// As [`Self::append`].
-    pub async fn append_received(&self, meta: RecordMeta, body: Bytes) -> Result<u64, CommitError> {
-        self.append_holding(meta, body, true, Box::new(())).await
-    }
-
-    /// [`Self::append_received`] when `received`, else [`Self::append`],
-    /// of a record that comes with `held`: what must live as long as the
-    /// record is the request's (ingest's memory reservation). The commit
-    /// thread drops it once the record is stored or refused, before it
-    /// answers. A caller that goes away meanwhile (its client gone) does not
-    /// drop it early: the memory of a record waiting in the queue stays
-    /// counted without a task of its own for every request.
     ///
     /// # Errors
     /// As [`Self::append`].
@@ -255,21 +249,16 @@ fn commit_loop(
             failed.store(true, Ordering::Relaxed);
             metrics::gauge!("walrelay_wal_writer_failed").set(1.0);
         }
-        match result {
-            Ok(first_seq) => {
-                for (i, a) in batch.drain(..).enumerate() {
-                    drop(a.held);
-                    let _ = a.reply.send(Ok(first_seq + i as u64));
-                }
-            }
-            Err(e) => {
-                metrics::counter!("walrelay_wal_append_errors_total", "reason" => e.as_error_code())
-                    .increment(1);
-                for a in batch.drain(..) {
-                    drop(a.held);
-                    let _ = a.reply.send(Err(e.clone()));
-                }
-            }
+        if let Err(e) = &result {
+            metrics::counter!("walrelay_wal_append_errors_total", "reason" => e.as_error_code())
+                .increment(1);
+        }
+        for (i, a) in batch.drain(..).enumerate() {
+            // Before the answer (see `Committer::append_holding`).
+            drop(a.held);
+            let _ = a
+                .reply
+                .send(result.clone().map(|first_seq| first_seq + i as u64));
         }
     }
     writer.close();
@@ -452,17 +441,28 @@ mod tests {
     }
 
     /// Sets its flag when dropped.
-    struct Guard(Arc<AtomicBool>);
+    /// Notes the name of the thread that drops it.
+    struct Guard(Arc<std::sync::Mutex<Option<String>>>);
 
     impl Drop for Guard {
         fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            *self.0.lock().unwrap() = Some(name);
         }
     }
 
-    fn guard() -> (Held, Arc<AtomicBool>) {
-        let dropped = Arc::new(AtomicBool::new(false));
-        (Box::new(Guard(Arc::clone(&dropped))), dropped)
+    /// Dropped by the commit thread?
+    struct DroppedBy(Arc<std::sync::Mutex<Option<String>>>);
+
+    impl DroppedBy {
+        fn commit_thread(&self) -> bool {
+            self.0.lock().unwrap().as_deref() == Some("wal-commit")
+        }
+    }
+
+    fn guard() -> (Held, DroppedBy) {
+        let by = Arc::new(std::sync::Mutex::new(None));
+        (Box::new(Guard(Arc::clone(&by))), DroppedBy(by))
     }
 
     #[tokio::test]
@@ -476,7 +476,7 @@ mod tests {
             .append_holding(meta(), Bytes::from_static(b"a"), false, held)
             .await
             .unwrap();
-        assert!(dropped.load(Ordering::SeqCst));
+        assert!(dropped.commit_thread());
         // Refused: likewise.
         storage.fail_next_sync();
         let (held, dropped) = guard();
@@ -484,11 +484,12 @@ mod tests {
             .append_holding(meta(), Bytes::from_static(b"b"), true, held)
             .await;
         assert!(refused.is_err());
-        assert!(dropped.load(Ordering::SeqCst));
+        assert!(dropped.commit_thread());
         drop((committer, wal));
 
         // A caller that goes away once its record is queued: the record is
-        // still stored, and what it held goes with it, not with the caller.
+        // still stored, and what it held goes with it, not with the caller
+        // (which would drop it on this thread).
         let storage = SimStorage::new();
         let (committer, wal) = start(&storage, NO_BUDGET);
         let (held, dropped) = guard();
@@ -507,7 +508,7 @@ mod tests {
                 .unwrap(),
             1
         );
-        assert!(dropped.load(Ordering::SeqCst));
+        assert!(dropped.commit_thread());
         let mut reader = wal.reader(0);
         let mut read = 0;
         while let Some(item) = reader.try_next().unwrap() {

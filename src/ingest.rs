@@ -32,7 +32,7 @@ use prom_remote_write::content::{
     check_content_encoding, parse_content_type, HEADER_EXEMPLARS_WRITTEN,
     HEADER_HISTOGRAMS_WRITTEN, HEADER_SAMPLES_WRITTEN,
 };
-use prom_remote_write::{decode, DecodeError, Limits, Protocol};
+use prom_remote_write::{decode, DecodeError, Limits, Protocol, Summary};
 use tokio::sync::Semaphore;
 use tokio::time::Instant as Deadline;
 use wal_format::{PayloadEncoding, PayloadKind, RecordMeta};
@@ -53,7 +53,7 @@ pub struct Ingest {
     /// Memory of the requests in flight (`--max-inflight-decoded-bytes`).
     pub budget: MemoryBudget,
     /// Where large requests are decompressed and validated.
-    pub pool: Arc<DecodePool>,
+    pub pool: DecodePool,
     /// How long a client may take to send its body (then 408).
     pub body_read_timeout: Duration,
 }
@@ -174,14 +174,7 @@ impl Ingest {
         // without releasing the memory of a decoding or an append still
         // under way. A spawn per request cost a task and the wake of an
         // idle worker to steal it (issue 19).
-        let job = Job {
-            received,
-            protocol,
-            limits: self.limits,
-            committer: &self.committer,
-            pool: &self.pool,
-        };
-        job.run().await
+        self.store(received, protocol).await
     }
 
     /// The 401 for a request without the credentials ingest asks for, with
@@ -356,24 +349,11 @@ impl Ingest {
     }
 }
 
-/// A request's work after its body is read.
-struct Job<'a> {
-    received: Received,
-    protocol: Protocol,
-    limits: Limits,
-    committer: &'a Committer,
-    pool: &'a DecodePool,
-}
-
-impl Job<'_> {
-    async fn run(self) -> (HttpResponse, u64) {
-        let Job {
-            received,
-            protocol,
-            limits,
-            committer,
-            pool,
-        } = self;
+impl Ingest {
+    /// A request's work after its body is read: decoding and validation,
+    /// the append, the answer.
+    async fn store(&self, received: Received, protocol: Protocol) -> (HttpResponse, u64) {
+        let limits = self.limits;
         let Received {
             body,
             declared,
@@ -383,20 +363,9 @@ impl Job<'_> {
         // A 1.0 body is kept until the commit, which stores it as it is
         // (below); its reservation covers it until then.
         let wire = (protocol == Protocol::V1).then(|| body.clone());
-        let checked = pool
-            .run(size, move || {
-                let checked = (|| -> Result<_, DecodeError> {
-                    let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
-                    drop(body);
-                    let limits = Limits {
-                        max_translated_bytes: translation_limit(&limits, decoded.len()),
-                        ..limits
-                    };
-                    let summary = decode::validate(protocol, &decoded, &limits)?;
-                    Ok((decoded, summary))
-                })();
-                (checked, reservation)
-            })
+        let checked = self
+            .pool
+            .run(size, move || (check(body, protocol, &limits), reservation))
             .await;
         let (decoded, summary, reservation) = match checked {
             Ok((Ok((decoded, summary)), reservation)) => (decoded, summary, reservation),
@@ -435,7 +404,8 @@ impl Job<'_> {
             encoding,
         };
         let samples = summary.samples + summary.histograms;
-        let appended = committer
+        let appended = self
+            .committer
             .append_holding(meta, payload, received, Box::new(reservation))
             .await;
         match appended {
@@ -459,6 +429,23 @@ impl Job<'_> {
             Err(e) => (commit_error(&e), 0),
         }
     }
+}
+
+/// Decompresses `body` and validates the message; the decoded bytes and
+/// what they hold.
+fn check(
+    body: Bytes,
+    protocol: Protocol,
+    limits: &Limits,
+) -> Result<(Vec<u8>, Summary), DecodeError> {
+    let decoded = decode::decompress_snappy(&body, limits.max_decoded_bytes)?;
+    drop(body);
+    let limits = Limits {
+        max_translated_bytes: translation_limit(limits, decoded.len()),
+        ..*limits
+    };
+    let summary = decode::validate(protocol, &decoded, &limits)?;
+    Ok((decoded, summary))
 }
 
 /// The decoded size a snappy body declares, from its first pieces: `None`

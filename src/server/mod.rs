@@ -295,7 +295,7 @@ pub async fn run(
             body_read_timeout: config.body_read_timeout,
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             budget: MemoryBudget::new(config.max_inflight_decoded_bytes, BUDGET_WAIT),
-            pool: Arc::new(DecodePool::per_core()),
+            pool: DecodePool::per_core(),
         },
         wal: wal.clone(),
         fleet: Arc::clone(&fleet),

@@ -51,8 +51,7 @@ pub struct SweepPoint {
     /// Each system's median round by CPU per sample (its only round
     /// without `--sweep-rounds`).
     pub results: Vec<ThroughputResult>,
-    /// With several rounds, each system's CPU s per M samples in every
-    /// round, in the order they ran, and the rounds themselves.
+    /// With several rounds, each system's rounds in the order they ran.
     pub rounds: Vec<Rounds>,
 }
 
@@ -60,8 +59,6 @@ pub struct SweepPoint {
 #[derive(Serialize)]
 pub struct Rounds {
     pub system: Kind,
-    pub cpu_s_per_million: Vec<f64>,
-    pub samples_per_s: Vec<f64>,
     pub runs: Vec<ThroughputResult>,
 }
 
@@ -102,18 +99,11 @@ pub async fn sweep(args: &Args, sinks: &NullSinks, start: &Start<'_>) -> Result<
         }
         let mut results = Vec::new();
         let mut rounds = Vec::new();
-        for (&kind, mut runs) in args.systems.iter().zip(runs) {
+        for (&kind, runs) in args.systems.iter().zip(runs) {
             let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_s_per_million).collect();
-            let samples: Vec<f64> = runs.iter().map(|r| r.samples_per_s).collect();
-            let median = median_index(&cpu);
-            results.push(runs.swap_remove(median));
+            results.push(runs[median_index(&cpu)].clone());
             if args.sweep_rounds > 1 {
-                rounds.push(Rounds {
-                    system: kind,
-                    cpu_s_per_million: cpu,
-                    samples_per_s: samples,
-                    runs,
-                });
+                rounds.push(Rounds { system: kind, runs });
             }
         }
         out.push(SweepPoint {
@@ -171,18 +161,14 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
     for p in points {
         let vm = p.rounds.iter().find(|r| r.system == Kind::Vmagent);
         for r in &p.rounds {
-            let join = |v: &[f64], f: fn(f64) -> String| {
-                v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" / ")
-            };
-            let ratios = match vm {
-                Some(vm) if r.system != Kind::Vmagent => r
-                    .cpu_s_per_million
+            // One cell: a value of every round, " / " between them.
+            let by_round = |f: &dyn Fn(usize, &ThroughputResult) -> Option<String>| {
+                r.runs
                     .iter()
-                    .zip(&vm.cpu_s_per_million)
-                    .map(|(a, b)| format!("{:.2}", a / b))
+                    .enumerate()
+                    .filter_map(|(i, t)| f(i, t))
                     .collect::<Vec<_>>()
-                    .join(" / "),
-                _ => String::new(),
+                    .join(" / ")
             };
             let _ = writeln!(
                 s,
@@ -190,9 +176,12 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
                 p.point.workers,
                 p.point.series_per_worker,
                 r.system.label(),
-                join(&r.cpu_s_per_million, |x| format!("{x:.2}")),
-                join(&r.samples_per_s, |x| format!("{:.2} M", x / 1e6)),
-                ratios,
+                by_round(&|_, t| Some(format!("{:.2}", t.cpu_s_per_million))),
+                by_round(&|_, t| Some(format!("{:.2} M", t.samples_per_s / 1e6))),
+                by_round(&|i, t| {
+                    let v = vm.filter(|_| r.system != Kind::Vmagent)?.runs.get(i)?;
+                    Some(format!("{:.2}", t.cpu_s_per_million / v.cpu_s_per_million))
+                }),
             );
         }
     }
