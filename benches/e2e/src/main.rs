@@ -198,6 +198,11 @@ struct Args {
     /// 2,000 series each.
     #[arg(long, default_value_t = 50)]
     senders_targets: usize,
+    /// Rounds of the real senders: each sender runs into every system this
+    /// many times, the systems taking turns, and each system's median round
+    /// by CPU per sample is reported, as with `--sweep-rounds`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    senders_rounds: u32,
 }
 
 /// Everything one run measured.
@@ -452,6 +457,7 @@ async fn run(args: Args) -> Result<()> {
             &args.systems,
             args.senders_targets,
             args.senders_duration,
+            args.senders_rounds,
             &sinks,
             &start,
         )

@@ -61,6 +61,10 @@ pub struct SenderResult {
     /// The sender's, for scale.
     pub sender_cpu_s_per_million: f64,
     pub peak_rss_bytes: u64,
+    /// With `--senders-rounds`: the system's CPU s per M samples in every
+    /// round, in the order they ran (this result is the median round).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds_cpu_s_per_million: Vec<f64>,
 }
 
 /// The exposition file: `SERIES_PER_TARGET` series of 100 metric names,
@@ -82,32 +86,60 @@ fn exposition() -> String {
     s
 }
 
-/// Runs every sender into every system (`systems`, in order).
+/// Runs every sender into every system (`systems`, in order), `rounds`
+/// times with the systems taking turns, and returns each system's median
+/// round by CPU per sample. At about 6 % of a core, the CPU per sample of
+/// one 30 s run varies by a quarter on this machine, as the sweep's does.
 pub async fn senders_phase(
     systems: &[Kind],
     targets: usize,
     duration: Duration,
+    rounds: u32,
     sinks: &NullSinks,
     start: &Start<'_>,
 ) -> Result<Vec<SenderResult>> {
     sinks.serve_metrics(&exposition())?;
     let target = sinks.metrics_addr(0);
+    // An agent does not take remote-write in.
+    let systems: Vec<Kind> = systems
+        .iter()
+        .copied()
+        .filter(|&k| k != Kind::PrometheusAgent)
+        .collect();
     let mut out = Vec::new();
     for sender in [SenderKind::PrometheusAgent, SenderKind::Vmagent] {
-        for &kind in systems {
-            if kind == Kind::PrometheusAgent {
-                // An agent does not take remote-write in.
-                continue;
+        let mut runs: Vec<Vec<SenderResult>> = systems.iter().map(|_| Vec::new()).collect();
+        for round in 1..=rounds {
+            for (i, &kind) in systems.iter().enumerate() {
+                eprintln!(
+                    "== real sender: {} into {}{}",
+                    sender.label(),
+                    kind.label(),
+                    if rounds > 1 {
+                        format!(" (round {round})")
+                    } else {
+                        String::new()
+                    }
+                );
+                let r = one(sender, kind, targets, &target, duration, sinks, start)
+                    .await
+                    .with_context(|| {
+                        format!("{} into {}, round {round}", sender.label(), kind.label())
+                    })?;
+                eprintln!(
+                    "   {:.0} samples/s, {:.2} CPU s per M samples",
+                    r.samples_per_s, r.cpu_s_per_million
+                );
+                runs[i].push(r);
             }
-            eprintln!("== real sender: {} into {}", sender.label(), kind.label());
-            let r = one(sender, kind, targets, &target, duration, sinks, start)
-                .await
-                .with_context(|| format!("{} into {}", sender.label(), kind.label()))?;
-            eprintln!(
-                "   {:.0} samples/s, {:.2} CPU s per M samples",
-                r.samples_per_s, r.cpu_s_per_million
-            );
-            out.push(r);
+        }
+        for runs in runs {
+            let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_s_per_million).collect();
+            let mut median = runs[crate::sweep::median_index(&cpu)].clone();
+            if rounds > 1 {
+                median.rounds_cpu_s_per_million = cpu;
+            }
+            out.push(median);
         }
     }
     Ok(out)
@@ -159,6 +191,7 @@ async fn one(
         cpu_s_per_million: (cpu1 - cpu0) / million,
         sender_cpu_s_per_million: (scpu1 - scpu0) / million,
         peak_rss_bytes,
+        rounds_cpu_s_per_million: Vec::new(),
     })
 }
 
@@ -268,6 +301,45 @@ pub fn markdown(results: &[SenderResult], s: &mut String) {
             )),
             r.sender_cpu_s_per_million,
             r.peak_rss_bytes as f64 / 1048576.0,
+        );
+    }
+    if results
+        .iter()
+        .all(|r| r.rounds_cpu_s_per_million.is_empty())
+    {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nEach row above is the system's median round by CPU per sample. Every \
+         round (the systems took turns), CPU s per M samples and its ratio to \
+         vmagent's round of the same number:\n\n\
+         | sender | system | CPU s per M, by round | × vmagent's, by round |\n\
+         |---|---|---|---|"
+    );
+    for r in results {
+        let vm = results
+            .iter()
+            .find(|v| v.sender == r.sender && v.system == Kind::Vmagent)
+            .filter(|_| r.system != Kind::Vmagent);
+        let cells = |f: &dyn Fn(usize, f64) -> Option<String>| {
+            r.rounds_cpu_s_per_million
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &c)| f(i, c))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |",
+            r.sender.label(),
+            r.label,
+            cells(&|_, c| Some(format!("{c:.2}"))),
+            cells(&|i, c| {
+                let v = vm?.rounds_cpu_s_per_million.get(i)?;
+                Some(format!("{:.2}", c / v))
+            }),
         );
     }
 }

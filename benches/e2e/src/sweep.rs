@@ -116,7 +116,7 @@ pub async fn sweep(args: &Args, sinks: &NullSinks, start: &Start<'_>) -> Result<
 }
 
 /// The index of the median of `values` (the lower one of an even count).
-fn median_index(values: &[f64]) -> usize {
+pub(crate) fn median_index(values: &[f64]) -> usize {
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
     order[(values.len() - 1) / 2]
