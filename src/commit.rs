@@ -440,7 +440,6 @@ mod tests {
         drop(wal);
     }
 
-    /// Sets its flag when dropped.
     /// Notes the name of the thread that drops it.
     struct Guard(Arc<std::sync::Mutex<Option<String>>>);
 

@@ -347,9 +347,7 @@ impl Ingest {
             }
         }
     }
-}
 
-impl Ingest {
     /// A request's work after its body is read: decoding and validation,
     /// the append, the answer.
     async fn store(&self, received: Received, protocol: Protocol) -> (HttpResponse, u64) {

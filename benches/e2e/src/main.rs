@@ -27,6 +27,7 @@
 mod far;
 mod nginx;
 mod procstat;
+mod rounds;
 mod senders;
 mod sweep;
 mod systems;

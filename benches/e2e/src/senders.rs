@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::nginx::NullSinks;
 use crate::procstat;
+use crate::rounds;
 use crate::systems::{Kind, Start, System};
 
 /// Series in the exposition file, per target.
@@ -115,11 +116,7 @@ pub async fn senders_phase(
                     "== real sender: {} into {}{}",
                     sender.label(),
                     kind.label(),
-                    if rounds > 1 {
-                        format!(" (round {round})")
-                    } else {
-                        String::new()
-                    }
+                    rounds::suffix(round, rounds)
                 );
                 let r = one(sender, kind, targets, &target, duration, sinks, start)
                     .await
@@ -135,7 +132,7 @@ pub async fn senders_phase(
         }
         for runs in runs {
             let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_s_per_million).collect();
-            let mut median = runs[crate::sweep::median_index(&cpu)].clone();
+            let mut median = runs[rounds::median_index(&cpu)].clone();
             if rounds > 1 {
                 median.rounds_cpu_s_per_million = cpu;
             }
@@ -322,21 +319,13 @@ pub fn markdown(results: &[SenderResult], s: &mut String) {
             .iter()
             .find(|v| v.sender == r.sender && v.system == Kind::Vmagent)
             .filter(|_| r.system != Kind::Vmagent);
-        let cells = |f: &dyn Fn(usize, f64) -> Option<String>| {
-            r.rounds_cpu_s_per_million
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &c)| f(i, c))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        };
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} |",
             r.sender.label(),
             r.label,
-            cells(&|_, c| Some(format!("{c:.2}"))),
-            cells(&|i, c| {
+            rounds::cell(&r.rounds_cpu_s_per_million, |_, c| Some(format!("{c:.2}"))),
+            rounds::cell(&r.rounds_cpu_s_per_million, |i, c| {
                 let v = vm?.rounds_cpu_s_per_million.get(i)?;
                 Some(format!("{:.2}", c / v))
             }),

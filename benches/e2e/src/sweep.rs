@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::nginx::NullSinks;
+use crate::rounds;
 use crate::systems::{Kind, Start};
 use crate::{spec_of, throughput_phase, Args, Run, ThroughputResult};
 
@@ -87,7 +88,7 @@ pub async fn sweep(args: &Args, sinks: &NullSinks, start: &Start<'_>) -> Result<
                     point.workers,
                     point.series_per_worker,
                     kind.label(),
-                    if args.sweep_rounds > 1 { format!(" (round {})", round + 1) } else { String::new() },
+                    rounds::suffix(round + 1, args.sweep_rounds),
                     r.samples_per_s,
                     r.p50_ms,
                     r.p99_ms,
@@ -101,7 +102,7 @@ pub async fn sweep(args: &Args, sinks: &NullSinks, start: &Start<'_>) -> Result<
         let mut rounds = Vec::new();
         for (&kind, runs) in args.systems.iter().zip(runs) {
             let cpu: Vec<f64> = runs.iter().map(|r| r.cpu_s_per_million).collect();
-            results.push(runs[median_index(&cpu)].clone());
+            results.push(runs[rounds::median_index(&cpu)].clone());
             if args.sweep_rounds > 1 {
                 rounds.push(Rounds { system: kind, runs });
             }
@@ -113,13 +114,6 @@ pub async fn sweep(args: &Args, sinks: &NullSinks, start: &Start<'_>) -> Result<
         });
     }
     Ok(out)
-}
-
-/// The index of the median of `values` (the lower one of an even count).
-pub(crate) fn median_index(values: &[f64]) -> usize {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
-    order[(values.len() - 1) / 2]
 }
 
 /// The sweep as a table: a row per point and system, with the ratios to
@@ -161,24 +155,18 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
     for p in points {
         let vm = p.rounds.iter().find(|r| r.system == Kind::Vmagent);
         for r in &p.rounds {
-            // One cell: a value of every round, " / " between them.
-            let by_round = |f: &dyn Fn(usize, &ThroughputResult) -> Option<String>| {
-                r.runs
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, t)| f(i, t))
-                    .collect::<Vec<_>>()
-                    .join(" / ")
-            };
             let _ = writeln!(
                 s,
                 "| {} × {} | {} | {} | {} | {} |",
                 p.point.workers,
                 p.point.series_per_worker,
                 r.system.label(),
-                by_round(&|_, t| Some(format!("{:.2}", t.cpu_s_per_million))),
-                by_round(&|_, t| Some(format!("{:.2} M", t.samples_per_s / 1e6))),
-                by_round(&|i, t| {
+                rounds::cell(&r.runs, |_, t| Some(format!("{:.2}", t.cpu_s_per_million))),
+                rounds::cell(&r.runs, |_, t| Some(format!(
+                    "{:.2} M",
+                    t.samples_per_s / 1e6
+                ))),
+                rounds::cell(&r.runs, |i, t| {
                     let v = vm.filter(|_| r.system != Kind::Vmagent)?.runs.get(i)?;
                     Some(format!("{:.2}", t.cpu_s_per_million / v.cpu_s_per_million))
                 }),
@@ -191,13 +179,6 @@ pub fn markdown(points: &[SweepPoint], s: &mut String) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn the_median_round_is_the_middle_one_by_value() {
-        assert_eq!(median_index(&[0.4]), 0);
-        assert_eq!(median_index(&[0.45, 0.37, 0.40]), 2);
-        assert_eq!(median_index(&[0.45, 0.37, 0.40, 0.38]), 3);
-    }
 
     #[test]
     fn a_point_is_senders_x_series() {
